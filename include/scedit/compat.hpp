@@ -1,0 +1,104 @@
+#pragma once
+/// @file compat.hpp
+/// @brief The few places where LibTorch 1.13 and 2.x differ: fused attention and autocast.
+///
+/// Everything version-dependent lives here so the rest of the library reads the same on both.
+
+#include <torch/torch.h>
+#include <torch/version.h>
+#include <ATen/autocast_mode.h>
+
+#include <cmath>
+#include <optional>
+
+#define SCEDIT_TORCH_2 (TORCH_VERSION_MAJOR >= 2)
+
+namespace scedit {
+namespace compat {
+
+/// Scaled dot-product attention over [B, heads, L, D] tensors.
+///
+/// On LibTorch 2.x this is the fused kernel (flash / memory-efficient where the device allows);
+/// on 1.13 it is the exact textbook computation `softmax(q·kᵀ / √D + mask) · v`.
+/// `attn_mask` is additive (float) and broadcastable to [B, heads, Lq, Lk]; `is_causal` masks
+/// the upper triangle. Both together are not allowed (as in PyTorch).
+inline torch::Tensor scaled_dot_product_attention(const torch::Tensor& q, const torch::Tensor& k,
+                                                  const torch::Tensor& v,
+                                                  const torch::Tensor& attn_mask = {},
+                                                  bool is_causal = false) {
+  TORCH_CHECK(!(attn_mask.defined() && is_causal),
+              "scaled_dot_product_attention: pass either attn_mask or is_causal, not both");
+#if SCEDIT_TORCH_2
+  return at::scaled_dot_product_attention(
+      q, k, v, attn_mask.defined() ? std::optional<at::Tensor>(attn_mask) : std::nullopt, 0.0,
+      is_causal);
+#else
+  const double scale = 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
+  auto scores = torch::matmul(q, k.transpose(-2, -1)) * scale;  // [B, h, Lq, Lk]
+  if (is_causal) {
+    auto causal = torch::ones({q.size(-2), k.size(-2)}, q.options().dtype(torch::kBool)).triu(1);
+    scores = scores.masked_fill(causal, -std::numeric_limits<double>::infinity());
+  }
+  if (attn_mask.defined()) scores = scores + attn_mask;
+  return torch::matmul(scores.softmax(-1), v);  // [B, h, Lq, D]
+#endif
+}
+
+/// Turns autocast on or off for one device type and returns the previous state.
+inline bool set_autocast_enabled(torch::DeviceType device, bool enabled) {
+#if SCEDIT_TORCH_2
+  const bool previous = at::autocast::is_autocast_enabled(device);
+  at::autocast::set_autocast_enabled(device, enabled);
+#else
+  bool previous;
+  if (device == torch::kCUDA) {
+    previous = at::autocast::is_enabled();
+    at::autocast::set_enabled(enabled);
+  } else {
+    previous = at::autocast::is_cpu_enabled();
+    at::autocast::set_cpu_enabled(enabled);
+  }
+#endif
+  return previous;
+}
+
+/// Sets the dtype autocast uses on a device type (bf16 or fp16).
+inline void set_autocast_dtype(torch::DeviceType device, torch::ScalarType dtype) {
+#if SCEDIT_TORCH_2
+  at::autocast::set_autocast_dtype(device, dtype);
+#else
+  if (device == torch::kCUDA) {
+    at::autocast::set_autocast_gpu_dtype(dtype);
+  } else {
+    at::autocast::set_autocast_cpu_dtype(dtype);
+  }
+#endif
+}
+
+/// RAII autocast region: on construction enables autocast for `device` with `dtype`
+/// (a no-op when `dtype` is float32), restores the previous state on destruction.
+class AutocastGuard {
+ public:
+  /// Enables autocast on `device` computing in `dtype` unless `dtype` is float32.
+  AutocastGuard(torch::DeviceType device, torch::ScalarType dtype)
+      : device_(device), active_(dtype != torch::kFloat32 && dtype != torch::kFloat64) {
+    if (!active_) return;
+    set_autocast_dtype(device_, dtype);
+    previous_ = set_autocast_enabled(device_, true);
+  }
+  AutocastGuard(const AutocastGuard&) = delete;
+  AutocastGuard& operator=(const AutocastGuard&) = delete;
+  ~AutocastGuard() {
+    if (!active_) return;
+    set_autocast_enabled(device_, previous_);
+    at::autocast::clear_cache();
+  }
+
+ private:
+  torch::DeviceType device_;
+  bool active_;
+  bool previous_ = false;
+};
+
+}  // namespace compat
+}  // namespace scedit
