@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs what scedit needs on Debian 12 (bookworm) or later: a compiler, CMake, Ninja,
+# LibTorch (CPU), GoogleTest, Google Benchmark, nlohmann-json, stb, CLI11 and Doxygen.
+set -euo pipefail
+packages=(g++ cmake ninja-build libtorch-dev libgtest-dev libgmock-dev libbenchmark-dev
+          nlohmann-json3-dev libstb-dev libcli11-dev doxygen)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
