@@ -1,0 +1,758 @@
+// Tests of scedit/safetensors.hpp (validated mmap reader, atomic writer) and
+// scedit/state_dict.hpp (state_dict / load_state_dict).
+
+#include <scedit/safetensors.hpp>
+#include <scedit/state_dict.hpp>
+
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <nlohmann/json.hpp>
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <iterator>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "test_paths.hpp"
+
+namespace {
+
+namespace fs = std::filesystem;
+namespace st = scedit::safetensors;
+
+// ---- helpers -----------------------------------------------------------------------------------
+
+/// A fresh folder under the system temporary folder, removed with its contents at the end.
+class TempDir {
+ public:
+  TempDir() {
+    static int counter = 0;
+    path_ = fs::temp_directory_path() /
+            ("scedit_test_safetensors_" + std::to_string(::getpid()) + "_" +
+             std::to_string(counter++));
+    fs::remove_all(path_);
+    fs::create_directories(path_);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  ~TempDir() {
+    std::error_code ignored;
+    fs::remove_all(path_, ignored);
+  }
+  std::string file(const std::string& name) const { return (path_ / name).string(); }
+  const fs::path& path() const { return path_; }
+  /// Names of the folder's entries, sorted.
+  std::vector<std::string> entries() const {
+    std::vector<std::string> names;
+    for (const auto& entry : fs::directory_iterator(path_)) {
+      names.push_back(entry.path().filename().string());
+    }
+    std::sort(names.begin(), names.end());
+    return names;
+  }
+
+ private:
+  fs::path path_;
+};
+
+/// The message of the c10::Error that `action` throws, or "" when it throws none.
+std::string error_of(const std::function<void()>& action) {
+  try {
+    action();
+  } catch (const c10::Error& e) {
+    return e.what_without_backtrace();
+  }
+  return "";
+}
+
+bool contains(const std::string& text, const std::string& part) {
+  return text.find(part) != std::string::npos;
+}
+
+std::string read_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+void write_bytes(const std::string& path, const std::string& bytes) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  ASSERT_TRUE(out.good()) << path;
+}
+
+std::string le64(uint64_t value) {
+  std::string bytes(8, '\0');
+  for (int i = 0; i < 8; ++i) bytes[i] = static_cast<char>((value >> (8 * i)) & 0xff);
+  return bytes;
+}
+
+/// A safetensors file written by hand: length, header (padded with spaces to 8 bytes), data.
+std::string st_bytes(std::string header, const std::string& data) {
+  header.append((8 - header.size() % 8) % 8, ' ');
+  return le64(header.size()) + header + data;
+}
+
+/// The raw bytes of a tensor, in row-major order.
+std::string tensor_bytes(const torch::Tensor& tensor) {
+  const torch::Tensor dense = tensor.contiguous();
+  const auto* data = static_cast<const char*>(dense.data_ptr());
+  return dense.numel() == 0 ? std::string() : std::string(data, data + dense.nbytes());
+}
+
+/// Bit-exact equality: same dtype, same shape, same bytes.
+void expect_identical(const torch::Tensor& actual, const torch::Tensor& expected,
+                      const std::string& key) {
+  EXPECT_EQ(actual.scalar_type(), expected.scalar_type()) << key;
+  EXPECT_EQ(actual.sizes(), expected.sizes()) << key;
+  EXPECT_EQ(tensor_bytes(actual), tensor_bytes(expected)) << key;
+}
+
+bool points_into(const torch::Tensor& tensor, const st::File& file) {
+  const auto* begin = static_cast<const uint8_t*>(file.data());
+  const auto* pointer = static_cast<const uint8_t*>(tensor.data_ptr());
+  return pointer >= begin && pointer < begin + file.data_size();
+}
+
+/// A random tensor of the given dtype and shape.
+torch::Tensor random_tensor(torch::ScalarType dtype, torch::IntArrayRef shape) {
+  if (dtype == torch::kBool) return torch::randint(0, 2, shape).to(torch::kBool);
+  if (dtype == torch::kUInt8) return torch::randint(0, 256, shape).to(dtype);
+  if (torch::isIntegralType(dtype, /*includeBool=*/false)) {
+    return torch::randint(-100, 100, shape).to(dtype);
+  }
+  return torch::randn(shape, torch::kFloat64).to(dtype);
+}
+
+const std::vector<torch::ScalarType> kAllDtypes = {
+    torch::kFloat64, torch::kFloat32, torch::kFloat16, torch::kBFloat16, torch::kInt64,
+    torch::kInt32,   torch::kInt16,   torch::kInt8,    torch::kUInt8,    torch::kBool};
+
+class Safetensors : public ::testing::Test {
+ protected:
+  void SetUp() override { torch::manual_seed(0); }
+  TempDir dir_;
+};
+
+// ---- round trips ---------------------------------------------------------------------------------
+
+TEST_F(Safetensors, RoundTripsEveryDtypeWithMetadata) {
+  scedit::TensorMap tensors;
+  for (const auto dtype : kAllDtypes) {
+    const std::string name = st::dtype_name(dtype);
+    tensors["matrix." + name] = random_tensor(dtype, {3, 5});
+    tensors["scalar." + name] = random_tensor(dtype, {});               // 0-dim
+    tensors["empty." + name] = random_tensor(dtype, {0, 4});            // no elements
+    tensors["transposed." + name] = random_tensor(dtype, {4, 6}).t();   // non-contiguous
+    tensors["strided." + name] = random_tensor(dtype, {20}).slice(0, 1, 20, 3);
+  }
+  ASSERT_FALSE(tensors["transposed.F32"].is_contiguous());
+  const std::map<std::string, std::string> metadata = {{"format", "pt"}, {"note", "round trip"}};
+  const std::string path = dir_.file("all.safetensors");
+  st::save(path, tensors, metadata);
+
+  const scedit::TensorMap loaded = st::load(path);
+  ASSERT_EQ(loaded.size(), tensors.size());
+  for (const auto& [name, original] : tensors) {
+    ASSERT_EQ(loaded.count(name), 1u) << name;
+    expect_identical(loaded.at(name), original, name);
+    EXPECT_EQ(loaded.at(name).dim(), original.dim()) << name;
+    EXPECT_TRUE(loaded.at(name).device().is_cpu()) << name;
+  }
+  EXPECT_EQ(st::load_metadata(path), metadata);
+}
+
+TEST_F(Safetensors, DefaultMetadataIsFormatPt) {
+  const std::string path = dir_.file("default.safetensors");
+  st::save(path, {{"w", torch::ones({2})}});
+  EXPECT_EQ(st::File(path).metadata(), (std::map<std::string, std::string>{{"format", "pt"}}));
+}
+
+TEST_F(Safetensors, SavedTensorsAreAlignedAndLoadAsViewsIntoTheMapping) {
+  scedit::TensorMap tensors = {{"a.i8", random_tensor(torch::kInt8, {3})},
+                               {"b.f64", random_tensor(torch::kFloat64, {5})},
+                               {"c.f16", random_tensor(torch::kFloat16, {3})},
+                               {"d.bool", random_tensor(torch::kBool, {1})},
+                               {"e.f32", random_tensor(torch::kFloat32, {7})},
+                               {"f.i16", random_tensor(torch::kInt16, {1})}};
+  const std::string path = dir_.file("aligned.safetensors");
+  st::save(path, tensors);
+  const st::File file(path);
+  ASSERT_EQ(file.tensors().size(), tensors.size());
+  uint64_t previous_end = 0;
+  for (const auto& info : file.tensors()) {
+    EXPECT_EQ(info.begin, previous_end) << "tensors() is in offset order: " << info.name;
+    previous_end = info.end;
+    EXPECT_EQ(info.begin % c10::elementSize(info.dtype), 0u) << info.name;
+    const torch::Tensor view = file.get(info.name);
+    EXPECT_TRUE(points_into(view, file)) << info.name << " should be a view, not a copy";
+    EXPECT_EQ(static_cast<const uint8_t*>(view.data_ptr()),
+              static_cast<const uint8_t*>(file.data()) + info.begin)
+        << info.name;
+    expect_identical(view, tensors.at(info.name), info.name);
+  }
+}
+
+TEST_F(Safetensors, ViewOutlivesTheFileAndWritesNeverReachTheDisk) {
+  const torch::Tensor original = random_tensor(torch::kFloat32, {4, 4});
+  const std::string path = dir_.file("view.safetensors");
+  st::save(path, {{"w", original}});
+  const std::string bytes_before = read_bytes(path);
+  torch::Tensor view;
+  {
+    const st::File file(path);
+    view = file.get("w");
+    ASSERT_TRUE(points_into(view, file));
+  }  // the File is gone; the view keeps the mapping alive
+  expect_identical(view, original, "w");
+  view.fill_(7.0f);
+  EXPECT_TRUE(torch::equal(view, torch::full({4, 4}, 7.0f)));
+  EXPECT_EQ(read_bytes(path), bytes_before);
+  expect_identical(st::load(path).at("w"), original, "w");
+}
+
+TEST_F(Safetensors, UnalignedTensorIsCopiedCorrectly) {
+  // Hand-made layout: 3 bytes of I8 put the F32 tensor at data offset 3 (unaligned).
+  const float floats[2] = {1.5f, -2.25f};
+  std::string data = "\x01\x02\x03";
+  data.append(reinterpret_cast<const char*>(floats), sizeof(floats));
+  data.push_back('\x09');
+  const std::string path = dir_.file("unaligned.safetensors");
+  write_bytes(path, st_bytes(R"({"a": {"dtype": "I8", "shape": [3], "data_offsets": [0, 3]},
+                                 "b": {"dtype": "F32", "shape": [2], "data_offsets": [3, 11]},
+                                 "c": {"dtype": "U8", "shape": [], "data_offsets": [11, 12]}})",
+                             data));
+  const st::File file(path);
+  ASSERT_EQ(reinterpret_cast<uintptr_t>(static_cast<const uint8_t*>(file.data()) + 3) % 4, 3u);
+  const torch::Tensor b = file.get("b");
+  EXPECT_FALSE(points_into(b, file)) << "an unaligned tensor must be copied";
+  EXPECT_EQ(b.scalar_type(), torch::kFloat32);
+  EXPECT_TRUE(torch::equal(b, torch::tensor({1.5f, -2.25f})));
+  const torch::Tensor a = file.get("a");
+  EXPECT_TRUE(points_into(a, file));
+  EXPECT_TRUE(torch::equal(a, torch::tensor({1, 2, 3}, torch::kInt8)));
+  const torch::Tensor c = file.get("c");
+  EXPECT_EQ(c.dim(), 0);
+  EXPECT_EQ(c.item<uint8_t>(), 9);
+}
+
+TEST_F(Safetensors, ReadsTheFilesMetadata) {
+  const std::string path = dir_.file("meta.safetensors");
+  write_bytes(path, st_bytes(R"({"__metadata__": {"format": "pt", "author": "test"},
+                                 "x": {"dtype": "I32", "shape": [1], "data_offsets": [0, 4]}})",
+                             std::string(4, '\0')));
+  const std::map<std::string, std::string> expected = {{"format", "pt"}, {"author", "test"}};
+  EXPECT_EQ(st::load_metadata(path), expected);
+  const st::File file(path);
+  EXPECT_EQ(file.metadata(), expected);
+  EXPECT_FALSE(file.contains("__metadata__"));
+  EXPECT_TRUE(file.contains("x"));
+  EXPECT_EQ(file.info("x").shape, std::vector<int64_t>{1});
+}
+
+TEST_F(Safetensors, EmptyFileAndZeroSizeTensorsWork) {
+  const std::string empty = dir_.file("empty.safetensors");
+  st::save(empty, {}, {});
+  EXPECT_TRUE(st::load(empty).empty());
+  EXPECT_TRUE(st::load_metadata(empty).empty());
+  EXPECT_EQ(st::File(empty).data_size(), 0u);
+
+  const std::string zero = dir_.file("zero.safetensors");  // no data section at all
+  write_bytes(zero, st_bytes(R"({"e": {"dtype": "F32", "shape": [0, 4], "data_offsets": [0, 0]},
+                                 "f": {"dtype": "I64", "shape": [3, 0], "data_offsets": [0, 0]}})",
+                             ""));
+  const scedit::TensorMap loaded = st::load(zero);
+  ASSERT_EQ(loaded.size(), 2u);
+  EXPECT_EQ(loaded.at("e").sizes(), (std::vector<int64_t>{0, 4}));
+  EXPECT_EQ(loaded.at("f").scalar_type(), torch::kInt64);
+  EXPECT_EQ(loaded.at("f").sizes(), (std::vector<int64_t>{3, 0}));
+}
+
+// ---- the reference fixtures ----------------------------------------------------------------------
+
+torch::ScalarType dtype_of_manifest(const std::string& name) {
+  static const std::map<std::string, torch::ScalarType> table = {
+      {"torch.float64", torch::kFloat64}, {"torch.float32", torch::kFloat32},
+      {"torch.float16", torch::kFloat16}, {"torch.bfloat16", torch::kBFloat16},
+      {"torch.int64", torch::kInt64},     {"torch.int32", torch::kInt32},
+      {"torch.int16", torch::kInt16},     {"torch.int8", torch::kInt8},
+      {"torch.uint8", torch::kUInt8},     {"torch.bool", torch::kBool}};
+  const auto it = table.find(name);
+  if (it == table.end()) throw std::runtime_error("manifest dtype not known to the test: " + name);
+  return it->second;
+}
+
+TEST_F(Safetensors, ReadsEveryFixtureFileAsTheManifestDescribes) {
+  const fs::path folder = scedit_test::fixtures_dir();
+  std::ifstream manifest_file(folder / "manifest.json");
+  ASSERT_TRUE(manifest_file.good()) << folder / "manifest.json";
+  const nlohmann::json manifest = nlohmann::json::parse(manifest_file);
+
+  std::vector<fs::path> files;
+  for (const auto& entry : fs::directory_iterator(folder)) {
+    if (entry.path().extension() == ".safetensors") files.push_back(entry.path());
+  }
+  std::sort(files.begin(), files.end());
+  ASSERT_FALSE(files.empty()) << "no *.safetensors in " << folder;
+
+  size_t listings_checked = 0;
+  for (const auto& path : files) {
+    SCOPED_TRACE(path.string());
+    const st::File file(path.string());
+    EXPECT_EQ(file.metadata().count("format"), 1u);
+
+    // Every tensor's bytes, read independently with a stream, match what get() returns.
+    std::ifstream raw(path, std::ios::binary);
+    char length_bytes[8];
+    raw.read(length_bytes, 8);
+    uint64_t header_size = 0;
+    for (int i = 7; i >= 0; --i) header_size = (header_size << 8) | uint8_t(length_bytes[i]);
+    scedit::TensorMap tensors;
+    for (const auto& info : file.tensors()) {
+      const torch::Tensor tensor = file.get(info.name);
+      EXPECT_EQ(tensor.scalar_type(), info.dtype) << info.name;
+      EXPECT_EQ(tensor.sizes(), torch::IntArrayRef(info.shape)) << info.name;
+      std::string expected(info.end - info.begin, '\0');
+      raw.seekg(static_cast<std::streamoff>(8 + header_size + info.begin));
+      raw.read(expected.data(), static_cast<std::streamsize>(expected.size()));
+      ASSERT_TRUE(raw.good()) << info.name;
+      EXPECT_EQ(tensor_bytes(tensor), expected) << info.name;
+      tensors.emplace(info.name, tensor);
+    }
+
+    // keys_<stem> lists shapes; cases_<prefix> (for <prefix>_cases) lists [shape, dtype].
+    const std::string stem = path.stem().string();
+    std::vector<std::string> listings = {"keys_" + stem};
+    const std::string suffix = "_cases";
+    if (stem.size() > suffix.size() && stem.compare(stem.size() - suffix.size(), suffix.size(),
+                                                    suffix) == 0) {
+      listings.push_back("cases_" + stem.substr(0, stem.size() - suffix.size()));
+    }
+    for (const auto& listing : listings) {
+      if (!manifest.contains(listing)) continue;
+      SCOPED_TRACE(listing);
+      ++listings_checked;
+      const auto& keys = manifest.at(listing);
+      EXPECT_EQ(keys.size(), file.tensors().size());
+      for (const auto& item : keys.items()) {
+        ASSERT_TRUE(file.contains(item.key())) << item.key();
+        const auto& info = file.info(item.key());
+        const bool with_dtype = item.value().size() == 2 && item.value()[0].is_array();
+        const auto shape = (with_dtype ? item.value()[0] : item.value()).get<std::vector<int64_t>>();
+        EXPECT_EQ(info.shape, shape) << item.key();
+        if (with_dtype) {
+          EXPECT_EQ(info.dtype, dtype_of_manifest(item.value()[1].get<std::string>()))
+              << item.key();
+        }
+      }
+    }
+
+    // What we read, we write back identically.
+    const std::string copy = dir_.file(path.filename().string());
+    st::save(copy, tensors, file.metadata());
+    const scedit::TensorMap again = st::load(copy);
+    ASSERT_EQ(again.size(), tensors.size());
+    for (const auto& [name, tensor] : tensors) expect_identical(again.at(name), tensor, name);
+  }
+  EXPECT_GE(listings_checked, 1u) << "no fixture file has a keys_*/cases_* listing";
+}
+
+// ---- malformed files -----------------------------------------------------------------------------
+
+/// One malformed file: its bytes, the substring its error must carry, and the key it names.
+struct MalformedCase {
+  std::string name;
+  std::string bytes;
+  std::string message;
+  std::string key;      // "" when the problem is not one tensor's
+  bool on_get = false;  // the header is valid; reading tensor `key` fails
+};
+
+void PrintTo(const MalformedCase& c, std::ostream* out) { *out << c.name; }
+
+/// A file holding one tensor "w" whose header fields are given as JSON text.
+std::string one_tensor(const std::string& dtype, const std::string& shape,
+                       const std::string& offsets, const std::string& data) {
+  return st_bytes(R"({"w": {"dtype": )" + dtype + R"(, "shape": )" + shape +
+                      R"(, "data_offsets": )" + offsets + "}}",
+                  data);
+}
+
+std::vector<MalformedCase> malformed_cases() {
+  const std::string a = R"({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]})";
+  const std::string z8(8, '\0'), z12(12, '\0'), z16(16, '\0');
+  return {
+      {"ShorterThanEightBytes", "\x01\x02\x03", "shorter than 8 bytes", ""},
+      {"HeaderLengthOverTheLimit", le64(uint64_t{1} << 40) + "{}      ", "exceeds the limit", ""},
+      {"HeaderLengthPastTheEndOfTheFile", le64(64) + "{}      ", "past the end of the file", ""},
+      {"HeaderNotJson", st_bytes(R"({"a": {"dtype": )", ""), "not valid JSON", ""},
+      {"HeaderNotAnObject", st_bytes("[1, 2]", ""), "header is not a JSON object but array", ""},
+      {"EntryNotAnObject", st_bytes(R"({"w": 3})", ""), "header entry is not a JSON object", "w"},
+      {"EntryLacksDtype", st_bytes(R"({"w": {"shape": [2], "data_offsets": [0, 8]}})", z8),
+       "lacks 'dtype'", "w"},
+      {"EntryLacksShape", st_bytes(R"({"w": {"dtype": "F32", "data_offsets": [0, 8]}})", z8),
+       "lacks 'shape'", "w"},
+      {"EntryLacksDataOffsets", st_bytes(R"({"w": {"dtype": "F32", "shape": [2]}})", z8),
+       "lacks 'data_offsets'", "w"},
+      {"DtypeNotAString", one_tensor("4", "[2]", "[0, 8]", z8), "dtype is not a string", "w"},
+      {"UnknownDtype", one_tensor(R"("F8_E4M3")", "[8]", "[0, 8]", z8),
+       "unsupported dtype 'F8_E4M3'", "w"},
+      {"ShapeNotAnArray", one_tensor(R"("F32")", "2", "[0, 8]", z8), "shape is not an array", "w"},
+      {"NegativeShapeEntry", one_tensor(R"("F32")", "[2, -1]", "[0, 8]", z8),
+       "shape[1] is negative", "w"},
+      {"FractionalShapeEntry", one_tensor(R"("F32")", "[2.5]", "[0, 8]", z8),
+       "shape[0] is not an integer", "w"},
+      {"ShapeEntryTooLarge", one_tensor(R"("U8")", "[9223372036854775808]", "[0, 8]", z8),
+       "shape[0] = 9223372036854775808 is too large", "w"},
+      {"ByteSizeOverflows", one_tensor(R"("F32")", "[4611686018427387904, 4]", "[0, 8]", z8),
+       "overflows 64 bits", "w"},
+      {"DataOffsetsNotTwoIntegers", one_tensor(R"("F32")", "[2]", "[0, -8]", z8),
+       "data_offsets must be two non-negative integers", "w"},
+      {"DataOffsetsEndBeforeBegin", one_tensor(R"("F32")", "[0]", "[8, 4]", z8),
+       "end 4 is before begin 8", "w"},
+      {"ByteCountDisagreesWithShape", one_tensor(R"("F32")", "[2, 2]", "[0, 12]", z12),
+       "hold 12 bytes but F32 [2, 2] needs 16", "w"},
+      {"RangePastTheEndOfTheData", one_tensor(R"("F32")", "[4]", "[0, 16]", z8),
+       "run past the end of the data section", "w"},
+      {"OverlappingRanges",
+       st_bytes(a + R"(, "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}})", z12),
+       "overlap tensor 'a'", "b"},
+      {"HoleInTheData",
+       st_bytes(a + R"(, "b": {"dtype": "F32", "shape": [1], "data_offsets": [12, 16]}})", z16),
+       "hole in the data section", "b"},
+      {"TrailingBytesInTheData", st_bytes(a + "}", z12), "4 trailing bytes", ""},
+      {"MetadataNotAnObject", st_bytes(a + R"(, "__metadata__": 3})", z8),
+       "__metadata__ is not a JSON object", ""},
+      {"MetadataValueNotAString", st_bytes(a + R"(, "__metadata__": {"step": 1}})", z8),
+       "__metadata__ value of 'step' is not a string", ""},
+      {"DuplicateTensorName",
+       st_bytes(a + R"(, "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}})", z8),
+       "duplicate tensor name 'a'", ""},
+      {"DuplicateFieldInAnEntry",
+       st_bytes(R"({"a": {"dtype": "F32", "dtype": "F64", "shape": [2], "data_offsets": [0, 8]}})",
+                z8),
+       "duplicate key 'dtype'", ""},
+      {"BoolByteOtherThanZeroOrOne",
+       st_bytes(R"({"flags": {"dtype": "BOOL", "shape": [2], "data_offsets": [0, 2]}})",
+                std::string("\x01\x02", 2)),
+       "BOOL data holds a byte other than 0 or 1", "flags", /*on_get=*/true},
+  };
+}
+
+class SafetensorsMalformed : public ::testing::TestWithParam<MalformedCase> {
+ protected:
+  TempDir dir_;
+};
+
+TEST_P(SafetensorsMalformed, IsRefusedWithItsOwnMessage) {
+  const MalformedCase& c = GetParam();
+  const std::string path = dir_.file(c.name + ".safetensors");
+  write_bytes(path, c.bytes);
+  const std::string message = error_of([&] {
+    const st::File file(path);
+    if (c.on_get) file.get(c.key);
+  });
+  ASSERT_FALSE(message.empty()) << "the file was accepted";
+  EXPECT_TRUE(contains(message, c.message)) << message;
+  EXPECT_TRUE(contains(message, path)) << "the error names the file: " << message;
+  if (!c.key.empty()) {
+    EXPECT_TRUE(contains(message, "'" + c.key + "'")) << "the error names the key: " << message;
+  }
+  for (const auto& other : malformed_cases()) {  // each case has a message of its own
+    if (other.name != c.name) {
+      EXPECT_FALSE(contains(message, other.message)) << other.name;
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Files, SafetensorsMalformed, ::testing::ValuesIn(malformed_cases()),
+                         [](const ::testing::TestParamInfo<MalformedCase>& info) {
+                           return info.param.name;
+                         });
+
+TEST_F(Safetensors, OpenErrorsNameThePath) {
+  const std::string missing = dir_.file("missing.safetensors");
+  const std::string message = error_of([&] { st::File file(missing); });
+  EXPECT_TRUE(contains(message, "cannot open")) << message;
+  EXPECT_TRUE(contains(message, missing)) << message;
+
+  const std::string folder = dir_.path().string();
+  EXPECT_TRUE(contains(error_of([&] { st::File file(folder); }), "not a regular file"));
+}
+
+TEST_F(Safetensors, AbsentKeyErrorNamesFileAndKey) {
+  const std::string path = dir_.file("one.safetensors");
+  st::save(path, {{"present", torch::zeros({1})}});
+  const st::File file(path);
+  const std::string message = error_of([&] { file.get("absent"); });
+  EXPECT_TRUE(contains(message, "'absent'")) << message;
+  EXPECT_TRUE(contains(message, path)) << message;
+}
+
+// ---- atomic save ---------------------------------------------------------------------------------
+
+TEST_F(Safetensors, FailedSaveLeavesThePreviousFileAndNoTemporary) {
+  const std::string path = dir_.file("model.safetensors");
+  st::save(path, {{"w", torch::randn({3})}});
+  const std::string before = read_bytes(path);
+
+  const std::string message = error_of([&] {
+    st::save(path, {{"a", torch::randn({2})}, {"z", torch::randn({2}, torch::kComplexFloat)}});
+  });
+  EXPECT_TRUE(contains(message, path)) << message;
+  EXPECT_TRUE(contains(message, "'z'")) << message;
+  EXPECT_EQ(read_bytes(path), before);
+  EXPECT_EQ(dir_.entries(), std::vector<std::string>{"model.safetensors"});
+}
+
+TEST_F(Safetensors, SaveThatCannotRenameRemovesItsTemporary) {
+  // The destination is a folder: the temporary is written, then rename() fails.
+  const std::string path = dir_.file("taken");
+  fs::create_directory(path);
+  const std::string message = error_of([&] { st::save(path, {{"w", torch::randn({64})}}); });
+  EXPECT_TRUE(contains(message, "cannot rename")) << message;
+  EXPECT_TRUE(contains(message, path)) << message;
+  EXPECT_TRUE(fs::is_directory(path));
+  EXPECT_EQ(dir_.entries(), std::vector<std::string>{"taken"});
+}
+
+TEST_F(Safetensors, SaveIntoAMissingFolderFailsNamingThePath) {
+  const std::string path = dir_.file("no_such_folder") + "/w.safetensors";
+  const std::string message = error_of([&] { st::save(path, {{"w", torch::zeros({1})}}); });
+  EXPECT_TRUE(contains(message, "cannot create a temporary file")) << message;
+  EXPECT_TRUE(contains(message, path)) << message;
+  EXPECT_TRUE(dir_.entries().empty());
+}
+
+TEST_F(Safetensors, SaveReplacesAnExistingFile) {
+  const std::string path = dir_.file("model.safetensors");
+  st::save(path, {{"old", torch::zeros({100})}});
+  const torch::Tensor fresh = torch::randn({2, 3});
+  st::save(path, {{"new", fresh}});
+  const scedit::TensorMap loaded = st::load(path);
+  ASSERT_EQ(loaded.size(), 1u);
+  expect_identical(loaded.at("new"), fresh, "new");
+  EXPECT_EQ(dir_.entries(), std::vector<std::string>{"model.safetensors"});
+}
+
+TEST_F(Safetensors, SavesCudaTensors_CUDA) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  const torch::Tensor cpu = torch::randn({4, 5});
+  const std::string path = dir_.file("cuda.safetensors");
+  st::save(path, {{"w", cpu.to(torch::kCUDA).t()}});
+  expect_identical(st::load(path).at("w"), cpu.t(), "w");
+}
+
+// ---- state_dict / load_state_dict ----------------------------------------------------------------
+
+struct NetImpl : torch::nn::Module {
+  NetImpl() {
+    fc = register_module("fc", torch::nn::Linear(4, 3));
+    norm = register_module("norm", torch::nn::BatchNorm1d(3));
+    scale = register_buffer("scale", torch::ones({2}));
+  }
+  torch::nn::Linear fc{nullptr};
+  torch::nn::BatchNorm1d norm{nullptr};
+  torch::Tensor scale;
+};
+TORCH_MODULE(Net);
+
+/// A Net whose every parameter and buffer holds seeded random values.
+Net random_net(uint64_t seed) {
+  torch::manual_seed(seed);
+  Net net;
+  torch::NoGradGuard no_grad;
+  for (auto& [key, tensor] : scedit::state_dict(*net)) {
+    tensor.copy_(random_tensor(tensor.scalar_type(), tensor.sizes()).abs());
+  }
+  return net;
+}
+
+/// Independent copies of a module's tensors.
+scedit::TensorMap snapshot(const torch::nn::Module& module) {
+  scedit::TensorMap copies;
+  for (const auto& [key, tensor] : scedit::state_dict(module)) copies[key] = tensor.clone();
+  return copies;
+}
+
+TEST(StateDict, ListsEveryParameterAndBufferByPath) {
+  Net net;
+  const scedit::TensorMap tensors = scedit::state_dict(*net);
+  std::vector<std::string> keys;
+  for (const auto& item : tensors) keys.push_back(item.first);
+  const std::vector<std::string> expected = {
+      "fc.bias",           "fc.weight",        "norm.bias", "norm.num_batches_tracked",
+      "norm.running_mean", "norm.running_var", "norm.weight", "scale"};
+  EXPECT_EQ(keys, expected);
+  EXPECT_EQ(tensors.at("fc.weight").data_ptr(), net->fc->weight.data_ptr());  // shared storage
+}
+
+TEST(StateDict, StrictLoadCopiesEveryTensorInPlace) {
+  TempDir dir;
+  const Net source = random_net(1);
+  Net target = random_net(2);
+  const std::string path = dir.file("net.safetensors");
+  scedit::safetensors::save(path, scedit::state_dict(*source));
+  void* weight_storage = target->fc->weight.data_ptr();
+
+  scedit::LoadOptions options;
+  options.source = path;
+  const scedit::LoadReport report =
+      scedit::load_state_dict(*target, scedit::safetensors::load(path), options);
+  EXPECT_TRUE(report.ok());
+  EXPECT_EQ(report.str(), "all keys matched");
+  for (const auto& [key, tensor] : scedit::state_dict(*source)) {
+    expect_identical(scedit::state_dict(*target).at(key), tensor, key);
+  }
+  EXPECT_EQ(target->fc->weight.data_ptr(), weight_storage);
+  EXPECT_TRUE(target->fc->weight.requires_grad());
+}
+
+/// The source's tensors with fc.bias missing, an extra key, and fc.weight of the wrong shape.
+scedit::TensorMap flawed_tensors(const Net& source) {
+  scedit::TensorMap tensors = snapshot(*source);
+  tensors.erase("fc.bias");
+  tensors["extra.weight"] = torch::zeros({2});
+  tensors["fc.weight"] = torch::zeros({3, 5});
+  return tensors;
+}
+
+TEST(StateDict, StrictFailureListsEveryProblemByKeyAndCopiesNothing) {
+  const Net source = random_net(1);
+  Net target = random_net(2);
+  const scedit::TensorMap before = snapshot(*target);
+  scedit::LoadOptions options;
+  options.source = "flawed.safetensors";
+  const std::string message =
+      error_of([&] { scedit::load_state_dict(*target, flawed_tensors(source), options); });
+  EXPECT_TRUE(contains(message, "flawed.safetensors")) << message;
+  EXPECT_TRUE(contains(message, "fc.bias")) << message;
+  EXPECT_TRUE(contains(message, "extra.weight")) << message;
+  EXPECT_TRUE(contains(message, "fc.weight: module [3, 4] vs file [3, 5]")) << message;
+  for (const auto& [key, tensor] : before) {
+    expect_identical(scedit::state_dict(*target).at(key), tensor, key);
+  }
+}
+
+TEST(StateDict, NonStrictLoadsWhatMatchesAndReportsTheRest) {
+  const Net source = random_net(1);
+  Net target = random_net(2);
+  const scedit::TensorMap before = snapshot(*target);
+  scedit::LoadOptions options;
+  options.strict = false;
+  const scedit::LoadReport report =
+      scedit::load_state_dict(*target, flawed_tensors(source), options);
+  EXPECT_FALSE(report.ok());
+  EXPECT_EQ(report.missing, std::vector<std::string>{"fc.bias"});
+  EXPECT_EQ(report.unexpected, std::vector<std::string>{"extra.weight"});
+  EXPECT_EQ(report.mismatched, std::vector<std::string>{"fc.weight: module [3, 4] vs file [3, 5]"});
+  EXPECT_TRUE(contains(report.str(), "fc.bias")) << report.str();
+  const scedit::TensorMap after = scedit::state_dict(*target);
+  for (const auto& [key, tensor] : scedit::state_dict(*source)) {
+    const bool loaded = key != "fc.bias" && key != "fc.weight";
+    expect_identical(after.at(key), loaded ? tensor : before.at(key), key);
+  }
+}
+
+TEST(StateDict, RenameHookMapsAndDropsKeys) {
+  const Net source = random_net(1);
+  Net target = random_net(2);
+  scedit::TensorMap tensors;
+  for (const auto& [key, tensor] : snapshot(*source)) tensors["model." + key] = tensor;
+  tensors["ema.fc.weight"] = torch::zeros({7});  // dropped by the hook
+  tensors["model.ema_decay"] = torch::zeros({});  // renamed, but matches nothing
+
+  scedit::LoadOptions options;
+  options.strict = false;
+  options.rename = [](const std::string& key) -> std::string {
+    if (key.rfind("ema.", 0) == 0) return "";
+    return key.rfind("model.", 0) == 0 ? key.substr(6) : key;
+  };
+  const scedit::LoadReport report = scedit::load_state_dict(*target, tensors, options);
+  EXPECT_TRUE(report.missing.empty());
+  EXPECT_TRUE(report.mismatched.empty());
+  EXPECT_EQ(report.unexpected, std::vector<std::string>{"model.ema_decay"});
+  for (const auto& [key, tensor] : scedit::state_dict(*source)) {
+    expect_identical(scedit::state_dict(*target).at(key), tensor, key);
+  }
+
+  tensors["model.fc.weight"] = torch::zeros({3, 5});
+  const scedit::LoadReport renamed = scedit::load_state_dict(*target, tensors, options);
+  EXPECT_EQ(renamed.mismatched,
+            std::vector<std::string>{
+                "fc.weight (file key 'model.fc.weight'): module [3, 4] vs file [3, 5]"});
+}
+
+TEST(StateDict, TwoKeysRenamedToOneModuleKeyIsAnError) {
+  Net target;
+  scedit::LoadOptions options;
+  options.strict = false;
+  options.rename = [](const std::string& key) { return key.substr(key.find('/') + 1); };
+  const std::string message = error_of([&] {
+    scedit::load_state_dict(*target, {{"a/scale", torch::ones({2})}, {"b/scale", torch::ones({2})}},
+                            options);
+  });
+  EXPECT_TRUE(contains(message, "'a/scale' and 'b/scale' both map to module key 'scale'"))
+      << message;
+}
+
+TEST(StateDict, SkipModuleKeyLeavesTunerParametersAlone) {
+  const Net source = random_net(1);
+  Net target = random_net(2);
+  target->register_parameter("tuner_weight", torch::full({2}, 5.0f));
+  const scedit::TensorMap tensors = snapshot(*source);
+
+  const std::string message = error_of([&] { scedit::load_state_dict(*target, tensors); });
+  EXPECT_TRUE(contains(message, "tuner_weight")) << "reported missing without the hook: "
+                                                 << message;
+
+  scedit::LoadOptions options;
+  options.skip_module_key = [](const std::string& key) { return key.rfind("tuner_", 0) == 0; };
+  const scedit::LoadReport report = scedit::load_state_dict(*target, tensors, options);
+  EXPECT_TRUE(report.ok()) << report.str();
+  EXPECT_TRUE(torch::equal(target->named_parameters()["tuner_weight"], torch::full({2}, 5.0f)));
+  expect_identical(target->fc->weight, source->fc->weight, "fc.weight");
+}
+
+TEST(StateDict, ConvertsAFloat16FileIntoAFloat32Module) {
+  TempDir dir;
+  const Net source = random_net(1);
+  Net target = random_net(2);
+  scedit::TensorMap half;
+  for (const auto& [key, tensor] : snapshot(*source)) {
+    half[key] = tensor.is_floating_point() ? tensor.to(torch::kFloat16) : tensor;
+  }
+  const std::string path = dir.file("half.safetensors");
+  scedit::safetensors::save(path, half);
+  ASSERT_EQ(scedit::safetensors::File(path).info("fc.weight").dtype, torch::kFloat16);
+
+  const scedit::LoadReport report =
+      scedit::load_state_dict(*target, scedit::safetensors::load(path));
+  EXPECT_TRUE(report.ok());
+  const scedit::TensorMap after = scedit::state_dict(*target);
+  for (const auto& [key, tensor] : half) {
+    EXPECT_EQ(after.at(key).scalar_type(), key == "norm.num_batches_tracked" ? torch::kInt64
+                                                                               : torch::kFloat32)
+        << key;
+    expect_identical(after.at(key), tensor.to(after.at(key).scalar_type()), key);
+  }
+}
+
+TEST(StateDict, LoadsIntoACudaModule_CUDA) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  const Net source = random_net(1);
+  Net target = random_net(2);
+  target->to(torch::kCUDA);
+  EXPECT_TRUE(scedit::load_state_dict(*target, snapshot(*source)).ok());
+  EXPECT_TRUE(target->fc->weight.is_cuda());
+  expect_identical(target->fc->weight.cpu(), source->fc->weight, "fc.weight");
+}
+
+}  // namespace
