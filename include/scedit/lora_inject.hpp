@@ -1,0 +1,431 @@
+#pragma once
+/// @file lora_inject.hpp
+/// @brief Sets of LoRA layers across a model, and injection of LoRA into models whose members are
+/// plain `torch::nn::Linear` / `torch::nn::Conv2d` (weight side; see lora.hpp for the design).
+///
+/// Included by lora.hpp; include either.
+
+#include <scedit/lora.hpp>
+
+#include <torch/torch.h>
+
+#include <map>
+#include <memory>
+#include <regex>
+#include <string>
+#include <unordered_set>
+#include <utility>
+#include <vector>
+
+namespace scedit {
+
+/// The LoRA layers of a model by module path: the wrappers `find_lora_layers` finds, or the
+/// layers a `LoRAInjection` adapted. Operations by adapter name apply to every layer holding it.
+class LoRALayers {
+ public:
+  /// A module path and its layer.
+  using Entry = std::pair<std::string, std::shared_ptr<LoRALayer>>;
+
+  /// An empty set.
+  LoRALayers() = default;
+  /// A set of the given layers (paths must be unique).
+  explicit LoRALayers(const std::vector<Entry>& entries) {
+    for (const auto& e : entries) add(e.first, e.second);
+  }
+  virtual ~LoRALayers() = default;
+
+  /// Adds `layer` at module path `path`.
+  void add(const std::string& path, std::shared_ptr<LoRALayer> layer) {
+    TORCH_CHECK(layer != nullptr, "LoRALayers: null layer for '", path, "'");
+    TORCH_CHECK(index_.emplace(path, entries_.size()).second, "LoRALayers: path '", path,
+                "' is already in the set");
+    entries_.emplace_back(path, std::move(layer));
+  }
+  /// The layers in the order they were added.
+  const std::vector<Entry>& entries() const { return entries_; }
+  /// Number of layers.
+  size_t size() const { return entries_.size(); }
+  /// Whether there are none.
+  bool empty() const { return entries_.empty(); }
+  /// The module paths, in order.
+  std::vector<std::string> paths() const {
+    std::vector<std::string> out;
+    for (const auto& e : entries_) out.push_back(e.first);
+    return out;
+  }
+  /// The layer at `path`, or nullptr.
+  std::shared_ptr<LoRALayer> find(const std::string& path) const {
+    const auto it = index_.find(path);
+    return it == index_.end() ? nullptr : entries_[it->second].second;
+  }
+  /// The layer at `path`; throws naming the path.
+  LoRALayer& at(const std::string& path) const {
+    auto layer = find(path);
+    TORCH_CHECK(layer != nullptr, "LoRALayers: no LoRA layer at '", path, "' (", entries_.size(),
+                " layers)");
+    return *layer;
+  }
+  /// Every adapter name present on some layer, in first-seen order.
+  std::vector<std::string> adapter_names() const {
+    std::vector<std::string> names;
+    std::unordered_set<std::string> seen;
+    for (const auto& e : entries_) {
+      for (const auto& n : e.second->adapter_names()) {
+        if (seen.insert(n).second) names.push_back(n);
+      }
+    }
+    return names;
+  }
+  /// Every A and B parameter, for an optimizer.
+  std::vector<torch::Tensor> parameters() const {
+    std::vector<torch::Tensor> params;
+    for (const auto& e : entries_) {
+      for (auto& p : e.second->lora_parameters()) params.push_back(p);
+    }
+    return params;
+  }
+  /// Sets the mixing weight of adapter `name` on every layer holding it.
+  void set_adapter_weight(const std::string& name, double weight) {
+    each_with_(name, "set its weight", true,
+               [&](LoRALayer& l) { l.set_adapter_weight(name, weight); });
+  }
+  /// Enables or disables adapter `name` on every layer holding it.
+  void set_adapter_enabled(const std::string& name, bool enabled) {
+    each_with_(name, "disable it", !enabled,
+               [&](LoRALayer& l) { l.set_adapter_enabled(name, enabled); });
+  }
+  /// Enables or disables all adapters of all layers.
+  void set_enabled(bool enabled) {
+    if (!enabled) {
+      for (const auto& e : entries_) {
+        for (const auto& n : e.second->adapter_names()) {
+          TORCH_CHECK(!e.second->adapter(n).merged, "LoRA: cannot disable the adapters while '", n,
+                      "' is merged on '", e.first, "'; unmerge it first");
+        }
+      }
+    }
+    for (auto& e : entries_) e.second->set_enabled(enabled);
+  }
+  /// Merges adapter `name` into the base weight of every layer holding it (exact, in place).
+  void merge(const std::string& name) {
+    each_with_(name, "merge it again", true, [&](LoRALayer& l) { l.merge(name); });
+  }
+  /// Undoes `merge(name)` on every layer holding the adapter.
+  void unmerge(const std::string& name) {
+    for (const auto& e : entries_) {
+      TORCH_CHECK(!e.second->has_adapter(name) || e.second->adapter(name).merged, "LoRA: adapter '",
+                  name, "' is not merged on '", e.first, "'");
+    }
+    each_with_(name, "", false, [&](LoRALayer& l) { l.unmerge(name); });
+  }
+  /// Deletes adapter `name` from every layer holding it (unmerging it first where merged).
+  void delete_adapter(const std::string& name) {
+    each_with_(name, "", false, [&](LoRALayer& l) { l.delete_adapter(name); });
+  }
+  /// Refreshes every layer: call before each training forward when injected (see lora.hpp).
+  void refresh() {
+    for (auto& e : entries_) e.second->refresh();
+  }
+
+ protected:
+  /// Calls `f` on every layer holding adapter `name` (at least one must); when `unmerged` is
+  /// set, first checks that none has it merged (`action` says what that refuses).
+  template <typename F>
+  void each_with_(const std::string& name, const char* action, bool unmerged, F&& f) {
+    size_t count = 0;
+    for (const auto& e : entries_) {
+      if (!e.second->has_adapter(name)) continue;
+      ++count;
+      TORCH_CHECK(!unmerged || !e.second->adapter(name).merged, "LoRA: adapter '", name,
+                  "' is merged on '", e.first, "'; unmerge it before you ", action);
+    }
+    if (count == 0) {
+      std::string known;
+      for (const auto& n : adapter_names()) known += (known.empty() ? "" : ", ") + n;
+      TORCH_CHECK(false, "LoRA: no layer has adapter '", name,
+                  "' (adapters: ", known.empty() ? "none" : known, ")");
+    }
+    for (auto& e : entries_) {
+      if (e.second->has_adapter(name)) f(*e.second);
+    }
+  }
+  /// Drops every entry.
+  void clear_() {
+    entries_.clear();
+    index_.clear();
+  }
+
+ private:
+  std::vector<Entry> entries_;
+  std::map<std::string, size_t> index_;
+};
+
+/// What to adapt, and how: peft's `LoraConfig` for injection.
+struct LoRAConfig {
+  /// Example: `LoRAConfig(LoRAOptions(4).alpha(8)).target_modules({"to_q", "ff.net.0.proj"})`.
+  /* implicit */ LoRAConfig(LoRAOptions options) : options_(std::move(options)) {}
+  /// Rank, alpha, rsLoRA, init of the new adapter (dropout must be 0 for injection).
+  TORCH_ARG(LoRAOptions, options);
+  /// peft-style names: a module at path `p` matches `t` when `p == t` or `p` ends with `"." + t`
+  /// (so `to_q` matches `attn1.to_q` but not `to_q_extra`).
+  TORCH_ARG(std::vector<std::string>, target_modules) = {};
+  /// Or an ECMAScript regex that must match the whole module path (peft's string form).
+  TORCH_ARG(std::string, target_regex) = "";
+  /// Name of the adapter to add.
+  TORCH_ARG(std::string, adapter_name) = "default";
+  /// Whether to freeze the adapted layers' weight and bias (restored on unload).
+  TORCH_ARG(bool, freeze_base) = true;
+};
+
+namespace detail {
+
+/// Human-readable targets of a config, for messages.
+inline std::string lora_describe_targets(const LoRAConfig& config) {
+  if (!config.target_regex().empty()) return "target_regex '" + config.target_regex() + "'";
+  std::string out = "target_modules [";
+  for (size_t i = 0; i < config.target_modules().size(); ++i) {
+    out += (i ? ", '" : "'") + config.target_modules()[i] + "'";
+  }
+  return out + "]";
+}
+
+/// peft's suffix rule: `path == target` or `path` ends with `"." + target`.
+inline bool lora_suffix_matches(const std::string& path, const std::string& target) {
+  if (target.empty() || path.size() < target.size()) return false;
+  if (path.compare(path.size() - target.size(), target.size(), target) != 0) return false;
+  return path.size() == target.size() || path[path.size() - target.size() - 1] == '.';
+}
+
+/// The module at dotted `path` under `model`, or nullptr.
+inline std::shared_ptr<torch::nn::Module> lora_find_module(const torch::nn::Module& model,
+                                                           const std::string& path) {
+  std::shared_ptr<torch::nn::Module> current;
+  const torch::nn::Module* at = &model;
+  std::stringstream stream(path);
+  std::string part;
+  while (std::getline(stream, part, '.')) {
+    const auto children = at->named_children();
+    const auto* child = children.find(part);
+    if (child == nullptr) return nullptr;
+    current = *child;
+    at = current.get();
+  }
+  return current;
+}
+
+/// Why `module` cannot be injected ("" when it can): not Linear / Conv2d, grouped, or already
+/// carrying adapters.
+inline std::string lora_injection_problem(const std::shared_ptr<torch::nn::Module>& module) {
+  const bool linear = std::dynamic_pointer_cast<torch::nn::LinearImpl>(module) != nullptr;
+  auto conv = std::dynamic_pointer_cast<torch::nn::Conv2dImpl>(module);
+  if (dynamic_cast<LoRALayer*>(module.get()) != nullptr) {
+    return "is a LoRA wrapper already; call add_adapter on it";
+  }
+  if (!linear && conv == nullptr) {
+    return "is a " + module->name() +
+           "; LoRA injection supports torch::nn::Linear and torch::nn::Conv2d";
+  }
+  if (conv != nullptr && conv->options.groups() != 1) {
+    return "is a grouped Conv2d (groups = " + std::to_string(conv->options.groups()) +
+           "), which LoRA does not support";
+  }
+  const auto children = module->named_children();
+  if (children.contains("lora_A") || children.contains("lora_B")) {
+    return "already carries LoRA adapters from another injection; add adapters through it";
+  }
+  return "";
+}
+
+/// A weight-side LoRA record for `module` (Linear or Conv2d, checked by the caller).
+inline std::shared_ptr<InjectedLoRALayer> lora_make_injected(
+    const std::shared_ptr<torch::nn::Module>& module, const std::string& path, bool freeze_base) {
+  if (auto linear = std::dynamic_pointer_cast<torch::nn::LinearImpl>(module)) {
+    return std::make_shared<InjectedLoRA<torch::nn::LinearImpl>>(linear, path, freeze_base);
+  }
+  auto conv = std::dynamic_pointer_cast<torch::nn::Conv2dImpl>(module);
+  TORCH_CHECK(conv != nullptr, "LoRA: '", path, "' is neither Linear nor Conv2d");
+  return std::make_shared<InjectedLoRA<torch::nn::Conv2dImpl>>(conv, path, freeze_base);
+}
+
+}  // namespace detail
+
+/// Whether module path `path` is a target of `config` (suffix names or whole-path regex).
+inline bool lora_target_matches(const std::string& path, const LoRAConfig& config) {
+  if (!config.target_regex().empty()) {
+    return std::regex_match(path, std::regex(config.target_regex(), std::regex::ECMAScript));
+  }
+  for (const auto& t : config.target_modules()) {
+    if (detail::lora_suffix_matches(path, t)) return true;
+  }
+  return false;
+}
+
+/// Weight-side LoRA on the plain Linear / Conv2d layers of a model (see lora.hpp): the layers
+/// it adapted, by path, plus injection and removal. Keep it alive while the model runs with
+/// adapters; call `refresh()` before each training forward.
+class LoRAInjection : public LoRALayers {
+ public:
+  /// Adds adapter `config.adapter_name` to every Linear / Conv2d of `model` the config targets.
+  /// Paths inside LoRA adapters or wrappers are skipped; a target that is another kind of module
+  /// is an error (as in peft), and so is a config that matches nothing. Nothing changes on error.
+  void inject(torch::nn::Module& model, const LoRAConfig& config) {
+    const std::string where = "inject_lora";
+    TORCH_CHECK(config.target_modules().empty() != config.target_regex().empty(), where,
+                ": set exactly one of target_modules and target_regex");
+    detail::lora_check_adapter(where, config.adapter_name(), config.options());
+    check_dropout_(config.options(), config.adapter_name());
+    std::regex regex;
+    if (!config.target_regex().empty()) {
+      try {
+        regex = std::regex(config.target_regex(), std::regex::ECMAScript);
+      } catch (const std::regex_error& e) {
+        TORCH_CHECK(false, where, ": bad target_regex '", config.target_regex(), "': ", e.what());
+      }
+    }
+    auto matches = [&](const std::string& path) {
+      if (!config.target_regex().empty()) return std::regex_match(path, regex);
+      for (const auto& t : config.target_modules()) {
+        if (detail::lora_suffix_matches(path, t)) return true;
+      }
+      return false;
+    };
+    std::vector<std::pair<std::string, std::shared_ptr<torch::nn::Module>>> targets;
+    std::vector<std::string> wrappers;  // "path." of LoRA wrappers: their insides are skipped
+    for (const auto& item : model.named_modules("", /*include_self=*/false)) {
+      const std::string& path = item.key();
+      if (detail::lora_in_adapter_path(path)) continue;
+      if (std::any_of(wrappers.begin(), wrappers.end(),
+                      [&](const std::string& w) { return path.rfind(w, 0) == 0; })) {
+        continue;
+      }
+      if (dynamic_cast<LoRALayer*>(item.value().get()) != nullptr) wrappers.push_back(path + ".");
+      if (!matches(path)) continue;
+      auto existing = find(path);
+      if (existing != nullptr) {
+        TORCH_CHECK(!existing->has_adapter(config.adapter_name()), where, ": '", path,
+                    "' already has adapter '", config.adapter_name(), "'");
+      } else {
+        const std::string problem = detail::lora_injection_problem(item.value());
+        TORCH_CHECK(problem.empty(), where, ": target '", path, "' (matched by ",
+                    detail::lora_describe_targets(config), ") ", problem);
+      }
+      targets.emplace_back(path, item.value());
+    }
+    TORCH_CHECK(!targets.empty(), where, ": ", detail::lora_describe_targets(config),
+                " matched no module of the model");
+    for (const auto& [path, module] : targets) {
+      auto layer = find(path);
+      if (layer == nullptr) {
+        layer = detail::lora_make_injected(module, path, config.freeze_base());
+        add(path, layer);
+      }
+      layer->add_adapter(config.adapter_name(), config.options());
+    }
+  }
+
+  /// Adds adapter `adapter_name` to the Linear / Conv2d at exactly `path` under `model` and
+  /// returns its layer (the loaders use this for the paths a file names).
+  std::shared_ptr<LoRALayer> inject_at(torch::nn::Module& model, const std::string& path,
+                                       const LoRAOptions& options,
+                                       const std::string& adapter_name = "default",
+                                       bool freeze_base = true) {
+    const std::string where = "LoRAInjection::inject_at";
+    detail::lora_check_adapter(where, adapter_name, options);
+    check_dropout_(options, adapter_name);
+    auto layer = find(path);
+    if (layer == nullptr) {
+      TORCH_CHECK(!detail::lora_in_adapter_path(path), where, ": '", path,
+                  "' lies inside a LoRA adapter");
+      auto module = detail::lora_find_module(model, path);
+      TORCH_CHECK(module != nullptr, where, ": the model has no module at '", path, "'");
+      const std::string problem = detail::lora_injection_problem(module);
+      TORCH_CHECK(problem.empty(), where, ": '", path, "' ", problem);
+      layer = detail::lora_make_injected(module, path, freeze_base);
+      add(path, layer);
+    }
+    layer->add_adapter(adapter_name, options);
+    return layer;
+  }
+
+  /// Takes every adapter off the model: merged adapters are unmerged, the layers' `weight`
+  /// members point at W0 again and the base parameters' `requires_grad` is restored.
+  void unload() {
+    for (auto& [path, layer] : entries()) {
+      for (const auto& name : layer->adapter_names()) {
+        if (layer->adapter(name).merged) layer->unmerge(name);
+      }
+      injected_(path, layer).remove();
+    }
+    clear_();
+  }
+
+  /// Merges every enabled adapter into its base weight, then takes the adapters off the model.
+  void merge_and_unload() {
+    for (auto& [path, layer] : entries()) {
+      if (!layer->enabled()) continue;
+      for (const auto& name : layer->adapter_names()) {
+        const auto& info = layer->adapter(name);
+        if (info.enabled && !info.merged) layer->merge(name);
+      }
+    }
+    for (auto& [path, layer] : entries()) injected_(path, layer).remove();
+    clear_();
+  }
+
+ private:
+  static void check_dropout_(const LoRAOptions& options, const std::string& name) {
+    TORCH_CHECK(options.dropout() == 0, "inject_lora: adapter '", name, "' asks for dropout ",
+                options.dropout(),
+                ", which weight-side injection cannot apply (dropout acts on "
+                "each call's input); use scedit::LoRALinear / LoRAConv2d for LoRA with dropout");
+  }
+  static InjectedLoRALayer& injected_(const std::string& path,
+                                      const std::shared_ptr<LoRALayer>& layer) {
+    auto* injected = dynamic_cast<InjectedLoRALayer*>(layer.get());
+    TORCH_CHECK(injected != nullptr, "LoRAInjection: '", path, "' was not injected");
+    return *injected;
+  }
+};
+
+/// Injects adapter `config.adapter_name` into `model` (see `LoRAInjection::inject`).
+///
+/// Example:
+/// @code
+/// auto lora = scedit::inject_lora(*model, scedit::LoRAConfig(scedit::LoRAOptions(4))
+///                                             .target_modules({"to_q", "ff.net.0.proj"}));
+/// @endcode
+inline LoRAInjection inject_lora(torch::nn::Module& model, const LoRAConfig& config) {
+  LoRAInjection injection;
+  injection.inject(model, config);
+  return injection;
+}
+
+/// The LoRA wrappers (`LoRALinear`, `LoRAConv2d`) inside `model`, by module path.
+inline LoRALayers find_lora_layers(const torch::nn::Module& model) {
+  LoRALayers layers;
+  if (dynamic_cast<const LoRALayer*>(&model) != nullptr) {
+    auto self = std::const_pointer_cast<torch::nn::Module>(model.shared_from_this());
+    layers.add("", std::dynamic_pointer_cast<LoRALayer>(self));
+  }
+  for (const auto& item : model.named_modules("", /*include_self=*/false)) {
+    if (auto layer = std::dynamic_pointer_cast<LoRALayer>(item.value()))
+      layers.add(item.key(), layer);
+  }
+  return layers;
+}
+
+/// Every LoRA A / B parameter under `module` (both ways: any path through `lora_A` / `lora_B`),
+/// each once, for an optimizer.
+inline std::vector<torch::Tensor> lora_parameters(const torch::nn::Module& module) {
+  std::vector<torch::Tensor> params;
+  std::unordered_set<const void*> seen;
+  for (const auto& p : module.named_parameters()) {
+    if (detail::lora_in_adapter_path(p.key()) &&
+        seen.insert(p.value().unsafeGetTensorImpl()).second) {
+      params.push_back(p.value());
+    }
+  }
+  return params;
+}
+
+}  // namespace scedit
