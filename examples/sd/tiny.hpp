@@ -1,0 +1,199 @@
+#pragma once
+/// @file tiny.hpp
+/// @brief A built-in tiny Stable Diffusion with SD 1.5's layout and seeded random weights: the
+/// model the example programs use when no `--model` is given, so they run anywhere, in seconds,
+/// with no download.
+///
+/// Same architecture as SD 1.5, only narrower: a UNet with CrossAttnDown×3 + Down / Up +
+/// CrossAttnUp×3, 2 resnets per down block, 12 skip connections (so every SC-, CSC- and LoRA
+/// code path is the real one), a 4-level VAE (8× downsampling, like SD's) and a 2-layer CLIP text
+/// encoder, with a byte-level tokenizer that needs no files. Its weights are random: its images
+/// are noise-like patterns, useful for trying the programs and for tests, not for pictures.
+///
+/// Example:
+/// @code
+/// sd::StableDiffusion pipe = sd::tiny_pipeline(/*seed=*/0);
+/// auto images = sd::generate(pipe, {"a red circle"}, options);  // see pipeline.hpp
+/// @endcode
+
+#include <sd/clip.hpp>
+#include <sd/config.hpp>
+#include <sd/tokenizer.hpp>
+#include <sd/unet.hpp>
+#include <sd/vae.hpp>
+#include <sd/weights.hpp>
+
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include <unistd.h>
+
+namespace sd {
+
+/// The tiny UNet: SD 1.5's block types and skip layout with narrow channels.
+inline UNetConfig tiny_unet_config() {
+  UNetConfig c;                           // block types: SD 1.5's (CrossAttnDown×3 + Down, ...)
+  c.sample_size = 8;                      // native latent side: 8 (64-pixel images)
+  c.block_out_channels = {32, 64, 64, 64};  // SD 1.5: 320, 640, 1280, 1280
+  c.layers_per_block = 2;                 // as SD 1.5: 12 skips
+  c.norm_num_groups = 8;                  // SD 1.5: 32
+  c.cross_attention_dim = 32;             // = the tiny CLIP's hidden size (SD 1.5: 768)
+  c.attention_head_dim = {4};             // 4 heads (diffusers' historical naming; SD 1.5: 8)
+  return c;
+}
+
+/// The tiny VAE: 4 levels (8× downsampling, as SD's), 4 latent channels.
+inline VAEConfig tiny_vae_config() {
+  VAEConfig c;
+  const std::string down = "DownEncoderBlock2D", up = "UpDecoderBlock2D";
+  c.down_block_types = {down, down, down, down};
+  c.up_block_types = {up, up, up, up};
+  c.block_out_channels = {16, 32, 32, 32};  // SD: 128, 256, 512, 512
+  c.layers_per_block = 1;                   // SD: 2
+  c.norm_num_groups = 8;                    // SD: 32
+  c.sample_size = 64;                       // native image side
+  c.scaling_factor = 0.18215;               // SD 1.x's, so latents are handled as for real models
+  return c;
+}
+
+/// Number of ids of the tiny tokenizer: 256 byte symbols, the same 256 with `</w>`, bos, eos.
+constexpr int64_t kTinyVocabSize = 514;
+
+/// The tiny CLIP text encoder: 2 layers of width 32 over the byte-level vocabulary.
+inline CLIPTextConfig tiny_text_config() {
+  CLIPTextConfig c;
+  c.vocab_size = kTinyVocabSize;  // covers every id of tiny_tokenizer()
+  c.hidden_size = 32;             // SD 1.5: 768
+  c.intermediate_size = 64;       // SD 1.5: 3072
+  c.num_hidden_layers = 2;        // SD 1.5: 12
+  c.num_attention_heads = 4;      // SD 1.5: 12
+  c.max_position_embeddings = 77;
+  c.bos_token_id = kTinyVocabSize - 2;  // <|startoftext|>
+  c.eos_token_id = kTinyVocabSize - 1;  // <|endoftext|>: pooling takes its first position
+  c.pad_token_id = kTinyVocabSize - 1;
+  c.projection_dim = 32;
+  return c;
+}
+
+namespace detail {
+
+/// OpenAI's `bytes_to_unicode()` symbols in CLIP's vocabulary order: the printable bytes
+/// ('!'..'~', '¡'..'¬', '®'..'ÿ') as themselves, then the other 68 bytes as U+0100 onwards.
+/// These are the first 256 entries of CLIP's vocab.json.
+inline std::vector<std::string> clip_byte_symbols() {
+  auto utf8 = [](char32_t c) {
+    std::string out;
+    if (c < 0x80) {
+      out.push_back(static_cast<char>(c));
+    } else {  // every symbol here is below U+0800: two bytes
+      out.push_back(static_cast<char>(0xC0 | (c >> 6)));
+      out.push_back(static_cast<char>(0x80 | (c & 0x3F)));
+    }
+    return out;
+  };
+  auto printable = [](int b) { return (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || b >= 0xAE; };
+  std::vector<std::string> symbols;
+  for (int b = 0; b < 256; ++b) {
+    if (printable(b)) symbols.push_back(utf8(static_cast<char32_t>(b)));
+  }
+  char32_t next = 256;
+  for (int b = 0; b < 256; ++b) {
+    if (!printable(b)) symbols.push_back(utf8(next++));
+  }
+  return symbols;
+}
+
+}  // namespace detail
+
+/// The tiny model's tokenizer: CLIP's byte-level BPE with no merges, so every byte of a prompt
+/// is one token (`a cat` → `a</w>`, `c`, `a`, `t</w>`). Vocabulary: the 256 byte symbols (ids
+/// 0–255, as in CLIP's vocab.json), the same with `</w>` (256–511, also as CLIP's), then
+/// `<|startoftext|>` (512) and `<|endoftext|>` (513). Prompts are truncated at 75 bytes.
+///
+/// `sd::CLIPTokenizer` reads its vocabulary from files, so they are written to a private
+/// temporary folder, read and removed. Its merges file must hold at least one rule; the one
+/// written (`<|startoftext|> <|endoftext|>`) can never fire, since BPE only ever sees byte
+/// symbols and their concatenations, so the tokenizer is purely byte-level.
+inline CLIPTokenizer tiny_tokenizer() {
+  const auto symbols = detail::clip_byte_symbols();
+  nlohmann::json vocab = nlohmann::json::object();
+  int64_t id = 0;
+  for (const auto& s : symbols) vocab[s] = id++;
+  for (const auto& s : symbols) vocab[s + "</w>"] = id++;
+  vocab[CLIPTokenizer::kBosToken] = id++;
+  vocab[CLIPTokenizer::kEosToken] = id++;
+  TORCH_CHECK(id == kTinyVocabSize, "tiny_tokenizer: built ", id, " ids, expected ", kTinyVocabSize);
+
+  static std::atomic<uint64_t> counter{0};
+  const auto stamp = std::chrono::steady_clock::now().time_since_epoch().count();
+  const auto folder = std::filesystem::temp_directory_path() /
+                      ("scedit-tiny-tokenizer-" + std::to_string(::getpid()) + "-" +
+                       std::to_string(stamp) + "-" + std::to_string(counter++));
+  std::filesystem::create_directories(folder);
+  struct Cleanup {
+    std::filesystem::path path;
+    ~Cleanup() {
+      std::error_code ignored;
+      std::filesystem::remove_all(path, ignored);
+    }
+  } cleanup{folder};
+  {
+    std::ofstream out(folder / "vocab.json", std::ios::binary);
+    out << vocab.dump();
+    TORCH_CHECK(out.good(), "tiny_tokenizer: cannot write '", (folder / "vocab.json").string(), "'");
+  }
+  {
+    std::ofstream out(folder / "merges.txt", std::ios::binary);
+    out << "#version: 0.2\n" << CLIPTokenizer::kBosToken << ' ' << CLIPTokenizer::kEosToken << '\n';
+    TORCH_CHECK(out.good(), "tiny_tokenizer: cannot write '", (folder / "merges.txt").string(), "'");
+  }
+  return CLIPTokenizer(folder.string());
+}
+
+/// The built-in tiny Stable Diffusion (see the file comment): UNet, VAE and text encoder with
+/// random weights drawn from `seed` (the same seed gives the same weights; the global random
+/// generator's state is restored afterwards; do not build modules on other threads meanwhile),
+/// in `dtype`, on the CPU, in eval mode.
+inline StableDiffusion tiny_pipeline(uint64_t seed = 0, torch::Dtype dtype = torch::kFloat32) {
+  StableDiffusion sd;
+  sd.unet_config = tiny_unet_config();
+  sd.vae_config = tiny_vae_config();
+  sd.text_config = tiny_text_config();
+  sd.scaling_factor = sd.vae_config.scaling_factor;
+  {
+    // Module constructors draw from the default CPU generator: seed it for the build only.
+    // (Not under the generator's mutex: the initialisers lock it themselves.)
+    auto generator = at::detail::getDefaultCPUGenerator();
+    const torch::Tensor saved = generator.get_state();
+    generator.set_current_seed(seed);
+    try {
+      sd.unet = UNet(sd.unet_config);
+      sd.vae = VAE(sd.vae_config);
+      sd.text_encoder = CLIPTextModel(sd.text_config);
+    } catch (...) {
+      generator.set_state(saved);
+      throw;
+    }
+    generator.set_state(saved);
+  }
+  sd.unet->to(dtype);
+  sd.vae->to(dtype);
+  sd.text_encoder->to(dtype);
+  sd.unet->eval();
+  sd.vae->eval();
+  sd.text_encoder->eval();
+  sd.tokenizer = tiny_tokenizer();
+  sd.files = {{"unet", "<built-in tiny>"}, {"vae", "<built-in tiny>"},
+              {"text_encoder", "<built-in tiny>"}, {"tokenizer", "<built-in tiny>"}};
+  return sd;
+}
+
+}  // namespace sd

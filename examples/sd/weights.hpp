@@ -1,0 +1,465 @@
+#pragma once
+/// @file weights.hpp
+/// @brief Loading Stable Diffusion weights — a diffusers folder or an original single-file
+/// checkpoint — into this example's UNet, VAE and CLIP text encoder.
+///
+/// Two layouts are read:
+///  - a diffusers folder: `model_index.json`; `unet/` and `vae/` with `config.json` and
+///    `diffusion_pytorch_model[.fp16].safetensors`; `text_encoder/` with `config.json` and
+///    `model[.fp16].safetensors` (keys with or without transformers' `text_model.` prefix);
+///    `tokenizer/vocab.json` + `merges.txt` (+ `tokenizer_config.json` if present);
+///    `scheduler/scheduler_config.json` if present;
+///  - a single-file original (CompVis LDM) checkpoint `.safetensors`, mapped with
+///    `ldm_keys.hpp`. Its configurations are the built-in SD 1.5 ones unless given, and its
+///    tokenizer comes from `WeightsOptions::tokenizer`, since a single file carries none.
+///
+/// Loads are strict: a missing or unexpected key, a wrong shape, a non-floating tensor, a
+/// truncated file or a missing config is an error naming the key and the file, raised before
+/// any parameter is written. Each tensor is copied straight from the memory-mapped file into
+/// the module's parameter, converting to the dtype and device asked (no float32 copy of the
+/// weights on the way). PyTorch pickles (`.bin`, `.ckpt`, `.pt`) are refused, saying so.
+///
+/// Example:
+/// @code
+/// auto sd15 = sd::load_pipeline("stable-diffusion-v1-5", sd::WeightsOptions()
+///                                   .dtype(torch::kFloat16).device(torch::kCUDA).variant("fp16"));
+/// auto single = sd::load_pipeline("v1-5-pruned-emaonly.safetensors",
+///                                 sd::WeightsOptions().tokenizer("stable-diffusion-v1-5/tokenizer"));
+/// @endcode
+
+#include <torch/torch.h>
+
+#include <nlohmann/json.hpp>
+
+#include <scedit/safetensors.hpp>
+#include <scedit/state_dict.hpp>
+#include <scedit/trainable.hpp>
+
+#include <sd/clip.hpp>
+#include <sd/config.hpp>
+#include <sd/ldm_keys.hpp>
+#include <sd/tokenizer.hpp>
+#include <sd/unet.hpp>
+#include <sd/vae.hpp>
+
+#include <algorithm>
+#include <cctype>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <iostream>
+#include <map>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace sd {
+
+/// The floating dtype a model is loaded in (`torch::kFloat32`, `kFloat16`, `kBFloat16`,
+/// `kFloat64`).
+using DType = torch::Dtype;
+
+/// Parses a dtype flag: `fp32|float32|float`, `fp16|float16|half`, `bf16|bfloat16`,
+/// `fp64|float64|double` (case-insensitive).
+inline DType parse_dtype(const std::string& name) {
+  std::string n = name;
+  std::transform(n.begin(), n.end(), n.begin(), [](unsigned char c) { return std::tolower(c); });
+  if (n == "fp32" || n == "float32" || n == "float") return torch::kFloat32;
+  if (n == "fp16" || n == "float16" || n == "half") return torch::kFloat16;
+  if (n == "bf16" || n == "bfloat16") return torch::kBFloat16;
+  if (n == "fp64" || n == "float64" || n == "double") return torch::kFloat64;
+  TORCH_CHECK(false, "unknown dtype '", name, "' (expected fp32, fp16, bf16 or fp64)");
+}
+
+/// How to load weights.
+///
+/// Example:
+/// @code
+/// auto options = sd::WeightsOptions().dtype(torch::kBFloat16).device(torch::kCUDA);
+/// @endcode
+struct WeightsOptions {
+  /// Dtype of the loaded modules' parameters.
+  TORCH_ARG(DType, dtype) = torch::kFloat32;
+  /// Device of the loaded modules.
+  TORCH_ARG(torch::Device, device) = torch::kCPU;
+  /// Weights file to prefer in a diffusers folder: "" (`<name>.safetensors`) or e.g. "fp16"
+  /// (`<name>.fp16.safetensors`); the other one is used, with a notice, when it is absent.
+  TORCH_ARG(std::string, variant) = "";
+  /// Tokenizer folder (`vocab.json`, `merges.txt`): required for a single-file checkpoint;
+  /// overrides a diffusers folder's `tokenizer/` when set.
+  TORCH_ARG(std::filesystem::path, tokenizer) = {};
+  /// UNet configuration of a single-file checkpoint (default `UNetConfig::sd15()`).
+  TORCH_ARG(std::optional<UNetConfig>, unet_config) = std::nullopt;
+  /// VAE configuration of a single-file checkpoint (default `VAEConfig::sd15()`).
+  TORCH_ARG(std::optional<VAEConfig>, vae_config) = std::nullopt;
+  /// Text-encoder configuration of a single-file checkpoint (default `CLIPTextConfig::sd15()`).
+  TORCH_ARG(std::optional<CLIPTextConfig>, text_config) = std::nullopt;
+  /// Further module keys not to expect in the file, besides `lsc_identity.*` and the keys of
+  /// attached tuners, which are always skipped.
+  TORCH_ARG(std::function<bool(const std::string&)>, skip_module_key) = nullptr;
+  /// Print notices (variant fallback) to stderr.
+  TORCH_ARG(bool, verbose) = true;
+};
+
+/// The weights file of a diffusers component folder: `<stem>.<variant>.safetensors` when a
+/// variant is asked, else `<stem>.safetensors`; when that file is absent the other one
+/// (`<stem>.safetensors`, or `<stem>.fp16.safetensors` when no variant was asked) is used with
+/// a notice on stderr (if `verbose`). A folder holding only a `.bin` pickle, or nothing, is an
+/// error naming the folder and the files looked for.
+inline std::filesystem::path resolve_weights_file(const std::filesystem::path& folder,
+                                                  const std::string& stem,
+                                                  const std::string& variant, bool verbose = true) {
+  const std::string other_variant = variant.empty() ? "fp16" : variant;
+  const auto plain = folder / (stem + ".safetensors");
+  const auto with_variant = folder / (stem + "." + other_variant + ".safetensors");
+  const auto& preferred = variant.empty() ? plain : with_variant;
+  const auto& fallback = variant.empty() ? with_variant : plain;
+  if (std::filesystem::is_regular_file(preferred)) return preferred;
+  if (std::filesystem::is_regular_file(fallback)) {
+    if (verbose) {
+      std::cerr << "note: no '" << preferred.filename().string() << "' in '" << folder.string()
+                << "'; using '" << fallback.filename().string() << "'\n";
+    }
+    return fallback;
+  }
+  for (const std::string& name : {stem + ".bin", stem + "." + other_variant + ".bin"}) {
+    TORCH_CHECK(!std::filesystem::exists(folder / name), "'", folder.string(), "' holds only '",
+                name, "', a PyTorch pickle, which is not supported: convert it to .safetensors");
+  }
+  TORCH_CHECK(false, "missing weights file in '", folder.string(), "': expected '",
+              preferred.filename().string(), "' or '", fallback.filename().string(), "'");
+}
+
+namespace detail {
+
+/// What tells the components apart when looking for their files.
+struct Component {
+  const char* name;          ///< "UNet", "VAE", "text encoder" (for messages).
+  const char* subfolder;     ///< Folder inside a diffusers pipeline.
+  const char* weights_stem;  ///< Weights file name without `.safetensors`.
+  const char* ldm_prefix;    ///< Key prefix inside an LDM single-file checkpoint.
+};
+/// The UNet's files.
+inline const Component kUNetFiles{"UNet", "unet", "diffusion_pytorch_model", kLdmUNetPrefix};
+/// The VAE's files.
+inline const Component kVAEFiles{"VAE", "vae", "diffusion_pytorch_model", kLdmVAEPrefix};
+/// The text encoder's files.
+inline const Component kTextFiles{"text encoder", "text_encoder", "model", kLdmTextPrefix};
+
+/// Refuses pickles and anything else that is not `.safetensors`.
+inline void check_safetensors_path(const std::filesystem::path& path) {
+  const std::string ext = path.extension().string();
+  TORCH_CHECK(ext != ".ckpt" && ext != ".bin" && ext != ".pt" && ext != ".pth" && ext != ".pkl",
+              "'", path.string(), "' is a PyTorch pickle (", ext,
+              "), which is not supported: pickles can run code and need Python to read; "
+              "convert it to .safetensors first");
+  TORCH_CHECK(ext == ".safetensors", "'", path.string(),
+              "' is not a .safetensors file; expected a diffusers folder or a .safetensors file");
+}
+
+/// Reads a JSON file; errors name the file.
+inline nlohmann::json read_json(const std::filesystem::path& path, const std::string& what) {
+  TORCH_CHECK(std::filesystem::is_regular_file(path), "missing ", what, " '", path.string(), "'");
+  std::ifstream in(path);
+  TORCH_CHECK(in.good(), "cannot open ", what, " '", path.string(), "'");
+  try {
+    return nlohmann::json::parse(in);
+  } catch (const nlohmann::json::exception& e) {
+    TORCH_CHECK(false, "cannot parse ", what, " '", path.string(), "': ", e.what());
+  }
+}
+
+/// The config of a diffusers component folder; errors name the file.
+template <typename Config>
+Config read_config(const std::filesystem::path& folder, const Component& component) {
+  const auto path = folder / "config.json";
+  const auto json = read_json(path, std::string(component.name) + " config");
+  try {
+    return Config::from_json(json);
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(false, "invalid ", component.name, " config '", path.string(), "': ",
+                e.what_without_backtrace());
+  } catch (const nlohmann::json::exception& e) {
+    TORCH_CHECK(false, "invalid ", component.name, " config '", path.string(), "': ", e.what());
+  }
+}
+
+/// One component's tensors keyed for its module, and where they came from.
+struct ComponentWeights {
+  scedit::TensorMap tensors;   ///< Module key -> tensor (views of the mapped file).
+  std::filesystem::path file;  ///< The file read.
+  /// Module key -> the key in the file, where they differ (LDM names, `text_model.` prefix).
+  std::map<std::string, std::string> file_keys;
+};
+
+/// True when some key of `file` starts with `prefix`.
+inline bool has_prefix(const scedit::safetensors::File& file, const std::string& prefix) {
+  const auto& infos = file.tensors();
+  return std::any_of(infos.begin(), infos.end(),
+                     [&](const auto& info) { return info.name.rfind(prefix, 0) == 0; });
+}
+
+/// transformers' CLIPTextModel keys without their `text_model.` prefix; `position_ids` (a
+/// buffer older transformers saved) dropped.
+inline void strip_text_model_prefix(ComponentWeights& weights) {
+  const std::string prefix = "text_model.";
+  scedit::TensorMap out;
+  for (auto& [key, tensor] : weights.tensors) {
+    const bool prefixed = key.rfind(prefix, 0) == 0;
+    std::string k = prefixed ? key.substr(prefix.size()) : key;
+    if (k == "embeddings.position_ids") continue;
+    TORCH_CHECK(out.emplace(k, std::move(tensor)).second, "key '", k, "' appears both with and "
+                "without the 'text_model.' prefix in '", weights.file.string(), "'");
+    if (prefixed) weights.file_keys[k] = key;
+  }
+  weights.tensors = std::move(out);
+}
+
+/// The weights of `component` in its module's keys, from a diffusers folder (component or
+/// pipeline folder), a single-file LDM checkpoint or a diffusers-layout `.safetensors` file with
+/// `config.json` beside it. Sets `config` to the configuration that goes with them.
+template <typename Config>
+ComponentWeights read_component(const std::filesystem::path& path, const Component& component,
+                                const WeightsOptions& options,
+                                const std::optional<Config>& single_file_config,
+                                std::vector<KeyPair> (*table)(const Config&), Config& config) {
+  TORCH_CHECK(std::filesystem::exists(path), "'", path.string(), "' does not exist");
+  ComponentWeights weights;
+  if (std::filesystem::is_directory(path)) {
+    // A component folder holds config.json; a pipeline folder holds the component's subfolder.
+    const bool pipeline = !std::filesystem::exists(path / "config.json") &&
+                          std::filesystem::exists(path / "model_index.json");
+    const auto folder = pipeline ? path / component.subfolder : path;
+    TORCH_CHECK(std::filesystem::is_directory(folder), "missing ", component.name, " folder '",
+                folder.string(), "'");
+    config = read_config<Config>(folder, component);
+    weights.file = resolve_weights_file(folder, component.weights_stem, options.variant(),
+                                        options.verbose());
+    weights.tensors = scedit::safetensors::File(weights.file.string()).all();
+  } else {
+    check_safetensors_path(path);
+    weights.file = path;
+    scedit::safetensors::File mapping(path.string());
+    if (has_prefix(mapping, component.ldm_prefix)) {
+      config = single_file_config ? *single_file_config : Config::sd15();
+      weights.tensors =
+          ldm_component_to_diffusers(mapping.all(), table(config), component.ldm_prefix,
+                                     "'" + path.string() + "'", &weights.file_keys);
+      return weights;
+    }
+    config = single_file_config ? *single_file_config
+                                : read_config<Config>(path.parent_path(), component);
+    weights.tensors = mapping.all();
+  }
+  if (std::string(component.ldm_prefix) == kLdmTextPrefix) strip_text_model_prefix(weights);
+  return weights;
+}
+
+/// Copies `tensors` into `module` strictly (keys and shapes checked first, then every tensor
+/// converted to the parameter's dtype and device). Not expected in the file: `lsc_identity.*`,
+/// attached tuners' keys and `extra_skip`'s.
+inline void load_into(torch::nn::Module& module, const ComponentWeights& weights,
+                      const std::function<bool(const std::string&)>& extra_skip) {
+  // Keyed as in the file, renamed back by the load, so that messages name the file's keys.
+  scedit::TensorMap by_file_key;
+  auto to_module = std::make_shared<std::map<std::string, std::string>>();
+  for (const auto& [key, tensor] : weights.tensors) {
+    const auto renamed = weights.file_keys.find(key);
+    const std::string& file_key = renamed == weights.file_keys.end() ? key : renamed->second;
+    TORCH_CHECK(tensor.is_floating_point(), "key '", file_key, "' in '", weights.file.string(),
+                "' has dtype ", tensor.scalar_type(),
+                "; model weights must be F16, BF16, F32 or F64");
+    by_file_key.emplace(file_key, tensor);
+    if (file_key != key) to_module->emplace(file_key, key);
+  }
+  auto tuners = scedit::tuner_key_filter(module);
+  scedit::LoadOptions options;
+  options.strict = true;  // throws listing every missing, unexpected and mis-shaped key
+  options.source = "'" + weights.file.string() + "'";
+  options.rename = [to_module](const std::string& key) {
+    const auto it = to_module->find(key);
+    return it == to_module->end() ? key : it->second;
+  };
+  options.skip_module_key = [tuners, extra_skip](const std::string& key) {
+    return key.find("lsc_identity.") != std::string::npos || tuners(key) ||
+           (extra_skip && extra_skip(key));
+  };
+  scedit::load_state_dict(module, by_file_key, options);
+}
+
+/// A module built from `config`, moved to the dtype and device asked, loaded from `weights`,
+/// in eval mode.
+template <typename Holder, typename Config>
+Holder build(const Config& config, const ComponentWeights& weights, const WeightsOptions& options) {
+  Holder module(config);
+  module->to(options.device(), options.dtype());
+  load_into(*module, weights, options.skip_module_key());
+  module->eval();
+  return module;
+}
+
+}  // namespace detail
+
+/// Loads a UNet from a diffusers `unet/` folder (or a pipeline folder, using its `unet/`), a
+/// single-file LDM checkpoint (config: `options.unet_config()` or SD 1.5), or a diffusers-layout
+/// `.safetensors` with `config.json` beside it.
+inline UNet load_unet(const std::filesystem::path& path, const WeightsOptions& options = {}) {
+  UNetConfig config;
+  const auto weights = detail::read_component<UNetConfig>(path, detail::kUNetFiles, options,
+                                                          options.unet_config(), ldm_unet_keys,
+                                                          config);
+  return detail::build<UNet>(config, weights, options);
+}
+
+/// `load_unet` in `dtype` on `device`.
+inline UNet load_unet(const std::filesystem::path& path, DType dtype,
+                      torch::Device device = torch::kCPU) {
+  return load_unet(path, WeightsOptions().dtype(dtype).device(device));
+}
+
+/// Loads base weights into an existing UNet, e.g. one with tuners attached (their keys and the
+/// skip sites are not expected in the file). `path` as for `load_unet`; the strict shape check
+/// refuses weights of another layout.
+inline void load_unet_weights(UNet& unet, const std::filesystem::path& path,
+                              const WeightsOptions& options = {}) {
+  UNetConfig config;
+  const auto weights = detail::read_component<UNetConfig>(path, detail::kUNetFiles, options,
+                                                          options.unet_config(), ldm_unet_keys,
+                                                          config);
+  detail::load_into(*unet, weights, options.skip_module_key());
+}
+
+/// Loads a VAE (`vae/` folder, pipeline folder, single-file checkpoint or diffusers file).
+inline VAE load_vae(const std::filesystem::path& path, const WeightsOptions& options = {}) {
+  VAEConfig config;
+  const auto weights = detail::read_component<VAEConfig>(path, detail::kVAEFiles, options,
+                                                         options.vae_config(), ldm_vae_keys,
+                                                         config);
+  return detail::build<VAE>(config, weights, options);
+}
+
+/// `load_vae` in `dtype` on `device`.
+inline VAE load_vae(const std::filesystem::path& path, DType dtype,
+                    torch::Device device = torch::kCPU) {
+  return load_vae(path, WeightsOptions().dtype(dtype).device(device));
+}
+
+/// Loads the CLIP text encoder (`text_encoder/` folder, pipeline folder, single-file checkpoint
+/// or transformers `model.safetensors` with `config.json` beside it).
+inline CLIPTextModel load_text_encoder(const std::filesystem::path& path,
+                                       const WeightsOptions& options = {}) {
+  CLIPTextConfig config;
+  const auto weights = detail::read_component<CLIPTextConfig>(
+      path, detail::kTextFiles, options, options.text_config(), ldm_clip_keys, config);
+  return detail::build<CLIPTextModel>(config, weights, options);
+}
+
+/// `load_text_encoder` in `dtype` on `device`.
+inline CLIPTextModel load_text_encoder(const std::filesystem::path& path, DType dtype,
+                                       torch::Device device = torch::kCPU) {
+  return load_text_encoder(path, WeightsOptions().dtype(dtype).device(device));
+}
+
+/// Reads the tokenizer in `folder` (`vocab.json`, `merges.txt`; `pad_token` and
+/// `model_max_length` from `tokenizer_config.json` when present).
+inline CLIPTokenizer load_tokenizer(const std::filesystem::path& folder) {
+  for (const char* name : {"vocab.json", "merges.txt"}) {
+    TORCH_CHECK(std::filesystem::is_regular_file(folder / name), "missing tokenizer file '",
+                (folder / name).string(), "'");
+  }
+  CLIPTokenizerOptions options;
+  const auto config_path = folder / "tokenizer_config.json";
+  if (std::filesystem::is_regular_file(config_path)) {
+    const auto config = detail::read_json(config_path, "tokenizer config");
+    if (auto pad = config.find("pad_token"); pad != config.end()) {
+      if (pad->is_string()) options.pad_token(pad->get<std::string>());
+      if (pad->is_object() && pad->contains("content")) {
+        options.pad_token(pad->at("content").get<std::string>());
+      }
+    }
+    if (auto length = config.find("model_max_length");
+        length != config.end() && length->is_number_integer()) {
+      options.max_length(length->get<int64_t>());
+    }
+  }
+  return CLIPTokenizer(folder.string(), options);
+}
+
+/// A loaded Stable Diffusion: the three models, the tokenizer and their configurations.
+struct StableDiffusion {
+  UNet unet{nullptr};                   ///< The denoiser.
+  VAE vae{nullptr};                     ///< Image <-> latent autoencoder.
+  CLIPTextModel text_encoder{nullptr};  ///< Prompt encoder.
+  std::optional<CLIPTokenizer> tokenizer;  ///< Prompt tokenizer (always set by load_pipeline).
+  UNetConfig unet_config;               ///< The UNet's configuration.
+  VAEConfig vae_config;                 ///< The VAE's configuration.
+  CLIPTextConfig text_config;           ///< The text encoder's configuration.
+  /// Latent scaling factor (`vae_config.scaling_factor`; 0.18215 for SD 1.x).
+  double scaling_factor = 0.18215;
+  /// `scheduler/scheduler_config.json` when the folder has one, else null.
+  nlohmann::json scheduler_config;
+  /// Where each part came from: "unet", "vae", "text_encoder" (weights files), "tokenizer".
+  std::map<std::string, std::filesystem::path> files;
+};
+
+/// Loads a whole Stable Diffusion from a diffusers folder or a single-file LDM checkpoint
+/// (see the file comment). Every file is read and checked before the next model is built; an
+/// error names the file and the key at fault.
+inline StableDiffusion load_pipeline(const std::filesystem::path& path,
+                                     const WeightsOptions& options = {}) {
+  TORCH_CHECK(std::filesystem::exists(path), "'", path.string(), "' does not exist");
+  StableDiffusion sd;
+  std::filesystem::path tokenizer = options.tokenizer();
+  detail::ComponentWeights unet, vae, text;
+  if (std::filesystem::is_directory(path)) {
+    TORCH_CHECK(std::filesystem::is_regular_file(path / "model_index.json"), "'", path.string(),
+                "' is not a diffusers pipeline folder: it has no model_index.json");
+    if (tokenizer.empty()) tokenizer = path / "tokenizer";
+    unet = detail::read_component<UNetConfig>(path, detail::kUNetFiles, options, std::nullopt,
+                                              ldm_unet_keys, sd.unet_config);
+    vae = detail::read_component<VAEConfig>(path, detail::kVAEFiles, options, std::nullopt,
+                                            ldm_vae_keys, sd.vae_config);
+    text = detail::read_component<CLIPTextConfig>(path, detail::kTextFiles, options, std::nullopt,
+                                                  ldm_clip_keys, sd.text_config);
+    const auto scheduler = path / "scheduler" / "scheduler_config.json";
+    if (std::filesystem::exists(scheduler)) {
+      sd.scheduler_config = detail::read_json(scheduler, "scheduler config");
+    }
+  } else {
+    // A single-file LDM checkpoint: one mapping, split into the three components.
+    detail::check_safetensors_path(path);
+    TORCH_CHECK(!tokenizer.empty(), "'", path.string(),
+                "' is a single-file checkpoint, which carries no tokenizer: set "
+                "WeightsOptions::tokenizer (--tokenizer) to a folder with vocab.json and "
+                "merges.txt, e.g. a diffusers model's tokenizer/");
+    sd.unet_config = options.unet_config() ? *options.unet_config() : UNetConfig::sd15();
+    sd.vae_config = options.vae_config() ? *options.vae_config() : VAEConfig::sd15();
+    sd.text_config = options.text_config() ? *options.text_config() : CLIPTextConfig::sd15();
+    const std::string source = "'" + path.string() + "'";
+    scedit::safetensors::File mapping(path.string());
+    TORCH_CHECK(detail::has_prefix(mapping, kLdmUNetPrefix), source,
+                " is not an original Stable Diffusion checkpoint (no '", kLdmUNetPrefix,
+                "*' keys); for diffusers weights pass the pipeline folder");
+    const auto all = mapping.all();
+    const auto part = [&](const std::vector<KeyPair>& table, const char* prefix) {
+      detail::ComponentWeights weights;
+      weights.file = path;
+      weights.tensors = ldm_component_to_diffusers(all, table, prefix, source, &weights.file_keys);
+      return weights;
+    };
+    unet = part(ldm_unet_keys(sd.unet_config), kLdmUNetPrefix);
+    vae = part(ldm_vae_keys(sd.vae_config), kLdmVAEPrefix);
+    text = part(ldm_clip_keys(sd.text_config), kLdmTextPrefix);
+  }
+  sd.tokenizer = load_tokenizer(tokenizer);
+  sd.scaling_factor = sd.vae_config.scaling_factor;
+  sd.unet = detail::build<UNet>(sd.unet_config, unet, options);
+  sd.vae = detail::build<VAE>(sd.vae_config, vae, options);
+  sd.text_encoder = detail::build<CLIPTextModel>(sd.text_config, text, options);
+  sd.files = {{"unet", unet.file}, {"vae", vae.file}, {"text_encoder", text.file},
+              {"tokenizer", tokenizer}};
+  return sd;
+}
+
+}  // namespace sd
