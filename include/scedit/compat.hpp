@@ -11,7 +11,19 @@
 #include <cmath>
 #include <optional>
 
+/// True on LibTorch 2.x and later.
 #define SCEDIT_TORCH_2 (TORCH_VERSION_MAJOR >= 2)
+/// True on LibTorch `major.minor` and later.
+#define SCEDIT_TORCH_AT_LEAST(major, minor) \
+  (TORCH_VERSION_MAJOR > (major) || (TORCH_VERSION_MAJOR == (major) && TORCH_VERSION_MINOR >= (minor)))
+
+/// `c10::Allocator::allocate` lost its `const` in LibTorch 2.3 (which also added `copy_data`):
+/// write `DataPtr allocate(size_t) SCEDIT_ALLOCATOR_ALLOCATE_CONST override`.
+#if SCEDIT_TORCH_AT_LEAST(2, 3)
+#define SCEDIT_ALLOCATOR_ALLOCATE_CONST
+#else
+#define SCEDIT_ALLOCATOR_ALLOCATE_CONST const
+#endif
 
 namespace scedit {
 namespace compat {

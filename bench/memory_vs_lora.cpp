@@ -1,0 +1,278 @@
+// memory_vs_lora: the seed's table — training memory and speed of SCEdit against LoRA on the
+// Stable Diffusion 1.5 UNet — measured with this project's own model and training step.
+//
+// One step = forward, MSE on ε, backward, AdamW step (common::TrainStep, what train_style runs).
+// Peak memory: on CUDA the caching allocator's peak allocated bytes (PEERS.md's metric), on the
+// CPU an exact count of tensor bytes (bench/counting_allocator.hpp); weights included.
+// Without a GPU it runs a reduced model of the same layout by default (see --config).
+
+#include "counting_allocator.hpp"
+
+#include <common/memory.hpp>
+#include <common/train.hpp>
+#include <sd/clip.hpp>
+#include <sd/tiny.hpp>
+#include <sd/unet.hpp>
+#include <sd/vae.hpp>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#if defined(SCEDIT_WITH_CUDA)
+#include <ATen/cuda/CUDAContext.h>
+#endif
+
+namespace {
+
+/// The models one configuration measures.
+struct Shapes {
+  sd::UNetConfig unet;
+  sd::VAEConfig vae;
+  sd::CLIPTextConfig text;
+  int64_t latent = 64;  // latent side (64 = 512 px)
+  std::string name;
+};
+
+Shapes make_shapes(const std::string& name) {
+  Shapes s;
+  s.name = name;
+  if (name == "sd15") {
+    s.unet = sd::UNetConfig::sd15();
+    s.vae = sd::VAEConfig::sd15();
+    s.text = sd::CLIPTextConfig::sd15();
+    s.latent = 64;
+  } else if (name == "reduced") {
+    // SD 1.5's layout (4 levels, 12 skips, cross-attention in the first three) at a width and
+    // latent size two CPU cores measure in seconds.
+    s.unet = sd::UNetConfig::sd15();
+    s.unet.block_out_channels = {32, 64, 128, 128};  // SD 1.5: 320, 640, 1280, 1280
+    s.unet.cross_attention_dim = 64;                  // SD 1.5: 768
+    s.unet.norm_num_groups = 16;                      // SD 1.5: 32
+    s.vae = sd::tiny_vae_config();
+    s.text = sd::tiny_text_config();
+    s.text.hidden_size = 64;
+    s.latent = 16;  // 128 px
+  } else {
+    TORCH_CHECK(false, "--config must be sd15 or reduced, got '", name, "'");
+  }
+  return s;
+}
+
+/// One row of the table.
+struct Row {
+  std::string method, precision;
+  int64_t batch_size = 0, trainable = 0;
+  double trainable_percent = 0;
+  int64_t peak_bytes = 0;
+  double step_ms = 0, images_per_s = 0;
+};
+
+int64_t count_elements(const torch::nn::Module& module) {
+  return scedit::count_parameters(module).total();
+}
+
+/// Peak bytes since the last reset, on the device that runs the step.
+struct PeakMeter {
+  torch::Device device;
+  void reset() {
+    if (device.is_cuda()) {
+      common::reset_cuda_peak(device);
+    } else {
+      bench::CountingCPUAllocator::install().reset_peak();
+    }
+  }
+  int64_t peak() const {
+    return device.is_cuda() ? common::cuda_peak_allocated(device)
+                            : bench::CountingCPUAllocator::install().peak();
+  }
+};
+
+void synchronize(const torch::Device& device) {
+  if (device.is_cuda()) torch::cuda::synchronize(device.index() < 0 ? 0 : device.index());
+}
+
+/// Measures one row on `unet` (frozen weights already on the device in the precision's dtype);
+/// the tuners are attached for the row and removed again, so one UNet serves every row.
+Row measure(sd::UNet& unet, const Shapes& shapes, const std::string& method,
+            const std::string& precision_name, int64_t batch, int64_t warmup, int64_t steps,
+            torch::Device device, int64_t pipeline_params) {
+  const auto precision = common::parse_precision(precision_name == "bf16w" ? "bf16" : precision_name);
+  const auto dtype = common::compute_dtype(precision);
+  PeakMeter meter{device};
+  meter.reset();
+
+  torch::manual_seed(0);
+  common::MethodOptions options;
+  options.method = method == "lora" ? "lora" : "scedit";
+  auto tuners = common::attach_tuners(unet, options, device);
+  unet->train();
+  const auto count = scedit::count_parameters(*unet);
+  common::TrainStep step(unet, tuners, sd::NoiseSchedule(), common::OptimOptions(), precision, device);
+
+  auto latents = torch::randn({batch, 4, shapes.latent, shapes.latent}).to(device);
+  auto text = torch::randn({batch, 77, shapes.unet.cross_attention_dim}).to(device, dtype);
+  std::vector<double> times;
+  for (int64_t i = 0; i < warmup + steps; ++i) {
+    auto generator = common::step_generator(0, i);
+    synchronize(device);
+    const auto begin = std::chrono::steady_clock::now();
+    step.forward_backward(latents, text, generator);
+    step.optimizer_step(1e-4);
+    synchronize(device);
+    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - begin).count();
+    if (i >= warmup) times.push_back(ms);
+  }
+  std::sort(times.begin(), times.end());
+  Row row;
+  row.method = method;
+  row.precision = precision_name;
+  row.batch_size = batch;
+  row.trainable = count.trainable;
+  row.trainable_percent = 100.0 * count.trainable / (count.total() + pipeline_params);
+  row.peak_bytes = meter.peak();
+  row.step_ms = times[times.size() / 2];
+  row.images_per_s = batch * 1000.0 / row.step_ms;
+  if (tuners.lora) tuners.lora->unload();
+  if (!tuners.sc.empty()) scedit::detach_tuners(*unet, "sc");
+  return row;
+}
+
+std::vector<int64_t> parse_ints(const std::string& text, const char* flag) {
+  std::vector<int64_t> values;
+  std::stringstream stream(text);
+  for (std::string part; std::getline(stream, part, ',');) {
+    try {
+      values.push_back(std::stoll(part));
+    } catch (const std::exception&) {
+      TORCH_CHECK(false, flag, ": '", part, "' is not an integer");
+    }
+    TORCH_CHECK(values.back() > 0, flag, ": values must be positive, got ", values.back());
+  }
+  TORCH_CHECK(!values.empty(), flag, " is empty");
+  return values;
+}
+
+std::vector<std::string> parse_words(const std::string& text) {
+  std::vector<std::string> words;
+  std::stringstream stream(text);
+  for (std::string part; std::getline(stream, part, ',');) words.push_back(part);
+  return words;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string config = "auto", batches = "auto", precisions = "fp32,bf16w", methods = "lora,scedit";
+  std::string device_flag = "auto", json_path;
+  int64_t warmup = 2, steps = 5;
+  bool pipeline = false;
+  CLI::App app{"memory_vs_lora: peak memory and speed of one SD 1.5 training step, SCEdit vs LoRA "
+               "(r=64 on to_q/to_k/to_v/to_out.0/ff.net.0.proj/ff.net.2)"};
+  app.option_defaults()->always_capture_default();
+  app.add_option("--config", config, "sd15 | reduced | auto (sd15 on CUDA, reduced on the CPU)");
+  app.add_option("--batch-sizes", batches, "Comma-separated batch sizes (auto: 1,10,30 for sd15, 1,4 for reduced)");
+  app.add_option("--precisions", precisions, "Comma-separated: fp32 (TF32 matmuls allowed), bf16w (frozen bf16, trainable fp32, bf16 autocast)");
+  app.add_option("--methods", methods, "Comma-separated: lora, scedit");
+  app.add_option("--device", device_flag, "auto | cpu | cuda[:N]");
+  app.add_option("--warmup", warmup, "Warm-up steps (not timed)");
+  app.add_option("--steps", steps, "Timed steps (median reported)")->check(CLI::PositiveNumber);
+  app.add_flag("--pipeline", pipeline, "Keep the VAE and the text encoder resident on the device too (as the seed's run)");
+  app.add_option("--json", json_path, "Also write the rows as JSON to this file");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  try {
+    const auto device = common::resolve_device(device_flag);
+    if (!device.is_cuda()) bench::CountingCPUAllocator::install();
+    if (config == "auto") config = device.is_cuda() ? "sd15" : "reduced";
+    const auto shapes = make_shapes(config);
+    if (batches == "auto") batches = config == "sd15" ? "1,10,30" : "1,4";
+    const auto batch_sizes = parse_ints(batches, "--batch-sizes");
+    const auto precision_list = parse_words(precisions);
+    const auto method_list = parse_words(methods);
+    for (const auto& p : precision_list) {
+      TORCH_CHECK(p == "fp32" || p == "bf16w", "--precisions: '", p, "' is not fp32 or bf16w");
+    }
+    for (const auto& m : method_list) {
+      TORCH_CHECK(m == "lora" || m == "scedit", "--methods: '", m, "' is not lora or scedit");
+    }
+    // TF32 matmuls on fp32, as the peer measured.
+    at::globalContext().setFloat32MatmulPrecision("high");
+
+    // The VAE and text encoder count towards the percentages (as the seed computes them); with
+    // --pipeline they also stay on the device in the frozen dtype while the UNet trains.
+    torch::manual_seed(0);
+    sd::VAE vae(shapes.vae);
+    sd::CLIPTextModel text_encoder(shapes.text);
+    const int64_t pipeline_params = count_elements(*vae) + count_elements(*text_encoder);
+
+    std::string device_name = device.str();
+#if defined(SCEDIT_WITH_CUDA)
+    if (device.is_cuda()) device_name = at::cuda::getDeviceProperties(device.index() < 0 ? 0 : device.index())->name;
+#endif
+    std::printf("config %s (latents 4x%lldx%lld, text 77x%lld), device %s, %lld warm-up + %lld timed steps%s\n\n",
+                config.c_str(), static_cast<long long>(shapes.latent), static_cast<long long>(shapes.latent),
+                static_cast<long long>(shapes.unet.cross_attention_dim), device_name.c_str(),
+                static_cast<long long>(warmup), static_cast<long long>(steps), pipeline ? ", VAE + CLIP resident" : "");
+    std::printf("| method | precision | bs | trainable (M, %% of pipeline) | peak MiB | step ms | images/s | SCEdit ÷ LoRA memory |\n");
+    std::printf("|---|---|---|---|---|---|---|---|\n");
+    std::fflush(stdout);
+
+    std::vector<Row> rows;
+    for (const auto& precision : precision_list) {
+      if (pipeline) {
+        const auto dtype = precision == "fp32" ? torch::kFloat32 : torch::kBFloat16;
+        vae->to(device, dtype);
+        text_encoder->to(device, dtype);
+      }
+      torch::manual_seed(0);
+      sd::UNet unet(shapes.unet);
+      unet->to(device, precision == "fp32" ? torch::kFloat32 : torch::kBFloat16);
+      for (int64_t batch : batch_sizes) {
+        int64_t lora_peak = 0;
+        for (const auto& method : method_list) {
+          auto row = measure(unet, shapes, method, precision, batch, warmup, steps, device, pipeline_params);
+          if (method == "lora") lora_peak = row.peak_bytes;
+          char ratio[32] = "";
+          if (method == "scedit" && lora_peak > 0) {
+            std::snprintf(ratio, sizeof(ratio), "%.2f", static_cast<double>(row.peak_bytes) / lora_peak);
+          }
+          std::printf("| %s | %s | %lld | %.3f (%.2f%%) | %.0f | %.1f | %.1f | %s |\n",
+                      method == "lora" ? "LoRA" : "SCEdit", precision.c_str(),
+                      static_cast<long long>(batch), row.trainable / 1e6, row.trainable_percent,
+                      row.peak_bytes / 1048576.0, row.step_ms, row.images_per_s, ratio);
+          std::fflush(stdout);
+          rows.push_back(row);
+        }
+      }
+    }
+    if (!json_path.empty()) {
+      nlohmann::json out = nlohmann::json::array();
+      for (const auto& r : rows) {
+        out.push_back({{"method", r.method}, {"precision", r.precision}, {"batch_size", r.batch_size},
+                       {"trainable_params", r.trainable}, {"peak_bytes", r.peak_bytes},
+                       {"step_ms", r.step_ms}, {"images_per_s", r.images_per_s},
+                       {"device", device_name}, {"config", config}, {"pipeline", pipeline}});
+      }
+      std::ofstream(json_path) << out.dump(2) << "\n";
+      std::printf("\nrows: %s\n", json_path.c_str());
+    }
+    return 0;
+  } catch (const c10::Error& e) {
+    std::cerr << "memory_vs_lora: " << e.what_without_backtrace() << "\n";
+  } catch (const std::exception& e) {
+    std::cerr << "memory_vs_lora: " << e.what() << "\n";
+  }
+  return 1;
+}
