@@ -141,9 +141,11 @@ struct UNetConfig {
   bool center_input_sample = false;         ///< map the input x to 2x - 1 first
   bool flip_sin_to_cos = true;              ///< timestep embedding as [cos, sin] instead of [sin, cos]
   int64_t freq_shift = 0;                   ///< downscale_freq_shift of the timestep embedding
+  /// Encoder levels: CrossAttnDownBlock2D (with transformers) or DownBlock2D.
   std::vector<std::string> down_block_types = {"CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
                                                "CrossAttnDownBlock2D", "DownBlock2D"};
   std::string mid_block_type = "UNetMidBlock2DCrossAttn";  ///< the only mid block supported
+  /// Decoder levels, deepest first: UpBlock2D or CrossAttnUpBlock2D.
   std::vector<std::string> up_block_types = {"UpBlock2D", "CrossAttnUpBlock2D",
                                              "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"};
   bool only_cross_attention = false;        ///< attn1 attends to the context too

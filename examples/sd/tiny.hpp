@@ -138,11 +138,14 @@ inline CLIPTokenizer tiny_tokenizer() {
                       ("scedit-tiny-tokenizer-" + std::to_string(::getpid()) + "-" +
                        std::to_string(stamp) + "-" + std::to_string(counter++));
   std::filesystem::create_directories(folder);
+  // Removed with POSIX calls: linked against PyTorch's pip LibTorch 2.11, whose libtorch.so
+  // exports its own std::filesystem::remove_all, that symbol was seen to jump to null.
   struct Cleanup {
     std::filesystem::path path;
     ~Cleanup() {
-      std::error_code ignored;
-      std::filesystem::remove_all(path, ignored);
+      ::unlink((path / "vocab.json").c_str());
+      ::unlink((path / "merges.txt").c_str());
+      ::rmdir(path.c_str());
     }
   } cleanup{folder};
   {
