@@ -1,0 +1,346 @@
+// generate: text-to-image and image-to-image with Stable Diffusion 1.5 in C++, with SCEdit's
+// SC-Tuners, CSC-Tuners and LoRA files applied at any strength.
+//
+// With no --model it runs the built-in tiny model (SD 1.5 layout, random weights), so the whole
+// path can be tried in seconds without a download. See README.md for the flags and examples.
+
+#include <sd/pipeline.hpp>
+#include <sd/tiny.hpp>
+#include <sd/weights.hpp>
+
+#include <common/image.hpp>
+#include <common/train.hpp>
+
+#include <CLI/CLI.hpp>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <regex>
+#include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <unistd.h>
+
+namespace fs = std::filesystem;
+
+namespace {
+
+/// The command line.
+struct Flags {
+  std::string model;                  // diffusers folder or single-file .safetensors; "" = tiny
+  std::string tokenizer;              // tokenizer folder for single-file checkpoints
+  std::vector<std::string> prompts;   // --prompt, repeatable
+  std::string prompts_file;           // one prompt per line
+  std::string negative_prompt;        // "" (SCEdit's recipe)
+  int64_t width = 0;                  // 0 = the model's native size
+  int64_t height = 0;
+  int64_t steps = 50;
+  double guidance_scale = 7.5;
+  double guidance_rescale = 0.5;
+  double eta = 0.0;
+  uint64_t seed = 0;
+  std::string spacing = "trailing";
+  int64_t batch_size = 1;
+  int64_t images_per_prompt = 1;
+  std::string precision = "fp32";
+  std::string device = "auto";
+  std::vector<std::string> tuners;    // FILE[:SCALE], repeatable
+  std::string condition;              // condition image for CSC-Tuners
+  std::string init_image;             // image-to-image start
+  double strength = 0.8;
+  std::string output = "out/generate";
+};
+
+/// A `--tuner FILE[:SCALE]` value.
+struct TunerFlag {
+  std::string path;
+  double scale = 1.0;
+};
+
+/// Splits `FILE[:SCALE]`: the text after the last ':' is the scale when it is a number, else
+/// the whole text is the file (so paths containing ':' still work).
+TunerFlag parse_tuner_flag(const std::string& text) {
+  const size_t colon = text.rfind(':');
+  if (colon != std::string::npos && colon > 0 && colon + 1 < text.size()) {
+    const std::string number = text.substr(colon + 1);
+    char* end = nullptr;
+    const double scale = std::strtod(number.c_str(), &end);
+    if (end == number.c_str() + number.size()) return {text.substr(0, colon), scale};
+  }
+  return {text, 1.0};
+}
+
+/// The non-empty lines of a prompts file (trailing '\r' removed).
+std::vector<std::string> read_prompts_file(const std::string& path) {
+  std::ifstream in(path);
+  TORCH_CHECK(in.good(), "--prompts-file: cannot open '", path, "'");
+  std::vector<std::string> prompts;
+  for (std::string line; std::getline(in, line);) {
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (!line.empty()) prompts.push_back(line);
+  }
+  TORCH_CHECK(!prompts.empty(), "--prompts-file '", path, "' holds no prompts");
+  return prompts;
+}
+
+/// The first free file number in `dir`: one more than the largest `NNNNN-*.png` there.
+int64_t next_file_number(const fs::path& dir) {
+  static const std::regex pattern(R"((\d{5,})-.*\.png)");
+  int64_t next = 0;
+  for (const auto& entry : fs::directory_iterator(dir)) {
+    std::smatch match;
+    const std::string name = entry.path().filename().string();
+    if (std::regex_match(name, match, pattern)) next = std::max<int64_t>(next, std::stoll(match[1]) + 1);
+  }
+  return next;
+}
+
+/// A number as a person writes it: 7.5, 0.5, 1, 0.
+std::string number(double value) {
+  std::ostringstream out;
+  out << value;
+  return out.str();
+}
+
+/// The "parameters" text stored in each PNG (the layout other Stable Diffusion tools use:
+/// prompt, negative prompt, then `Key: value` pairs).
+std::string parameters_text(const Flags& flags, const std::string& prompt, uint64_t seed,
+                            const sd::GenerateOptions& options, const std::string& model,
+                            const sd::AttachedTuners& tuners) {
+  std::ostringstream out;
+  out << prompt << "\nNegative prompt: " << options.negative_prompt << "\nSteps: " << options.steps
+      << ", Sampler: DDIM, Timestep spacing: " << options.timestep_spacing
+      << ", CFG scale: " << number(options.guidance_scale)
+      << ", Guidance rescale: " << number(options.guidance_rescale)
+      << ", Eta: " << number(options.eta) << ", Seed: " << seed << ", Size: " << options.width
+      << "x" << options.height << ", Model: " << model << ", Precision: " << options.precision;
+  if (!tuners.tuners.empty()) out << ", Tuners: [" << tuners.describe() << "]";
+  if (!flags.condition.empty()) out << ", Condition: " << fs::path(flags.condition).filename().string();
+  if (!flags.init_image.empty()) {
+    out << ", Init image: " << fs::path(flags.init_image).filename().string()
+        << ", Strength: " << number(options.strength);
+  }
+  return out.str();
+}
+
+/// Checks every flag that needs no model, so a mistake is reported before a long load.
+void check_flags(const Flags& flags) {
+  TORCH_CHECK(flags.width >= 0 && flags.width % 8 == 0, "--width must be a multiple of 8, got ",
+              flags.width);
+  TORCH_CHECK(flags.height >= 0 && flags.height % 8 == 0,
+              "--height must be a multiple of 8, got ", flags.height);
+  TORCH_CHECK(flags.steps > 0, "--steps must be > 0, got ", flags.steps);
+  TORCH_CHECK(flags.batch_size > 0, "--batch-size must be > 0, got ", flags.batch_size);
+  TORCH_CHECK(flags.images_per_prompt > 0, "--images-per-prompt must be > 0, got ",
+              flags.images_per_prompt);
+  TORCH_CHECK(flags.guidance_rescale >= 0 && flags.guidance_rescale <= 1,
+              "--guidance-rescale must be in [0, 1], got ", flags.guidance_rescale);
+  TORCH_CHECK(flags.eta >= 0, "--eta must be >= 0, got ", flags.eta);
+  TORCH_CHECK(flags.strength >= 0 && flags.strength <= 1, "--strength must be in [0, 1], got ",
+              flags.strength);
+  TORCH_CHECK(!flags.prompts.empty() || !flags.prompts_file.empty(),
+              "give a prompt: --prompt TEXT (repeatable) or --prompts-file FILE");
+  TORCH_CHECK(flags.prompts.empty() || flags.prompts_file.empty(),
+              "give either --prompt or --prompts-file, not both");
+  TORCH_CHECK(flags.model.empty() || fs::exists(flags.model), "--model: '", flags.model,
+              "' does not exist");
+  TORCH_CHECK(flags.tokenizer.empty() || !flags.model.empty(),
+              "--tokenizer needs --model (the built-in model has its own tokenizer)");
+  TORCH_CHECK(flags.tokenizer.empty() || fs::is_directory(flags.tokenizer), "--tokenizer: '",
+              flags.tokenizer, "' is not a folder");
+  for (const auto& [flag, path] : {std::make_pair("--prompts-file", flags.prompts_file),
+                                   std::make_pair("--condition", flags.condition),
+                                   std::make_pair("--init-image", flags.init_image)}) {
+    TORCH_CHECK(path.empty() || fs::is_regular_file(path), flag, ": '", path, "' does not exist");
+  }
+  for (const auto& text : flags.tuners) {
+    const auto tuner = parse_tuner_flag(text);
+    TORCH_CHECK(fs::exists(tuner.path), "--tuner: '", tuner.path, "' does not exist");
+  }
+}
+
+int run(Flags flags) {
+  check_flags(flags);
+  const auto prompts = flags.prompts_file.empty() ? flags.prompts : read_prompts_file(flags.prompts_file);
+  const auto device = common::resolve_device(flags.device);
+  const auto precision = common::parse_precision(flags.precision);
+  common::check_precision(precision, device);
+  // Weights in the compute dtype (as train_style), and autocast for what mixes dtypes (tuners).
+  const auto weights_dtype = common::compute_dtype(precision);
+
+  // The model.
+  sd::StableDiffusion pipe;
+  std::string model_name;
+  const auto load_start = std::chrono::steady_clock::now();
+  if (flags.model.empty()) {
+    model_name = "built-in tiny (seed 0)";
+    std::printf("no --model given: using the built-in tiny model (SD 1.5 layout, random weights; "
+                "its images are noise patterns, for trying the program out)\n");
+    pipe = sd::tiny_pipeline(0, weights_dtype);
+    pipe.unet->to(device);
+    pipe.vae->to(device);
+    pipe.text_encoder->to(device);
+  } else {
+    model_name = fs::path(flags.model).filename().string();
+    sd::WeightsOptions options;
+    options.dtype(weights_dtype).device(device);
+    if (!flags.tokenizer.empty()) options.tokenizer(flags.tokenizer);
+    pipe = sd::load_pipeline(flags.model, options);
+    std::printf("model: %s (%.1f s)\n", flags.model.c_str(),
+                std::chrono::duration<double>(std::chrono::steady_clock::now() - load_start).count());
+  }
+  if (weights_dtype == torch::kFloat16 && pipe.vae_config.force_upcast) {
+    pipe.vae->to(torch::kFloat32);  // SD's VAE overflows in fp16 (diffusers: force_upcast)
+  }
+
+  // The tuners.
+  sd::AttachedTuners tuners;
+  bool has_csc = false;
+  for (const auto& text : flags.tuners) {
+    const auto flag = parse_tuner_flag(text);
+    const auto tuner = sd::attach_tuner_file(pipe, flag.path, flag.scale, tuners);
+    has_csc = has_csc || tuner.kind == scedit::TunerKind::kCSC;
+    std::printf("tuner: %s (%s on %lld %s, scale %s)\n", flag.path.c_str(),
+                sd::tuner_kind_name(tuner.kind), static_cast<long long>(tuner.count),
+                tuner.kind == scedit::TunerKind::kLoRA ? "layers" : "skips",
+                number(tuner.scale).c_str());
+  }
+  TORCH_CHECK(!has_csc || !flags.condition.empty(),
+              "a --tuner is a CSC-Tuner: give its condition image with --condition FILE");
+  TORCH_CHECK(flags.condition.empty() || has_csc,
+              "--condition is given but no --tuner is a CSC-Tuner");
+
+  // The settings.
+  sd::GenerateOptions options;
+  options.width = flags.width > 0 ? flags.width : sd::default_image_size(pipe);
+  options.height = flags.height > 0 ? flags.height : sd::default_image_size(pipe);
+  const int64_t multiple = sd::image_size_multiple(pipe);
+  TORCH_CHECK(options.width % multiple == 0 && options.height % multiple == 0, "--width/--height ",
+              options.width, "x", options.height, ": this model's UNet needs multiples of ",
+              multiple);
+  options.steps = flags.steps;
+  options.guidance_scale = flags.guidance_scale;
+  options.guidance_rescale = flags.guidance_rescale;
+  options.eta = flags.eta;
+  options.negative_prompt = flags.negative_prompt;
+  options.timestep_spacing = flags.spacing;
+  options.precision = flags.precision;
+  options.device = device;
+  options.strength = flags.strength;
+  if (!flags.condition.empty()) options.condition = common::read_image(flags.condition);
+  if (!flags.init_image.empty()) options.init_image = common::read_image(flags.init_image);
+  options.validate();
+
+  // The images: jobs in prompt-major order, image i seeded with seed + i, written as they come.
+  const fs::path output(flags.output);
+  fs::create_directories(output);
+  int64_t file_number = next_file_number(output);
+  std::vector<std::string> jobs;
+  for (const auto& prompt : prompts) jobs.insert(jobs.end(), flags.images_per_prompt, prompt);
+  const int64_t total = static_cast<int64_t>(jobs.size());
+  const int64_t batches = (total + flags.batch_size - 1) / flags.batch_size;
+  std::printf("generating %lld image%s of %lldx%lld, %lld steps, on %s (%s)\n",
+              static_cast<long long>(total), total == 1 ? "" : "s",
+              static_cast<long long>(options.width), static_cast<long long>(options.height),
+              static_cast<long long>(options.steps), device.str().c_str(), flags.precision.c_str());
+  const bool interactive = isatty(fileno(stdout)) != 0;  // step-by-step progress on a terminal
+  const auto start_time = std::chrono::steady_clock::now();
+  for (int64_t start = 0, batch = 0; start < total; start += flags.batch_size, ++batch) {
+    const int64_t n = std::min(flags.batch_size, total - start);
+    const std::vector<std::string> batch_prompts(jobs.begin() + start, jobs.begin() + start + n);
+    sd::GenerateOptions batch_options = options;
+    batch_options.seed = flags.seed + static_cast<uint64_t>(start);  // image i: seed + i
+    batch_options.batch_size = n;
+    if (interactive) batch_options.progress = [&](const sd::GenerateProgress& p) {
+      std::printf("\rbatch %lld/%lld: step %lld/%lld", static_cast<long long>(batch + 1),
+                  static_cast<long long>(batches), static_cast<long long>(p.step),
+                  static_cast<long long>(p.steps));
+      std::fflush(stdout);
+    };
+    const auto images = sd::generate(pipe, batch_prompts, batch_options);
+    if (interactive) std::printf("\n");
+    for (int64_t k = 0; k < n; ++k) {
+      const uint64_t seed = sd::image_seed(batch_options, k);
+      char name[64];
+      std::snprintf(name, sizeof(name), "%05lld-%llu.png", static_cast<long long>(file_number++),
+                    static_cast<unsigned long long>(seed));
+      const fs::path path = output / name;
+      auto image_options = options;
+      image_options.seed = seed;
+      common::write_png(path.string(), images[static_cast<size_t>(k)],
+                        {{"parameters", parameters_text(flags, batch_prompts[static_cast<size_t>(k)],
+                                                        seed, image_options, model_name, tuners)},
+                         {"Software", "scedit generate"}});
+      std::printf("wrote %s\n", path.string().c_str());
+    }
+  }
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start_time).count();
+  std::printf("done: %lld image%s in %.1f s (%.2f s/image)\n", static_cast<long long>(total),
+              total == 1 ? "" : "s", seconds, seconds / static_cast<double>(total));
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"Text-to-image (and image-to-image) with Stable Diffusion 1.5 and SCEdit tuners. "
+               "With no --model: the built-in tiny model (random weights), for trying it out."};
+  app.option_defaults()->always_capture_default();
+  Flags flags;
+  app.add_option("--model", flags.model,
+                 "Diffusers folder or single-file .safetensors checkpoint (absent: the built-in tiny model)");
+  app.add_option("--tokenizer", flags.tokenizer,
+                 "Tokenizer folder (vocab.json, merges.txt) for a single-file checkpoint");
+  app.add_option("--prompt", flags.prompts, "Prompt (repeatable)")->allow_extra_args(false);
+  app.add_option("--prompts-file", flags.prompts_file, "File with one prompt per line");
+  app.add_option("--negative-prompt", flags.negative_prompt, "Negative (unconditional) prompt");
+  app.add_option("--width", flags.width, "Image width, a multiple of 8")
+      ->default_str("512 (64 for the built-in model)");
+  app.add_option("--height", flags.height, "Image height, a multiple of 8")
+      ->default_str("512 (64 for the built-in model)");
+  app.add_option("--steps", flags.steps, "DDIM steps (> 0)");
+  app.add_option("--guidance-scale", flags.guidance_scale, "Classifier-free guidance scale (<= 1: off)");
+  app.add_option("--guidance-rescale", flags.guidance_rescale, "Guidance rescale in [0, 1]");
+  app.add_option("--eta", flags.eta, "DDIM eta (0: deterministic)");
+  app.add_option("--seed", flags.seed, "Seed of the first image; image i uses seed + i");
+  app.add_option("--spacing", flags.spacing, "Timestep spacing: trailing | leading | linspace")
+      ->check(CLI::IsMember({"trailing", "leading", "linspace"}));
+  app.add_option("--batch-size", flags.batch_size, "Images per UNet batch");
+  app.add_option("--images-per-prompt", flags.images_per_prompt, "Images made from each prompt");
+  app.add_option("--precision", flags.precision, "fp32 | bf16 | fp16 (fp16: CUDA only)")
+      ->check(CLI::IsMember({"fp32", "bf16", "fp16"}));
+  app.add_option("--device", flags.device, "auto | cpu | cuda[:N]");
+  app.add_option("--tuner", flags.tuners,
+                 "Tuner file FILE[:SCALE] (SC-Tuners, CSC-Tuner or LoRA; repeatable; scale 1 if absent)")
+      ->allow_extra_args(false);
+  app.add_option("--condition", flags.condition, "Condition image for a CSC-Tuner");
+  app.add_option("--init-image", flags.init_image, "Start image for image-to-image");
+  app.add_option("--strength", flags.strength,
+                 "Image-to-image strength in [0, 1] (1: from noise, 0: the init image)");
+  app.add_option("--output", flags.output, "Output folder for the PNG files");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::Success& e) {
+    return app.exit(e);  // --help
+  } catch (const CLI::ParseError& e) {
+    std::cerr << "generate: error: " << e.what() << " (see --help)\n";
+    return e.get_exit_code() != 0 ? e.get_exit_code() : 2;
+  }
+  try {
+    return run(flags);
+  } catch (const c10::Error& e) {
+    std::cerr << "generate: error: " << e.what_without_backtrace() << "\n";
+  } catch (const std::exception& e) {
+    std::cerr << "generate: error: " << e.what() << "\n";
+  }
+  return 1;
+}
