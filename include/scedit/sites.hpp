@@ -267,6 +267,7 @@ class CatSkipSiteImpl : public torch::nn::Cloneable<CatSkipSiteImpl<Inner>>, pub
   std::shared_ptr<Inner> inner;
 
  protected:
+  /// Whether reset() has run once (a later reset is a clone's, which deep-copies `inner`).
   bool initialised_ = false;
 
   torch::nn::Module& site_module() override { return *this; }
