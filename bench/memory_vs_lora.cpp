@@ -174,7 +174,7 @@ int main(int argc, char** argv) {
   std::string config = "auto", batches = "auto", precisions = "fp32,bf16w", methods = "lora,scedit";
   std::string device_flag = "auto", json_path;
   int64_t warmup = 2, steps = 5;
-  bool pipeline = false;
+  bool pipeline = false, recompute = false;
   CLI::App app{"memory_vs_lora: peak memory and speed of one SD 1.5 training step, SCEdit vs LoRA "
                "(r=64 on to_q/to_k/to_v/to_out.0/ff.net.0.proj/ff.net.2)"};
   app.option_defaults()->always_capture_default();
@@ -186,6 +186,7 @@ int main(int argc, char** argv) {
   app.add_option("--warmup", warmup, "Warm-up steps (not timed)");
   app.add_option("--steps", steps, "Timed steps (median reported)")->check(CLI::PositiveNumber);
   app.add_flag("--pipeline", pipeline, "Keep the VAE and the text encoder resident on the device too (as the seed's run)");
+  app.add_flag("--recompute", recompute, "Recompute the decoder's resnets and transformers in the backward pass (gradient checkpointing)");
   app.add_option("--json", json_path, "Also write the rows as JSON to this file");
   try {
     app.parse(argc, argv);
@@ -221,10 +222,11 @@ int main(int argc, char** argv) {
 #if defined(SCEDIT_WITH_CUDA)
     if (device.is_cuda()) device_name = at::cuda::getDeviceProperties(device.index() < 0 ? 0 : device.index())->name;
 #endif
-    std::printf("config %s (latents 4x%lldx%lld, text 77x%lld), device %s, %lld warm-up + %lld timed steps%s\n\n",
+    std::printf("config %s (latents 4x%lldx%lld, text 77x%lld), device %s, %lld warm-up + %lld timed steps%s%s\n\n",
                 config.c_str(), static_cast<long long>(shapes.latent), static_cast<long long>(shapes.latent),
                 static_cast<long long>(shapes.unet.cross_attention_dim), device_name.c_str(),
-                static_cast<long long>(warmup), static_cast<long long>(steps), pipeline ? ", VAE + CLIP resident" : "");
+                static_cast<long long>(warmup), static_cast<long long>(steps), pipeline ? ", VAE + CLIP resident" : "",
+                recompute ? ", decoder recomputed in backward" : "");
     std::printf("| method | precision | bs | trainable (M, %% of pipeline) | peak MiB | step ms | images/s | SCEdit ÷ LoRA memory |\n");
     std::printf("|---|---|---|---|---|---|---|---|\n");
     std::fflush(stdout);
@@ -239,6 +241,7 @@ int main(int argc, char** argv) {
       torch::manual_seed(0);
       sd::UNet unet(shapes.unet);
       unet->to(device, precision == "fp32" ? torch::kFloat32 : torch::kBFloat16);
+      unet->set_gradient_checkpointing(recompute);
       for (int64_t batch : batch_sizes) {
         int64_t lora_peak = 0;
         for (const auto& method : method_list) {
@@ -263,7 +266,8 @@ int main(int argc, char** argv) {
         out.push_back({{"method", r.method}, {"precision", r.precision}, {"batch_size", r.batch_size},
                        {"trainable_params", r.trainable}, {"peak_bytes", r.peak_bytes},
                        {"step_ms", r.step_ms}, {"images_per_s", r.images_per_s},
-                       {"device", device_name}, {"config", config}, {"pipeline", pipeline}});
+                       {"device", device_name}, {"config", config}, {"pipeline", pipeline},
+                       {"recompute", recompute}});
       }
       std::ofstream(json_path) << out.dump(2) << "\n";
       std::printf("\nrows: %s\n", json_path.c_str());

@@ -46,31 +46,45 @@ double relative_error(const torch::Tensor& out, const torch::Tensor& ref) {
 /// whole difference comes from that one float32 step.
 double tolerance(torch::Dtype dtype) { return dtype == torch::kFloat32 ? 1e-4 : 5e-9; }
 
-class Adapters : public ::testing::TestWithParam<torch::Dtype> {
+/// A dtype and a device to run the cases in.
+struct Setting {
+  torch::Dtype dtype;
+  bool cuda;
+};
+
+class Adapters : public ::testing::TestWithParam<Setting> {
  protected:
   void SetUp() override {
+    if (GetParam().cuda && !torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+    if (GetParam().cuda) {
+      // Parity needs true float32 matmuls and convolutions (TF32 alone gives ~4e-4).
+      at::globalContext().setAllowTF32CuBLAS(false);
+      at::globalContext().setAllowTF32CuDNN(false);
+    }
     torch::manual_seed(0);
-    dtype_ = GetParam();
+    dtype_ = GetParam().dtype;
+    device_ = GetParam().cuda ? torch::Device(torch::kCUDA) : torch::Device(torch::kCPU);
     unet_ = sd::UNet(sd::UNetConfig::from_json(manifest().at("configs").at("unet_tiny")));
     scedit::LoadOptions options;
     options.source = fixture_path("unet_tiny.safetensors");
     scedit::load_state_dict(*unet_, scedit::safetensors::load(options.source), options);
-    unet_->to(dtype_);
+    unet_->to(device_, dtype_);
     unet_->eval();
   }
 
-  torch::Tensor input(const std::string& key) { return cases().at("input." + key).to(dtype_); }
+  torch::Tensor input(const std::string& key) { return cases().at("input." + key).to(device_, dtype_); }
 
   torch::Tensor run() {
     torch::NoGradGuard no_grad;
-    return unet_->forward(input("sample"), cases().at("input.timestep"), input("encoder_hidden_states"));
+    return unet_->forward(input("sample"), cases().at("input.timestep").to(device_),
+                          input("encoder_hidden_states")).cpu();
   }
 
   scedit::CSCTuner attach_csc(const std::string& name) {
     auto flags = manifest().at("tiny_input_down_flag").get<std::vector<bool>>();
     auto csc = scedit::read_csc_tuner(fixture_path("adapters_tiny.safetensors"), name + ".", flags);
     csc->options.scale(manifest().at("csc_scales").at(name).get<double>());
-    csc->to(dtype_);
+    csc->to(device_, dtype_);
     scedit::attach_csc_tuner(*unet_, csc, name);
     csc->set_condition(input(name == "csc_a" ? "hint_a" : "hint_b"));
     return csc;
@@ -79,11 +93,12 @@ class Adapters : public ::testing::TestWithParam<torch::Dtype> {
   std::vector<scedit::SCTuner> attach_sc() {
     auto tuners = scedit::attach_sc_tuners(*unet_);
     scedit::load_sc_tuners(fixture_path("adapters_tiny.safetensors"), tuners, "sc.");
-    for (auto& t : tuners) t->to(dtype_);
+    for (auto& t : tuners) t->to(device_, dtype_);
     return tuners;
   }
 
   torch::Dtype dtype_ = torch::kFloat32;
+  torch::Device device_ = torch::kCPU;
   sd::UNet unet_{nullptr};
 };
 
@@ -129,7 +144,7 @@ TEST_P(Adapters, LoRAMatchesTheReference) {
     EXPECT_TRUE(targeted) << path;
     EXPECT_EQ(injection.at(path).adapter("default").options.r(), lora.at("r").get<int64_t>()) << path;
   }
-  for (auto& p : scedit::lora_parameters(*unet_)) p.set_data(p.data().to(dtype_));
+  for (auto& p : scedit::lora_parameters(*unet_)) p.set_data(p.data().to(device_, dtype_));
   injection.refresh();
   EXPECT_LT(relative_error(run(), cases().at("output.lora_r4_a8")), tolerance(dtype_));
   // Merged into the weights, the same output; unmerged again, too.
@@ -140,7 +155,10 @@ TEST_P(Adapters, LoRAMatchesTheReference) {
   EXPECT_LT(relative_error(run(), cases().at("output.base")), tolerance(dtype_));
 }
 
-INSTANTIATE_TEST_SUITE_P(Float32AndFloat64, Adapters, ::testing::Values(torch::kFloat32, torch::kFloat64),
-                         [](const ::testing::TestParamInfo<torch::Dtype>& info) {
-                           return info.param == torch::kFloat32 ? std::string("Float32") : std::string("Float64");
+INSTANTIATE_TEST_SUITE_P(Parity, Adapters,
+                         ::testing::Values(Setting{torch::kFloat32, false}, Setting{torch::kFloat64, false},
+                                           Setting{torch::kFloat32, true}, Setting{torch::kFloat64, true}),
+                         [](const ::testing::TestParamInfo<Setting>& info) {
+                           return std::string(info.param.dtype == torch::kFloat32 ? "Float32" : "Float64") +
+                                  (info.param.cuda ? "_CUDA" : "");
                          });

@@ -14,6 +14,7 @@
 /// translation unit that includes it: an earlier `#include <stb/stb_image.h>` (without the
 /// static macros) would make the implementation external again; the header refuses that case.
 
+#include <scedit/safetensors.hpp>
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -89,35 +90,8 @@ inline std::string read_file_bytes(const std::filesystem::path& path) {
 /// Writes `bytes` to `path` atomically: into a temporary file beside it, then renamed over `path`,
 /// so a reader (or a crash) never sees a half-written file. Throws naming the file on failure.
 inline void write_file_atomic(const std::filesystem::path& path, const std::string& bytes) {
-  static std::atomic<uint64_t> counter{0};
-  const auto unique = std::to_string(std::hash<std::thread::id>{}(std::this_thread::get_id()) ^
-                                     static_cast<size_t>(std::chrono::steady_clock::now()
-                                                             .time_since_epoch()
-                                                             .count())) +
-                      "-" + std::to_string(counter.fetch_add(1));
-  std::filesystem::path temp = path;
-  temp += ".tmp-" + unique;
-  {
-    std::ofstream out(temp, std::ios::binary | std::ios::trunc);
-    TORCH_CHECK(out.good(), "cannot open '", temp.string(), "' for writing (writing '",
-                path.string(), "')");
-    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-    out.flush();
-    if (!out.good()) {
-      out.close();
-      std::error_code ignored;
-      std::filesystem::remove(temp, ignored);
-      TORCH_CHECK(false, "error while writing '", path.string(), "' (disk full?)");
-    }
-  }
-  std::error_code error;
-  std::filesystem::rename(temp, path, error);
-  if (error) {
-    std::error_code ignored;
-    std::filesystem::remove(temp, ignored);
-    TORCH_CHECK(false, "cannot rename '", temp.string(), "' to '", path.string(),
-                "': ", error.message());
-  }
+  scedit::safetensors::write_file_atomically(path.string(), {{bytes.data(), bytes.size()}},
+                                             "writing '" + path.string() + "': ");
 }
 
 /// A CPU random generator seeded with `seed`, for the random transforms (`random_crop`, the

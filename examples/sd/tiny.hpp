@@ -161,15 +161,20 @@ inline CLIPTokenizer tiny_tokenizer() {
   return CLIPTokenizer(folder.string());
 }
 
-/// The built-in tiny Stable Diffusion (see the file comment): UNet, VAE and text encoder with
-/// random weights drawn from `seed` (the same seed gives the same weights; the global random
-/// generator's state is restored afterwards; do not build modules on other threads meanwhile),
-/// in `dtype`, on the CPU, in eval mode.
-inline StableDiffusion tiny_pipeline(uint64_t seed = 0, torch::Dtype dtype = torch::kFloat32) {
+/// A Stable Diffusion of the given configurations with random weights drawn from `seed` (the
+/// same seed gives the same weights; the global random generator's state is restored afterwards;
+/// do not build modules on other threads meanwhile), in `dtype`, on the CPU, in eval mode, with
+/// the byte-level tokenizer (its ids fit any CLIP vocabulary of at least `kTinyVocabSize`).
+inline StableDiffusion random_pipeline(const UNetConfig& unet_config, const VAEConfig& vae_config,
+                                       const CLIPTextConfig& text_config, uint64_t seed = 0,
+                                       torch::Dtype dtype = torch::kFloat32) {
+  TORCH_CHECK(text_config.vocab_size >= kTinyVocabSize, "random_pipeline: the text encoder's "
+              "vocabulary (", text_config.vocab_size, ") is smaller than the byte-level tokenizer's ",
+              kTinyVocabSize, " ids");
   StableDiffusion sd;
-  sd.unet_config = tiny_unet_config();
-  sd.vae_config = tiny_vae_config();
-  sd.text_config = tiny_text_config();
+  sd.unet_config = unet_config;
+  sd.vae_config = vae_config;
+  sd.text_config = text_config;
   sd.scaling_factor = sd.vae_config.scaling_factor;
   {
     // Module constructors draw from the default CPU generator: seed it for the build only.
@@ -194,8 +199,25 @@ inline StableDiffusion tiny_pipeline(uint64_t seed = 0, torch::Dtype dtype = tor
   sd.vae->eval();
   sd.text_encoder->eval();
   sd.tokenizer = tiny_tokenizer();
+  return sd;
+}
+
+/// The built-in tiny Stable Diffusion (see the file comment): `random_pipeline` of the tiny
+/// configurations.
+inline StableDiffusion tiny_pipeline(uint64_t seed = 0, torch::Dtype dtype = torch::kFloat32) {
+  auto sd = random_pipeline(tiny_unet_config(), tiny_vae_config(), tiny_text_config(), seed, dtype);
   sd.files = {{"unet", "<built-in tiny>"}, {"vae", "<built-in tiny>"},
               {"text_encoder", "<built-in tiny>"}, {"tokenizer", "<built-in tiny>"}};
+  return sd;
+}
+
+/// The full-size SD 1.5 architecture (UNet 859.5M, VAE 83.7M, CLIP-L 123.1M parameters) with
+/// random weights: for measuring speed and memory at real size without downloading weights
+/// (`--model random:sd15` in the programs). Its images are noise.
+inline StableDiffusion random_sd15_pipeline(uint64_t seed = 0, torch::Dtype dtype = torch::kFloat32) {
+  auto sd = random_pipeline(UNetConfig::sd15(), VAEConfig::sd15(), CLIPTextConfig::sd15(), seed, dtype);
+  sd.files = {{"unet", "<random sd15>"}, {"vae", "<random sd15>"},
+              {"text_encoder", "<random sd15>"}, {"tokenizer", "<built-in byte-level>"}};
   return sd;
 }
 

@@ -257,6 +257,13 @@ class UNet2DConditionModelImpl : public detail::BoundCloneable<UNet2DConditionMo
     return flags;
   }
 
+  /// Recompute the decoder's resnets and transformers in the backward pass instead of keeping
+  /// their activations (diffusers' `enable_gradient_checkpointing`, decoder only: with tuners on
+  /// the skips nothing upstream of the decoder keeps activations anyway).
+  void set_gradient_checkpointing(bool enabled) {
+    for (auto& up : ups) up->gradient_checkpointing = enabled;
+  }
+
   /// The skip sites in decoder order (`lsc_identity[0]` = the deepest skip).
   std::vector<scedit::SkipSite> skip_sites() const { return sites; }
 

@@ -11,6 +11,7 @@
 #include <sd/layers.hpp>
 #include <sd/transformer.hpp>
 
+#include <scedit/checkpoint.hpp>
 #include <scedit/sites.hpp>
 
 #include <torch/torch.h>
@@ -353,8 +354,21 @@ class UpBlock2DImpl : public detail::BoundCloneable<UpBlock2DImpl> {
       skips.pop_back();
       skip = sites[next_site++](skip);
       h = torch::cat({h, skip}, 1);  // [B, C_h, H, W] + [B, C_s, H, W] -> [B, C_h + C_s, H, W]
-      h = resnet_blocks[i](h, temb);
-      if (!transformers.empty()) h = transformers[i](h, context);
+      if (gradient_checkpointing) {
+        // Keep only this layer's inputs; its activations are recomputed in the backward pass.
+        auto resnet = resnet_blocks[i];
+        auto transformer = transformers.empty() ? Transformer2DModel(nullptr) : transformers[i];
+        h = scedit::checkpoint(
+            [resnet, transformer](const std::vector<torch::Tensor>& in) mutable {
+              auto x = resnet(in[0], in[1]);
+              return transformer.is_empty() ? x : transformer(x, in[2]);
+            },
+            transformers.empty() ? std::vector<torch::Tensor>{h, temb}
+                                 : std::vector<torch::Tensor>{h, temb, context});
+      } else {
+        h = resnet_blocks[i](h, temb);
+        if (!transformers.empty()) h = transformers[i](h, context);
+      }
     }
     if (!upsampler.is_empty()) {
       h = skips.empty() ? upsampler(h) : upsampler(h, skips.back().sizes().slice(2));
@@ -386,6 +400,8 @@ class UpBlock2DImpl : public detail::BoundCloneable<UpBlock2DImpl> {
   std::vector<Transformer2DModel> transformers;
   /// Typed holder of `upsamplers.0` (empty without).
   Upsample2D upsampler{nullptr};
+  /// Recompute each resnet + transformer in the backward pass instead of keeping activations.
+  bool gradient_checkpointing = false;
 };
 
 /// Holder of `UpBlock2DImpl`.

@@ -44,6 +44,7 @@ struct Flags {
   double caption_dropout = 0.0;
   std::string bad_data = "skip";
   bool cache = false;
+  bool gradient_checkpointing = false;
   std::string precision = "fp32";
   std::string device = "auto";
   common::OptimOptions optim = [] {
@@ -206,6 +207,9 @@ int run(const Flags& flags_in) {
   TORCH_CHECK(flags.grad_accum > 0, "--grad-accum must be positive, got ", flags.grad_accum);
   TORCH_CHECK(flags.max_steps >= 0 && flags.epochs >= 0, "--max-steps and --epochs must not be negative");
   TORCH_CHECK(flags.checkpoint_every >= 0 && flags.keep_last >= 0, "--checkpoint-every and --keep-last must not be negative");
+  TORCH_CHECK(flags.data.empty() || fs::exists(flags.data), "--data: '", flags.data, "' does not exist");
+  TORCH_CHECK(tiny || flags.model == "random:sd15" || fs::exists(flags.model), "--model: '", flags.model,
+              "' does not exist");
   const fs::path output(flags.output);
   fs::create_directories(output);
 
@@ -215,6 +219,13 @@ int run(const Flags& flags_in) {
     std::printf("no --model given: training the built-in tiny model (SD 1.5 layout, random weights) "
                 "on generated demo data — a demonstration of the whole path, not a useful style\n");
     pipe = sd::tiny_pipeline(flags.seed);
+    pipe.unet->to(device, dtype);
+    pipe.vae->to(device, dtype);
+    pipe.text_encoder->to(device, dtype);
+  } else if (flags.model == "random:sd15") {
+    std::printf("--model random:sd15: the full SD 1.5 architecture with random weights, for "
+                "measuring speed and memory at real size\n");
+    pipe = sd::random_sd15_pipeline(flags.seed);
     pipe.unet->to(device, dtype);
     pipe.vae->to(device, dtype);
     pipe.text_encoder->to(device, dtype);
@@ -230,8 +241,9 @@ int run(const Flags& flags_in) {
   }
 
   // The data.
+  const bool random_model = tiny || flags.model == "random:sd15";
   if (flags.data.empty()) {
-    TORCH_CHECK(tiny, "--data is required with --model (a folder of images with captions)");
+    TORCH_CHECK(random_model, "--data is required with --model (a folder of images with captions)");
     flags.data = common::make_demo_dataset(output / "demo_data", 16, flags.resolution, flags.seed).string();
     if (flags.validation_prompts.empty()) {
       flags.validation_prompts = {"a red circle on a blue background, flat style",
@@ -267,6 +279,7 @@ int run(const Flags& flags_in) {
   std::printf("method %s: %lld trainable parameters (%.3f%% of the UNet)\n", flags.method.method.c_str(),
               static_cast<long long>(count.trainable), 100.0 * count.trainable / count.total());
   pipe.unet->train();
+  pipe.unet->set_gradient_checkpointing(flags.gradient_checkpointing);
   sd::NoiseSchedule schedule;
   common::TrainStep step(pipe.unet, tuners, schedule, flags.optim, precision, device, flags.prediction);
 
@@ -276,7 +289,7 @@ int run(const Flags& flags_in) {
     total = static_cast<int64_t>(std::ceil(flags.epochs * data.size() / images_per_step));
   }
   if (total == 0) {
-    TORCH_CHECK(tiny, "give --max-steps or --epochs");
+    TORCH_CHECK(random_model, "give --max-steps or --epochs");
     total = 300;
   }
 
@@ -370,7 +383,7 @@ int main(int argc, char** argv) {
   CLI::App app{"train_style: fine-tune Stable Diffusion 1.5 for a style with SCEdit (SC-Tuners), "
                "LoRA, or both. With no --model: the built-in tiny model on generated demo data."};
   app.option_defaults()->always_capture_default();
-  app.add_option("--model", flags.model, "Diffusers folder or single-file .safetensors checkpoint (empty: built-in tiny model)");
+  app.add_option("--model", flags.model, "Diffusers folder or single-file .safetensors checkpoint (empty: built-in tiny model; random:sd15: SD 1.5's architecture with random weights, for speed and memory measurements)");
   app.add_option("--tokenizer", flags.tokenizer, "Tokenizer folder (vocab.json, merges.txt) for single-file checkpoints");
   app.add_option("--data", flags.data, "Image folder with captions: CSV (Image:FILE,Text), metadata.jsonl, or .txt beside each image");
   app.add_option("--output", flags.output, "Output folder: tuners, loss.csv, loss.png, samples, checkpoints");
@@ -386,6 +399,7 @@ int main(int argc, char** argv) {
   app.add_option("--caption-dropout", flags.caption_dropout, "Probability of training on the empty caption")->check(CLI::Range(0.0, 1.0));
   app.add_option("--bad-data", flags.bad_data, "skip | fatal: what to do with unreadable images, empty captions, small images");
   app.add_flag("--cache", flags.cache, "Encode every image and caption once (centre crop, no flip) and train on the cache");
+  app.add_flag("--gradient-checkpointing", flags.gradient_checkpointing, "Recompute the decoder in the backward pass: less memory, more compute");
   app.add_option("--precision", flags.precision, "fp32 | bf16 | fp16 (frozen weights in half precision, trainable in fp32)");
   app.add_option("--device", flags.device, "auto | cpu | cuda[:N]");
   app.add_option("--lr", flags.optim.lr, "AdamW learning rate (0: SCEdit's 1e-4; 1e-3 on the tiny default, whose random weights learn slowly)");

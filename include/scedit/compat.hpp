@@ -87,6 +87,24 @@ inline void set_autocast_dtype(torch::DeviceType device, torch::ScalarType dtype
 #endif
 }
 
+/// Whether autocast is on for a device type, and the dtype it computes in.
+struct AutocastState {
+  /// Autocast enabled on the device type.
+  bool enabled = false;
+  /// Its compute dtype (meaningful when enabled).
+  torch::ScalarType dtype = torch::kFloat32;
+};
+
+/// The current autocast state of `device` (to restore it later, e.g. when recomputing).
+inline AutocastState autocast_state(torch::DeviceType device) {
+#if SCEDIT_TORCH_2
+  return {at::autocast::is_autocast_enabled(device), at::autocast::get_autocast_dtype(device)};
+#else
+  if (device == torch::kCUDA) return {at::autocast::is_enabled(), at::autocast::get_autocast_gpu_dtype()};
+  return {at::autocast::is_cpu_enabled(), at::autocast::get_autocast_cpu_dtype()};
+#endif
+}
+
 /// RAII autocast region: on construction enables autocast for `device` with `dtype`
 /// (a no-op when `dtype` is float32), restores the previous state on destruction.
 class AutocastGuard {

@@ -102,30 +102,6 @@ inline std::string lora_underscored(std::string path) {
   return path;
 }
 
-/// Writes `text` to `path` atomically (temporary file beside it, then rename).
-inline void lora_write_text_atomic(const std::filesystem::path& path, const std::string& text) {
-  const std::filesystem::path temp =
-      path.string() + ".tmp." + std::to_string(static_cast<long>(::getpid()));
-  {
-    std::ofstream out(temp, std::ios::binary | std::ios::trunc);
-    TORCH_CHECK(out.good(), "LoRA save: cannot create '", temp.string(), "'");
-    out << text;
-    out.flush();
-    if (!out.good()) {
-      out.close();
-      std::remove(temp.c_str());
-      TORCH_CHECK(false, "LoRA save: cannot write '", temp.string(), "'");
-    }
-  }
-  std::error_code error;
-  std::filesystem::rename(temp, path, error);
-  if (error) {
-    std::remove(temp.c_str());
-    TORCH_CHECK(false, "LoRA save: cannot rename '", temp.string(), "' to '", path.string(),
-                "': ", error.message());
-  }
-}
-
 /// One adapter's tensors in a file.
 struct LoRAFileGroup {
   std::string name;      // module path (peft, diffusers) or Kohya name
@@ -525,7 +501,7 @@ inline void save_lora_peft(const std::string& dir, const LoRALayers& layers,
   TORCH_CHECK(!error, "save_lora_peft: cannot create folder '", dir, "': ", error.message());
   const std::filesystem::path folder(dir);
   safetensors::save((folder / "adapter_model.safetensors").string(), tensors, {{"format", "pt"}});
-  detail::lora_write_text_atomic(folder / "adapter_config.json", config.dump(2) + "\n");
+  safetensors::write_text_file((folder / "adapter_config.json").string(), config.dump(2) + "\n");
 }
 
 /// Exports adapter `adapter` in diffusers' layout: `{prefix}.{path}.lora.down.weight` (= A) and

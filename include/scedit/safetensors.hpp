@@ -489,6 +489,53 @@ class TempFile {
 
 }  // namespace detail
 
+/// Writes `pieces` (pointer, size) one after the other to `path` atomically: into a temporary
+/// file in the same folder, fsync, rename over `path` (keeping an existing file's mode), then
+/// fsync the folder. On any failure the previous file is untouched and the temporary removed.
+/// `where` starts every error message (e.g. "safetensors save 'x': ").
+inline void write_file_atomically(const std::string& path,
+                                  const std::vector<std::pair<const void*, size_t>>& pieces,
+                                  const std::string& where) {
+  detail::TempFile temp(path);
+  TORCH_CHECK(temp.fd() >= 0, where, "cannot create a temporary file beside it: ",
+              detail::errno_str(temp.error()));
+  struct stat old {};
+  const bool replaces = ::stat(path.c_str(), &old) == 0 && S_ISREG(old.st_mode);
+  const mode_t mode = replaces ? (old.st_mode & 07777) : 0644;
+  const int chmod_rc = ::fchmod(temp.fd(), mode);
+  const int chmod_error = errno;
+  TORCH_CHECK(chmod_rc == 0, where, "cannot set the mode of '", temp.path(), "': ",
+              detail::errno_str(chmod_error));
+  int error = 0;
+  for (size_t i = 0; i < pieces.size() && !error; ++i) {
+    error = detail::write_all(temp.fd(), static_cast<const uint8_t*>(pieces[i].first), pieces[i].second);
+  }
+  TORCH_CHECK(!error, where, "cannot write '", temp.path(), "': ", detail::errno_str(error));
+  const int sync_rc = ::fsync(temp.fd());
+  const int sync_error = errno;
+  TORCH_CHECK(sync_rc == 0, where, "cannot fsync '", temp.path(), "': ",
+              detail::errno_str(sync_error));
+  error = temp.close();
+  TORCH_CHECK(!error, where, "cannot close '", temp.path(), "': ", detail::errno_str(error));
+  const int rename_rc = ::rename(temp.path().c_str(), path.c_str());
+  const int rename_error = errno;
+  TORCH_CHECK(rename_rc == 0, where, "cannot rename '", temp.path(), "' over it: ",
+              detail::errno_str(rename_error));
+  temp.commit();
+  // Make the rename itself durable (best effort: some file systems refuse fsync on folders).
+  const std::filesystem::path target(path);
+  const std::string folder = target.has_parent_path() ? target.parent_path().string() : ".";
+  detail::Fd dir(::open(folder.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (dir.get() >= 0 && ::fsync(dir.get()) != 0) {
+    // Ignored: the data itself is already durable.
+  }
+}
+
+/// Writes `text` to `path` atomically (see `write_file_atomically`).
+inline void write_text_file(const std::string& path, const std::string& text) {
+  write_file_atomically(path, {{text.data(), text.size()}}, "writing '" + path + "': ");
+}
+
 /// Writes `tensors` and `metadata` to `path` atomically.
 ///
 /// The file is written to a temporary file in the same folder, fsynced and renamed over `path`;
@@ -548,44 +595,9 @@ inline void save(const std::string& path, const TensorMap& tensors,
   text.append((8 - text.size() % 8) % 8, ' ');  // data section starts 8-byte aligned
   const uint64_t header_size = text.size();
 
-  detail::TempFile temp(path);
-  TORCH_CHECK(temp.fd() >= 0, where, "cannot create a temporary file beside it: ",
-              detail::errno_str(temp.error()));
-  struct stat old {};
-  const bool replaces = ::stat(path.c_str(), &old) == 0 && S_ISREG(old.st_mode);
-  const mode_t mode = replaces ? (old.st_mode & 07777) : 0644;
-  const int chmod_rc = ::fchmod(temp.fd(), mode);
-  const int chmod_error = errno;
-  TORCH_CHECK(chmod_rc == 0, where, "cannot set the mode of '", temp.path(), "': ",
-              detail::errno_str(chmod_error));
-
-  int error = detail::write_all(temp.fd(), reinterpret_cast<const uint8_t*>(&header_size), 8);
-  if (!error) {
-    error = detail::write_all(temp.fd(), reinterpret_cast<const uint8_t*>(text.data()), text.size());
-  }
-  for (size_t i = 0; i < items.size() && !error; ++i) {
-    error = detail::write_all(temp.fd(), static_cast<const uint8_t*>(items[i].data.data_ptr()),
-                              items[i].data.nbytes());
-  }
-  TORCH_CHECK(!error, where, "cannot write '", temp.path(), "': ", detail::errno_str(error));
-  const int sync_rc = ::fsync(temp.fd());
-  const int sync_error = errno;
-  TORCH_CHECK(sync_rc == 0, where, "cannot fsync '", temp.path(), "': ",
-              detail::errno_str(sync_error));
-  error = temp.close();
-  TORCH_CHECK(!error, where, "cannot close '", temp.path(), "': ", detail::errno_str(error));
-  const int rename_rc = ::rename(temp.path().c_str(), path.c_str());
-  const int rename_error = errno;
-  TORCH_CHECK(rename_rc == 0, where, "cannot rename '", temp.path(), "' over it: ",
-              detail::errno_str(rename_error));
-  temp.commit();
-  // Make the rename itself durable (best effort: some file systems refuse fsync on folders).
-  const std::filesystem::path target(path);
-  const std::string folder = target.has_parent_path() ? target.parent_path().string() : ".";
-  detail::Fd dir(::open(folder.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (dir.get() >= 0 && ::fsync(dir.get()) != 0) {
-    // Ignored: the data itself is already durable.
-  }
+  std::vector<std::pair<const void*, size_t>> pieces = {{&header_size, 8}, {text.data(), text.size()}};
+  for (const auto& item : items) pieces.emplace_back(item.data.data_ptr(), item.data.nbytes());
+  write_file_atomically(path, pieces, where);
 }
 
 }  // namespace safetensors

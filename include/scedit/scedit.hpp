@@ -3,6 +3,7 @@
 /// @brief Everything of the library in one include.
 
 #include <scedit/compat.hpp>
+#include <scedit/checkpoint.hpp>
 #include <scedit/csctuner.hpp>
 #include <scedit/lora.hpp>
 #include <scedit/safetensors.hpp>

@@ -18,9 +18,7 @@
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
-#include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <optional>
 #include <string>
 #include <vector>
@@ -34,25 +32,6 @@ enum class TunerKind {
   kLoRA,     ///< LoRA weights (peft, diffusers or Kohya layout; see lora_io.hpp).
   kUnknown,  ///< None of the above.
 };
-
-/// Writes `text` to `path` atomically (temporary file in the same folder, then rename), so a
-/// failed write never destroys the previous file.
-inline void write_text_file(const std::string& path, const std::string& text) {
-  const std::string temporary = path + ".tmp";
-  {
-    std::ofstream out(temporary, std::ios::binary | std::ios::trunc);
-    TORCH_CHECK(out.good(), "cannot open '", temporary, "' for writing");
-    out << text;
-    out.flush();
-    TORCH_CHECK(out.good(), "writing '", temporary, "' failed");
-  }
-  std::error_code error;
-  std::filesystem::rename(temporary, path, error);
-  if (error) {
-    std::filesystem::remove(temporary);
-    TORCH_CHECK(false, "cannot move '", temporary, "' to '", path, "': ", error.message());
-  }
-}
 
 /// The JSON sidecar path of a tuner file: the same path with the extension `.json`.
 inline std::string sidecar_path(const std::string& path) {
@@ -93,7 +72,7 @@ inline void save_with_sidecar(const std::string& path, const TensorMap& tensors,
                               const std::string& kind, const nlohmann::json& options) {
   safetensors::save(path, tensors,
                     {{"format", "pt"}, {"scedit.kind", kind}, {"scedit.options", options.dump()}});
-  write_text_file(sidecar_path(path),
+  safetensors::write_text_file(sidecar_path(path),
                   nlohmann::json{{"kind", kind}, {"options", options}}.dump(2) + "\n");
 }
 

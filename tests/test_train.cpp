@@ -1,0 +1,217 @@
+// The shared training step and checkpoints (examples/common): schedules, a short seeded run on
+// the tiny model lowers the loss, checkpoints are complete or absent and corrupt ones are refused.
+
+#include <common/checkpoint.hpp>
+#include <common/train.hpp>
+#include <sd/pipeline.hpp>
+#include <sd/tiny.hpp>
+
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+
+namespace fs = std::filesystem;
+
+namespace {
+
+std::string error_of(const std::function<void()>& run) {
+  try {
+    run();
+  } catch (const c10::Error& e) {
+    return e.what_without_backtrace();
+  }
+  return "(no error)";
+}
+
+fs::path temp_dir(const std::string& name) {
+  auto dir = fs::temp_directory_path() / ("scedit_train_" + std::to_string(::getpid()) + "_" + name);
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  return dir;
+}
+
+/// Mean loss of the first and the last `window` steps of a seeded run on the tiny model.
+std::pair<double, double> short_run(const std::string& method, common::Precision precision,
+                                    int64_t steps, int64_t window) {
+  auto pipe = sd::tiny_pipeline(0, common::compute_dtype(precision));
+  torch::manual_seed(0);
+  common::MethodOptions options;
+  options.method = method;
+  options.lora_rank = 4;
+  auto tuners = common::attach_tuners(pipe.unet, options, torch::kCPU);
+  pipe.unet->train();
+  common::OptimOptions optim;
+  optim.lr = 1e-3;
+  common::TrainStep step(pipe.unet, tuners, sd::NoiseSchedule(), optim, precision, torch::kCPU);
+  // A fixed batch of four "images" (latents) and captions: the tuners learn to denoise them.
+  torch::NoGradGuard no_grad_for_data;
+  auto latents = torch::randn({4, 4, 8, 8}, common::step_generator(7, 0)) * 0.5;
+  auto text = sd::encode_prompts(pipe, {"a red circle", "a blue square", "a green star", "a cat"});
+  double first = 0, last = 0;
+  for (int64_t s = 0; s < steps; ++s) {
+    auto generator = common::step_generator(0, s);
+    torch::AutoGradMode grad(true);
+    const double loss = step.forward_backward(latents, text, generator);
+    EXPECT_TRUE(std::isfinite(loss)) << "step " << s;
+    step.optimizer_step(optim.lr);
+    if (s < window) first += loss / window;
+    if (s >= steps - window) last += loss / window;
+  }
+  return {first, last};
+}
+
+}  // namespace
+
+TEST(Train, LearningRateSchedules) {
+  common::OptimOptions o;
+  o.lr = 1.0;
+  EXPECT_EQ(common::learning_rate(o, 0, 100), 1.0);
+  o.schedule = "warmup";
+  o.warmup_steps = 10;
+  EXPECT_DOUBLE_EQ(common::learning_rate(o, 0, 100), 0.1);
+  EXPECT_DOUBLE_EQ(common::learning_rate(o, 9, 100), 1.0);
+  EXPECT_DOUBLE_EQ(common::learning_rate(o, 50, 100), 1.0);
+  o.schedule = "cosine";
+  EXPECT_DOUBLE_EQ(common::learning_rate(o, 10, 110), 1.0);
+  EXPECT_NEAR(common::learning_rate(o, 60, 110), 0.5, 1e-12);
+  EXPECT_NEAR(common::learning_rate(o, 110, 110), 0.0, 1e-12);
+  o.schedule = "linear";
+  EXPECT_NE(error_of([&] { common::learning_rate(o, 0, 10); }).find("--lr-schedule must be"), std::string::npos);
+}
+
+TEST(Train, SeededSCEditRunLowersTheLoss) {
+  const auto [first, last] = short_run("scedit", common::Precision::kFP32, 60, 10);
+  std::printf("SCEdit, tiny model, 60 steps: mean loss %.4f -> %.4f (%.1f%% lower)\n", first, last,
+              100 * (1 - last / first));
+  EXPECT_LT(last, 0.9 * first);
+}
+
+TEST(Train, SeededLoRARunLowersTheLoss) {
+  const auto [first, last] = short_run("lora", common::Precision::kFP32, 60, 10);
+  std::printf("LoRA r=4, tiny model, 60 steps: mean loss %.4f -> %.4f (%.1f%% lower)\n", first, last,
+              100 * (1 - last / first));
+  EXPECT_LT(last, first);
+}
+
+TEST(Train, BF16StepsStayFinite) {
+  const auto [first, last] = short_run("scedit+lora", common::Precision::kBF16, 6, 3);
+  EXPECT_TRUE(std::isfinite(first) && std::isfinite(last));
+}
+
+TEST(Train, TrainableWeightsStayFloat32UnderHalfPrecision) {
+  auto pipe = sd::tiny_pipeline(0, torch::kBFloat16);
+  common::MethodOptions options;
+  options.method = "scedit+lora";
+  options.lora_rank = 4;
+  auto tuners = common::attach_tuners(pipe.unet, options, torch::kCPU);
+  for (const auto& p : pipe.unet->named_parameters()) {
+    EXPECT_EQ(p.value().scalar_type(), p.value().requires_grad() ? torch::kFloat32 : torch::kBFloat16) << p.key();
+  }
+}
+
+class Checkpoints : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    torch::manual_seed(0);
+    layer = torch::nn::Linear(3, 2);
+    optimizer = std::make_unique<torch::optim::AdamW>(layer->parameters(), torch::optim::AdamWOptions(0.1));
+    layer(torch::randn({4, 3})).sum().backward();
+    optimizer->step();  // give AdamW some state
+    tensors = {{"weight", layer->weight}, {"bias", layer->bias}};
+    root = temp_dir(::testing::UnitTest::GetInstance()->current_test_info()->name());
+  }
+  common::TrainState state(int64_t step) { return {step, 7, 1.0, {{"method", "scedit"}}}; }
+
+  torch::nn::Linear layer{nullptr};
+  std::unique_ptr<torch::optim::AdamW> optimizer;
+  scedit::TensorMap tensors;
+  fs::path root;
+};
+
+TEST_F(Checkpoints, RoundTripRestoresWeightsOptimizerAndState) {
+  const auto saved_weight = layer->weight.detach().clone();
+  common::save_checkpoint(root, tensors, *optimizer, state(10), 0);
+  {
+    torch::NoGradGuard no_grad;
+    layer->weight.zero_();
+  }
+  auto fresh = torch::optim::AdamW(layer->parameters(), torch::optim::AdamWOptions(0.1));
+  auto loaded = common::load_checkpoint(common::resolve_checkpoint(root, "latest"), tensors, fresh);
+  EXPECT_EQ(loaded.step, 10);
+  EXPECT_EQ(loaded.seed, 7u);
+  EXPECT_EQ(loaded.run.at("method"), "scedit");
+  EXPECT_TRUE(torch::equal(layer->weight, saved_weight));
+  EXPECT_EQ(fresh.state().size(), optimizer->state().size());
+}
+
+TEST_F(Checkpoints, KeepsOnlyTheNewestAndIgnoresUnfinishedSaves) {
+  for (int64_t step : {10, 20, 30}) common::save_checkpoint(root, tensors, *optimizer, state(step), 2);
+  auto all = common::list_checkpoints(root);
+  ASSERT_EQ(all.size(), 2u);
+  EXPECT_EQ(all.back().filename(), "step-00000030");
+  // A save that crashed midway leaves a temporary folder: never picked, whatever it holds.
+  fs::create_directories(root / "step-00000040.tmp-999");
+  std::ofstream(root / "step-00000040.tmp-999" / "state.json") << "{}";
+  EXPECT_EQ(common::resolve_checkpoint(root, "latest").filename(), "step-00000030");
+}
+
+TEST_F(Checkpoints, CorruptCheckpointsAreRefusedByName) {
+  auto folder = common::save_checkpoint(root, tensors, *optimizer, state(10), 0);
+  // Truncated weights.
+  fs::resize_file(folder / "tuners.safetensors", fs::file_size(folder / "tuners.safetensors") - 5);
+  auto message = error_of([&] { common::load_checkpoint(folder, tensors, *optimizer); });
+  EXPECT_NE(message.find("tuners.safetensors"), std::string::npos) << message;
+  // Broken state.json.
+  folder = common::save_checkpoint(root, tensors, *optimizer, state(20), 0);
+  std::ofstream(folder / "state.json") << "{\"step\": ";
+  message = error_of([&] { common::load_checkpoint(folder, tensors, *optimizer); });
+  EXPECT_NE(message.find("state.json"), std::string::npos) << message;
+  // Garbage optimizer state.
+  folder = common::save_checkpoint(root, tensors, *optimizer, state(30), 0);
+  std::ofstream(folder / "optimizer.pt") << "not a torch archive";
+  message = error_of([&] { common::load_checkpoint(folder, tensors, *optimizer); });
+  EXPECT_NE(message.find("optimizer.pt"), std::string::npos) << message;
+  // Another run's tensors.
+  folder = common::save_checkpoint(root, tensors, *optimizer, state(40), 0);
+  scedit::TensorMap other = {{"weight", layer->weight}};
+  message = error_of([&] { common::load_checkpoint(folder, other, *optimizer); });
+  EXPECT_NE(message.find("another method or model"), std::string::npos) << message;
+  EXPECT_NE(error_of([&] { common::resolve_checkpoint(root / "none", "latest"); }).find("no complete checkpoint"),
+            std::string::npos);
+}
+
+TEST(Train, GradientCheckpointingGivesTheSameGradients) {
+  // Float64, SC-Tuners and LoRA with random (non-identity) weights: one loss, two ways.
+  auto pipe = sd::tiny_pipeline(0, torch::kFloat64);
+  torch::manual_seed(0);
+  common::MethodOptions options;
+  options.method = "scedit+lora";
+  options.lora_rank = 4;
+  auto tuners = common::attach_tuners(pipe.unet, options, torch::kCPU);
+  auto params = scedit::tuner_parameters(*pipe.unet);
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : params) p.set_data(p.data().to(torch::kFloat64).normal_(0, 0.1));
+  }
+  auto latents = torch::randn({2, 4, 8, 8}, torch::kFloat64);
+  auto text = torch::randn({2, 77, 32}, torch::kFloat64);
+  auto t = torch::tensor({10, 700}, torch::kLong);
+  auto gradients = [&](bool checkpointing) {
+    pipe.unet->set_gradient_checkpointing(checkpointing);
+    for (auto& p : params) p.mutable_grad() = torch::Tensor();
+    tuners.refresh();
+    pipe.unet->forward(latents, t, text).square().mean().backward();
+    std::vector<torch::Tensor> grads;
+    for (auto& p : params) grads.push_back(p.grad().clone());
+    return grads;
+  };
+  const auto plain = gradients(false), recomputed = gradients(true);
+  ASSERT_EQ(plain.size(), recomputed.size());
+  for (size_t i = 0; i < plain.size(); ++i) {
+    ASSERT_TRUE(recomputed[i].defined()) << "parameter " << i;
+    EXPECT_TRUE(torch::allclose(plain[i], recomputed[i], 1e-10, 1e-12)) << "parameter " << i;
+  }
+}
