@@ -243,13 +243,13 @@ int main(int argc, char** argv) {
       unet->to(device, precision == "fp32" ? torch::kFloat32 : torch::kBFloat16);
       unet->set_gradient_checkpointing(recompute);
       for (int64_t batch : batch_sizes) {
-        int64_t lora_peak = 0;
+        int64_t peak_of[2] = {0, 0};  // LoRA, SCEdit
         for (const auto& method : method_list) {
           auto row = measure(unet, shapes, method, precision, batch, warmup, steps, device, pipeline_params);
-          if (method == "lora") lora_peak = row.peak_bytes;
+          peak_of[method == "scedit"] = row.peak_bytes;
           char ratio[32] = "";
-          if (method == "scedit" && lora_peak > 0) {
-            std::snprintf(ratio, sizeof(ratio), "%.2f", static_cast<double>(row.peak_bytes) / lora_peak);
+          if (peak_of[0] > 0 && peak_of[1] > 0) {  // on the second of the pair
+            std::snprintf(ratio, sizeof(ratio), "%.2f", static_cast<double>(peak_of[1]) / peak_of[0]);
           }
           std::printf("| %s | %s | %lld | %.3f (%.2f%%) | %.0f | %.1f | %.1f | %s |\n",
                       method == "lora" ? "LoRA" : "SCEdit", precision.c_str(),

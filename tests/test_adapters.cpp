@@ -52,6 +52,11 @@ struct Setting {
   bool cuda;
 };
 
+/// How GoogleTest prints a setting (in test names and failures).
+void PrintTo(const Setting& setting, std::ostream* os) {
+  *os << (setting.dtype == torch::kFloat32 ? "float32" : "float64") << (setting.cuda ? " on CUDA" : " on CPU");
+}
+
 class Adapters : public ::testing::TestWithParam<Setting> {
  protected:
   void SetUp() override {

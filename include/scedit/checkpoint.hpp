@@ -42,7 +42,9 @@ class Checkpoint : public torch::autograd::Function<Checkpoint> {
  public:
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
                                                 c10::intrusive_ptr<CheckpointClosure> closure,
-                                                const torch::autograd::variable_list& inputs) {
+                                                at::TensorList input_list) {
+    // (A TensorList, not a std::vector: autograd only sees tensors passed as Tensor/TensorList.)
+    const std::vector<torch::Tensor> inputs = input_list.vec();
     TORCH_CHECK(!inputs.empty() && inputs[0].defined(), "checkpoint: the first input must be a tensor");
     const auto device = inputs[0].device().type();
     const auto autocast = compat::autocast_state(device);
@@ -90,7 +92,7 @@ class Checkpoint : public torch::autograd::Function<Checkpoint> {
 inline torch::Tensor checkpoint(CheckpointFn fn, const std::vector<torch::Tensor>& inputs) {
   if (!torch::GradMode::is_enabled()) return fn(inputs);
   auto closure = c10::make_intrusive<detail::CheckpointClosure>(std::move(fn));
-  return detail::Checkpoint::apply(closure, inputs)[0];
+  return detail::Checkpoint::apply(closure, at::TensorList(inputs))[0];
 }
 
 }  // namespace scedit
