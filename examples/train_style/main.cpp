@@ -2,7 +2,7 @@
 //
 // With no --model it runs on a built-in tiny model with the SD 1.5 layout and a generated demo
 // dataset, so the whole path (data, frozen encoders, tuners, AdamW, checkpoints, samples, loss
-// curve) runs in about two minutes on two CPU cores. See README.md beside this file.
+// curve) runs in under a minute on two CPU cores. See README.md beside this file.
 
 #include <common/checkpoint.hpp>
 #include <common/dataset.hpp>
