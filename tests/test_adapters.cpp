@@ -2,12 +2,14 @@
 // SC-Tuner), and LoRA, each attached to the tiny UNet through the library's public API only.
 // Configurations, scales and LoRA settings are read from manifest.json.
 
+#include <scedit/compat.hpp>
 #include <scedit/csctuner.hpp>
 #include <scedit/lora.hpp>
 #include <scedit/lora_io.hpp>
 #include <scedit/safetensors.hpp>
 #include <scedit/sctuner.hpp>
 #include <scedit/state_dict.hpp>
+#include <scedit/trainable.hpp>
 #include <scedit/tuner_io.hpp>
 #include <sd/unet.hpp>
 
@@ -167,3 +169,26 @@ INSTANTIATE_TEST_SUITE_P(Parity, Adapters,
                            return std::string(info.param.dtype == torch::kFloat32 ? "Float32" : "Float64") +
                                   (info.param.cuda ? "_CUDA" : "");
                          });
+
+// fp16 needs CUDA (LibTorch's CPU kernels lack half convolutions); bf16 on the CPU is covered in
+// test_models.cpp. Half-precision weights under autocast stay finite and close to float32.
+TEST(HalfPrecision, UNetWithTunersStaysCloseToFloat32_CUDA) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  for (auto dtype : {torch::kFloat16, torch::kBFloat16}) {
+    sd::UNet unet(sd::UNetConfig::from_json(manifest().at("configs").at("unet_tiny")));
+    scedit::LoadOptions options;
+    options.source = fixture_path("unet_tiny.safetensors");
+    scedit::load_state_dict(*unet, scedit::safetensors::load(options.source), options);
+    auto tuners = scedit::attach_sc_tuners(*unet);
+    scedit::load_sc_tuners(fixture_path("adapters_tiny.safetensors"), tuners, "sc.");
+    unet->to(torch::kCUDA, dtype);
+    for (auto& p : scedit::tuner_parameters(*unet)) p.set_data(p.data().to(torch::kFloat32));
+    torch::NoGradGuard no_grad;
+    scedit::compat::AutocastGuard autocast(torch::kCUDA, dtype);
+    auto out = unet->forward(cases().at("input.sample").to(torch::kCUDA, dtype),
+                             cases().at("input.timestep").to(torch::kCUDA),
+                             cases().at("input.encoder_hidden_states").to(torch::kCUDA, dtype)).cpu();
+    EXPECT_TRUE(torch::isfinite(out).all().item<bool>());
+    EXPECT_LT(relative_error(out, cases().at("output.sc")), 5e-2) << c10::toString(dtype);
+  }
+}
