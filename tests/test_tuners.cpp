@@ -194,6 +194,8 @@ TEST_F(Tuners, SitePatternSelectsSites) {
               HasSubstr("no skip site matches pattern 'nothing'"));
   EXPECT_THAT(error_of([&] { scedit::attach_sc_tuners(*model, scedit::SCAttachOptions().pattern("lsc_identity\\.1")); }),
               HasSubstr("already has a tuner named 'sc'"));
+  EXPECT_THAT(error_of([&] { scedit::find_sites(*model, "lsc_identity\\.("); }),
+              HasSubstr("skip-site pattern 'lsc_identity\\.(' is not a valid regex"));
 }
 
 TEST_F(Tuners, SiteRefusesWrongChannels) {

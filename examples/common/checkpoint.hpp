@@ -9,7 +9,6 @@
 // previous checkpoints stay untouched. Old checkpoints beyond `keep_last` are then removed.
 
 #include <scedit/safetensors.hpp>
-#include <scedit/state_dict.hpp>
 
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
@@ -126,8 +125,6 @@ inline TrainState load_checkpoint(const std::filesystem::path& folder,
   }
   const auto weights = (folder / "tuners.safetensors").string();
   const auto saved = scedit::safetensors::load(weights);  // validated: truncation is refused
-  scedit::LoadOptions options;
-  options.source = weights;
   for (const auto& [name, tensor] : tensors) {
     auto it = saved.find(name);
     TORCH_CHECK(it != saved.end(), "checkpoint '", weights, "' lacks tensor '", name, "'");

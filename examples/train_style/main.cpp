@@ -98,25 +98,25 @@ class Batches {
   std::pair<torch::Tensor, torch::Tensor> get(const std::vector<int64_t>& indices,
                                               torch::Generator& generator) {
     torch::NoGradGuard no_grad;
-    std::vector<torch::Tensor> means, logvars, texts;
-    for (int64_t i : indices) {
-      if (flags_.cache) {
+    torch::Tensor mean, logvar, text;
+    if (flags_.cache) {
+      std::vector<torch::Tensor> means, logvars, texts;
+      for (int64_t i : indices) {
         means.push_back(means_[i]);
         logvars.push_back(logvars_[i]);
         texts.push_back(texts_[i]);
-      } else {
-        auto sample = data_.get(i, generator);
-        auto posterior = pipe_.vae->encode(sample.image.unsqueeze(0).to(device_, dtype_));
-        means.push_back(posterior.mean);
-        logvars.push_back(posterior.logvar);
-        texts.push_back(encode({sample.caption}));
       }
+      mean = torch::cat(means), logvar = torch::cat(logvars), text = torch::cat(texts);
+    } else {
+      // One VAE and one text-encoder call for the whole batch.
+      auto batch = data_.get_batch(indices, generator);  // images [B, 3, R, R]
+      auto posterior = pipe_.vae->encode(batch.images.to(device_, dtype_));
+      mean = posterior.mean, logvar = posterior.logvar, text = encode(batch.captions);
     }
-    auto mean = torch::cat(means).to(torch::kFloat32), logvar = torch::cat(logvars).to(torch::kFloat32);
+    mean = mean.to(torch::kFloat32), logvar = logvar.to(torch::kFloat32);
     // z ~ N(mean, exp(logvar)), then × scaling factor (diffusers train_text_to_image.py).
     auto noise = torch::randn(mean.sizes(), generator, torch::kFloat32).to(device_);
     auto latents = (mean + torch::exp(0.5 * logvar) * noise) * pipe_.scaling_factor;
-    auto text = torch::cat(texts);
     if (flags_.caption_dropout > 0) {
       auto drop = torch::rand({static_cast<int64_t>(indices.size())}, generator) < flags_.caption_dropout;
       for (int64_t b = 0; b < drop.size(0); ++b) {

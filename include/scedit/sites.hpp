@@ -288,20 +288,20 @@ struct SiteRef {
   SkipEditing* site;
 };
 
-/// True when `path` matches `pattern`: an empty pattern matches everything; otherwise the
-/// pattern is an ECMAScript regex that must match the whole path.
-inline bool path_matches(const std::string& path, const std::string& pattern) {
-  if (pattern.empty()) return true;
-  return std::regex_match(path, std::regex(pattern));
-}
-
 /// Every skip site of `model` whose path matches `pattern`, in the model's module order (for a
-/// UNet that registers its sites in decoder order, the decoder order).
+/// UNet that registers its sites in decoder order, the decoder order). An empty pattern matches
+/// every site; otherwise it is an ECMAScript regex that must match the whole path.
 inline std::vector<SiteRef> find_sites(torch::nn::Module& model, const std::string& pattern = "") {
+  std::regex regex;
+  try {
+    regex = std::regex(pattern.empty() ? ".*" : pattern);
+  } catch (const std::regex_error& e) {
+    TORCH_CHECK(false, "skip-site pattern '", pattern, "' is not a valid regex: ", e.what());
+  }
   std::vector<SiteRef> sites;
   for (const auto& item : model.named_modules("", /*include_self=*/false)) {
     auto* editing = dynamic_cast<SkipEditing*>(item.value().get());
-    if (editing != nullptr && path_matches(item.key(), pattern)) {
+    if (editing != nullptr && std::regex_match(item.key(), regex)) {
       sites.push_back({item.key(), editing});
     }
   }

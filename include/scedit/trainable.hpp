@@ -11,6 +11,7 @@
 /// torch::optim::AdamW optimizer(scedit::tuner_parameters(*unet), options);
 /// @endcode
 
+#include <scedit/lora.hpp>
 #include <scedit/sites.hpp>
 
 #include <torch/torch.h>
@@ -23,23 +24,6 @@
 
 namespace scedit {
 
-namespace detail {
-
-/// True when a dotted path passes through a LoRA adapter container.
-inline bool is_lora_path(const std::string& path) {
-  const std::string a = "lora_A", b = "lora_B";
-  size_t start = 0;
-  while (start <= path.size()) {
-    const size_t end = std::min(path.find('.', start), path.size());
-    const std::string segment = path.substr(start, end - start);
-    if (segment == a || segment == b) return true;
-    start = end + 1;
-  }
-  return false;
-}
-
-}  // namespace detail
-
 /// Dotted names of every tuner parameter of `model` (SC, CSC and LoRA).
 inline std::set<std::string> tuner_parameter_names(const torch::nn::Module& model) {
   std::set<std::string> names;
@@ -49,7 +33,7 @@ inline std::set<std::string> tuner_parameter_names(const torch::nn::Module& mode
     for (const auto& p : item.value()->named_parameters()) names.insert(prefix + p.key());
   }
   for (const auto& p : model.named_parameters()) {
-    if (detail::is_lora_path(p.key())) names.insert(p.key());
+    if (detail::lora_in_adapter_path(p.key())) names.insert(p.key());
   }
   return names;
 }
