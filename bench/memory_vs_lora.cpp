@@ -172,7 +172,7 @@ std::vector<std::string> parse_words(const std::string& text) {
 
 int main(int argc, char** argv) {
   std::string config = "auto", batches = "auto", precisions = "fp32,bf16w", methods = "lora,scedit";
-  std::string device_flag = "auto", json_path;
+  std::string device_flag = "auto", json_path, lean_flag = "none";
   int64_t warmup = 2, steps = 5;
   bool pipeline = false, recompute = false;
   CLI::App app{"memory_vs_lora: peak memory and speed of one SD 1.5 training step, SCEdit vs LoRA "
@@ -187,6 +187,7 @@ int main(int argc, char** argv) {
   app.add_option("--steps", steps, "Timed steps (median reported)")->check(CLI::PositiveNumber);
   app.add_flag("--pipeline", pipeline, "Keep the VAE and the text encoder resident on the device too (as the seed's run)");
   app.add_flag("--recompute", recompute, "Recompute the decoder's resnets and transformers in the backward pass (gradient checkpointing)");
+  app.add_option("--lean", lean_flag, "Lean activations, comma-separated: norm-silu (GroupNorm+SiLU keeps only its input), geglu (GEGLU keeps only its projection), norm-dtype (norms in bf16 under autocast), all, none");
   app.add_option("--json", json_path, "Also write the rows as JSON to this file");
   try {
     app.parse(argc, argv);
@@ -202,6 +203,7 @@ int main(int argc, char** argv) {
     const auto batch_sizes = parse_ints(batches, "--batch-sizes");
     const auto precision_list = parse_words(precisions);
     const auto method_list = parse_words(methods);
+    const auto lean = common::parse_lean_activations(lean_flag);
     for (const auto& p : precision_list) {
       TORCH_CHECK(p == "fp32" || p == "bf16w", "--precisions: '", p, "' is not fp32 or bf16w");
     }
@@ -222,11 +224,11 @@ int main(int argc, char** argv) {
 #if defined(SCEDIT_WITH_CUDA)
     if (device.is_cuda()) device_name = at::cuda::getDeviceProperties(device.index() < 0 ? 0 : device.index())->name;
 #endif
-    std::printf("config %s (latents 4x%lldx%lld, text 77x%lld), device %s, %lld warm-up + %lld timed steps%s%s\n\n",
+    std::printf("config %s (latents 4x%lldx%lld, text 77x%lld), device %s, %lld warm-up + %lld timed steps%s%s, lean %s\n\n",
                 config.c_str(), static_cast<long long>(shapes.latent), static_cast<long long>(shapes.latent),
                 static_cast<long long>(shapes.unet.cross_attention_dim), device_name.c_str(),
                 static_cast<long long>(warmup), static_cast<long long>(steps), pipeline ? ", VAE + CLIP resident" : "",
-                recompute ? ", decoder recomputed in backward" : "");
+                recompute ? ", decoder recomputed in backward" : "", common::to_string(lean).c_str());
     std::printf("| method | precision | bs | trainable (M, %% of pipeline) | peak MiB | step ms | images/s | SCEdit ÷ LoRA memory |\n");
     std::printf("|---|---|---|---|---|---|---|---|\n");
     std::fflush(stdout);
@@ -242,6 +244,7 @@ int main(int argc, char** argv) {
       sd::UNet unet(shapes.unet);
       unet->to(device, precision == "fp32" ? torch::kFloat32 : torch::kBFloat16);
       unet->set_gradient_checkpointing(recompute);
+      unet->set_lean_activations(lean);
       for (int64_t batch : batch_sizes) {
         int64_t peak_of[2] = {0, 0};  // LoRA, SCEdit
         for (const auto& method : method_list) {
@@ -267,7 +270,7 @@ int main(int argc, char** argv) {
                        {"trainable_params", r.trainable}, {"peak_bytes", r.peak_bytes},
                        {"step_ms", r.step_ms}, {"images_per_s", r.images_per_s},
                        {"device", device_name}, {"config", config}, {"pipeline", pipeline},
-                       {"recompute", recompute}});
+                       {"recompute", recompute}, {"lean", common::to_string(lean)}});
       }
       std::ofstream(json_path) << out.dump(2) << "\n";
       std::printf("\nrows: %s\n", json_path.c_str());

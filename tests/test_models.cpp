@@ -15,6 +15,7 @@
 #include <sd/unet.hpp>
 #include <sd/vae.hpp>
 
+#include "../bench/counting_allocator.hpp"
 #include "test_paths.hpp"
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -450,6 +451,133 @@ TEST_F(Models, UNetBFloat16AutocastOnCpuStaysClose) {
   const double err = rel_err(out, unet_case("output.base"));
   std::printf("[ info     ] UNet bf16 autocast rel err %.3g (dtype %s)\n", err,
               c10::toString(out.scalar_type()));
+  EXPECT_LT(err, 5e-2);
+}
+
+// ---- lean activations (training-memory levers) --------------------------------------------------
+
+/// Runs `fn` (which builds a graph) and returns the CPU bytes it leaves held: the tensors its
+/// autograd graph saved for backward, plus its output.
+int64_t bytes_held_after(const std::function<torch::Tensor()>& fn, torch::Tensor& keep) {
+  auto& counter = bench::CountingCPUAllocator::install();
+  const int64_t before = counter.current();
+  keep = fn();
+  return counter.current() - before;
+}
+
+TEST_F(Models, LeanGroupNormSiLUMatchesPlainOpsWithGradients) {
+  torch::nn::GroupNorm norm(torch::nn::GroupNormOptions(4, 12).eps(1e-5));
+  norm->to(torch::kFloat64);
+  {
+    torch::NoGradGuard no_grad;
+    norm->weight.uniform_(0.5, 1.5);
+    norm->bias.uniform_(-0.5, 0.5);
+  }
+  // NCHW, non-contiguous NCHW and [B, C, L].
+  for (auto x0 : {torch::randn({2, 12, 5, 3}, torch::kFloat64),
+                  torch::randn({2, 5, 3, 12}, torch::kFloat64).permute({0, 3, 1, 2}),
+                  torch::randn({3, 12, 7}, torch::kFloat64)}) {
+    const auto grad_out = torch::randn(x0.sizes(), torch::kFloat64);
+    auto run = [&](bool lean) {
+      auto x = x0.detach().requires_grad_(true);
+      for (auto& p : norm->parameters()) p.mutable_grad() = torch::Tensor();
+      auto y = lean ? sd::group_norm_silu(x, *norm) : torch::silu(norm(x));
+      y.backward(grad_out);
+      return std::vector<torch::Tensor>{y.detach(), x.grad(), norm->weight.grad().clone(), norm->bias.grad().clone()};
+    };
+    const auto plain = run(false), lean = run(true);
+    for (size_t i = 0; i < plain.size(); ++i) EXPECT_LE(rel_err(lean[i], plain[i]), 1e-12) << "output " << i;
+  }
+  expect_error([&] { sd::group_norm_silu(torch::randn({2, 8, 4}), *norm); }, {"[2, 8, 4]", "12 channels"});
+}
+
+TEST_F(Models, LeanGEGLUMatchesPlainOpsWithGradients) {
+  const auto projected0 = torch::randn({2, 5, 16}, torch::kFloat64);
+  const auto grad_out = torch::randn({2, 5, 8}, torch::kFloat64);
+  auto run = [&](bool lean) {
+    auto projected = projected0.detach().requires_grad_(true);
+    auto parts = projected.chunk(2, -1);
+    auto y = lean ? sd::geglu(projected) : parts[0] * torch::gelu(parts[1]);
+    y.backward(grad_out);
+    return std::vector<torch::Tensor>{y.detach(), projected.grad()};
+  };
+  const auto plain = run(false), lean = run(true);
+  EXPECT_LE(rel_err(lean[0], plain[0]), 1e-14);
+  EXPECT_LE(rel_err(lean[1], plain[1]), 1e-14);
+  expect_error([] { sd::geglu(torch::randn({2, 5})); }, {"[2, 5]", "even"});
+}
+
+TEST_F(Models, LeanActivationsKeepLessForBackward) {
+  // A resnet block: the plain ops keep both normalised tensors (SiLU's inputs) besides what the
+  // lean ones keep, so the lean graph holds at least two activation-sized tensors less.
+  sd::ResnetBlock2D resnet(sd::ResnetBlock2DOptions(32, 32).groups(8).eps(1e-5));
+  const auto x = torch::randn({2, 32, 8, 8}, torch::requires_grad());
+  const int64_t activation = x.numel() * 4;
+  torch::Tensor kept;
+  const int64_t plain = bytes_held_after([&] { return resnet(x); }, kept);
+  kept = torch::Tensor();
+  resnet->lean.group_norm_silu = true;
+  const int64_t lean = bytes_held_after([&] { return resnet(x); }, kept);
+  std::printf("[ info     ] resnet graph holds %lld bytes plain, %lld lean\n",
+              static_cast<long long>(plain), static_cast<long long>(lean));
+  EXPECT_GE(plain - lean, 2 * activation);
+
+  // GEGLU: the plain ops also keep GELU(gate).
+  sd::GEGLU geglu(sd::GEGLUOptions(16, 64));
+  const auto tokens = torch::randn({2, 10, 16}, torch::requires_grad());
+  kept = torch::Tensor();
+  const int64_t plain_geglu = bytes_held_after([&] { return geglu(tokens); }, kept);
+  kept = torch::Tensor();
+  geglu->lean = true;
+  const int64_t lean_geglu = bytes_held_after([&] { return geglu(tokens); }, kept);
+  EXPECT_GE(plain_geglu - lean_geglu, 2 * 10 * 64 * 4);
+}
+
+TEST_F(Models, UNetLeanActivationsMatchReferenceAndPlainGradients) {
+  const auto sample = unet_case("input.sample").to(torch::kFloat32);
+  const auto context = unet_case("input.encoder_hidden_states").to(torch::kFloat32);
+  const auto t = unet_case("input.timestep");
+  auto run = [&](const sd::LeanActivations& lean) {
+    auto unet = tiny_unet(torch::kFloat32);
+    for (auto& p : unet->parameters()) p.requires_grad_(false);
+    unet->set_lean_activations(lean);
+    std::vector<std::shared_ptr<ProbeEditor>> probes;
+    for (auto& site : unet->skip_sites()) {
+      probes.push_back(std::make_shared<ProbeEditor>());
+      probes.back()->factor = torch::full({}, 0.1, torch::requires_grad());
+      site->attach("probe", probes.back());
+    }
+    auto out = unet(sample, t, context);
+    out.square().mean().backward();
+    std::vector<torch::Tensor> grads;
+    for (auto& probe : probes) grads.push_back(probe->factor.grad());
+    return std::make_pair(out.detach(), torch::stack(grads));
+  };
+  sd::LeanActivations all;
+  all.group_norm_silu = all.geglu = all.norms_in_activation_dtype = true;
+  const auto [plain_out, plain_grads] = run({});
+  const auto [lean_out, lean_grads] = run(all);
+  EXPECT_LE(rel_err(lean_out, plain_out), 1e-6);
+  EXPECT_LE(rel_err(lean_grads, plain_grads), 1e-5);
+  // With the probes at zero scale the output is the reference's.
+  auto unet = tiny_unet(torch::kFloat32);
+  unet->set_lean_activations(all);
+  EXPECT_LE(rel_err(run_base(unet, torch::kFloat32), unet_case("output.base")), 1e-4);
+}
+
+TEST_F(Models, UNetLeanActivationsUnderBFloat16AutocastStayClose) {
+  auto unet = tiny_unet(torch::kBFloat16);
+  sd::LeanActivations all;
+  all.group_norm_silu = all.geglu = all.norms_in_activation_dtype = true;
+  unet->set_lean_activations(all);
+  torch::Tensor out;
+  {
+    scedit::compat::AutocastGuard autocast(torch::kCPU, torch::kBFloat16);
+    out = run_base(unet, torch::kFloat32);
+  }
+  EXPECT_EQ(out.scalar_type(), torch::kBFloat16);
+  const double err = rel_err(out, unet_case("output.base"));
+  std::printf("[ info     ] UNet bf16 autocast, lean activations, rel err %.3g\n", err);
   EXPECT_LT(err, 5e-2);
 }
 

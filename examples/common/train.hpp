@@ -21,6 +21,7 @@
 #include <cmath>
 #include <filesystem>
 #include <optional>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -92,6 +93,36 @@ struct MethodOptions {
   std::vector<std::string> lora_targets = {"to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj",
                                            "ff.net.2"};  ///< peft-style module names
 };
+
+/// Parses the `--lean` flag: a comma-separated subset of `norm-silu` (GroupNorm + SiLU keeping
+/// only its input), `geglu` (GEGLU keeping only its projection) and `norm-dtype` (norms in the
+/// activation dtype under autocast), or `all` / `none`. See sd/lean_ops.hpp.
+inline sd::LeanActivations parse_lean_activations(const std::string& list) {
+  sd::LeanActivations lean;
+  std::stringstream stream(list);
+  for (std::string part; std::getline(stream, part, ',');) {
+    if (part == "none") continue;
+    const bool all = part == "all";
+    TORCH_CHECK(all || part == "norm-silu" || part == "geglu" || part == "norm-dtype",
+                "--lean: '", part, "' is not norm-silu, geglu, norm-dtype, all or none");
+    lean.group_norm_silu |= all || part == "norm-silu";
+    lean.geglu |= all || part == "geglu";
+    lean.norms_in_activation_dtype |= all || part == "norm-dtype";
+  }
+  return lean;
+}
+
+/// The `--lean` spelling of `lean` (`none` when all are off).
+inline std::string to_string(const sd::LeanActivations& lean) {
+  std::string names;
+  auto add = [&](bool on, const char* name) {
+    if (on) names += (names.empty() ? "" : ",") + std::string(name);
+  };
+  add(lean.group_norm_silu, "norm-silu");
+  add(lean.geglu, "geglu");
+  add(lean.norms_in_activation_dtype, "norm-dtype");
+  return names.empty() ? "none" : names;
+}
 
 /// The tuners attached to a UNet for training.
 struct TrainedTuners {

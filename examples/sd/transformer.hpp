@@ -8,6 +8,7 @@
 /// (`GEGLU`).
 
 #include <sd/layers.hpp>
+#include <sd/lean_ops.hpp>
 
 #include <torch/torch.h>
 
@@ -42,7 +43,9 @@ class GEGLUImpl : public torch::nn::Cloneable<GEGLUImpl> {
 
   /// [..., dim_in] -> [..., dim_out].
   torch::Tensor forward(const torch::Tensor& x) {
-    auto parts = proj(x).chunk(2, -1);  // [..., 2·dim_out] -> 2 × [..., dim_out]
+    auto projected = proj(x);  // [..., 2·dim_out]
+    if (lean) return geglu(projected);
+    auto parts = projected.chunk(2, -1);  // -> 2 × [..., dim_out]
     return parts[0] * torch::gelu(parts[1]);
   }
 
@@ -55,6 +58,8 @@ class GEGLUImpl : public torch::nn::Cloneable<GEGLUImpl> {
   GEGLUOptions options;
   /// The joint value/gate projection.
   torch::nn::Linear proj{nullptr};
+  /// Gate in one autograd node that keeps only the projection (`sd::geglu`).
+  bool lean = false;
 };
 
 /// Holder of `GEGLUImpl`.
@@ -163,11 +168,11 @@ class BasicTransformerBlockImpl : public torch::nn::Cloneable<BasicTransformerBl
   /// x [B, L, dim], context [B, Lc, cross_attention_dim] -> [B, L, dim].
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& context) {
     // Each residual add goes in place into the sub-layer's fresh output (not saved by autograd).
-    auto h = attn1(norm1(x), options.only_cross_attention() ? context : torch::Tensor());
+    auto h = attn1(normed(norm1, x), options.only_cross_attention() ? context : torch::Tensor());
     h.add_(x);
-    auto h2 = attn2(norm2(h), context);
+    auto h2 = attn2(normed(norm2, h), context);
     h2.add_(h);
-    auto h3 = ff(norm3(h2));
+    auto h3 = ff(normed(norm3, h2));
     h3.add_(h2);
     return h3;
   }
@@ -195,6 +200,13 @@ class BasicTransformerBlockImpl : public torch::nn::Cloneable<BasicTransformerBl
   torch::nn::LayerNorm norm3{nullptr};
   /// GEGLU feed-forward.
   FeedForward ff{nullptr};
+  /// LayerNorms in the activation dtype under autocast (`sd::layer_norm_in_input_dtype`).
+  bool norms_in_activation_dtype = false;
+
+ private:
+  torch::Tensor normed(torch::nn::LayerNorm& norm, const torch::Tensor& x) {
+    return norms_in_activation_dtype ? layer_norm_in_input_dtype(x, *norm) : norm(x);
+  }
 };
 
 /// Holder of `BasicTransformerBlockImpl`.
@@ -267,11 +279,12 @@ class Transformer2DModelImpl : public detail::BoundCloneable<Transformer2DModelI
   /// x [B, C, H, W], context [B, Lc, cross_attention_dim] -> [B, C, H, W].
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& context) {
     const int64_t b = x.size(0), c = x.size(1), height = x.size(2), width = x.size(3);
+    auto normed = norms_in_activation_dtype ? group_norm_in_input_dtype(x, *norm) : norm(x);
     torch::Tensor h;
     if (options.use_linear_projection()) {
-      h = proj_in_linear(norm(x).permute({0, 2, 3, 1}).reshape({b, height * width, c}));
+      h = proj_in_linear(normed.permute({0, 2, 3, 1}).reshape({b, height * width, c}));
     } else {
-      h = proj_in_conv(norm(x)).permute({0, 2, 3, 1}).reshape({b, height * width, c});
+      h = proj_in_conv(normed).permute({0, 2, 3, 1}).reshape({b, height * width, c});
     }  // [B, C, H, W] -> [B, H·W, C]
     for (auto& block : blocks) h = block(h, context);
     // proj_out as a matmul over the tokens (a 1×1 conv is the same product), then a strided view
@@ -312,6 +325,8 @@ class Transformer2DModelImpl : public detail::BoundCloneable<Transformer2DModelI
   torch::nn::Conv2d proj_out_conv{nullptr};
   /// ... or as a Linear (SD 2.x).
   torch::nn::Linear proj_out_linear{nullptr};
+  /// The input GroupNorm in the activation dtype under autocast (`sd::group_norm_in_input_dtype`).
+  bool norms_in_activation_dtype = false;
 };
 
 /// Holder of `Transformer2DModelImpl`.

@@ -16,6 +16,7 @@
 
 #include <sd/config.hpp>
 #include <sd/layers.hpp>
+#include <sd/lean_ops.hpp>
 #include <sd/unet_blocks.hpp>
 
 #include <scedit/sites.hpp>
@@ -233,6 +234,8 @@ class UNet2DConditionModelImpl : public detail::BoundCloneable<UNet2DConditionMo
     for (auto& block : ups) h = block(h, emb, context, skips, sites, next_site);
 
     // 5. Output.
+    if (lean.group_norm_silu) return conv_out(group_norm_silu(h, *conv_norm_out));
+    if (lean.norms_in_activation_dtype) return conv_out(torch::silu(group_norm_in_input_dtype(h, *conv_norm_out)));
     return conv_out(torch::silu(conv_norm_out(h)));
   }
 
@@ -262,6 +265,23 @@ class UNet2DConditionModelImpl : public detail::BoundCloneable<UNet2DConditionMo
   /// the skips nothing upstream of the decoder keeps activations anyway).
   void set_gradient_checkpointing(bool enabled) {
     for (auto& up : ups) up->gradient_checkpointing = enabled;
+  }
+
+  /// Chooses the lean activation variants (lean_ops.hpp) in every block: training-memory
+  /// levers, exact in float32, off by default.
+  void set_lean_activations(const LeanActivations& options) {
+    lean = options;
+    for (auto& module : modules(/*include_self=*/false)) {
+      if (auto* resnet = dynamic_cast<ResnetBlock2DImpl*>(module.get())) {
+        resnet->lean = options;
+      } else if (auto* geglu = dynamic_cast<GEGLUImpl*>(module.get())) {
+        geglu->lean = options.geglu;
+      } else if (auto* block = dynamic_cast<BasicTransformerBlockImpl*>(module.get())) {
+        block->norms_in_activation_dtype = options.norms_in_activation_dtype;
+      } else if (auto* transformer = dynamic_cast<Transformer2DModelImpl*>(module.get())) {
+        transformer->norms_in_activation_dtype = options.norms_in_activation_dtype;
+      }
+    }
   }
 
   /// The skip sites in decoder order (`lsc_identity[0]` = the deepest skip).
@@ -302,6 +322,8 @@ class UNet2DConditionModelImpl : public detail::BoundCloneable<UNet2DConditionMo
   std::vector<UpBlock2D> ups;
   /// Typed holders of `lsc_identity`.
   std::vector<scedit::SkipSite> sites;
+  /// Lean activation variants of the output norm (see `set_lean_activations`).
+  LeanActivations lean;
 
  private:
   void check_inputs(const torch::Tensor& sample, const torch::Tensor& timestep,

@@ -130,5 +130,18 @@ class AutocastGuard {
   bool previous_ = false;
 };
 
+/// RAII region where autocast does not apply: ops run in the dtypes of their inputs (for example
+/// a norm kept in bf16 on bf16 activations, where CUDA autocast would compute it in float32).
+/// The same dispatcher guard on LibTorch 1.13 and 2.x.
+class AutocastExcluded {
+ public:
+  AutocastExcluded() = default;
+  AutocastExcluded(const AutocastExcluded&) = delete;
+  AutocastExcluded& operator=(const AutocastExcluded&) = delete;
+
+ private:
+  c10::impl::ExcludeDispatchKeyGuard guard_{c10::autocast_dispatch_keyset};
+};
+
 }  // namespace compat
 }  // namespace scedit
