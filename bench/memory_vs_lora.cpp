@@ -173,12 +173,13 @@ std::vector<std::string> parse_words(const std::string& text) {
 int main(int argc, char** argv) {
   std::string config = "auto", batches = "auto", precisions = "fp32,bf16w", methods = "lora,scedit";
   std::string device_flag = "auto", json_path, lean_flag = "none";
-  int64_t warmup = 2, steps = 5;
+  int64_t warmup = 2, steps = 5, latent = 0;
   bool pipeline = false, recompute = false;
   CLI::App app{"memory_vs_lora: peak memory and speed of one SD 1.5 training step, SCEdit vs LoRA "
                "(r=64 on to_q/to_k/to_v/to_out.0/ff.net.0.proj/ff.net.2)"};
   app.option_defaults()->always_capture_default();
   app.add_option("--config", config, "sd15 | reduced | auto (sd15 on CUDA, reduced on the CPU)");
+  app.add_option("--latent", latent, "Latent side (0: the config's, 64 = 512 px for sd15, 16 for reduced)")->check(CLI::NonNegativeNumber);
   app.add_option("--batch-sizes", batches, "Comma-separated batch sizes (auto: 1,10,30 for sd15, 1,4 for reduced)");
   app.add_option("--precisions", precisions, "Comma-separated: fp32 (TF32 matmuls allowed), bf16w (frozen bf16, trainable fp32, bf16 autocast)");
   app.add_option("--methods", methods, "Comma-separated: lora, scedit");
@@ -198,7 +199,8 @@ int main(int argc, char** argv) {
     const auto device = common::resolve_device(device_flag);
     if (!device.is_cuda()) bench::CountingCPUAllocator::install();
     if (config == "auto") config = device.is_cuda() ? "sd15" : "reduced";
-    const auto shapes = make_shapes(config);
+    auto shapes = make_shapes(config);
+    if (latent > 0) shapes.latent = latent;
     if (batches == "auto") batches = config == "sd15" ? "1,10,30" : "1,4";
     const auto batch_sizes = parse_ints(batches, "--batch-sizes");
     const auto precision_list = parse_words(precisions);
@@ -219,6 +221,10 @@ int main(int argc, char** argv) {
     sd::VAE vae(shapes.vae);
     sd::CLIPTextModel text_encoder(shapes.text);
     const int64_t pipeline_params = count_elements(*vae) + count_elements(*text_encoder);
+    if (!pipeline) {  // freed, so that the CPU's byte count holds only what the GPU's would
+      vae = sd::VAE(nullptr);
+      text_encoder = sd::CLIPTextModel(nullptr);
+    }
 
     std::string device_name = device.str();
 #if defined(SCEDIT_WITH_CUDA)

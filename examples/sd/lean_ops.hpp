@@ -48,10 +48,14 @@ inline int64_t spatial_size(const torch::Tensor& x) {
 /// `silu(group_norm(x))` keeping only x, weight and bias for the backward pass.
 struct GroupNormSiLUFunction : public torch::autograd::Function<GroupNormSiLUFunction> {
   /// x [B, C, *spatial] -> [B, C, *spatial], in x's dtype.
+  /// (weight and bias are optionals: an undefined Tensor argument is not allowed here.)
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
-                               const torch::Tensor& weight, const torch::Tensor& bias,
-                               int64_t groups, double eps) {
+                               const c10::optional<torch::Tensor>& weight_or_none,
+                               const c10::optional<torch::Tensor>& bias_or_none, int64_t groups,
+                               double eps) {
     scedit::compat::AutocastExcluded in_input_dtype;
+    const auto weight = weight_or_none.value_or(torch::Tensor());
+    const auto bias = bias_or_none.value_or(torch::Tensor());
     auto input = x.contiguous();
     auto normalized = std::get<0>(at::native_group_norm(input, affine_as(weight, input),
                                                         affine_as(bias, input), input.size(0),
@@ -118,7 +122,11 @@ inline torch::Tensor group_norm_silu(const torch::Tensor& x, const torch::nn::Gr
   const auto& o = norm.options;
   TORCH_CHECK(x.dim() >= 2 && x.size(1) == o.num_channels(), "group_norm_silu: input ", x.sizes(),
               " does not have ", o.num_channels(), " channels in dim 1");
-  return detail::GroupNormSiLUFunction::apply(x, norm.weight, norm.bias, o.num_groups(), o.eps());
+  auto optional = [](const torch::Tensor& t) {
+    return t.defined() ? c10::optional<torch::Tensor>(t) : c10::nullopt;
+  };
+  return detail::GroupNormSiLUFunction::apply(x, optional(norm.weight), optional(norm.bias),
+                                              o.num_groups(), o.eps());
 }
 
 /// GEGLU's gate on a projection [..., 2·D] -> [..., D], keeping only the projection for the

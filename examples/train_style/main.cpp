@@ -45,6 +45,7 @@ struct Flags {
   std::string bad_data = "skip";
   bool cache = false;
   bool gradient_checkpointing = false;
+  std::string lean = "none";
   std::string precision = "fp32";
   std::string device = "auto";
   common::OptimOptions optim = [] {
@@ -197,6 +198,7 @@ int run(const Flags& flags_in) {
   const bool tiny = flags.model.empty();
   const auto device = common::resolve_device(flags.device);
   const auto precision = common::parse_precision(flags.precision);
+  const auto lean = common::parse_lean_activations(flags.lean);
   common::check_precision(precision, device);
   const auto dtype = common::compute_dtype(precision);
   flags.method.lora_targets = split_commas(flags.lora_targets);
@@ -280,6 +282,7 @@ int run(const Flags& flags_in) {
               static_cast<long long>(count.trainable), 100.0 * count.trainable / count.total());
   pipe.unet->train();
   pipe.unet->set_gradient_checkpointing(flags.gradient_checkpointing);
+  pipe.unet->set_lean_activations(lean);
   sd::NoiseSchedule schedule;
   common::TrainStep step(pipe.unet, tuners, schedule, flags.optim, precision, device, flags.prediction);
 
@@ -400,6 +403,7 @@ int main(int argc, char** argv) {
   app.add_option("--bad-data", flags.bad_data, "skip | fatal: what to do with unreadable images, empty captions, small images");
   app.add_flag("--cache", flags.cache, "Encode every image and caption once (centre crop, no flip) and train on the cache");
   app.add_flag("--gradient-checkpointing", flags.gradient_checkpointing, "Recompute the decoder in the backward pass: less memory, more compute");
+  app.add_option("--lean", flags.lean, "Lean activations (less memory, same result in fp32), comma-separated: norm-silu, geglu, norm-dtype, all, none");
   app.add_option("--precision", flags.precision, "fp32 | bf16 | fp16 (frozen weights in half precision, trainable in fp32)");
   app.add_option("--device", flags.device, "auto | cpu | cuda[:N]");
   app.add_option("--lr", flags.optim.lr, "AdamW learning rate (0: SCEdit's 1e-4; 1e-3 on the tiny default, whose random weights learn slowly)");

@@ -6,9 +6,11 @@
 
 #include <torch/torch.h>
 #include <torch/version.h>
+#include <ATen/ExpandUtils.h>
 #include <ATen/autocast_mode.h>
 
 #include <cmath>
+#include <limits>
 #include <optional>
 
 /// True on LibTorch 2.x and later.
@@ -28,12 +30,44 @@
 namespace scedit {
 namespace compat {
 
+namespace detail {
+
+/// `softmax(q·kᵀ / √D + mask)` (the upper triangle masked when `is_causal`): [B, h, Lq, Lk].
+inline torch::Tensor attention_probabilities(const torch::Tensor& q, const torch::Tensor& k,
+                                             const torch::Tensor& attn_mask, bool is_causal) {
+  const double scale = 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
+  auto scores = torch::matmul(q, k.transpose(-2, -1)) * scale;  // [B, h, Lq, Lk]
+  if (is_causal) {
+    auto causal = torch::ones({q.size(-2), k.size(-2)}, q.options().dtype(torch::kBool)).triu(1);
+    scores = scores.masked_fill(causal, -std::numeric_limits<double>::infinity());
+  }
+  if (attn_mask.defined()) scores = scores + attn_mask;
+  return scores.softmax(-1);
+}
+
+/// Attention that keeps only q, k, v and its output for the backward pass and recomputes the
+/// probabilities there, as the fused kernels of LibTorch 2.x do: on 1.13 the textbook form would
+/// otherwise keep a [B, h, Lq, Lk] tensor per attention, most of a UNet's training memory.
+struct RecomputedAttention : public torch::autograd::Function<RecomputedAttention> {
+  /// q [B, h, Lq, D], k [B, h, Lk, D], v [B, h, Lk, Dv] -> [B, h, Lq, Dv].
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& q,
+                               const torch::Tensor& k, const torch::Tensor& v,
+                               const c10::optional<torch::Tensor>& attn_mask, bool is_causal);
+  /// dV = Pᵀ·dO, dS = P ⊙ (dO·Vᵀ − rowsum(dO ⊙ O)), dQ = dS·K / √D, dK = dSᵀ·Q / √D.
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads);
+};
+
+}  // namespace detail
+
 /// Scaled dot-product attention over [B, heads, L, D] tensors.
 ///
 /// On LibTorch 2.x this is the fused kernel (flash / memory-efficient where the device allows);
-/// on 1.13 it is the exact textbook computation `softmax(q·kᵀ / √D + mask) · v`.
-/// `attn_mask` is additive (float) and broadcastable to [B, heads, Lq, Lk]; `is_causal` masks
-/// the upper triangle. Both together are not allowed (as in PyTorch).
+/// on 1.13 it is the exact textbook computation `softmax(q·kᵀ / √D + mask) · v`, which, when
+/// gradients are wanted, recomputes the probabilities in the backward pass instead of keeping
+/// them (`detail::RecomputedAttention`).
+/// `attn_mask` is additive (float, no gradient) and broadcastable to [B, heads, Lq, Lk];
+/// `is_causal` masks the upper triangle. Both together are not allowed (as in PyTorch).
 inline torch::Tensor scaled_dot_product_attention(const torch::Tensor& q, const torch::Tensor& k,
                                                   const torch::Tensor& v,
                                                   const torch::Tensor& attn_mask = {},
@@ -45,14 +79,11 @@ inline torch::Tensor scaled_dot_product_attention(const torch::Tensor& q, const 
       q, k, v, attn_mask.defined() ? std::optional<at::Tensor>(attn_mask) : std::nullopt, 0.0,
       is_causal);
 #else
-  const double scale = 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
-  auto scores = torch::matmul(q, k.transpose(-2, -1)) * scale;  // [B, h, Lq, Lk]
-  if (is_causal) {
-    auto causal = torch::ones({q.size(-2), k.size(-2)}, q.options().dtype(torch::kBool)).triu(1);
-    scores = scores.masked_fill(causal, -std::numeric_limits<double>::infinity());
+  if (torch::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad())) {
+    return detail::RecomputedAttention::apply(
+        q, k, v, attn_mask.defined() ? c10::optional<torch::Tensor>(attn_mask) : c10::nullopt, is_causal);
   }
-  if (attn_mask.defined()) scores = scores + attn_mask;
-  return torch::matmul(scores.softmax(-1), v);  // [B, h, Lq, D]
+  return torch::matmul(detail::attention_probabilities(q, k, attn_mask, is_causal), v);
 #endif
 }
 
@@ -129,6 +160,45 @@ class AutocastGuard {
   bool active_;
   bool previous_ = false;
 };
+
+inline torch::Tensor detail::RecomputedAttention::forward(
+    torch::autograd::AutogradContext* ctx, const torch::Tensor& q, const torch::Tensor& k,
+    const torch::Tensor& v, const c10::optional<torch::Tensor>& attn_mask, bool is_causal) {
+  // (The mask travels as an optional: an undefined Tensor argument is not allowed here.)
+  const auto mask = attn_mask.value_or(torch::Tensor());
+  auto out = torch::matmul(attention_probabilities(q, k, mask, is_causal), v);
+  const auto autocast = autocast_state(q.device().type());
+  ctx->save_for_backward({q, k, v, mask, out});
+  ctx->saved_data["is_causal"] = is_causal;
+  ctx->saved_data["autocast_dtype"] =
+      static_cast<int64_t>(autocast.enabled ? autocast.dtype : torch::kFloat32);
+  return out;
+}
+
+inline torch::autograd::variable_list detail::RecomputedAttention::backward(
+    torch::autograd::AutogradContext* ctx, torch::autograd::variable_list grads) {
+  const auto saved = ctx->get_saved_variables();
+  const auto &q = saved[0], &k = saved[1], &v = saved[2], &attn_mask = saved[3], &out = saved[4];
+  // The forward's autocast state, so the recomputed probabilities are the forward's.
+  AutocastGuard autocast(q.device().type(),
+                         static_cast<torch::ScalarType>(ctx->saved_data["autocast_dtype"].toInt()));
+  const auto probs = attention_probabilities(q, k, attn_mask, ctx->saved_data["is_causal"].toBool());
+  const auto& grad_out = grads[0];
+  const double scale = 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
+  torch::Tensor grad_q, grad_k, grad_v;
+  if (ctx->needs_input_grad(2)) {
+    grad_v = at::sum_to(torch::matmul(probs.transpose(-2, -1), grad_out), v.sizes());
+  }
+  if (ctx->needs_input_grad(0) || ctx->needs_input_grad(1)) {
+    auto grad_scores = torch::matmul(grad_out, v.transpose(-2, -1));  // dP, [B, h, Lq, Lk]
+    grad_scores = probs * (grad_scores - (grad_out * out).sum(-1, /*keepdim=*/true)) * scale;
+    if (ctx->needs_input_grad(0)) grad_q = at::sum_to(torch::matmul(grad_scores, k), q.sizes());
+    if (ctx->needs_input_grad(1)) {
+      grad_k = at::sum_to(torch::matmul(grad_scores.transpose(-2, -1), q), k.sizes());
+    }
+  }
+  return {grad_q, grad_k, grad_v, torch::Tensor(), torch::Tensor()};
+}
 
 /// RAII region where autocast does not apply: ops run in the dtypes of their inputs (for example
 /// a norm kept in bf16 on bf16 activations, where CUDA autocast would compute it in float32).
