@@ -17,9 +17,11 @@
 #include <sd/unet.hpp>
 
 #include <torch/torch.h>
+#include <ATen/CPUGeneratorImpl.h>
 
 #include <cmath>
 #include <filesystem>
+#include <mutex>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -240,13 +242,14 @@ class TrainStep {
   }
 
   /// Forward and backward of one micro-batch: draws noise and timesteps from `generator`, adds
-  /// the gradients of `loss / accumulation` to the tuners, returns the (unscaled) loss.
+  /// the gradients of `loss / accumulation` to the tuners, returns the (unscaled) loss as a
+  /// 0-dim float32 tensor on the device: reading it (`item`) waits for the GPU, so callers do
+  /// that once the step is queued, not in between.
   /// `latents` [B, 4, h, w] (already × scaling factor), `text` [B, 77, D], both on the device.
-  double forward_backward(const torch::Tensor& latents, const torch::Tensor& text,
-                          torch::Generator& generator, int64_t accumulation = 1) {
+  torch::Tensor forward_backward(const torch::Tensor& latents, const torch::Tensor& text,
+                                 torch::Generator& generator, int64_t accumulation = 1) {
     const auto batch = latents.size(0);
-    // Noise and timesteps come from a CPU generator, so CPU and CUDA runs draw the same values.
-    auto noise = torch::randn(latents.sizes(), generator, torch::kFloat32).to(device_);
+    auto noise = draw_noise(latents.sizes(), generator);
     auto t = torch::randint(0, schedule_.num_train_timesteps(), {batch}, generator, torch::kLong).to(device_);
     auto x0 = latents.to(torch::kFloat32);
     auto noisy = schedule_.add_noise(x0, noise, t);                       // q(x_t | x_0)
@@ -258,9 +261,8 @@ class TrainStep {
       auto prediction = unet_->forward(noisy.to(frozen_dtype()), t, text.to(frozen_dtype()));
       loss = torch::mse_loss(prediction.to(torch::kFloat32), target);
     }
-    const double value = loss.item<double>();
     (loss * (loss_scale_ / static_cast<double>(accumulation))).backward();
-    return value;
+    return loss.detach();
   }
 
   /// Applies the accumulated gradients at learning rate `lr`: unscale (fp16), skip the step on
@@ -299,6 +301,26 @@ class TrainStep {
   torch::Dtype frozen_dtype() const { return compute_dtype(precision_); }
 
  private:
+  // ε ~ N(0, I) [B, 4, h, w] float32 on the device. On the CPU it comes from `generator` itself;
+  // elsewhere from a device generator seeded by one draw of `generator`, so a micro-step's noise
+  // is still a pure function of (seed, index) on a given device (resume stays exact) and no
+  // host-side draw and copy (~7 ms at batch 30) holds up the GPU.
+  torch::Tensor draw_noise(at::IntArrayRef sizes, torch::Generator& generator) const {
+    const auto options = torch::TensorOptions().dtype(torch::kFloat32).device(device_);
+    if (device_.is_cpu()) return torch::randn(sizes, generator, options);
+    uint64_t seed;
+    {
+      std::lock_guard<std::mutex> lock(generator.mutex());
+      seed = at::check_generator<at::CPUGeneratorImpl>(generator)->random64();
+    }
+    auto on_device = at::globalContext().defaultGenerator(device_).clone();
+    {
+      std::lock_guard<std::mutex> lock(on_device.mutex());
+      on_device.set_current_seed(seed);
+    }
+    return torch::randn(sizes, on_device, options);
+  }
+
   // Dynamic loss scaling (as torch.cuda.amp.GradScaler): halve on overflow, double after 2000
   // clean steps.
   void update_loss_scale(bool finite) {

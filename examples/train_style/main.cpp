@@ -324,15 +324,17 @@ int run(const Flags& flags_in) {
   const auto began = std::chrono::steady_clock::now();
   double smoothed = 0;
   for (int64_t s = start; s < total; ++s) {
-    double loss = 0;
+    torch::Tensor loss_sum;  // on the device: read once the whole step is queued
     for (int64_t a = 0; a < flags.grad_accum; ++a) {
       const int64_t m = s * flags.grad_accum + a;
       auto generator = common::step_generator(flags.seed, m);
       auto [latents, text] = batches.get(batch_indices(m, flags.batch_size, data.size(), flags.seed, permutations), generator);
-      loss += step.forward_backward(latents, text, generator, flags.grad_accum) / flags.grad_accum;
+      auto micro = step.forward_backward(latents, text, generator, flags.grad_accum);
+      loss_sum = a == 0 ? micro : loss_sum + micro;
     }
     const double lr = common::learning_rate(flags.optim, s, total);
     step.optimizer_step(lr);
+    const double loss = loss_sum.item<double>() / flags.grad_accum;
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();
     records.push_back({s + 1, loss, lr, seconds});
     smoothed = s == start ? loss : 0.9 * smoothed + 0.1 * loss;
