@@ -104,7 +104,7 @@ void synchronize(const torch::Device& device) {
 /// the tuners are attached for the row and removed again, so one UNet serves every row.
 Row measure(sd::UNet& unet, const Shapes& shapes, const std::string& method,
             const std::string& precision_name, int64_t batch, int64_t warmup, int64_t steps,
-            torch::Device device, int64_t pipeline_params) {
+            torch::Device device, int64_t pipeline_params, bool foreach) {
   const auto precision = common::parse_precision(precision_name == "bf16w" ? "bf16" : precision_name);
   const auto dtype = common::compute_dtype(precision);
   PeakMeter meter{device};
@@ -116,7 +116,9 @@ Row measure(sd::UNet& unet, const Shapes& shapes, const std::string& method,
   auto tuners = common::attach_tuners(unet, options, device);
   unet->train();
   const auto count = scedit::count_parameters(*unet);
-  common::TrainStep step(unet, tuners, sd::NoiseSchedule(), common::OptimOptions(), precision, device);
+  common::OptimOptions optim;
+  optim.foreach = foreach;
+  common::TrainStep step(unet, tuners, sd::NoiseSchedule(), optim, precision, device);
 
   auto latents = torch::randn({batch, 4, shapes.latent, shapes.latent}).to(device);
   auto text = torch::randn({batch, 77, shapes.unet.cross_attention_dim}).to(device, dtype);
@@ -172,7 +174,7 @@ std::vector<std::string> parse_words(const std::string& text) {
 
 int main(int argc, char** argv) {
   std::string config = "auto", batches = "auto", precisions = "fp32,bf16w", methods = "lora,scedit";
-  std::string device_flag = "auto", json_path, lean_flag = "none";
+  std::string device_flag = "auto", json_path, lean_flag = "none", optimizer = "foreach";
   int64_t warmup = 2, steps = 5, latent = 0;
   bool pipeline = false, recompute = false;
   CLI::App app{"memory_vs_lora: peak memory and speed of one SD 1.5 training step, SCEdit vs LoRA "
@@ -189,6 +191,7 @@ int main(int argc, char** argv) {
   app.add_flag("--pipeline", pipeline, "Keep the VAE and the text encoder resident on the device too (as the seed's run)");
   app.add_flag("--recompute", recompute, "Recompute the decoder's resnets and transformers in the backward pass (gradient checkpointing)");
   app.add_option("--lean", lean_flag, "Lean activations, comma-separated: norm-silu (GroupNorm+SiLU keeps only its input), geglu (GEGLU keeps only its projection), norm-dtype (norms in bf16 under autocast), all, none");
+  app.add_option("--optimizer", optimizer, "AdamW kernels: foreach (multi-tensor) | per-tensor (torch::optim::AdamW::step)")->check(CLI::IsMember({"foreach", "per-tensor"}));
   app.add_option("--json", json_path, "Also write the rows as JSON to this file");
   try {
     app.parse(argc, argv);
@@ -230,11 +233,11 @@ int main(int argc, char** argv) {
 #if defined(SCEDIT_WITH_CUDA)
     if (device.is_cuda()) device_name = at::cuda::getDeviceProperties(device.index() < 0 ? 0 : device.index())->name;
 #endif
-    std::printf("config %s (latents 4x%lldx%lld, text 77x%lld), device %s, %lld warm-up + %lld timed steps%s%s, lean %s\n\n",
+    std::printf("config %s (latents 4x%lldx%lld, text 77x%lld), device %s, %lld warm-up + %lld timed steps%s%s, lean %s, %s AdamW\n\n",
                 config.c_str(), static_cast<long long>(shapes.latent), static_cast<long long>(shapes.latent),
                 static_cast<long long>(shapes.unet.cross_attention_dim), device_name.c_str(),
                 static_cast<long long>(warmup), static_cast<long long>(steps), pipeline ? ", VAE + CLIP resident" : "",
-                recompute ? ", decoder recomputed in backward" : "", common::to_string(lean).c_str());
+                recompute ? ", decoder recomputed in backward" : "", common::to_string(lean).c_str(), optimizer.c_str());
     std::printf("| method | precision | bs | trainable (M, %% of pipeline) | peak MiB | step ms | images/s | SCEdit ÷ LoRA memory |\n");
     std::printf("|---|---|---|---|---|---|---|---|\n");
     std::fflush(stdout);
@@ -254,7 +257,7 @@ int main(int argc, char** argv) {
       for (int64_t batch : batch_sizes) {
         int64_t peak_of[2] = {0, 0};  // LoRA, SCEdit
         for (const auto& method : method_list) {
-          auto row = measure(unet, shapes, method, precision, batch, warmup, steps, device, pipeline_params);
+          auto row = measure(unet, shapes, method, precision, batch, warmup, steps, device, pipeline_params, optimizer == "foreach");
           peak_of[method == "scedit"] = row.peak_bytes;
           char ratio[32] = "";
           if (peak_of[0] > 0 && peak_of[1] > 0) {  // on the second of the pair
@@ -276,7 +279,7 @@ int main(int argc, char** argv) {
                        {"trainable_params", r.trainable}, {"peak_bytes", r.peak_bytes},
                        {"step_ms", r.step_ms}, {"images_per_s", r.images_per_s},
                        {"device", device_name}, {"config", config}, {"pipeline", pipeline},
-                       {"recompute", recompute}, {"lean", common::to_string(lean)}});
+                       {"recompute", recompute}, {"lean", common::to_string(lean)}, {"optimizer", optimizer}});
       }
       std::ofstream(json_path) << out.dump(2) << "\n";
       std::printf("\nrows: %s\n", json_path.c_str());

@@ -5,7 +5,7 @@
 #   bash scripts/gpu_session.sh build   # configure + build against the machine's LibTorch 2.x + CUDA
 #   bash scripts/gpu_session.sh tests   # the *_CUDA gtests (parity on the card, TF32 off)
 #   bash scripts/gpu_session.sh train   # issue 4: train_style at SD 1.5 size, 512 px, bf16, SCEdit and LoRA
-#   bash scripts/gpu_session.sh bench   # issue 5: memory_vs_lora baseline and each memory lever
+#   bash scripts/gpu_session.sh bench   # issue 5: memory_vs_lora baseline and each lever, one at a time
 #
 # Stages can be chained (`build tests train`). Results go to $OUT (default ./gpu-results), at most
 # eight files as the device tool returns them: build.log, tests.log, train.log, bench.md, bench.json.
@@ -65,7 +65,8 @@ stage_bench() {
     rows+=("$BUILD/bench_$name.json")
   }
   : > "$OUT/bench.md"
-  run_bench baseline --batch-sizes 30,1
+  run_bench baseline --batch-sizes 30,1 --optimizer per-tensor
+  run_bench foreach --methods scedit --batch-sizes 30,1
   run_bench norm-dtype --methods scedit --batch-sizes 30,1 --lean norm-dtype
   run_bench norm-silu --methods scedit --batch-sizes 30,1 --lean norm-silu
   run_bench geglu --methods scedit --batch-sizes 30 --lean geglu

@@ -3,6 +3,7 @@
 
 #include <common/checkpoint.hpp>
 #include <common/train.hpp>
+#include <scedit/foreach_adamw.hpp>
 #include <sd/pipeline.hpp>
 #include <sd/tiny.hpp>
 
@@ -137,6 +138,43 @@ TEST(Train, StepsOnTheGpuAreSeededAndLowerTheLoss_CUDA) {
   const double early = (first[0] + first[1] + first[2] + first[3] + first[4]) / 5;
   const double late = (first[35] + first[36] + first[37] + first[38] + first[39]) / 5;
   EXPECT_LT(late, early);
+}
+
+TEST(Train, ForeachAdamWIsAdamWBitwise) {
+  // Two copies of the same parameters (several shapes), one stepped by AdamW::step, one by
+  // foreach_adamw_step: every parameter and state tensor equal. Also through the fallbacks:
+  // amsgrad, and a parameter that missed a step (its step count differs from the others').
+  struct Case { bool amsgrad, skip_one; };
+  for (const auto& c : {Case{false, false}, Case{true, false}, Case{false, true}}) {
+    torch::manual_seed(0);
+    std::vector<torch::Tensor> a, b;
+    for (auto shape : std::vector<std::vector<int64_t>>{{3, 5}, {7}, {2, 3, 4, 4}, {1}}) {
+      a.push_back(torch::randn(shape).requires_grad_(true));
+      b.push_back(a.back().detach().clone().requires_grad_(true));
+    }
+    const auto options = torch::optim::AdamWOptions(3e-2).betas({0.8, 0.95}).eps(1e-6).weight_decay(0.1).amsgrad(c.amsgrad);
+    torch::optim::AdamW reference(a, options), foreach(b, options);
+    for (int step = 0; step < 6; ++step) {
+      for (size_t i = 0; i < a.size(); ++i) {
+        const bool skip = c.skip_one && step == 2 && i == 1;
+        const auto grad = torch::randn(a[i].sizes());
+        a[i].mutable_grad() = skip ? torch::Tensor() : grad.clone();
+        b[i].mutable_grad() = skip ? torch::Tensor() : grad.clone();
+      }
+      reference.step();
+      // After the skipped step the step counts differ, and the fallback takes over.
+      const bool multi_tensor = !c.amsgrad && (!c.skip_one || step <= 2);
+      EXPECT_EQ(scedit::foreach_adamw_step(foreach), multi_tensor) << "step " << step;
+    }
+    for (size_t i = 0; i < a.size(); ++i) {
+      EXPECT_TRUE(torch::equal(a[i], b[i])) << "parameter " << i;
+      const auto& sa = static_cast<torch::optim::AdamWParamState&>(*reference.state().at(scedit::compat::optimizer_state_key(a[i])));
+      const auto& sb = static_cast<torch::optim::AdamWParamState&>(*foreach.state().at(scedit::compat::optimizer_state_key(b[i])));
+      EXPECT_EQ(sa.step(), sb.step());
+      EXPECT_TRUE(torch::equal(sa.exp_avg(), sb.exp_avg()));
+      EXPECT_TRUE(torch::equal(sa.exp_avg_sq(), sb.exp_avg_sq()));
+    }
+  }
 }
 
 TEST(Train, TrainableWeightsStayFloat32UnderHalfPrecision) {

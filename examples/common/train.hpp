@@ -8,6 +8,7 @@
 // the tuners only → optimizer on the tuner parameters.
 
 #include <scedit/compat.hpp>
+#include <scedit/foreach_adamw.hpp>
 #include <scedit/lora.hpp>
 #include <scedit/lora_io.hpp>
 #include <scedit/sctuner.hpp>
@@ -194,6 +195,7 @@ struct OptimOptions {
   std::string schedule = "constant";  ///< constant | warmup | cosine
   int64_t warmup_steps = 0;      ///< linear warm-up steps (warmup, cosine)
   double max_grad_norm = 0;      ///< clip the gradient norm to this; 0 = no clipping
+  bool foreach = true;           ///< multi-tensor AdamW kernels (scedit/foreach_adamw.hpp), same result
 };
 
 /// The learning rate at optimizer step `step` (0-based) of `total`.
@@ -282,7 +284,11 @@ class TrainStep {
       for (auto& group : optimizer_.param_groups()) {
         static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
       }
-      optimizer_.step();
+      if (options_.foreach) {
+        scedit::foreach_adamw_step(optimizer_);
+      } else {
+        optimizer_.step();
+      }
     }
     optimizer_.zero_grad();
     update_loss_scale(finite);

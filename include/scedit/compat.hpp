@@ -200,6 +200,16 @@ inline torch::autograd::variable_list detail::RecomputedAttention::backward(
   return {grad_q, grad_k, grad_v, torch::Tensor(), torch::Tensor()};
 }
 
+/// The key of parameter `p` in `torch::optim::Optimizer::state()`: its TensorImpl's address, as
+/// a string on LibTorch 1.13 and as the pointer on 2.x.
+inline auto optimizer_state_key(const torch::Tensor& p) {
+#if SCEDIT_TORCH_2
+  return static_cast<void*>(p.unsafeGetTensorImpl());
+#else
+  return c10::guts::to_string(p.unsafeGetTensorImpl());
+#endif
+}
+
 /// RAII region where autocast does not apply: ops run in the dtypes of their inputs (for example
 /// a norm kept in bf16 on bf16 activations, where CUDA autocast would compute it in float32).
 /// The same dispatcher guard on LibTorch 1.13 and 2.x.

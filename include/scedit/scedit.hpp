@@ -5,6 +5,7 @@
 #include <scedit/compat.hpp>
 #include <scedit/checkpoint.hpp>
 #include <scedit/csctuner.hpp>
+#include <scedit/foreach_adamw.hpp>
 #include <scedit/lora.hpp>
 #include <scedit/safetensors.hpp>
 #include <scedit/sctuner.hpp>
