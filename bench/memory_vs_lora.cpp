@@ -104,7 +104,7 @@ void synchronize(const torch::Device& device) {
 /// the tuners are attached for the row and removed again, so one UNet serves every row.
 Row measure(sd::UNet& unet, const Shapes& shapes, const std::string& method,
             const std::string& precision_name, int64_t batch, int64_t warmup, int64_t steps,
-            torch::Device device, int64_t pipeline_params, bool foreach) {
+            torch::Device device, int64_t pipeline_params, const common::OptimOptions& optim) {
   const auto precision = common::parse_precision(precision_name == "bf16w" ? "bf16" : precision_name);
   const auto dtype = common::compute_dtype(precision);
   PeakMeter meter{device};
@@ -116,8 +116,6 @@ Row measure(sd::UNet& unet, const Shapes& shapes, const std::string& method,
   auto tuners = common::attach_tuners(unet, options, device);
   unet->train();
   const auto count = scedit::count_parameters(*unet);
-  common::OptimOptions optim;
-  optim.foreach = foreach;
   common::TrainStep step(unet, tuners, sd::NoiseSchedule(), optim, precision, device);
 
   auto latents = torch::randn({batch, 4, shapes.latent, shapes.latent}).to(device);
@@ -209,6 +207,8 @@ int main(int argc, char** argv) {
     const auto precision_list = parse_words(precisions);
     const auto method_list = parse_words(methods);
     const auto lean = common::parse_lean_activations(lean_flag);
+    common::OptimOptions optim;  // SCEdit's recipe, as train_style
+    optim.foreach = optimizer == "foreach";
     for (const auto& p : precision_list) {
       TORCH_CHECK(p == "fp32" || p == "bf16w", "--precisions: '", p, "' is not fp32 or bf16w");
     }
@@ -257,7 +257,7 @@ int main(int argc, char** argv) {
       for (int64_t batch : batch_sizes) {
         int64_t peak_of[2] = {0, 0};  // LoRA, SCEdit
         for (const auto& method : method_list) {
-          auto row = measure(unet, shapes, method, precision, batch, warmup, steps, device, pipeline_params, optimizer == "foreach");
+          auto row = measure(unet, shapes, method, precision, batch, warmup, steps, device, pipeline_params, optim);
           peak_of[method == "scedit"] = row.peak_bytes;
           char ratio[32] = "";
           if (peak_of[0] > 0 && peak_of[1] > 0) {  // on the second of the pair

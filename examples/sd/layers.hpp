@@ -125,13 +125,13 @@ class ResnetBlock2DImpl : public torch::nn::Cloneable<ResnetBlock2DImpl> {
 
   /// [B, C_in, H, W] (+ temb [B, T]) -> [B, C_out, H, W].
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& temb = {}) {
-    auto h = conv1(norm_silu(norm1, x));
+    auto h = conv1(norm_silu(x, *norm1, lean));
     if (!time_emb_proj.is_empty()) {
       TORCH_CHECK(temb.defined(), "ResnetBlock2D: this block needs a time embedding");
       // [B, T] -> [B, C_out, 1, 1]; in place on conv1's fresh output (not saved by autograd).
       h.add_(time_emb_proj(torch::silu(temb)).unsqueeze(-1).unsqueeze(-1));
     }
-    h = conv2(norm_silu(norm2, h));
+    h = conv2(norm_silu(h, *norm2, lean));
     h.add_(conv_shortcut.is_empty() ? x : conv_shortcut(x));  // conv2's fresh output
     return detail::rescale(h, options.output_scale_factor());
   }
@@ -165,13 +165,6 @@ class ResnetBlock2DImpl : public torch::nn::Cloneable<ResnetBlock2DImpl> {
   torch::nn::Conv2d conv_shortcut{nullptr};
   /// Which lean activation variants forward uses (training memory; see lean_ops.hpp).
   LeanActivations lean;
-
- private:
-  torch::Tensor norm_silu(torch::nn::GroupNorm& norm, const torch::Tensor& x) {
-    if (lean.group_norm_silu) return group_norm_silu(x, *norm);
-    if (lean.norms_in_activation_dtype) return torch::silu(group_norm_in_input_dtype(x, *norm));
-    return torch::silu(norm(x));
-  }
 };
 
 /// Holder of `ResnetBlock2DImpl`.

@@ -153,4 +153,13 @@ inline torch::Tensor layer_norm_in_input_dtype(const torch::Tensor& x, const tor
                            detail::affine_as(norm.bias, x), o.eps());
 }
 
+/// `silu(norm(x))` for a GroupNorm, the way `lean` asks: one lean node (`group_norm_silu`), the
+/// norm in x's dtype, or the plain ops.
+inline torch::Tensor norm_silu(const torch::Tensor& x, torch::nn::GroupNormImpl& norm,
+                               const LeanActivations& lean) {
+  if (lean.group_norm_silu) return group_norm_silu(x, norm);
+  if (lean.norms_in_activation_dtype) return torch::silu(group_norm_in_input_dtype(x, norm));
+  return torch::silu(norm.forward(x));
+}
+
 }  // namespace sd

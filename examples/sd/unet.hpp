@@ -234,9 +234,7 @@ class UNet2DConditionModelImpl : public detail::BoundCloneable<UNet2DConditionMo
     for (auto& block : ups) h = block(h, emb, context, skips, sites, next_site);
 
     // 5. Output.
-    if (lean.group_norm_silu) return conv_out(group_norm_silu(h, *conv_norm_out));
-    if (lean.norms_in_activation_dtype) return conv_out(torch::silu(group_norm_in_input_dtype(h, *conv_norm_out)));
-    return conv_out(torch::silu(conv_norm_out(h)));
+    return conv_out(norm_silu(h, *conv_norm_out, lean));
   }
 
   /// Channels of the skip features in the order the encoder produces them (conv_in first).
