@@ -538,45 +538,51 @@ TEST_F(Models, LeanActivationsKeepLessForBackward) {
 }
 
 TEST_F(Models, AttentionGradientsMatchTheTextbookAndKeepNoProbabilities) {
-  const int64_t b = 2, heads = 3, lq = 7, lk = 5, d = 4;
-  auto textbook = [&](const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                      const torch::Tensor& mask, bool causal) {
-    auto scores = torch::matmul(q, k.transpose(-2, -1)) / std::sqrt(static_cast<double>(d));
-    if (causal) scores = scores.masked_fill(torch::ones({lq, lk}, torch::kBool).triu(1), -INFINITY);
-    if (mask.defined()) scores = scores + mask;
-    return torch::matmul(scores.softmax(-1), v);
-  };
-  const auto mask = torch::randn({1, 1, lq, lk}, torch::kFloat64);
-  for (const auto& [use_mask, causal, k_grad] : {std::make_tuple(false, false, true),
-                                                 std::make_tuple(true, false, true),
-                                                 std::make_tuple(false, true, true),
-                                                 std::make_tuple(false, false, false)}) {
-    const auto q0 = torch::randn({b, heads, lq, d}, torch::kFloat64);
-    const auto k0 = torch::randn({b, heads, lk, d}, torch::kFloat64);
-    const auto v0 = torch::randn({b, heads, lk, d}, torch::kFloat64);
-    const auto grad_out = torch::randn({b, heads, lq, d}, torch::kFloat64);
-    auto run = [&](bool reference) {
-      auto q = q0.clone().requires_grad_(true), k = k0.clone().requires_grad_(k_grad),
-           v = v0.clone().requires_grad_(k_grad);
-      const auto m = use_mask ? mask : torch::Tensor();
-      auto out = reference ? textbook(q, k, v, m, causal)
-                           : scedit::compat::scaled_dot_product_attention(q, k, v, m, causal);
-      out.backward(grad_out);
-      return std::vector<torch::Tensor>{out.detach(), q.grad(), k_grad ? k.grad() : q.grad(),
-                                        k_grad ? v.grad() : q.grad()};
+  const int64_t b = 2, heads = 3, d = 4;
+  // Both 1.13 paths: small probabilities are kept (autograd's textbook backward), large ones
+  // (896 × 640 per head, 27 MB in float64, over kRecomputeAttentionAbove) are recomputed.
+  for (const auto& [lq, lk] : {std::make_pair(int64_t{7}, int64_t{5}), std::make_pair(int64_t{896}, int64_t{640})}) {
+    auto textbook = [&, lq = lq, lk = lk](const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                          const torch::Tensor& mask, bool causal) {
+      auto scores = torch::matmul(q, k.transpose(-2, -1)) / std::sqrt(static_cast<double>(d));
+      if (causal) scores = scores.masked_fill(torch::ones({lq, lk}, torch::kBool).triu(1), -INFINITY);
+      if (mask.defined()) scores = scores + mask;
+      return torch::matmul(scores.softmax(-1), v);
     };
-    const auto expected = run(true), got = run(false);
-    for (size_t i = 0; i < expected.size(); ++i) {
-      EXPECT_LE(rel_err(got[i], expected[i]), 1e-12) << "mask " << use_mask << " causal " << causal << " output " << i;
+    const auto mask = torch::randn({1, 1, lq, lk}, torch::kFloat64);
+    for (const auto& [use_mask, causal, k_grad] : {std::make_tuple(false, false, true),
+                                                   std::make_tuple(true, false, true),
+                                                   std::make_tuple(false, true, true),
+                                                   std::make_tuple(false, false, false)}) {
+      const auto q0 = torch::randn({b, heads, lq, d}, torch::kFloat64);
+      const auto k0 = torch::randn({b, heads, lk, d}, torch::kFloat64);
+      const auto v0 = torch::randn({b, heads, lk, d}, torch::kFloat64);
+      const auto grad_out = torch::randn({b, heads, lq, d}, torch::kFloat64);
+      auto run = [&, use_mask = use_mask, causal = causal, k_grad = k_grad](bool reference) {
+        auto q = q0.clone().requires_grad_(true), k = k0.clone().requires_grad_(k_grad),
+             v = v0.clone().requires_grad_(k_grad);
+        const auto m = use_mask ? mask : torch::Tensor();
+        auto out = reference ? textbook(q, k, v, m, causal)
+                             : scedit::compat::scaled_dot_product_attention(q, k, v, m, causal);
+        out.backward(grad_out);
+        return std::vector<torch::Tensor>{out.detach(), q.grad(), k_grad ? k.grad() : q.grad(),
+                                          k_grad ? v.grad() : q.grad()};
+      };
+      const auto expected = run(true), got = run(false);
+      for (size_t i = 0; i < expected.size(); ++i) {
+        EXPECT_LE(rel_err(got[i], expected[i]), 1e-12)
+            << lq << "x" << lk << " mask " << use_mask << " causal " << causal << " output " << i;
+      }
     }
   }
 #if !SCEDIT_TORCH_2
-  // LibTorch 1.13: the graph keeps q, k, v and the output, not the [B, h, Lq, Lk] probabilities.
-  const auto q = torch::randn({b, heads, 64, d}, torch::requires_grad());
-  const auto k = torch::randn({b, heads, 64, d}, torch::requires_grad());
+  // LibTorch 1.13: a large attention's graph keeps q, k, v and the output, not its probabilities.
+  const int64_t length = 1024;  // 2 · 3 · 1024² float32 probabilities = 24 MiB
+  const auto q = torch::randn({b, heads, length, d}, torch::requires_grad());
+  const auto k = torch::randn({b, heads, length, d}, torch::requires_grad());
   torch::Tensor kept;
   const int64_t held = bytes_held_after([&] { return scedit::compat::scaled_dot_product_attention(q, k, k); }, kept);
-  EXPECT_LT(held, b * heads * 64 * 64 * 4);
+  EXPECT_LT(held, b * heads * length * length * 4 / 100);
 #endif
 }
 
