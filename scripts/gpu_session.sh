@@ -27,7 +27,7 @@ stage_build() {
     cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$torch" \
       -DCMAKE_CXX_FLAGS="-I$EXTRA_INCLUDE" -DSCEDIT_BUILD_DOCS=OFF &&
       cmake --build "$BUILD" -j"$(nproc)" --target memory_vs_lora train_style test_adapters \
-        test_safetensors test_weights test_models
+        test_safetensors test_weights test_models test_train
   } > "$OUT/build.log" 2>&1
   local rc=$?
   grep -E "error|warning" "$OUT/build.log" | head -40
@@ -36,7 +36,7 @@ stage_build() {
 }
 
 stage_tests() {
-  (cd "$BUILD" && ctest -R "CUDA|Lean|Attention" --output-on-failure --timeout 300) > "$OUT/tests.log" 2>&1
+  (cd "$BUILD" && ctest -R "CUDA|Lean|Attention|Foreach" --output-on-failure --timeout 300) > "$OUT/tests.log" 2>&1
   local rc=$?
   tail -25 "$OUT/tests.log"
   return $rc
