@@ -51,6 +51,22 @@ struct VAEBlockOptions {
   TORCH_ARG(bool, add_sampler) = true;
 };
 
+namespace detail {
+
+/// The resnets of a VAE block: in_channels -> out_channels, then out -> out.
+inline torch::nn::ModuleList vae_resnets(const VAEBlockOptions& o) {
+  torch::nn::ModuleList resnets;
+  for (int64_t i = 0; i < o.num_layers(); ++i) {
+    resnets->push_back(ResnetBlock2D(
+        ResnetBlock2DOptions(i == 0 ? o.in_channels() : o.out_channels(), o.out_channels())
+            .groups(o.groups())
+            .eps(kVAENormEps)));
+  }
+  return resnets;
+}
+
+}  // namespace detail
+
 /// diffusers' `DownEncoderBlock2D`: resnets, then a stride-2 downsampler.
 class DownEncoderBlock2DImpl : public detail::BoundCloneable<DownEncoderBlock2DImpl> {
  public:
@@ -62,13 +78,7 @@ class DownEncoderBlock2DImpl : public detail::BoundCloneable<DownEncoderBlock2DI
   /// Registers resnets and downsamplers.
   void reset() override {
     const auto& o = options;
-    resnets = register_module("resnets", torch::nn::ModuleList());
-    for (int64_t i = 0; i < o.num_layers(); ++i) {
-      resnets->push_back(ResnetBlock2D(
-          ResnetBlock2DOptions(i == 0 ? o.in_channels() : o.out_channels(), o.out_channels())
-              .groups(o.groups())
-              .eps(kVAENormEps)));
-    }
+    resnets = register_module("resnets", detail::vae_resnets(o));
     if (o.add_sampler()) {
       downsamplers = register_module("downsamplers", torch::nn::ModuleList());
       downsamplers->push_back(Downsample2D(Downsample2DOptions(o.out_channels()).padding(0)));
@@ -115,13 +125,7 @@ class UpDecoderBlock2DImpl : public detail::BoundCloneable<UpDecoderBlock2DImpl>
   /// Registers resnets and upsamplers.
   void reset() override {
     const auto& o = options;
-    resnets = register_module("resnets", torch::nn::ModuleList());
-    for (int64_t i = 0; i < o.num_layers(); ++i) {
-      resnets->push_back(ResnetBlock2D(
-          ResnetBlock2DOptions(i == 0 ? o.in_channels() : o.out_channels(), o.out_channels())
-              .groups(o.groups())
-              .eps(kVAENormEps)));
-    }
+    resnets = register_module("resnets", detail::vae_resnets(o));
     if (o.add_sampler()) {
       upsamplers = register_module("upsamplers", torch::nn::ModuleList());
       upsamplers->push_back(Upsample2D(Upsample2DOptions(o.out_channels())));

@@ -299,6 +299,12 @@ Holder build(const Config& config, const ComponentWeights& weights, const Weight
   return module;
 }
 
+/// The UNet's weights (and its configuration into `config`) from any layout `load_unet` reads.
+inline ComponentWeights read_unet(const std::filesystem::path& path, const WeightsOptions& options,
+                                  UNetConfig& config) {
+  return read_component<UNetConfig>(path, kUNetFiles, options, options.unet_config(), ldm_unet_keys, config);
+}
+
 }  // namespace detail
 
 /// Loads a UNet from a diffusers `unet/` folder (or a pipeline folder, using its `unet/`), a
@@ -306,9 +312,7 @@ Holder build(const Config& config, const ComponentWeights& weights, const Weight
 /// `.safetensors` with `config.json` beside it.
 inline UNet load_unet(const std::filesystem::path& path, const WeightsOptions& options = {}) {
   UNetConfig config;
-  const auto weights = detail::read_component<UNetConfig>(path, detail::kUNetFiles, options,
-                                                          options.unet_config(), ldm_unet_keys,
-                                                          config);
+  const auto weights = detail::read_unet(path, options, config);
   return detail::build<UNet>(config, weights, options);
 }
 
@@ -323,11 +327,8 @@ inline UNet load_unet(const std::filesystem::path& path, DType dtype,
 /// refuses weights of another layout.
 inline void load_unet_weights(UNet& unet, const std::filesystem::path& path,
                               const WeightsOptions& options = {}) {
-  UNetConfig config;
-  const auto weights = detail::read_component<UNetConfig>(path, detail::kUNetFiles, options,
-                                                          options.unet_config(), ldm_unet_keys,
-                                                          config);
-  detail::load_into(*unet, weights, options.skip_module_key());
+  UNetConfig config;  // unused: the UNet exists already
+  detail::load_into(*unet, detail::read_unet(path, options, config), options.skip_module_key());
 }
 
 /// Loads a VAE (`vae/` folder, pipeline folder, single-file checkpoint or diffusers file).
