@@ -218,6 +218,18 @@ inline auto optimizer_state_key(const torch::Tensor& p) {
 #endif
 }
 
+/// `t *= factor` for every tensor of `tensors`, with `factor` a 0-dim tensor of their dtype on
+/// their device: one multi-tensor kernel on LibTorch 2.x, one kernel per tensor on 1.13 (which
+/// has no tensor-factor `_foreach_mul_`). Reads nothing on the host (CUDA-graph safe).
+inline void foreach_mul_(at::TensorList tensors, const torch::Tensor& factor) {
+  TORCH_CHECK(factor.dim() == 0, "foreach_mul_: the factor must be a 0-dim tensor, got ", factor.sizes());
+#if SCEDIT_TORCH_AT_LEAST(2, 1)
+  at::_foreach_mul_(tensors, factor);
+#else
+  for (const auto& t : tensors) t.mul_(factor);
+#endif
+}
+
 /// RAII region where autocast does not apply: ops run in the dtypes of their inputs (for example
 /// a norm kept in bf16 on bf16 activations, where CUDA autocast would compute it in float32).
 /// The same dispatcher guard on LibTorch 1.13 and 2.x.
