@@ -8,6 +8,7 @@
 
 #include "counting_allocator.hpp"
 
+#include <common/graphed_step.hpp>
 #include <common/memory.hpp>
 #include <common/train.hpp>
 #include <sd/clip.hpp>
@@ -24,6 +25,7 @@
 #include <cstdio>
 #include <fstream>
 #include <iostream>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -104,7 +106,8 @@ void synchronize(const torch::Device& device) {
 /// the tuners are attached for the row and removed again, so one UNet serves every row.
 Row measure(sd::UNet& unet, const Shapes& shapes, const std::string& method,
             const std::string& precision_name, int64_t batch, int64_t warmup, int64_t steps,
-            torch::Device device, int64_t pipeline_params, const common::OptimOptions& optim) {
+            torch::Device device, int64_t pipeline_params, const common::OptimOptions& optim,
+            bool cuda_graph) {
   const auto precision = common::parse_precision(precision_name == "bf16w" ? "bf16" : precision_name);
   const auto dtype = common::compute_dtype(precision);
   PeakMeter meter{device};
@@ -117,6 +120,9 @@ Row measure(sd::UNet& unet, const Shapes& shapes, const std::string& method,
   unet->train();
   const auto count = scedit::count_parameters(*unet);
   common::TrainStep step(unet, tuners, sd::NoiseSchedule(), optim, precision, device);
+  // Captured in the last warm-up step, so the timed steps are replays.
+  std::optional<common::GraphedTrainStep> graphed;
+  if (cuda_graph) graphed.emplace(step, /*seed=*/0, /*eager_steps=*/std::max<int64_t>(1, warmup - 1));
 
   auto latents = torch::randn({batch, 4, shapes.latent, shapes.latent}).to(device);
   auto text = torch::randn({batch, 77, shapes.unet.cross_attention_dim}).to(device, dtype);
@@ -125,8 +131,12 @@ Row measure(sd::UNet& unet, const Shapes& shapes, const std::string& method,
     auto generator = common::step_generator(0, i);
     synchronize(device);
     const auto begin = std::chrono::steady_clock::now();
-    step.forward_backward(latents, text, generator);
-    step.optimizer_step(1e-4);
+    if (graphed) {
+      graphed->run(latents, text, 1e-4);
+    } else {
+      step.forward_backward(latents, text, generator);
+      step.optimizer_step(1e-4);
+    }
     synchronize(device);
     const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - begin).count();
     if (i >= warmup) times.push_back(ms);
@@ -174,7 +184,7 @@ int main(int argc, char** argv) {
   std::string config = "auto", batches = "auto", precisions = "fp32,bf16w", methods = "lora,scedit";
   std::string device_flag = "auto", json_path, lean_flag = "none", optimizer = "foreach";
   int64_t warmup = 2, steps = 5, latent = 0;
-  bool pipeline = false, recompute = false;
+  bool pipeline = false, recompute = false, cuda_graph = false;
   CLI::App app{"memory_vs_lora: peak memory and speed of one SD 1.5 training step, SCEdit vs LoRA "
                "(r=64 on to_q/to_k/to_v/to_out.0/ff.net.0.proj/ff.net.2)"};
   app.option_defaults()->always_capture_default();
@@ -190,6 +200,7 @@ int main(int argc, char** argv) {
   app.add_flag("--recompute", recompute, "Recompute the decoder's resnets and transformers in the backward pass (gradient checkpointing)");
   app.add_option("--lean", lean_flag, "Lean activations, comma-separated: norm-silu (GroupNorm+SiLU keeps only its input), geglu (GEGLU keeps only its projection), norm-dtype (norms in bf16 under autocast), all, none");
   app.add_option("--optimizer", optimizer, "AdamW kernels: foreach (multi-tensor) | per-tensor (torch::optim::AdamW::step)")->check(CLI::IsMember({"foreach", "per-tensor"}));
+  app.add_flag("--cuda-graph", cuda_graph, "Capture the whole step (noise draw, forward, backward, AdamW) as a CUDA graph in the last warm-up step and replay it (on the CPU the same step runs uncaptured)");
   app.add_option("--json", json_path, "Also write the rows as JSON to this file");
   try {
     app.parse(argc, argv);
@@ -209,6 +220,8 @@ int main(int argc, char** argv) {
     const auto lean = common::parse_lean_activations(lean_flag);
     common::OptimOptions optim;  // SCEdit's recipe, as train_style
     optim.foreach = optimizer == "foreach";
+    TORCH_CHECK(!cuda_graph || warmup >= 2, "--cuda-graph needs --warmup 2 or more (one eager step, "
+                "then the capture), got ", warmup);
     for (const auto& p : precision_list) {
       TORCH_CHECK(p == "fp32" || p == "bf16w", "--precisions: '", p, "' is not fp32 or bf16w");
     }
@@ -233,11 +246,13 @@ int main(int argc, char** argv) {
 #if defined(SCEDIT_WITH_CUDA)
     if (device.is_cuda()) device_name = at::cuda::getDeviceProperties(device.index() < 0 ? 0 : device.index())->name;
 #endif
-    std::printf("config %s (latents 4x%lldx%lld, text 77x%lld), device %s, %lld warm-up + %lld timed steps%s%s, lean %s, %s AdamW\n\n",
+    std::printf("config %s (latents 4x%lldx%lld, text 77x%lld), device %s, %lld warm-up + %lld timed steps%s%s, lean %s, %s\n\n",
                 config.c_str(), static_cast<long long>(shapes.latent), static_cast<long long>(shapes.latent),
                 static_cast<long long>(shapes.unet.cross_attention_dim), device_name.c_str(),
                 static_cast<long long>(warmup), static_cast<long long>(steps), pipeline ? ", VAE + CLIP resident" : "",
-                recompute ? ", decoder recomputed in backward" : "", common::to_string(lean).c_str(), optimizer.c_str());
+                recompute ? ", decoder recomputed in backward" : "", common::to_string(lean).c_str(),
+                cuda_graph ? (device.is_cuda() ? "captured AdamW, CUDA graph replays" : "capturable AdamW, uncaptured on the CPU")
+                           : (optimizer + " AdamW").c_str());
     std::printf("| method | precision | bs | trainable (M, %% of pipeline) | peak MiB | step ms | images/s | SCEdit ÷ LoRA memory |\n");
     std::printf("|---|---|---|---|---|---|---|---|\n");
     std::fflush(stdout);
@@ -257,7 +272,7 @@ int main(int argc, char** argv) {
       for (int64_t batch : batch_sizes) {
         int64_t peak_of[2] = {0, 0};  // LoRA, SCEdit
         for (const auto& method : method_list) {
-          auto row = measure(unet, shapes, method, precision, batch, warmup, steps, device, pipeline_params, optim);
+          auto row = measure(unet, shapes, method, precision, batch, warmup, steps, device, pipeline_params, optim, cuda_graph);
           peak_of[method == "scedit"] = row.peak_bytes;
           char ratio[32] = "";
           if (peak_of[0] > 0 && peak_of[1] > 0) {  // on the second of the pair
@@ -279,7 +294,8 @@ int main(int argc, char** argv) {
                        {"trainable_params", r.trainable}, {"peak_bytes", r.peak_bytes},
                        {"step_ms", r.step_ms}, {"images_per_s", r.images_per_s},
                        {"device", device_name}, {"config", config}, {"pipeline", pipeline},
-                       {"recompute", recompute}, {"lean", common::to_string(lean)}, {"optimizer", optimizer}});
+                       {"recompute", recompute}, {"lean", common::to_string(lean)},
+                       {"optimizer", cuda_graph ? "capturable" : optimizer}, {"cuda_graph", cuda_graph && device.is_cuda()}});
       }
       std::ofstream(json_path) << out.dump(2) << "\n";
       std::printf("\nrows: %s\n", json_path.c_str());

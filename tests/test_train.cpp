@@ -2,6 +2,7 @@
 // the tiny model lowers the loss, checkpoints are complete or absent and corrupt ones are refused.
 
 #include <common/checkpoint.hpp>
+#include <common/graphed_step.hpp>
 #include <common/train.hpp>
 #include <scedit/foreach_adamw.hpp>
 #include <sd/pipeline.hpp>
@@ -64,6 +65,30 @@ std::pair<double, double> short_run(const std::string& method, common::Precision
   }
   return {first, last};
 }
+
+/// The tiny model with tuners and a TrainStep on `device`, and a fixed batch to train on.
+struct TinyTraining {
+  sd::StableDiffusion pipe;
+  common::TrainedTuners tuners;
+  std::unique_ptr<common::TrainStep> step;
+  torch::Tensor latents, text;
+
+  TinyTraining(const std::string& method, common::Precision precision, torch::Device device,
+               const common::OptimOptions& optim)
+      : pipe(sd::tiny_pipeline(0, common::compute_dtype(precision))) {
+    pipe.unet->to(device);
+    torch::manual_seed(0);
+    common::MethodOptions options;
+    options.method = method;
+    options.lora_rank = 4;
+    tuners = common::attach_tuners(pipe.unet, options, device);
+    pipe.unet->train();
+    step = std::make_unique<common::TrainStep>(pipe.unet, tuners, sd::NoiseSchedule(), optim, precision, device);
+    torch::NoGradGuard no_grad;
+    latents = (torch::randn({4, 4, 8, 8}, common::step_generator(7, 0)) * 0.5).to(device);
+    text = sd::encode_prompts(pipe, {"a red circle", "a blue square", "a green star", "a cat"}).to(device);
+  }
+};
 
 }  // namespace
 
@@ -239,6 +264,73 @@ TEST(Train, CapturableAdamWRefusesWhatItCannotCapture) {
   torch::optim::AdamW fresh({p, q}, torch::optim::AdamWOptions(0.1));
   scedit::CapturableAdamW capturable(fresh);
   EXPECT_NE(error_of([&] { capturable.step(); }).find("shape [2] has no gradient"), std::string::npos);
+}
+
+TEST(Train, GraphedStepIsTrainStepWhenUncaptured) {
+  // On the CPU the graphed step runs uncaptured: the same draws, loss and update as TrainStep with
+  // AdamW and clip_grad_norm_ (here SC-Tuners and LoRA together, clipping on, lr changing).
+  common::OptimOptions optim;
+  optim.lr = 1e-3;
+  optim.max_grad_norm = 0.05;
+  TinyTraining plain("scedit+lora", common::Precision::kFP32, torch::kCPU, optim);
+  TinyTraining graphed("scedit+lora", common::Precision::kFP32, torch::kCPU, optim);
+  common::GraphedTrainStep graphed_step(*graphed.step, /*seed=*/5);
+  EXPECT_FALSE(graphed_step.captures());
+  auto generator = torch::make_generator<at::CPUGeneratorImpl>(5);  // what the graphed step draws from
+  for (int s = 0; s < 5; ++s) {
+    const double lr = optim.lr / (1 + s);
+    const double expected = plain.step->forward_backward(plain.latents, plain.text, generator).item<double>();
+    plain.step->optimizer_step(lr);
+    const double loss = graphed_step.run(graphed.latents, graphed.text, lr).item<double>();
+    EXPECT_NEAR(loss, expected, 1e-6 * expected) << "step " << s;
+  }
+  graphed_step.sync_optimizer_state();
+  const auto& a = plain.step->parameters();
+  const auto& b = graphed.step->parameters();
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_TRUE(torch::allclose(a[i], b[i], 1e-5, 1e-7)) << "parameter " << i << ": "
+        << (a[i] - b[i]).abs().max().item<double>();
+    const auto& state = static_cast<torch::optim::AdamWParamState&>(
+        *graphed.step->optimizer().state().at(scedit::compat::optimizer_state_key(b[i])));
+    EXPECT_EQ(state.step(), 5);
+  }
+  // CUDA graphs replay fixed shapes: another batch size is refused, naming both.
+  const auto message = error_of([&] { graphed_step.run(graphed.latents.slice(0, 0, 2), graphed.text.slice(0, 0, 2), 1e-3); });
+  EXPECT_NE(message.find("[2, 4, 8, 8]"), std::string::npos) << message;
+  EXPECT_NE(message.find("[4, 4, 8, 8]"), std::string::npos) << message;
+}
+
+TEST(Train, GraphedStepReplaysTheEagerStep_CUDA) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  const torch::Device device(torch::kCUDA, 0);
+  // The same seeded run captured after two eager steps and replayed, and never captured: the
+  // replays draw the same noise and make the same updates.
+  common::OptimOptions optim;
+  optim.lr = 1e-3;
+  optim.max_grad_norm = 1.0;
+  auto run = [&](bool capture) {
+    TinyTraining t("scedit+lora", common::Precision::kBF16, device, optim);
+    common::GraphedTrainStep graphed(*t.step, /*seed=*/5, /*eager_steps=*/2, capture);
+    EXPECT_EQ(graphed.captures(), capture);
+    std::vector<double> losses;
+    for (int s = 0; s < 30; ++s) losses.push_back(graphed.run(t.latents, t.text, optim.lr).item<double>());
+    graphed.sync_optimizer_state();
+    std::vector<torch::Tensor> params;
+    for (const auto& p : t.step->parameters()) params.push_back(p.detach().cpu());
+    return std::make_pair(losses, params);
+  };
+  const auto [eager_losses, eager_params] = run(false);
+  const auto [graphed_losses, graphed_params] = run(true);
+  for (size_t s = 0; s < eager_losses.size(); ++s) {
+    EXPECT_NEAR(graphed_losses[s], eager_losses[s], 1e-2 * eager_losses[s]) << "step " << s;
+  }
+  for (size_t i = 0; i < eager_params.size(); ++i) {
+    EXPECT_TRUE(torch::allclose(graphed_params[i], eager_params[i], 1e-2, 1e-4)) << "parameter " << i;
+  }
+  const double early = (graphed_losses[0] + graphed_losses[1] + graphed_losses[2]) / 3;
+  const double late = (graphed_losses[27] + graphed_losses[28] + graphed_losses[29]) / 3;
+  EXPECT_LT(late, early);
 }
 
 TEST(Train, TrainableWeightsStayFloat32UnderHalfPrecision) {

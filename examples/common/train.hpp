@@ -252,19 +252,24 @@ class TrainStep {
                                  torch::Generator& generator, int64_t accumulation = 1) {
     const auto batch = latents.size(0);
     auto noise = draw_noise(latents.sizes(), generator);
-    auto t = torch::randint(0, schedule_.num_train_timesteps(), {batch}, generator, torch::kLong).to(device_);
+    auto t = torch::randint(0, num_train_timesteps(), {batch}, generator, torch::kLong).to(device_);
+    auto loss = this->loss(latents, text, noise, t);
+    (loss * (loss_scale_ / static_cast<double>(accumulation))).backward();
+    return loss.detach();
+  }
+
+  /// The training loss (0-dim float32, with its autograd graph) of one micro-batch for the given
+  /// noise ε [B, 4, h, w] float32 and timesteps t [B] int64, all on the device: the tuners'
+  /// forward under autocast, MSE against the prediction target. Reads nothing on the host.
+  torch::Tensor loss(const torch::Tensor& latents, const torch::Tensor& text, const torch::Tensor& noise,
+                     const torch::Tensor& t) {
     auto x0 = latents.to(torch::kFloat32);
     auto noisy = schedule_.add_noise(x0, noise, t);                       // q(x_t | x_0)
     auto target = schedule_.prediction_target(prediction_type_, x0, noise, t);
-    torch::Tensor loss;
-    {
-      scedit::compat::AutocastGuard autocast(device_.type(), compute_dtype(precision_));
-      tuners_.refresh();
-      auto prediction = unet_->forward(noisy.to(frozen_dtype()), t, text.to(frozen_dtype()));
-      loss = torch::mse_loss(prediction.to(torch::kFloat32), target);
-    }
-    (loss * (loss_scale_ / static_cast<double>(accumulation))).backward();
-    return loss.detach();
+    scedit::compat::AutocastGuard autocast(device_.type(), compute_dtype(precision_));
+    tuners_.refresh();
+    auto prediction = unet_->forward(noisy.to(frozen_dtype()), t, text.to(frozen_dtype()));
+    return torch::mse_loss(prediction.to(torch::kFloat32), target);
   }
 
   /// Applies the accumulated gradients at learning rate `lr`: unscale (fp16), skip the step on
@@ -305,6 +310,14 @@ class TrainStep {
   void set_loss_scale(double scale) { loss_scale_ = scale; }
   /// The dtype frozen weights and model inputs use.
   torch::Dtype frozen_dtype() const { return compute_dtype(precision_); }
+  /// The optimizer options the step was built with.
+  const OptimOptions& options() const { return options_; }
+  /// The precision the step trains in.
+  Precision precision() const { return precision_; }
+  /// The device the UNet and the tuners sit on.
+  const torch::Device& device() const { return device_; }
+  /// T of the noise schedule: timesteps are drawn from [0, T).
+  int64_t num_train_timesteps() const { return schedule_.num_train_timesteps(); }
 
  private:
   // ε ~ N(0, I) [B, 4, h, w] float32 on the device. On the CPU it comes from `generator` itself;

@@ -6,6 +6,7 @@
 
 #include <common/checkpoint.hpp>
 #include <common/dataset.hpp>
+#include <common/graphed_step.hpp>
 #include <common/image.hpp>
 #include <common/memory.hpp>
 #include <common/plot.hpp>
@@ -23,6 +24,7 @@
 #include <fstream>
 #include <iostream>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -45,6 +47,7 @@ struct Flags {
   std::string bad_data = "skip";
   bool cache = false;
   bool gradient_checkpointing = false;
+  bool cuda_graph = false;
   std::string lean = "none";
   std::string precision = "fp32";
   std::string device = "auto";
@@ -207,6 +210,10 @@ int run(const Flags& flags_in) {
   TORCH_CHECK(flags.resolution % 8 == 0, "--resolution must be a multiple of 8, got ", flags.resolution);
   TORCH_CHECK(flags.batch_size > 0, "--batch-size must be positive, got ", flags.batch_size);
   TORCH_CHECK(flags.grad_accum > 0, "--grad-accum must be positive, got ", flags.grad_accum);
+  TORCH_CHECK(!flags.cuda_graph || flags.grad_accum == 1, "--cuda-graph captures one micro-batch per "
+              "step: it cannot be combined with --grad-accum ", flags.grad_accum);
+  TORCH_CHECK(!flags.cuda_graph || precision != common::Precision::kFP16, "--cuda-graph: fp16 is not "
+              "supported (its loss scaling reads the gradients on the host); use --precision bf16");
   TORCH_CHECK(flags.max_steps >= 0 && flags.epochs >= 0, "--max-steps and --epochs must not be negative");
   TORCH_CHECK(flags.checkpoint_every >= 0 && flags.keep_last >= 0, "--checkpoint-every and --keep-last must not be negative");
   TORCH_CHECK(flags.data.empty() || fs::exists(flags.data), "--data: '", flags.data, "' does not exist");
@@ -316,6 +323,18 @@ int run(const Flags& flags_in) {
     step.set_loss_scale(state.loss_scale);
     start = state.step;
     std::printf("resumed from %s at step %lld\n", folder.string().c_str(), static_cast<long long>(start));
+    if (flags.cuda_graph) {
+      std::printf("--cuda-graph: the noise after a resume is not the uninterrupted run's (the device "
+                  "generator is seeded from --seed and the step, not restored)\n");
+    }
+  }
+  // With --cuda-graph the whole step is captured after two eager ones and replayed. Its noise
+  // comes from the device generator (seeded from the seed and the first step), not from the
+  // per-micro-step CPU generators; the batches still come from them.
+  std::optional<common::GraphedTrainStep> graphed;
+  if (flags.cuda_graph) {
+    graphed.emplace(step, flags.seed * 0x9E3779B97F4A7C15ULL + static_cast<uint64_t>(start));
+    if (!device.is_cuda()) std::printf("--cuda-graph: no CUDA device, the step runs uncaptured\n");
   }
 
   // The loop.
@@ -329,11 +348,15 @@ int run(const Flags& flags_in) {
       const int64_t m = s * flags.grad_accum + a;
       auto generator = common::step_generator(flags.seed, m);
       auto [latents, text] = batches.get(batch_indices(m, flags.batch_size, data.size(), flags.seed, permutations), generator);
+      if (graphed) {  // the whole step, optimizer included
+        loss_sum = graphed->run(latents, text, common::learning_rate(flags.optim, s, total));
+        continue;
+      }
       auto micro = step.forward_backward(latents, text, generator, flags.grad_accum);
       loss_sum = a == 0 ? micro : loss_sum + micro;
     }
     const double lr = common::learning_rate(flags.optim, s, total);
-    step.optimizer_step(lr);
+    if (!graphed) step.optimizer_step(lr);
     const double loss = loss_sum.item<double>() / flags.grad_accum;
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();
     records.push_back({s + 1, loss, lr, seconds});
@@ -347,6 +370,7 @@ int run(const Flags& flags_in) {
       std::fflush(stdout);
     }
     if (flags.checkpoint_every > 0 && (s + 1) % flags.checkpoint_every == 0 && s + 1 < total) {
+      if (graphed) graphed->sync_optimizer_state();
       common::TrainState state{s + 1, flags.seed, step.loss_scale(), run_settings};
       auto folder = common::save_checkpoint(checkpoints, trainable, step.optimizer(), state, flags.keep_last);
       std::printf("checkpoint: %s\n", folder.string().c_str());
@@ -361,6 +385,7 @@ int run(const Flags& flags_in) {
 
   // What a person wants to look at: the tuners, the loss curve, samples.
   if (start < total) {
+    if (graphed) graphed->sync_optimizer_state();
     common::TrainState state{total, flags.seed, step.loss_scale(), run_settings};
     common::save_checkpoint(checkpoints, trainable, step.optimizer(), state, flags.keep_last);
   }
@@ -405,6 +430,7 @@ int main(int argc, char** argv) {
   app.add_option("--bad-data", flags.bad_data, "skip | fatal: what to do with unreadable images, empty captions, small images");
   app.add_flag("--cache", flags.cache, "Encode every image and caption once (centre crop, no flip) and train on the cache");
   app.add_flag("--gradient-checkpointing", flags.gradient_checkpointing, "Recompute the decoder in the backward pass: less memory, more compute");
+  app.add_flag("--cuda-graph", flags.cuda_graph, "Capture the whole step (noise, forward, backward, AdamW) as a CUDA graph after two eager steps and replay it: faster at small batches; bf16/fp32, no --grad-accum, fixed batch shape");
   app.add_option("--lean", flags.lean, "Lean activations (less memory, same result in fp32), comma-separated: norm-silu, geglu, norm-dtype, all, none");
   app.add_option("--precision", flags.precision, "fp32 | bf16 | fp16 (frozen weights in half precision, trainable in fp32)");
   app.add_option("--device", flags.device, "auto | cpu | cuda[:N]");

@@ -1,0 +1,169 @@
+#pragma once
+/// @file graphed_step.hpp
+/// @brief A whole training step (noise draw, forward, backward, clip, AdamW) recorded once as a
+/// CUDA graph and replayed: at small batch sizes a step is bound by the CPU launching thousands
+/// of small kernels, and a replay launches them all at once.
+///
+/// What makes the step capturable: noise and timesteps are drawn on the device from a generator
+/// the graph advances on each replay; the inputs are copied into fixed ("static") tensors the
+/// graph reads; AdamW keeps its step count and learning rate on the device
+/// (`scedit::CapturableAdamW`); gradient clipping reads no norm on the host; the gradients are
+/// allocated by the captured backward pass itself. fp16 (whose loss scaling reads the gradients
+/// on the host) and gradient accumulation are not captured.
+///
+/// On the CPU, and on builds of LibTorch without CUDA, the same step runs uncaptured, which is
+/// how the tests check its arithmetic against `TrainStep`.
+
+#include <common/train.hpp>
+#include <scedit/foreach_adamw.hpp>
+
+#include <torch/torch.h>
+
+#include <memory>
+#include <mutex>
+#include <optional>
+
+/// 1 where steps can be captured: LibTorch with CUDA, unless built with -DSCEDIT_NO_CUDA_GRAPHS
+/// (then a CUDA run takes the same step uncaptured).
+#if defined(SCEDIT_WITH_CUDA) && !defined(SCEDIT_NO_CUDA_GRAPHS)
+#define SCEDIT_CUDA_GRAPHS 1
+#else
+#define SCEDIT_CUDA_GRAPHS 0
+#endif
+
+#if SCEDIT_CUDA_GRAPHS
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace common {
+
+/// One optimizer step per call, captured as a CUDA graph after `eager_steps` uncaptured ones.
+///
+/// Example:
+/// @code
+/// common::GraphedTrainStep graphed(step, seed);
+/// for (int64_t i = 0; i < steps; ++i) {
+///   auto loss = graphed.run(latents, text, common::learning_rate(options, i, steps));
+///   if (i % 10 == 0) std::cout << loss.item<double>() << "\n";  // waits for the GPU
+/// }
+/// graphed.sync_optimizer_state();  // before saving step.optimizer()
+/// @endcode
+class GraphedTrainStep {
+ public:
+  /// Trains through `step` (its UNet, tuners and optimizer, whose state must already hold any
+  /// checkpoint to resume from). Noise and timesteps come from the device's default generator,
+  /// seeded here with `seed`. The first `eager_steps` calls run uncaptured: lazy initialisation
+  /// (library handles, the optimizer's state, cached ᾱ on the device) must not happen during a
+  /// capture. `capture` false never captures (the same step, eagerly: for comparisons).
+  GraphedTrainStep(TrainStep& step, uint64_t seed, int64_t eager_steps = 2, bool capture = true)
+      : step_(step),
+        adamw_(step.optimizer()),
+        eager_steps_(eager_steps),
+        capture_(SCEDIT_CUDA_GRAPHS && capture && step.device().is_cuda()) {
+    TORCH_CHECK(step.precision() != Precision::kFP16,
+                "--cuda-graph: fp16 is not supported (its loss scaling reads the gradients on the "
+                "host every step); use bf16 or fp32");
+    TORCH_CHECK(eager_steps >= 1, "GraphedTrainStep: eager_steps must be at least 1, got ", eager_steps);
+#if !defined(SCEDIT_WITH_CUDA)
+    TORCH_CHECK(!step.device().is_cuda(), "GraphedTrainStep: this build of LibTorch has no CUDA");
+#endif
+    if (step.device().is_cpu()) {
+      generator_ = torch::make_generator<at::CPUGeneratorImpl>(seed);
+    } else {
+      generator_ = at::globalContext().defaultGenerator(step.device());
+      std::lock_guard<std::mutex> lock(generator_.mutex());
+      generator_.set_current_seed(seed);
+    }
+  }
+
+  /// One optimizer step on this micro-batch at learning rate `lr`: `latents` [B, 4, h, w] (already
+  /// × scaling factor) and `text` [B, 77, D], every call the same shapes. Returns the loss, 0-dim
+  /// float32 on the device; reading it waits for the GPU, and the next call overwrites it.
+  torch::Tensor run(const torch::Tensor& latents, const torch::Tensor& text, double lr) {
+    set_inputs(latents, text);
+    adamw_.set_lr(lr);
+    ++calls_;
+    if (!capture_) return body();
+#if SCEDIT_CUDA_GRAPHS
+    if (!captured_) {
+      // Eager steps and the capture run on a side stream (a capture cannot use the default one).
+      c10::cuda::device_synchronize();
+      if (!side_stream_) side_stream_ = c10::cuda::getStreamFromPool(false, step_.device().index());
+      c10::cuda::CUDAStreamGuard side(*side_stream_);
+      if (calls_ <= eager_steps_) {
+        auto loss = body();
+        c10::cuda::device_synchronize();
+        return loss;
+      }
+      // The captured backward allocates the gradients in the graph's memory pool (the optimizer
+      // reads them there on every replay), so none may exist when it starts.
+      for (auto p : step_.parameters()) p.mutable_grad().reset();
+      graph_ = std::make_unique<at::cuda::CUDAGraph>();
+      graph_->capture_begin();
+      loss_ = body();
+      graph_->capture_end();
+      captured_ = true;
+      c10::cuda::device_synchronize();
+    }
+    graph_->replay();  // on the current stream, after the input copies above
+#endif
+    return loss_;
+  }
+
+  /// Writes the device step count into the optimizer's state (a host read): before saving it.
+  void sync_optimizer_state() { adamw_.sync(); }
+
+  /// Whether steps after the eager ones are replayed from a CUDA graph.
+  bool captures() const { return capture_; }
+
+ private:
+  // The step the graph records: reads only static_latents_ / static_text_ and device tensors.
+  torch::Tensor body() {
+    for (auto p : step_.parameters()) p.mutable_grad().reset();  // (a handle: same parameter)
+    const auto device = step_.device();
+    auto noise = torch::randn(static_latents_.sizes(), generator_,
+                              torch::TensorOptions().dtype(torch::kFloat32).device(device));
+    auto t = torch::randint(0, step_.num_train_timesteps(), {static_latents_.size(0)}, generator_,
+                            torch::TensorOptions().dtype(torch::kLong).device(device));
+    auto loss = step_.loss(static_latents_, static_text_, noise, t);
+    loss.backward();
+    if (step_.options().max_grad_norm > 0) adamw_.clip_grad_norm(step_.options().max_grad_norm);
+    adamw_.step();
+    loss_ = loss.detach();
+    return loss_;
+  }
+
+  // Copies the batch into the tensors the graph reads (allocated on the first call).
+  void set_inputs(const torch::Tensor& latents, const torch::Tensor& text) {
+    if (!static_latents_.defined()) {
+      static_latents_ = latents.to(step_.device()).clone();
+      static_text_ = text.to(step_.device()).clone();
+      return;
+    }
+    TORCH_CHECK(latents.sizes() == static_latents_.sizes() && text.sizes() == static_text_.sizes(),
+                "--cuda-graph: every batch must have the shape of the first (latents ",
+                static_latents_.sizes(), ", text ", static_text_.sizes(), "), got latents ",
+                latents.sizes(), ", text ", text.sizes(), "; drop the last partial batch or the flag");
+    static_latents_.copy_(latents);
+    static_text_.copy_(text);
+  }
+
+  TrainStep& step_;
+  scedit::CapturableAdamW adamw_;
+  int64_t eager_steps_;
+  bool capture_;
+  int64_t calls_ = 0;
+  torch::Generator generator_;
+  torch::Tensor static_latents_, static_text_, loss_;
+#if SCEDIT_CUDA_GRAPHS
+  // Made at the first capture: both touch CUDA, which a CPU run of a CUDA build must not need.
+  std::unique_ptr<at::cuda::CUDAGraph> graph_;
+  std::optional<c10::cuda::CUDAStream> side_stream_;
+  bool captured_ = false;
+#endif
+};
+
+}  // namespace common
