@@ -618,6 +618,35 @@ TEST_F(Models, UNetLeanActivationsMatchReferenceAndPlainGradients) {
   EXPECT_LE(rel_err(run_base(unet, torch::kFloat32), unet_case("output.base")), 1e-4);
 }
 
+TEST_F(Models, UNetChannelsLastMatchesPlainAndTheReference) {
+  // Channels-last changes the layout only: the output and the skip gradients are the plain
+  // layout's (to the convolution algorithms' float32 rounding), and the fixture parity holds.
+  const auto sample = unet_case("input.sample").to(torch::kFloat32);
+  const auto context = unet_case("input.encoder_hidden_states").to(torch::kFloat32);
+  const auto t = unet_case("input.timestep");
+  auto run = [&](bool channels_last) {
+    auto unet = tiny_unet(torch::kFloat32);
+    for (auto& p : unet->parameters()) p.requires_grad_(false);
+    unet->set_channels_last(channels_last);
+    EXPECT_EQ(unet->conv_in->weight.is_contiguous(torch::MemoryFormat::ChannelsLast), channels_last);
+    auto probe = std::make_shared<ProbeEditor>();
+    probe->factor = torch::full({}, 0.1, torch::requires_grad());
+    unet->skip_sites().front()->attach("probe", probe);
+    auto out = unet(sample, t, context);
+    out.square().mean().backward();
+    return std::make_pair(out.detach().contiguous(), probe->factor.grad());
+  };
+  const auto [plain_out, plain_grad] = run(false);
+  const auto [nhwc_out, nhwc_grad] = run(true);
+  EXPECT_LE(rel_err(nhwc_out, plain_out), 1e-5);
+  EXPECT_LE(rel_err(nhwc_grad, plain_grad), 1e-4);
+  auto unet = tiny_unet(torch::kFloat32);
+  unet->set_channels_last(true);
+  EXPECT_LE(rel_err(run_base(unet, torch::kFloat32), unet_case("output.base")), 1e-4);
+  unet->set_channels_last(false);
+  EXPECT_TRUE(unet->conv_in->weight.is_contiguous());
+}
+
 TEST_F(Models, UNetLeanActivationsUnderBFloat16AutocastStayClose) {
   auto unet = tiny_unet(torch::kBFloat16);
   sd::LeanActivations all;

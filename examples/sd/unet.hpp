@@ -221,7 +221,9 @@ class UNet2DConditionModelImpl : public detail::BoundCloneable<UNet2DConditionMo
     auto emb = time_embedding(t_emb.to(sample.scalar_type()));  // [B, C0] -> [B, 4·C0]
 
     // 2. Encoder: every feature it keeps for the decoder goes onto the skip stack.
-    auto h = conv_in(config.center_input_sample ? 2.0 * sample - 1.0 : sample);
+    auto input = config.center_input_sample ? 2.0 * sample - 1.0 : sample;
+    if (channels_last) input = input.contiguous(torch::MemoryFormat::ChannelsLast);
+    auto h = conv_in(input);
     std::vector<torch::Tensor> skips{h};
     skips.reserve(sites.size());
     for (auto& block : downs) h = block(h, emb, context, skips);
@@ -282,6 +284,18 @@ class UNet2DConditionModelImpl : public detail::BoundCloneable<UNet2DConditionMo
     }
   }
 
+  /// Keeps the convolution weights and the input sample in channels-last memory order (NHWC)
+  /// instead of NCHW, or back: a speed lever for tensor-core convolutions (it changes only the
+  /// layout, not the values; the state dict reads the same). Call it after `to(device, dtype)`.
+  void set_channels_last(bool enabled) {
+    torch::NoGradGuard no_grad;
+    const auto format = enabled ? torch::MemoryFormat::ChannelsLast : torch::MemoryFormat::Contiguous;
+    for (auto& p : parameters()) {
+      if (p.dim() == 4) p.set_data(p.contiguous(format));
+    }
+    channels_last = enabled;
+  }
+
   /// The skip sites in decoder order (`lsc_identity[0]` = the deepest skip).
   std::vector<scedit::SkipSite> skip_sites() const { return sites; }
 
@@ -322,6 +336,8 @@ class UNet2DConditionModelImpl : public detail::BoundCloneable<UNet2DConditionMo
   std::vector<scedit::SkipSite> sites;
   /// Lean activation variants of the output norm (see `set_lean_activations`).
   LeanActivations lean;
+  /// Whether the input is laid out channels-last (see `set_channels_last`).
+  bool channels_last = false;
 
  private:
   void check_inputs(const torch::Tensor& sample, const torch::Tensor& timestep,

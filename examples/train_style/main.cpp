@@ -48,6 +48,7 @@ struct Flags {
   bool cache = false;
   bool gradient_checkpointing = false;
   bool cuda_graph = false;
+  bool channels_last = false;
   std::string lean = "none";
   std::string precision = "fp32";
   std::string device = "auto";
@@ -290,6 +291,7 @@ int run(const Flags& flags_in) {
   pipe.unet->train();
   pipe.unet->set_gradient_checkpointing(flags.gradient_checkpointing);
   pipe.unet->set_lean_activations(lean);
+  pipe.unet->set_channels_last(flags.channels_last);
   sd::NoiseSchedule schedule;
   common::TrainStep step(pipe.unet, tuners, schedule, flags.optim, precision, device, flags.prediction);
 
@@ -430,6 +432,7 @@ int main(int argc, char** argv) {
   app.add_option("--bad-data", flags.bad_data, "skip | fatal: what to do with unreadable images, empty captions, small images");
   app.add_flag("--cache", flags.cache, "Encode every image and caption once (centre crop, no flip) and train on the cache");
   app.add_flag("--gradient-checkpointing", flags.gradient_checkpointing, "Recompute the decoder in the backward pass: less memory, more compute");
+  app.add_flag("--channels-last", flags.channels_last, "UNet convolutions in channels-last (NHWC) memory order: a speed lever on tensor-core GPUs");
   app.add_flag("--cuda-graph", flags.cuda_graph, "Capture the whole step (noise, forward, backward, AdamW) as a CUDA graph after two eager steps and replay it: faster at small batches; bf16/fp32, no --grad-accum, fixed batch shape");
   app.add_option("--lean", flags.lean, "Lean activations (less memory, same result in fp32), comma-separated: norm-silu, geglu, norm-dtype, all, none");
   app.add_option("--precision", flags.precision, "fp32 | bf16 | fp16 (frozen weights in half precision, trainable in fp32)");
