@@ -157,6 +157,27 @@ struct ProbeEditor : scedit::SkipEditor {
 class Models : public ::testing::Test {
  protected:
   void SetUp() override { torch::manual_seed(0); }
+
+  /// The base case's output of the float32 tiny UNet, set up by `configure`, with a trainable
+  /// factor 0.1 on each skip, and the gradients of mean(output²) with respect to those factors.
+  static std::pair<torch::Tensor, torch::Tensor> output_and_skip_gradients(
+      const std::function<void(sd::UNet&)>& configure) {
+    auto unet = tiny_unet(torch::kFloat32);
+    for (auto& p : unet->parameters()) p.requires_grad_(false);
+    configure(unet);
+    std::vector<std::shared_ptr<ProbeEditor>> probes;
+    for (auto& site : unet->skip_sites()) {
+      probes.push_back(std::make_shared<ProbeEditor>());
+      probes.back()->factor = torch::full({}, 0.1, torch::requires_grad());
+      site->attach("probe", probes.back());
+    }
+    auto out = unet(unet_case("input.sample").to(torch::kFloat32), unet_case("input.timestep"),
+                    unet_case("input.encoder_hidden_states").to(torch::kFloat32));
+    out.square().mean().backward();
+    std::vector<torch::Tensor> grads;
+    for (auto& probe : probes) grads.push_back(probe->factor.grad());
+    return {out.detach(), torch::stack(grads)};
+  }
 };
 
 // ---- configuration -----------------------------------------------------------------------------
@@ -587,29 +608,10 @@ TEST_F(Models, AttentionGradientsMatchTheTextbookAndKeepNoProbabilities) {
 }
 
 TEST_F(Models, UNetLeanActivationsMatchReferenceAndPlainGradients) {
-  const auto sample = unet_case("input.sample").to(torch::kFloat32);
-  const auto context = unet_case("input.encoder_hidden_states").to(torch::kFloat32);
-  const auto t = unet_case("input.timestep");
-  auto run = [&](const sd::LeanActivations& lean) {
-    auto unet = tiny_unet(torch::kFloat32);
-    for (auto& p : unet->parameters()) p.requires_grad_(false);
-    unet->set_lean_activations(lean);
-    std::vector<std::shared_ptr<ProbeEditor>> probes;
-    for (auto& site : unet->skip_sites()) {
-      probes.push_back(std::make_shared<ProbeEditor>());
-      probes.back()->factor = torch::full({}, 0.1, torch::requires_grad());
-      site->attach("probe", probes.back());
-    }
-    auto out = unet(sample, t, context);
-    out.square().mean().backward();
-    std::vector<torch::Tensor> grads;
-    for (auto& probe : probes) grads.push_back(probe->factor.grad());
-    return std::make_pair(out.detach(), torch::stack(grads));
-  };
   sd::LeanActivations all;
   all.group_norm_silu = all.geglu = all.norms_in_activation_dtype = true;
-  const auto [plain_out, plain_grads] = run({});
-  const auto [lean_out, lean_grads] = run(all);
+  const auto [plain_out, plain_grads] = output_and_skip_gradients([](sd::UNet&) {});
+  const auto [lean_out, lean_grads] = output_and_skip_gradients([&](sd::UNet& unet) { unet->set_lean_activations(all); });
   EXPECT_LE(rel_err(lean_out, plain_out), 1e-6);
   EXPECT_LE(rel_err(lean_grads, plain_grads), 1e-5);
   // With the probes at zero scale the output is the reference's.
@@ -621,25 +623,13 @@ TEST_F(Models, UNetLeanActivationsMatchReferenceAndPlainGradients) {
 TEST_F(Models, UNetChannelsLastMatchesPlainAndTheReference) {
   // Channels-last changes the layout only: the output and the skip gradients are the plain
   // layout's (to the convolution algorithms' float32 rounding), and the fixture parity holds.
-  const auto sample = unet_case("input.sample").to(torch::kFloat32);
-  const auto context = unet_case("input.encoder_hidden_states").to(torch::kFloat32);
-  const auto t = unet_case("input.timestep");
-  auto run = [&](bool channels_last) {
-    auto unet = tiny_unet(torch::kFloat32);
-    for (auto& p : unet->parameters()) p.requires_grad_(false);
-    unet->set_channels_last(channels_last);
-    EXPECT_EQ(unet->conv_in->weight.is_contiguous(torch::MemoryFormat::ChannelsLast), channels_last);
-    auto probe = std::make_shared<ProbeEditor>();
-    probe->factor = torch::full({}, 0.1, torch::requires_grad());
-    unet->skip_sites().front()->attach("probe", probe);
-    auto out = unet(sample, t, context);
-    out.square().mean().backward();
-    return std::make_pair(out.detach().contiguous(), probe->factor.grad());
-  };
-  const auto [plain_out, plain_grad] = run(false);
-  const auto [nhwc_out, nhwc_grad] = run(true);
-  EXPECT_LE(rel_err(nhwc_out, plain_out), 1e-5);
-  EXPECT_LE(rel_err(nhwc_grad, plain_grad), 1e-4);
+  const auto [plain_out, plain_grads] = output_and_skip_gradients([](sd::UNet&) {});
+  const auto [nhwc_out, nhwc_grads] = output_and_skip_gradients([](sd::UNet& unet) {
+    unet->set_channels_last(true);
+    EXPECT_TRUE(unet->conv_in->weight.is_contiguous(torch::MemoryFormat::ChannelsLast));
+  });
+  EXPECT_LE(rel_err(nhwc_out.contiguous(), plain_out), 1e-5);
+  EXPECT_LE(rel_err(nhwc_grads, plain_grads), 1e-4);
   auto unet = tiny_unet(torch::kFloat32);
   unet->set_channels_last(true);
   EXPECT_LE(rel_err(run_base(unet, torch::kFloat32), unet_case("output.base")), 1e-4);

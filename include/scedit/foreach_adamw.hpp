@@ -27,6 +27,23 @@
 
 namespace scedit {
 
+namespace detail {
+
+/// `p`'s state in `optimizer`, made as `AdamW::step` makes it on a first step where missing.
+inline torch::optim::AdamWParamState& adamw_state(torch::optim::AdamW& optimizer, const torch::Tensor& p) {
+  auto& slot = optimizer.state()[compat::optimizer_state_key(p)];
+  if (!slot) {
+    auto fresh = std::make_unique<torch::optim::AdamWParamState>();
+    fresh->step(0);
+    fresh->exp_avg(torch::zeros_like(p, torch::MemoryFormat::Preserve));
+    fresh->exp_avg_sq(torch::zeros_like(p, torch::MemoryFormat::Preserve));
+    slot = std::move(fresh);
+  }
+  return static_cast<torch::optim::AdamWParamState&>(*slot);
+}
+
+}  // namespace detail
+
 /// One AdamW step over every parameter of `optimizer` that has a gradient, with the result of
 /// `optimizer.step()` (bitwise on the CPU). Falls back to `optimizer.step()` where the
 /// multi-tensor form does not apply: amsgrad, sparse gradients, or parameters of one group at
@@ -55,15 +72,7 @@ inline bool foreach_adamw_step(torch::optim::AdamW& optimizer) {
     int64_t step = 0;
     for (auto& p : group.params()) {
       if (!p.grad().defined()) continue;
-      auto& slot = state[compat::optimizer_state_key(p)];
-      if (!slot) {  // first step: the state AdamW::step would create
-        auto fresh = std::make_unique<torch::optim::AdamWParamState>();
-        fresh->step(0);
-        fresh->exp_avg(torch::zeros_like(p, torch::MemoryFormat::Preserve));
-        fresh->exp_avg_sq(torch::zeros_like(p, torch::MemoryFormat::Preserve));
-        slot = std::move(fresh);
-      }
-      auto& s = static_cast<torch::optim::AdamWParamState&>(*slot);
+      auto& s = detail::adamw_state(optimizer, p);
       s.step(s.step() + 1);
       step = s.step();
       params.push_back(p);
@@ -113,7 +122,6 @@ class CapturableAdamW {
   /// parameters are at different step counts.
   explicit CapturableAdamW(torch::optim::AdamW& optimizer) : optimizer_(optimizer) {
     torch::NoGradGuard no_grad;
-    auto& state = optimizer_.state();
     for (auto& group : optimizer_.param_groups()) {
       const auto& options = static_cast<const torch::optim::AdamWOptions&>(group.options());
       TORCH_CHECK(!options.amsgrad(), "CapturableAdamW: amsgrad is not supported");
@@ -125,15 +133,7 @@ class CapturableAdamW {
       g.weight_decay = options.weight_decay();
       int64_t step = -1;
       for (const auto& p : group.params()) {
-        auto& slot = state[compat::optimizer_state_key(p)];
-        if (!slot) {  // the state AdamW::step would create on its first step
-          auto fresh = std::make_unique<torch::optim::AdamWParamState>();
-          fresh->step(0);
-          fresh->exp_avg(torch::zeros_like(p, torch::MemoryFormat::Preserve));
-          fresh->exp_avg_sq(torch::zeros_like(p, torch::MemoryFormat::Preserve));
-          slot = std::move(fresh);
-        }
-        auto& s = static_cast<torch::optim::AdamWParamState&>(*slot);
+        auto& s = detail::adamw_state(optimizer_, p);
         TORCH_CHECK(step < 0 || s.step() == step, "CapturableAdamW: the parameters of one group are at "
                     "different step counts (", step, " and ", s.step(), "); it keeps one per group");
         TORCH_CHECK(p.device() == group.params().front().device() &&
@@ -206,12 +206,9 @@ class CapturableAdamW {
   /// Writes the device step counts into `optimizer`'s state (reads them on the host): call it
   /// before saving the optimizer.
   void sync() {
-    auto& state = optimizer_.state();
     for (const auto& g : groups_) {
       const auto step = static_cast<int64_t>(g.step.item<double>());
-      for (const auto& p : g.params) {
-        static_cast<torch::optim::AdamWParamState&>(*state.at(compat::optimizer_state_key(p))).step(step);
-      }
+      for (const auto& p : g.params) detail::adamw_state(optimizer_, p).step(step);
     }
   }
 
