@@ -36,37 +36,8 @@ fs::path temp_dir(const std::string& name) {
   return dir;
 }
 
-/// Mean loss of the first and the last `window` steps of a seeded run on the tiny model.
-std::pair<double, double> short_run(const std::string& method, common::Precision precision,
-                                    int64_t steps, int64_t window) {
-  auto pipe = sd::tiny_pipeline(0, common::compute_dtype(precision));
-  torch::manual_seed(0);
-  common::MethodOptions options;
-  options.method = method;
-  options.lora_rank = 4;
-  auto tuners = common::attach_tuners(pipe.unet, options, torch::kCPU);
-  pipe.unet->train();
-  common::OptimOptions optim;
-  optim.lr = 1e-3;
-  common::TrainStep step(pipe.unet, tuners, sd::NoiseSchedule(), optim, precision, torch::kCPU);
-  // A fixed batch of four "images" (latents) and captions: the tuners learn to denoise them.
-  torch::NoGradGuard no_grad_for_data;
-  auto latents = torch::randn({4, 4, 8, 8}, common::step_generator(7, 0)) * 0.5;
-  auto text = sd::encode_prompts(pipe, {"a red circle", "a blue square", "a green star", "a cat"});
-  double first = 0, last = 0;
-  for (int64_t s = 0; s < steps; ++s) {
-    auto generator = common::step_generator(0, s);
-    torch::AutoGradMode grad(true);
-    const double loss = step.forward_backward(latents, text, generator).item<double>();
-    EXPECT_TRUE(std::isfinite(loss)) << "step " << s;
-    step.optimizer_step(optim.lr);
-    if (s < window) first += loss / window;
-    if (s >= steps - window) last += loss / window;
-  }
-  return {first, last};
-}
-
-/// The tiny model with tuners and a TrainStep on `device`, and a fixed batch to train on.
+/// The tiny model with tuners and a TrainStep on `device`, and a fixed batch of four "images"
+/// (latents) and captions: the tuners learn to denoise them.
 struct TinyTraining {
   sd::StableDiffusion pipe;
   common::TrainedTuners tuners;
@@ -89,6 +60,24 @@ struct TinyTraining {
     text = sd::encode_prompts(pipe, {"a red circle", "a blue square", "a green star", "a cat"}).to(device);
   }
 };
+
+/// Mean loss of the first and the last `window` steps of a seeded run on the tiny model.
+std::pair<double, double> short_run(const std::string& method, common::Precision precision,
+                                    int64_t steps, int64_t window) {
+  common::OptimOptions optim;
+  optim.lr = 1e-3;
+  TinyTraining t(method, precision, torch::kCPU, optim);
+  double first = 0, last = 0;
+  for (int64_t s = 0; s < steps; ++s) {
+    auto generator = common::step_generator(0, s);
+    const double loss = t.step->forward_backward(t.latents, t.text, generator).item<double>();
+    EXPECT_TRUE(std::isfinite(loss)) << "step " << s;
+    t.step->optimizer_step(optim.lr);
+    if (s < window) first += loss / window;
+    if (s >= steps - window) last += loss / window;
+  }
+  return {first, last};
+}
 
 }  // namespace
 
@@ -133,24 +122,15 @@ TEST(Train, StepsOnTheGpuAreSeededAndLowerTheLoss_CUDA) {
   const torch::Device device(torch::kCUDA, 0);
   // Noise is drawn on the device from a generator seeded per micro-step: two runs agree exactly.
   auto run = [&] {
-    auto pipe = sd::tiny_pipeline(0, torch::kBFloat16);
-    pipe.unet->to(device);
-    torch::manual_seed(0);
-    auto tuners = common::attach_tuners(pipe.unet, common::MethodOptions(), device);
-    pipe.unet->train();
     common::OptimOptions optim;
     optim.lr = 1e-3;
-    common::TrainStep step(pipe.unet, tuners, sd::NoiseSchedule(), optim, common::Precision::kBF16, device);
-    torch::NoGradGuard no_grad_for_data;
-    const auto latents = (torch::randn({4, 4, 8, 8}, common::step_generator(7, 0)) * 0.5).to(device);
-    const auto text = sd::encode_prompts(pipe, {"a red circle", "a blue square", "a green star", "a cat"}).to(device);
+    TinyTraining t("scedit", common::Precision::kBF16, device, optim);
     std::vector<double> losses;
     for (int64_t s = 0; s < 40; ++s) {
       auto generator = common::step_generator(0, s);
-      torch::AutoGradMode grad(true);
-      auto loss = step.forward_backward(latents, text, generator);
+      auto loss = t.step->forward_backward(t.latents, t.text, generator);
       EXPECT_TRUE(loss.device().is_cuda());
-      step.optimizer_step(optim.lr);
+      t.step->optimizer_step(optim.lr);
       losses.push_back(loss.item<double>());
     }
     return losses;

@@ -63,9 +63,7 @@ class GraphedTrainStep {
         adamw_(step.optimizer()),
         eager_steps_(eager_steps),
         capture_(SCEDIT_CUDA_GRAPHS && capture && step.device().is_cuda()) {
-    TORCH_CHECK(step.precision() != Precision::kFP16,
-                "--cuda-graph: fp16 is not supported (its loss scaling reads the gradients on the "
-                "host every step); use bf16 or fp32");
+    check_precision(step.precision());
     TORCH_CHECK(eager_steps >= 1, "GraphedTrainStep: eager_steps must be at least 1, got ", eager_steps);
 #if !defined(SCEDIT_WITH_CUDA)
     TORCH_CHECK(!step.device().is_cuda(), "GraphedTrainStep: this build of LibTorch has no CUDA");
@@ -79,6 +77,13 @@ class GraphedTrainStep {
     }
   }
 
+  /// Refuses fp16, whose loss scaling reads the gradients on the host every step (programs call
+  /// it before loading a model, to fail early).
+  static void check_precision(Precision precision) {
+    TORCH_CHECK(precision != Precision::kFP16, "--cuda-graph: fp16 is not supported (its loss "
+                "scaling reads the gradients on the host every step); use bf16 or fp32");
+  }
+
   /// One optimizer step on this micro-batch at learning rate `lr`: `latents` [B, 4, h, w] (already
   /// × scaling factor) and `text` [B, 77, D], every call the same shapes. Returns the loss, 0-dim
   /// float32 on the device; reading it waits for the GPU, and the next call overwrites it.
@@ -88,7 +93,7 @@ class GraphedTrainStep {
     ++calls_;
     if (!capture_) return body();
 #if SCEDIT_CUDA_GRAPHS
-    if (!captured_) {
+    if (!graph_) {
       // Eager steps and the capture run on a side stream (a capture cannot use the default one).
       c10::cuda::device_synchronize();
       if (!side_stream_) side_stream_ = c10::cuda::getStreamFromPool(false, step_.device().index());
@@ -98,14 +103,10 @@ class GraphedTrainStep {
         c10::cuda::device_synchronize();
         return loss;
       }
-      // The captured backward allocates the gradients in the graph's memory pool (the optimizer
-      // reads them there on every replay), so none may exist when it starts.
-      for (auto p : step_.parameters()) p.mutable_grad().reset();
       graph_ = std::make_unique<at::cuda::CUDAGraph>();
       graph_->capture_begin();
-      loss_ = body();
+      loss_ = body();  // the replays rewrite this tensor
       graph_->capture_end();
-      captured_ = true;
       c10::cuda::device_synchronize();
     }
     graph_->replay();  // on the current stream, after the input copies above
@@ -121,8 +122,11 @@ class GraphedTrainStep {
 
  private:
   // The step the graph records: reads only static_latents_ / static_text_ and device tensors.
+  // Returns the loss, 0-dim on the device.
   torch::Tensor body() {
-    for (auto p : step_.parameters()) p.mutable_grad().reset();  // (a handle: same parameter)
+    // No gradients when the backward pass starts: it allocates them, which during a capture puts
+    // them in the graph's memory pool, where every replay rewrites them. (A handle: same parameter.)
+    for (auto p : step_.parameters()) p.mutable_grad().reset();
     const auto device = step_.device();
     auto noise = torch::randn(static_latents_.sizes(), generator_,
                               torch::TensorOptions().dtype(torch::kFloat32).device(device));
@@ -132,8 +136,7 @@ class GraphedTrainStep {
     loss.backward();
     if (step_.options().max_grad_norm > 0) adamw_.clip_grad_norm(step_.options().max_grad_norm);
     adamw_.step();
-    loss_ = loss.detach();
-    return loss_;
+    return loss.detach();
   }
 
   // Copies the batch into the tensors the graph reads (allocated on the first call).
@@ -162,7 +165,6 @@ class GraphedTrainStep {
   // Made at the first capture: both touch CUDA, which a CPU run of a CUDA build must not need.
   std::unique_ptr<at::cuda::CUDAGraph> graph_;
   std::optional<c10::cuda::CUDAStream> side_stream_;
-  bool captured_ = false;
 #endif
 };
 

@@ -213,8 +213,7 @@ int run(const Flags& flags_in) {
   TORCH_CHECK(flags.grad_accum > 0, "--grad-accum must be positive, got ", flags.grad_accum);
   TORCH_CHECK(!flags.cuda_graph || flags.grad_accum == 1, "--cuda-graph captures one micro-batch per "
               "step: it cannot be combined with --grad-accum ", flags.grad_accum);
-  TORCH_CHECK(!flags.cuda_graph || precision != common::Precision::kFP16, "--cuda-graph: fp16 is not "
-              "supported (its loss scaling reads the gradients on the host); use --precision bf16");
+  if (flags.cuda_graph) common::GraphedTrainStep::check_precision(precision);
   TORCH_CHECK(flags.max_steps >= 0 && flags.epochs >= 0, "--max-steps and --epochs must not be negative");
   TORCH_CHECK(flags.checkpoint_every >= 0 && flags.keep_last >= 0, "--checkpoint-every and --keep-last must not be negative");
   TORCH_CHECK(flags.data.empty() || fs::exists(flags.data), "--data: '", flags.data, "' does not exist");
@@ -335,7 +334,7 @@ int run(const Flags& flags_in) {
   // per-micro-step CPU generators; the batches still come from them.
   std::optional<common::GraphedTrainStep> graphed;
   if (flags.cuda_graph) {
-    graphed.emplace(step, flags.seed * 0x9E3779B97F4A7C15ULL + static_cast<uint64_t>(start));
+    graphed.emplace(step, common::step_generator(flags.seed, start, /*stream=*/1).current_seed());
     if (!device.is_cuda()) std::printf("--cuda-graph: no CUDA device, the step runs uncaptured\n");
   }
 
@@ -345,19 +344,19 @@ int run(const Flags& flags_in) {
   const auto began = std::chrono::steady_clock::now();
   double smoothed = 0;
   for (int64_t s = start; s < total; ++s) {
+    const double lr = common::learning_rate(flags.optim, s, total);
     torch::Tensor loss_sum;  // on the device: read once the whole step is queued
     for (int64_t a = 0; a < flags.grad_accum; ++a) {
       const int64_t m = s * flags.grad_accum + a;
       auto generator = common::step_generator(flags.seed, m);
       auto [latents, text] = batches.get(batch_indices(m, flags.batch_size, data.size(), flags.seed, permutations), generator);
-      if (graphed) {  // the whole step, optimizer included
-        loss_sum = graphed->run(latents, text, common::learning_rate(flags.optim, s, total));
-        continue;
+      if (graphed) {  // the whole step, optimizer included (--grad-accum is 1)
+        loss_sum = graphed->run(latents, text, lr);
+      } else {
+        auto micro = step.forward_backward(latents, text, generator, flags.grad_accum);
+        loss_sum = a == 0 ? micro : loss_sum + micro;
       }
-      auto micro = step.forward_backward(latents, text, generator, flags.grad_accum);
-      loss_sum = a == 0 ? micro : loss_sum + micro;
     }
-    const double lr = common::learning_rate(flags.optim, s, total);
     if (!graphed) step.optimizer_step(lr);
     const double loss = loss_sum.item<double>() / flags.grad_accum;
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();
