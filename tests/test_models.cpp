@@ -158,25 +158,27 @@ class Models : public ::testing::Test {
  protected:
   void SetUp() override { torch::manual_seed(0); }
 
-  /// The base case's output of the float32 tiny UNet, set up by `configure`, with a trainable
-  /// factor 0.1 on each skip, and the gradients of mean(output²) with respect to those factors.
+  /// The base case's output of the float32 tiny UNet on `device`, set up by `configure`, with a
+  /// trainable factor 0.1 on each skip, and the gradients of mean(output²) with respect to those
+  /// factors (both returned on the CPU).
   static std::pair<torch::Tensor, torch::Tensor> output_and_skip_gradients(
-      const std::function<void(sd::UNet&)>& configure) {
+      const std::function<void(sd::UNet&)>& configure, torch::Device device = torch::kCPU) {
     auto unet = tiny_unet(torch::kFloat32);
+    unet->to(device);
     for (auto& p : unet->parameters()) p.requires_grad_(false);
     configure(unet);
     std::vector<std::shared_ptr<ProbeEditor>> probes;
     for (auto& site : unet->skip_sites()) {
       probes.push_back(std::make_shared<ProbeEditor>());
-      probes.back()->factor = torch::full({}, 0.1, torch::requires_grad());
+      probes.back()->factor = torch::full({}, 0.1, torch::TensorOptions().device(device).requires_grad(true));
       site->attach("probe", probes.back());
     }
-    auto out = unet(unet_case("input.sample").to(torch::kFloat32), unet_case("input.timestep"),
-                    unet_case("input.encoder_hidden_states").to(torch::kFloat32));
+    auto out = unet(unet_case("input.sample").to(device, torch::kFloat32), unet_case("input.timestep").to(device),
+                    unet_case("input.encoder_hidden_states").to(device, torch::kFloat32));
     out.square().mean().backward();
     std::vector<torch::Tensor> grads;
     for (auto& probe : probes) grads.push_back(probe->factor.grad());
-    return {out.detach(), torch::stack(grads)};
+    return {out.detach().cpu(), torch::stack(grads).cpu()};
   }
 };
 
@@ -635,6 +637,27 @@ TEST_F(Models, UNetChannelsLastMatchesPlainAndTheReference) {
   EXPECT_LE(rel_err(run_base(unet, torch::kFloat32), unet_case("output.base")), 1e-4);
   unet->set_channels_last(false);
   EXPECT_TRUE(unet->conv_in->weight.is_contiguous());
+}
+
+TEST_F(Models, UNetLeanActivationsAndChannelsLastMatchPlainOnTheGpu_CUDA) {
+  // The levers the GPU benchmark turns on, checked where their CUDA kernels run: float32 (TF32
+  // off), the plain UNet against the reference, then every lever against the plain UNet.
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  at::globalContext().setAllowTF32CuBLAS(false);
+  at::globalContext().setAllowTF32CuDNN(false);
+  const torch::Device gpu(torch::kCUDA, 0);
+  sd::LeanActivations all;
+  all.group_norm_silu = all.geglu = all.norms_in_activation_dtype = true;
+  const auto [plain_out, plain_grads] = output_and_skip_gradients([](sd::UNet&) {}, gpu);
+  const auto [cpu_out, cpu_grads] = output_and_skip_gradients([](sd::UNet&) {});
+  EXPECT_LE(rel_err(plain_out, cpu_out), 1e-4);
+  EXPECT_LE(rel_err(plain_grads, cpu_grads), 1e-4);
+  const auto [lean_out, lean_grads] = output_and_skip_gradients([&](sd::UNet& unet) {
+    unet->set_lean_activations(all);
+    unet->set_channels_last(true);
+  }, gpu);
+  EXPECT_LE(rel_err(lean_out.contiguous(), plain_out), 1e-5);
+  EXPECT_LE(rel_err(lean_grads, plain_grads), 1e-4);
 }
 
 TEST_F(Models, UNetLeanActivationsUnderBFloat16AutocastStayClose) {
