@@ -184,7 +184,7 @@ int main(int argc, char** argv) {
   std::string config = "auto", batches = "auto", precisions = "fp32,bf16w", methods = "lora,scedit";
   std::string device_flag = "auto", json_path, lean_flag = "none", optimizer = "foreach";
   int64_t warmup = 2, steps = 5, latent = 0;
-  bool pipeline = false, recompute = false, cuda_graph = false, channels_last = false;
+  bool pipeline = false, recompute = false, cuda_graph = false, channels_last = false, cudnn_benchmark = false;
   CLI::App app{"memory_vs_lora: peak memory and speed of one SD 1.5 training step, SCEdit vs LoRA "
                "(r=64 on to_q/to_k/to_v/to_out.0/ff.net.0.proj/ff.net.2)"};
   app.option_defaults()->always_capture_default();
@@ -198,9 +198,10 @@ int main(int argc, char** argv) {
   app.add_option("--steps", steps, "Timed steps (median reported)")->check(CLI::PositiveNumber);
   app.add_flag("--pipeline", pipeline, "Keep the VAE and the text encoder resident on the device too (as the seed's run)");
   app.add_flag("--recompute", recompute, "Recompute the decoder's resnets and transformers in the backward pass (gradient checkpointing)");
-  app.add_option("--lean", lean_flag, "Lean activations, comma-separated: norm-silu (GroupNorm+SiLU keeps only its input), geglu (GEGLU keeps only its projection), norm-dtype (norms in bf16 under autocast), all, none");
+  app.add_option("--lean", lean_flag, "Lean activations, comma-separated: norm-silu (GroupNorm+SiLU keeps only its input), geglu (GEGLU keeps only its projection), norm-dtype (norms in bf16 under autocast), ff-recompute (feed-forwards recomputed in backward), all, none");
   app.add_option("--optimizer", optimizer, "AdamW kernels: foreach (multi-tensor) | per-tensor (torch::optim::AdamW::step)")->check(CLI::IsMember({"foreach", "per-tensor"}));
   app.add_flag("--channels-last", channels_last, "Convolution weights and the input in channels-last (NHWC) memory order");
+  app.add_flag("--cudnn-benchmark", cudnn_benchmark, "Let cuDNN time its convolution algorithms in the first steps and keep the fastest (the warm-up steps)");
   app.add_flag("--cuda-graph", cuda_graph, "Capture the whole step (noise draw, forward, backward, AdamW) as a CUDA graph in the last warm-up step and replay it (on the CPU the same step runs uncaptured)");
   app.add_option("--json", json_path, "Also write the rows as JSON to this file");
   try {
@@ -231,6 +232,7 @@ int main(int argc, char** argv) {
     }
     // TF32 matmuls on fp32, as the peer measured.
     at::globalContext().setFloat32MatmulPrecision("high");
+    at::globalContext().setBenchmarkCuDNN(cudnn_benchmark);
 
     // The VAE and text encoder count towards the percentages (as the seed computes them); with
     // --pipeline they also stay on the device in the frozen dtype while the UNet trains.
@@ -247,11 +249,12 @@ int main(int argc, char** argv) {
 #if defined(SCEDIT_WITH_CUDA)
     if (device.is_cuda()) device_name = at::cuda::getDeviceProperties(device.index() < 0 ? 0 : device.index())->name;
 #endif
-    std::printf("config %s (latents 4x%lldx%lld, text 77x%lld), device %s, %lld warm-up + %lld timed steps%s%s%s, lean %s, %s\n\n",
+    std::printf("config %s (latents 4x%lldx%lld, text 77x%lld), device %s, %lld warm-up + %lld timed steps%s%s%s%s, lean %s, %s\n\n",
                 config.c_str(), static_cast<long long>(shapes.latent), static_cast<long long>(shapes.latent),
                 static_cast<long long>(shapes.unet.cross_attention_dim), device_name.c_str(),
                 static_cast<long long>(warmup), static_cast<long long>(steps), pipeline ? ", VAE + CLIP resident" : "",
                 recompute ? ", decoder recomputed in backward" : "", channels_last ? ", channels-last" : "",
+                cudnn_benchmark ? ", cuDNN benchmark" : "",
                 common::to_string(lean).c_str(),
                 cuda_graph ? (device.is_cuda() ? "captured AdamW, CUDA graph replays" : "capturable AdamW, uncaptured on the CPU")
                            : (optimizer + " AdamW").c_str());
@@ -297,7 +300,7 @@ int main(int argc, char** argv) {
                        {"trainable_params", r.trainable}, {"peak_bytes", r.peak_bytes},
                        {"step_ms", r.step_ms}, {"images_per_s", r.images_per_s},
                        {"device", device_name}, {"config", config}, {"pipeline", pipeline},
-                       {"recompute", recompute}, {"channels_last", channels_last}, {"lean", common::to_string(lean)},
+                       {"recompute", recompute}, {"channels_last", channels_last}, {"cudnn_benchmark", cudnn_benchmark}, {"lean", common::to_string(lean)},
                        {"optimizer", cuda_graph ? "capturable" : optimizer}, {"cuda_graph", cuda_graph && device.is_cuda()}});
       }
       std::ofstream(json_path) << out.dump(2) << "\n";

@@ -558,6 +558,21 @@ TEST_F(Models, LeanActivationsKeepLessForBackward) {
   geglu->lean = true;
   const int64_t lean_geglu = bytes_held_after([&] { return geglu(tokens); }, kept);
   EXPECT_GE(plain_geglu - lean_geglu, 2 * 10 * 64 * 4);
+
+  // A transformer block whose feed-forward is recomputed keeps neither the [tokens, 8·dim]
+  // projection nor the [tokens, 4·dim] GEGLU output that the next Linear saves.
+  const int64_t dim = 16, n_tokens = 2 * 10;
+  sd::BasicTransformerBlock block(sd::BasicTransformerBlockOptions(dim, 2, 8, 12));
+  const auto context = torch::randn({2, 3, 12});
+  const auto block_in = torch::randn({2, 10, dim}, torch::requires_grad());
+  kept = torch::Tensor();
+  const int64_t plain_block = bytes_held_after([&] { return block(block_in, context); }, kept);
+  kept = torch::Tensor();
+  block->recompute_feed_forward = true;
+  const int64_t lean_block = bytes_held_after([&] { return block(block_in, context); }, kept);
+  std::printf("[ info     ] transformer block graph holds %lld bytes plain, %lld with ff-recompute\n",
+              static_cast<long long>(plain_block), static_cast<long long>(lean_block));
+  EXPECT_GE(plain_block - lean_block, (8 + 4) * dim * n_tokens * 4);
 }
 
 TEST_F(Models, AttentionGradientsMatchTheTextbookAndKeepNoProbabilities) {
@@ -611,7 +626,7 @@ TEST_F(Models, AttentionGradientsMatchTheTextbookAndKeepNoProbabilities) {
 
 TEST_F(Models, UNetLeanActivationsMatchReferenceAndPlainGradients) {
   sd::LeanActivations all;
-  all.group_norm_silu = all.geglu = all.norms_in_activation_dtype = true;
+  all.group_norm_silu = all.geglu = all.norms_in_activation_dtype = all.recompute_feed_forward = true;
   const auto [plain_out, plain_grads] = output_and_skip_gradients([](sd::UNet&) {});
   const auto [lean_out, lean_grads] = output_and_skip_gradients([&](sd::UNet& unet) { unet->set_lean_activations(all); });
   EXPECT_LE(rel_err(lean_out, plain_out), 1e-6);
@@ -647,7 +662,7 @@ TEST_F(Models, UNetLeanActivationsAndChannelsLastMatchPlainOnTheGpu_CUDA) {
   at::globalContext().setAllowTF32CuDNN(false);
   const torch::Device gpu(torch::kCUDA, 0);
   sd::LeanActivations all;
-  all.group_norm_silu = all.geglu = all.norms_in_activation_dtype = true;
+  all.group_norm_silu = all.geglu = all.norms_in_activation_dtype = all.recompute_feed_forward = true;
   const auto [plain_out, plain_grads] = output_and_skip_gradients([](sd::UNet&) {}, gpu);
   const auto [cpu_out, cpu_grads] = output_and_skip_gradients([](sd::UNet&) {});
   EXPECT_LE(rel_err(plain_out, cpu_out), 1e-4);
@@ -663,7 +678,7 @@ TEST_F(Models, UNetLeanActivationsAndChannelsLastMatchPlainOnTheGpu_CUDA) {
 TEST_F(Models, UNetLeanActivationsUnderBFloat16AutocastStayClose) {
   auto unet = tiny_unet(torch::kBFloat16);
   sd::LeanActivations all;
-  all.group_norm_silu = all.geglu = all.norms_in_activation_dtype = true;
+  all.group_norm_silu = all.geglu = all.norms_in_activation_dtype = all.recompute_feed_forward = true;
   unet->set_lean_activations(all);
   torch::Tensor out;
   {

@@ -98,19 +98,21 @@ struct MethodOptions {
 };
 
 /// Parses the `--lean` flag: a comma-separated subset of `norm-silu` (GroupNorm + SiLU keeping
-/// only its input), `geglu` (GEGLU keeping only its projection) and `norm-dtype` (norms in the
-/// activation dtype under autocast), or `all` / `none`. See sd/lean_ops.hpp.
+/// only its input), `geglu` (GEGLU keeping only its projection), `norm-dtype` (norms in the
+/// activation dtype under autocast) and `ff-recompute` (feed-forwards recomputed in the backward
+/// pass), or `all` / `none`. See sd/lean_ops.hpp.
 inline sd::LeanActivations parse_lean_activations(const std::string& list) {
   sd::LeanActivations lean;
   std::stringstream stream(list);
   for (std::string part; std::getline(stream, part, ',');) {
     if (part == "none") continue;
     const bool all = part == "all";
-    TORCH_CHECK(all || part == "norm-silu" || part == "geglu" || part == "norm-dtype",
-                "--lean: '", part, "' is not norm-silu, geglu, norm-dtype, all or none");
+    TORCH_CHECK(all || part == "norm-silu" || part == "geglu" || part == "norm-dtype" || part == "ff-recompute",
+                "--lean: '", part, "' is not norm-silu, geglu, norm-dtype, ff-recompute, all or none");
     lean.group_norm_silu |= all || part == "norm-silu";
     lean.geglu |= all || part == "geglu";
     lean.norms_in_activation_dtype |= all || part == "norm-dtype";
+    lean.recompute_feed_forward |= all || part == "ff-recompute";
   }
   return lean;
 }
@@ -124,6 +126,7 @@ inline std::string to_string(const sd::LeanActivations& lean) {
   add(lean.group_norm_silu, "norm-silu");
   add(lean.geglu, "geglu");
   add(lean.norms_in_activation_dtype, "norm-dtype");
+  add(lean.recompute_feed_forward, "ff-recompute");
   return names.empty() ? "none" : names;
 }
 

@@ -2,7 +2,8 @@
 /// @file lean_ops.hpp
 /// @brief Training-memory levers for the UNet's activations: GroupNorm + SiLU and GEGLU as
 /// autograd functions that keep only their input and recompute the rest in the backward pass,
-/// and norms computed in the activation dtype under autocast.
+/// norms computed in the activation dtype under autocast, and the transformers' feed-forward
+/// recomputed in the backward pass.
 ///
 /// Why: with tuners on the skips, the decoder's saved activations are most of SCEdit's training
 /// memory. Under CUDA autocast `group_norm` and `layer_norm` run in float32, so a GroupNorm →
@@ -31,6 +32,10 @@ struct LeanActivations {
   bool geglu = false;
   /// LayerNorm and the remaining GroupNorms in the activation dtype instead of autocast's float32.
   bool norms_in_activation_dtype = false;
+  /// Each transformer's feed-forward keeps only its input and is recomputed in the backward pass
+  /// (`scedit::checkpoint`): its [tokens, 8·dim] hidden activations are the largest a transformer
+  /// keeps, and recomputing them costs two GEMMs and a GEGLU per block.
+  bool recompute_feed_forward = false;
 };
 
 namespace detail {

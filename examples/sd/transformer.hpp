@@ -7,6 +7,7 @@
 /// `models/attention.py` (`BasicTransformerBlock`, `FeedForward`), `models/activations.py`
 /// (`GEGLU`).
 
+#include <scedit/checkpoint.hpp>
 #include <sd/layers.hpp>
 #include <sd/lean_ops.hpp>
 
@@ -172,7 +173,7 @@ class BasicTransformerBlockImpl : public torch::nn::Cloneable<BasicTransformerBl
     h.add_(x);
     auto h2 = attn2(normed(norm2, h), context);
     h2.add_(h);
-    auto h3 = ff(normed(norm3, h2));
+    auto h3 = feed_forward(normed(norm3, h2));
     h3.add_(h2);
     return h3;
   }
@@ -202,10 +203,19 @@ class BasicTransformerBlockImpl : public torch::nn::Cloneable<BasicTransformerBl
   FeedForward ff{nullptr};
   /// LayerNorms in the activation dtype under autocast (`sd::layer_norm_in_input_dtype`).
   bool norms_in_activation_dtype = false;
+  /// Recompute `ff` in the backward pass, keeping only its input (`LeanActivations`).
+  bool recompute_feed_forward = false;
 
  private:
   torch::Tensor normed(torch::nn::LayerNorm& norm, const torch::Tensor& x) {
     return norms_in_activation_dtype ? layer_norm_in_input_dtype(x, *norm) : norm(x);
+  }
+
+  // x [B, L, dim] -> [B, L, dim]; without a graph being recorded there is nothing to recompute.
+  torch::Tensor feed_forward(const torch::Tensor& x) {
+    if (!recompute_feed_forward || !torch::GradMode::is_enabled()) return ff(x);
+    return scedit::checkpoint([ff = ff](const std::vector<torch::Tensor>& in) mutable { return ff(in[0]); },
+                              {x});
   }
 };
 

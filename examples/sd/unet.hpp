@@ -278,6 +278,7 @@ class UNet2DConditionModelImpl : public detail::BoundCloneable<UNet2DConditionMo
         geglu->lean = options.geglu;
       } else if (auto* block = dynamic_cast<BasicTransformerBlockImpl*>(module.get())) {
         block->norms_in_activation_dtype = options.norms_in_activation_dtype;
+        block->recompute_feed_forward = options.recompute_feed_forward;
       } else if (auto* transformer = dynamic_cast<Transformer2DModelImpl*>(module.get())) {
         transformer->norms_in_activation_dtype = options.norms_in_activation_dtype;
       }
