@@ -182,7 +182,7 @@ std::vector<std::string> parse_words(const std::string& text) {
 
 int main(int argc, char** argv) {
   std::string config = "auto", batches = "auto", precisions = "fp32,bf16w", methods = "lora,scedit";
-  std::string device_flag = "auto", json_path, lean_flag = "none", optimizer = "foreach";
+  std::string device_flag = "auto", json_path, lean_flag = "norm-dtype", optimizer = "foreach";
   int64_t warmup = 2, steps = 5, latent = 0;
   bool pipeline = false, recompute = false, cuda_graph = false, channels_last = false, cudnn_benchmark = false;
   CLI::App app{"memory_vs_lora: peak memory and speed of one SD 1.5 training step, SCEdit vs LoRA "

@@ -103,7 +103,7 @@ stage_bench() {
   run_bench graph-cudnn --methods scedit --batch-sizes 1,10,30 --lean $fast --cuda-graph --cudnn-benchmark
   run_bench ff-alone --methods scedit --batch-sizes 30 --lean ff-recompute
   run_bench ff-geglu --methods scedit --batch-sizes 30 --lean norm-dtype,geglu,ff-recompute
-  run_bench baseline --methods scedit --batch-sizes 30,1
+  run_bench baseline --methods scedit --batch-sizes 30,1 --lean none
   python3 - "$OUT/bench.json" "${rows[@]}" <<'EOF'
 import json, sys
 rows = []

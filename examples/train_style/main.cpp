@@ -49,7 +49,7 @@ struct Flags {
   bool gradient_checkpointing = false;
   bool cuda_graph = false;
   bool channels_last = false;
-  std::string lean = "none";
+  std::string lean = "norm-dtype";  // measured faster and leaner on the GPU (bench/RESULTS.md v0.3); exact in fp32
   std::string precision = "fp32";
   std::string device = "auto";
   common::OptimOptions optim = [] {
