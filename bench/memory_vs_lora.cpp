@@ -7,6 +7,7 @@
 // Without a GPU it runs a reduced model of the same layout by default (see --config).
 
 #include "counting_allocator.hpp"
+#include "op_profile.hpp"
 
 #include <common/graphed_step.hpp>
 #include <common/memory.hpp>
@@ -76,6 +77,17 @@ struct Row {
   double trainable_percent = 0;
   int64_t peak_bytes = 0;
   double step_ms = 0, images_per_s = 0;
+  std::string operators;  // --op-profile's table of one more step (empty without)
+};
+
+/// How every row is run.
+struct Run {
+  int64_t warmup = 2, steps = 5;
+  torch::Device device = torch::kCPU;
+  int64_t pipeline_params = 0;  // VAE + text encoder parameters, for the percentages
+  common::OptimOptions optim;
+  bool cuda_graph = false;
+  size_t op_profile = 0;  // operators listed for one profiled step after the timed ones (0: none)
 };
 
 int64_t count_elements(const torch::nn::Module& module) {
@@ -105,9 +117,8 @@ void synchronize(const torch::Device& device) {
 /// Measures one row on `unet` (frozen weights already on the device in the precision's dtype);
 /// the tuners are attached for the row and removed again, so one UNet serves every row.
 Row measure(sd::UNet& unet, const Shapes& shapes, const std::string& method,
-            const std::string& precision_name, int64_t batch, int64_t warmup, int64_t steps,
-            torch::Device device, int64_t pipeline_params, const common::OptimOptions& optim,
-            bool cuda_graph) {
+            const std::string& precision_name, int64_t batch, const Run& run) {
+  const auto& device = run.device;
   const auto precision = common::parse_precision(precision_name == "bf16w" ? "bf16" : precision_name);
   const auto dtype = common::compute_dtype(precision);
   PeakMeter meter{device};
@@ -119,15 +130,15 @@ Row measure(sd::UNet& unet, const Shapes& shapes, const std::string& method,
   auto tuners = common::attach_tuners(unet, options, device);
   unet->train();
   const auto count = scedit::count_parameters(*unet);
-  common::TrainStep step(unet, tuners, sd::NoiseSchedule(), optim, precision, device);
+  common::TrainStep step(unet, tuners, sd::NoiseSchedule(), run.optim, precision, device);
   // Captured in the last warm-up step, so the timed steps are replays.
   std::optional<common::GraphedTrainStep> graphed;
-  if (cuda_graph) graphed.emplace(step, /*seed=*/0, /*eager_steps=*/std::max<int64_t>(1, warmup - 1));
+  if (run.cuda_graph) graphed.emplace(step, /*seed=*/0, /*eager_steps=*/std::max<int64_t>(1, run.warmup - 1));
 
   auto latents = torch::randn({batch, 4, shapes.latent, shapes.latent}).to(device);
   auto text = torch::randn({batch, 77, shapes.unet.cross_attention_dim}).to(device, dtype);
   std::vector<double> times;
-  for (int64_t i = 0; i < warmup + steps; ++i) {
+  for (int64_t i = 0; i < run.warmup + run.steps; ++i) {
     auto generator = common::step_generator(0, i);
     synchronize(device);
     const auto begin = std::chrono::steady_clock::now();
@@ -139,16 +150,25 @@ Row measure(sd::UNet& unet, const Shapes& shapes, const std::string& method,
     }
     synchronize(device);
     const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - begin).count();
-    if (i >= warmup) times.push_back(ms);
+    if (i >= run.warmup) times.push_back(ms);
   }
   std::sort(times.begin(), times.end());
   Row row;
+  if (run.op_profile > 0) {  // one more eager step, after the peak was read
+    row.peak_bytes = meter.peak();
+    auto generator = common::step_generator(0, run.warmup + run.steps);
+    bench::OpProfile profile(device);
+    step.forward_backward(latents, text, generator);
+    step.optimizer_step(1e-4);
+    synchronize(device);
+    row.operators = profile.table(run.op_profile);
+  }
   row.method = method;
   row.precision = precision_name;
   row.batch_size = batch;
   row.trainable = count.trainable;
-  row.trainable_percent = 100.0 * count.trainable / (count.total() + pipeline_params);
-  row.peak_bytes = meter.peak();
+  row.trainable_percent = 100.0 * count.trainable / (count.total() + run.pipeline_params);
+  if (run.op_profile == 0) row.peak_bytes = meter.peak();
   row.step_ms = times[times.size() / 2];
   row.images_per_s = batch * 1000.0 / row.step_ms;
   if (tuners.lora) tuners.lora->unload();
@@ -183,8 +203,9 @@ std::vector<std::string> parse_words(const std::string& text) {
 int main(int argc, char** argv) {
   std::string config = "auto", batches = "auto", precisions = "fp32,bf16w", methods = "lora,scedit";
   std::string device_flag = "auto", json_path, lean_flag = "norm-dtype", optimizer = "foreach";
-  int64_t warmup = 2, steps = 5, latent = 0;
-  bool pipeline = false, recompute = false, cuda_graph = false, channels_last = false, cudnn_benchmark = false;
+  int64_t latent = 0;
+  bool pipeline = false, recompute = false, channels_last = false, cudnn_benchmark = false;
+  Run run;
   CLI::App app{"memory_vs_lora: peak memory and speed of one SD 1.5 training step, SCEdit vs LoRA "
                "(r=64 on to_q/to_k/to_v/to_out.0/ff.net.0.proj/ff.net.2)"};
   app.option_defaults()->always_capture_default();
@@ -194,15 +215,16 @@ int main(int argc, char** argv) {
   app.add_option("--precisions", precisions, "Comma-separated: fp32 (TF32 matmuls allowed), bf16w (frozen bf16, trainable fp32, bf16 autocast)");
   app.add_option("--methods", methods, "Comma-separated: lora, scedit");
   app.add_option("--device", device_flag, "auto | cpu | cuda[:N]");
-  app.add_option("--warmup", warmup, "Warm-up steps (not timed)");
-  app.add_option("--steps", steps, "Timed steps (median reported)")->check(CLI::PositiveNumber);
+  app.add_option("--warmup", run.warmup, "Warm-up steps (not timed)");
+  app.add_option("--steps", run.steps, "Timed steps (median reported)")->check(CLI::PositiveNumber);
   app.add_flag("--pipeline", pipeline, "Keep the VAE and the text encoder resident on the device too (as the seed's run)");
   app.add_flag("--recompute", recompute, "Recompute the decoder's resnets and transformers in the backward pass (gradient checkpointing)");
   app.add_option("--lean", lean_flag, "Lean activations, comma-separated: norm-silu (GroupNorm+SiLU keeps only its input), geglu (GEGLU keeps only its projection), norm-dtype (norms in bf16 under autocast), ff-recompute (feed-forwards recomputed in backward), all, none");
   app.add_option("--optimizer", optimizer, "AdamW kernels: foreach (multi-tensor) | per-tensor (torch::optim::AdamW::step)")->check(CLI::IsMember({"foreach", "per-tensor"}));
   app.add_flag("--channels-last", channels_last, "Convolution weights and the input in channels-last (NHWC) memory order");
   app.add_flag("--cudnn-benchmark", cudnn_benchmark, "Let cuDNN time its convolution algorithms in the first steps and keep the fastest (the warm-up steps)");
-  app.add_flag("--cuda-graph", cuda_graph, "Capture the whole step (noise draw, forward, backward, AdamW) as a CUDA graph in the last warm-up step and replay it (on the CPU the same step runs uncaptured)");
+  app.add_flag("--cuda-graph", run.cuda_graph, "Capture the whole step (noise draw, forward, backward, AdamW) as a CUDA graph in the last warm-up step and replay it (on the CPU the same step runs uncaptured)");
+  app.add_option("--op-profile", run.op_profile, "After each row's timed steps, time the operators of one more step and list the N slowest (0: off; the step runs slower while profiled, see bench/op_profile.hpp)");
   app.add_option("--json", json_path, "Also write the rows as JSON to this file");
   try {
     app.parse(argc, argv);
@@ -210,7 +232,8 @@ int main(int argc, char** argv) {
     return app.exit(e);
   }
   try {
-    const auto device = common::resolve_device(device_flag);
+    run.device = common::resolve_device(device_flag);
+    const auto& device = run.device;
     if (!device.is_cuda()) bench::CountingCPUAllocator::install();
     if (config == "auto") config = device.is_cuda() ? "sd15" : "reduced";
     auto shapes = make_shapes(config);
@@ -220,10 +243,11 @@ int main(int argc, char** argv) {
     const auto precision_list = parse_words(precisions);
     const auto method_list = parse_words(methods);
     const auto lean = common::parse_lean_activations(lean_flag);
-    common::OptimOptions optim;  // SCEdit's recipe, as train_style
-    optim.foreach = optimizer == "foreach";
-    TORCH_CHECK(!cuda_graph || warmup >= 2, "--cuda-graph needs --warmup 2 or more (one eager step, "
-                "then the capture), got ", warmup);
+    run.optim.foreach = optimizer == "foreach";  // otherwise SCEdit's recipe, as train_style
+    TORCH_CHECK(!run.cuda_graph || run.warmup >= 2, "--cuda-graph needs --warmup 2 or more (one eager "
+                "step, then the capture), got ", run.warmup);
+    TORCH_CHECK(!run.cuda_graph || run.op_profile == 0, "--op-profile times eager operators, which a "
+                "CUDA graph replay does not run: leave out --cuda-graph");
     for (const auto& p : precision_list) {
       TORCH_CHECK(p == "fp32" || p == "bf16w", "--precisions: '", p, "' is not fp32 or bf16w");
     }
@@ -239,7 +263,7 @@ int main(int argc, char** argv) {
     torch::manual_seed(0);
     sd::VAE vae(shapes.vae);
     sd::CLIPTextModel text_encoder(shapes.text);
-    const int64_t pipeline_params = count_elements(*vae) + count_elements(*text_encoder);
+    run.pipeline_params = count_elements(*vae) + count_elements(*text_encoder);
     if (!pipeline) {  // freed, so that the CPU's byte count holds only what the GPU's would
       vae = sd::VAE(nullptr);
       text_encoder = sd::CLIPTextModel(nullptr);
@@ -252,11 +276,11 @@ int main(int argc, char** argv) {
     std::printf("config %s (latents 4x%lldx%lld, text 77x%lld), device %s, %lld warm-up + %lld timed steps%s%s%s%s, lean %s, %s\n\n",
                 config.c_str(), static_cast<long long>(shapes.latent), static_cast<long long>(shapes.latent),
                 static_cast<long long>(shapes.unet.cross_attention_dim), device_name.c_str(),
-                static_cast<long long>(warmup), static_cast<long long>(steps), pipeline ? ", VAE + CLIP resident" : "",
+                static_cast<long long>(run.warmup), static_cast<long long>(run.steps), pipeline ? ", VAE + CLIP resident" : "",
                 recompute ? ", decoder recomputed in backward" : "", channels_last ? ", channels-last" : "",
                 cudnn_benchmark ? ", cuDNN benchmark" : "",
                 common::to_string(lean).c_str(),
-                cuda_graph ? (device.is_cuda() ? "captured AdamW, CUDA graph replays" : "capturable AdamW, uncaptured on the CPU")
+                run.cuda_graph ? (device.is_cuda() ? "captured AdamW, CUDA graph replays" : "capturable AdamW, uncaptured on the CPU")
                            : (optimizer + " AdamW").c_str());
     std::printf("| method | precision | bs | trainable (M, %% of pipeline) | peak MiB | step ms | images/s | SCEdit ÷ LoRA memory |\n");
     std::printf("|---|---|---|---|---|---|---|---|\n");
@@ -278,7 +302,7 @@ int main(int argc, char** argv) {
       for (int64_t batch : batch_sizes) {
         int64_t peak_of[2] = {0, 0};  // LoRA, SCEdit
         for (const auto& method : method_list) {
-          auto row = measure(unet, shapes, method, precision, batch, warmup, steps, device, pipeline_params, optim, cuda_graph);
+          auto row = measure(unet, shapes, method, precision, batch, run);
           peak_of[method == "scedit"] = row.peak_bytes;
           char ratio[32] = "";
           if (peak_of[0] > 0 && peak_of[1] > 0) {  // on the second of the pair
@@ -293,6 +317,11 @@ int main(int argc, char** argv) {
         }
       }
     }
+    for (const auto& r : rows) {
+      if (r.operators.empty()) continue;
+      std::printf("\noperators of one profiled step: %s, %s, batch %lld\n\n%s", r.method.c_str(),
+                  r.precision.c_str(), static_cast<long long>(r.batch_size), r.operators.c_str());
+    }
     if (!json_path.empty()) {
       nlohmann::json out = nlohmann::json::array();
       for (const auto& r : rows) {
@@ -301,7 +330,7 @@ int main(int argc, char** argv) {
                        {"step_ms", r.step_ms}, {"images_per_s", r.images_per_s},
                        {"device", device_name}, {"config", config}, {"pipeline", pipeline},
                        {"recompute", recompute}, {"channels_last", channels_last}, {"cudnn_benchmark", cudnn_benchmark}, {"lean", common::to_string(lean)},
-                       {"optimizer", cuda_graph ? "capturable" : optimizer}, {"cuda_graph", cuda_graph && device.is_cuda()}});
+                       {"optimizer", run.cuda_graph ? "capturable" : optimizer}, {"cuda_graph", run.cuda_graph && device.is_cuda()}});
       }
       std::ofstream(json_path) << out.dump(2) << "\n";
       std::printf("\nrows: %s\n", json_path.c_str());

@@ -6,6 +6,7 @@
 #   bash scripts/gpu_session.sh tests   # the *_CUDA gtests (parity on the card, TF32 off)
 #   bash scripts/gpu_session.sh bench   # issue 5: memory_vs_lora baseline, each lever, the best together
 #   bash scripts/gpu_session.sh train   # issue 4: train_style at SD 1.5 size, 512 px, bf16, SCEdit and LoRA
+#   bash scripts/gpu_session.sh profile # where a batch-30 SCEdit step's time goes, operator by operator
 #
 # Stages chain (`build tests bench train`, the default). SCEDIT_DEADLINE (seconds since the epoch)
 # stops starting benchmark rows and the training run after that time, so that one call ends inside
@@ -32,9 +33,8 @@ configure() {  # extra compiler flags
 
 build_targets() {
   # What this session's checks need; the adapter, safetensors and weight parity tests ran on the
-  # GPU in v0.1 and are left out to save device time (add them with SCEDIT_GPU_TARGETS).
-  cmake --build "$BUILD" -j"$(nproc)" --target memory_vs_lora train_style test_models test_train \
-    ${SCEDIT_GPU_TARGETS:-}
+  # GPU in v0.1 and are left out to save device time (SCEDIT_GPU_TARGETS names others).
+  cmake --build "$BUILD" -j"$(nproc)" --target ${SCEDIT_GPU_TARGETS:-memory_vs_lora train_style test_models test_train}
 }
 
 stage_build() {
@@ -117,12 +117,23 @@ EOF
   cat "$OUT/bench.md"
 }
 
+stage_profile() {
+  local flags=(--precisions bf16w --methods scedit --batch-sizes 30 --steps 3 --op-profile 45)
+  {
+    echo "== memory_vs_lora ${flags[*]} (default levers)"
+    "$BUILD/bin/memory_vs_lora" "${flags[@]}"
+    echo "== memory_vs_lora ${flags[*]} --lean none"
+    "$BUILD/bin/memory_vs_lora" "${flags[@]}" --lean none
+  } > "$OUT/profile.md" 2>&1
+  tail -60 "$OUT/profile.md"
+}
+
 [ $# -gt 0 ] || set -- build tests bench train
 status=0
 for stage in "$@"; do
   case $stage in
-    build | tests | train | bench) "stage_$stage" || status=1 ;;
-    *) echo "unknown stage '$stage' (build, tests, train, bench)" >&2; exit 2 ;;
+    build | tests | train | bench | profile) "stage_$stage" || status=1 ;;
+    *) echo "unknown stage '$stage' (build, tests, train, bench, profile)" >&2; exit 2 ;;
   esac
 done
 exit $status
