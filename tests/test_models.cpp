@@ -534,6 +534,31 @@ TEST_F(Models, LeanGEGLUMatchesPlainOpsWithGradients) {
   expect_error([] { sd::geglu(torch::randn({2, 5})); }, {"[2, 5]", "even"});
 }
 
+TEST_F(Models, LinearFoldsTheBiasAndMatchesTorchLinear) {
+  // sd::linear against torch::nn::Linear's forward, float64, outputs and input gradients, through
+  // an in-place residual add (which a view output would turn into an extra copy in backward).
+  for (const bool bias : {true, false}) {
+    torch::nn::Linear layer(torch::nn::LinearOptions(7, 5).bias(bias));
+    layer->to(torch::kFloat64);
+    for (auto x0 : {torch::randn({2, 3, 7}, torch::kFloat64), torch::randn({6, 7}, torch::kFloat64),
+                    torch::randn({3, 7, 2}, torch::kFloat64).transpose(1, 2)}) {
+      auto run = [&](bool folded) {
+        auto x = x0.detach().requires_grad_(true);
+        auto out = folded ? sd::linear(layer, x) : layer(x);
+        EXPECT_FALSE(out.is_view()) << "bias " << bias << ", input " << x0.sizes();
+        auto residual = torch::ones_like(out);
+        out.add_(residual);
+        out.square().sum().backward();
+        return std::make_pair(out.detach(), x.grad());
+      };
+      const auto [folded_out, folded_grad] = run(true);
+      const auto [plain_out, plain_grad] = run(false);
+      EXPECT_LE(rel_err(folded_out, plain_out), 1e-12);
+      EXPECT_LE(rel_err(folded_grad, plain_grad), 1e-12);
+    }
+  }
+}
+
 TEST_F(Models, LeanActivationsKeepLessForBackward) {
   // A resnet block: the plain ops keep both normalised tensors (SiLU's inputs) besides what the
   // lean ones keep, so the lean graph holds at least two activation-sized tensors less.

@@ -274,6 +274,26 @@ TORCH_MODULE(Upsample2D);
 
 // ---- Attention ---------------------------------------------------------------------------------
 
+/// `x · weightᵀ + bias` for x [..., in] -> [..., out], with the bias added by the matrix product
+/// itself (`addmm`'s epilogue) where LibTorch's `torch::nn::Linear` multiplies and then adds the
+/// bias in a second pass over the output. The result is a fresh tensor, not a view, as
+/// `torch::matmul`'s is: a residual added into it in place costs no extra copy in the backward
+/// pass. Without a bias, or for a non-contiguous x, it is `torch::nn::functional::linear`.
+inline torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias) {
+  if (!bias.defined() || x.dim() < 2 || !x.is_contiguous()) {
+    return torch::nn::functional::linear(x, weight, bias);
+  }
+  auto out = torch::addmm(bias, x.reshape({-1, x.size(-1)}), weight.t());  // [N, out]
+  auto sizes = x.sizes().vec();
+  sizes.back() = out.size(1);
+  return at::_unsafe_view(out, sizes);  // [N, out] -> [..., out] (torch::matmul does the same)
+}
+
+/// `layer(x)` through `sd::linear` (the bias folded into the matrix product). x [..., in].
+inline torch::Tensor linear(const torch::nn::Linear& layer, const torch::Tensor& x) {
+  return linear(x, layer->weight, layer->bias);
+}
+
 namespace functional {
 
 /// Multi-head attention on projected tensors: q [B, Lq, h·d], k and v [B, Lk, h·d] ->
@@ -365,8 +385,8 @@ class AttentionImpl : public detail::BoundCloneable<AttentionImpl> {
                 x.sizes());
     auto h = group_norm.is_empty() ? x : group_norm(x.transpose(1, 2)).transpose(1, 2);
     const torch::Tensor& kv = context.defined() ? context : h;
-    auto out = out_proj(functional::multi_head_attention(to_q(h), to_k(kv), to_v(kv),
-                                                         options.heads()));
+    auto out = linear(out_proj, functional::multi_head_attention(linear(to_q, h), linear(to_k, kv),
+                                                                 linear(to_v, kv), options.heads()));
     if (options.residual_connection()) out.add_(x);  // to_out's fresh output
     return out;
   }
@@ -407,8 +427,8 @@ class AttentionImpl : public detail::BoundCloneable<AttentionImpl> {
     const int64_t b = x.size(0), c = x.size(1), height = x.size(2), width = x.size(3);
     auto h = group_norm.is_empty() ? x : group_norm(x);
     h = h.flatten(2).transpose(1, 2);  // [B, C, H, W] -> [B, H·W, C]
-    auto out = out_proj(functional::multi_head_attention(to_q(h), to_k(h), to_v(h),
-                                                         options.heads()));
+    auto out = linear(out_proj, functional::multi_head_attention(linear(to_q, h), linear(to_k, h),
+                                                                 linear(to_v, h), options.heads()));
     out = out.transpose(1, 2).reshape({b, c, height, width});  // [B, H·W, C] -> [B, C, H, W]
     return options.residual_connection() ? out + x : out;
   }

@@ -44,7 +44,7 @@ class GEGLUImpl : public torch::nn::Cloneable<GEGLUImpl> {
 
   /// [..., dim_in] -> [..., dim_out].
   torch::Tensor forward(const torch::Tensor& x) {
-    auto projected = proj(x);  // [..., 2·dim_out]
+    auto projected = linear(proj, x);  // [..., 2·dim_out]
     if (lean) return geglu(projected);
     auto parts = projected.chunk(2, -1);  // -> 2 × [..., dim_out]
     return parts[0] * torch::gelu(parts[1]);
@@ -100,7 +100,7 @@ class FeedForwardImpl : public detail::BoundCloneable<FeedForwardImpl> {
   }
 
   /// [..., dim] -> [..., dim].
-  torch::Tensor forward(const torch::Tensor& x) { return out(geglu(x)); }
+  torch::Tensor forward(const torch::Tensor& x) { return linear(out, geglu(x)); }
 
   /// The options it was built with.
   FeedForwardOptions options;
@@ -292,7 +292,7 @@ class Transformer2DModelImpl : public detail::BoundCloneable<Transformer2DModelI
     auto normed = norms_in_activation_dtype ? group_norm_in_input_dtype(x, *norm) : norm(x);
     torch::Tensor h;
     if (options.use_linear_projection()) {
-      h = proj_in_linear(normed.permute({0, 2, 3, 1}).reshape({b, height * width, c}));
+      h = linear(proj_in_linear, normed.permute({0, 2, 3, 1}).reshape({b, height * width, c}));
     } else {
       h = proj_in_conv(normed).permute({0, 2, 3, 1}).reshape({b, height * width, c});
     }  // [B, C, H, W] -> [B, H·W, C]
@@ -300,9 +300,9 @@ class Transformer2DModelImpl : public detail::BoundCloneable<Transformer2DModelI
     // proj_out as a matmul over the tokens (a 1×1 conv is the same product), then a strided view
     // back to [B, C, H, W]: the residual add writes the NCHW result without an extra copy.
     if (options.use_linear_projection()) {
-      h = proj_out_linear(h);
+      h = linear(proj_out_linear, h);
     } else {
-      h = torch::nn::functional::linear(h, proj_out_conv->weight.flatten(1), proj_out_conv->bias);
+      h = linear(h, proj_out_conv->weight.flatten(1), proj_out_conv->bias);
     }
     return x + h.view({b, height, width, c}).permute({0, 3, 1, 2});  // [B, H·W, C] -> [B, C, H, W]
   }
