@@ -8,7 +8,7 @@
 #   bash scripts/gpu_session.sh train   # issue 4: train_style at SD 1.5 size, 512 px, bf16, SCEdit and LoRA
 #   bash scripts/gpu_session.sh profile # where a batch-30 SCEdit step's time goes, operator by operator
 #
-# Stages chain (`build tests bench train`, the default). SCEDIT_DEADLINE (seconds since the epoch)
+# Stages chain (`build tests bench profile train`, the default). SCEDIT_DEADLINE (seconds since the epoch)
 # stops starting benchmark rows and the training run after that time, so that one call ends inside
 # its limit with what it measured so far. Results go to $OUT (default ./gpu-results), at most eight
 # files as the device tool returns them: build.log, tests.log, bench.md, bench.json, train.log.
@@ -128,7 +128,7 @@ stage_profile() {
   tail -60 "$OUT/profile.md"
 }
 
-[ $# -gt 0 ] || set -- build tests bench train
+[ $# -gt 0 ] || set -- build tests bench profile train
 status=0
 for stage in "$@"; do
   case $stage in
