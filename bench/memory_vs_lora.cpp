@@ -202,7 +202,7 @@ std::vector<std::string> parse_words(const std::string& text) {
 
 int main(int argc, char** argv) {
   std::string config = "auto", batches = "auto", precisions = "fp32,bf16w", methods = "lora,scedit";
-  std::string device_flag = "auto", json_path, lean_flag = "norm-dtype", optimizer = "foreach";
+  std::string device_flag = "auto", json_path, lean_flag = "norm-dtype", optimizer = "foreach", attention = "auto";
   int64_t latent = 0;
   bool pipeline = false, recompute = false, channels_last = false, cudnn_benchmark = false;
   Run run;
@@ -222,6 +222,7 @@ int main(int argc, char** argv) {
   app.add_option("--lean", lean_flag, "Lean activations, comma-separated: norm-silu (GroupNorm+SiLU keeps only its input), geglu (GEGLU keeps only its projection), norm-dtype (norms in bf16 under autocast), ff-recompute (feed-forwards recomputed in backward), all, none");
   app.add_option("--optimizer", optimizer, "AdamW kernels: foreach (multi-tensor) | per-tensor (torch::optim::AdamW::step)")->check(CLI::IsMember({"foreach", "per-tensor"}));
   app.add_flag("--channels-last", channels_last, "Convolution weights and the input in channels-last (NHWC) memory order");
+  app.add_option("--attention", attention, "Fused attention kernels on CUDA: auto | flash | efficient | cudnn | math (LibTorch 2.5+)");
   app.add_flag("--cudnn-benchmark", cudnn_benchmark, "Let cuDNN time its convolution algorithms in the first steps and keep the fastest (the warm-up steps)");
   app.add_flag("--cuda-graph", run.cuda_graph, "Capture the whole step (noise draw, forward, backward, AdamW) as a CUDA graph in the last warm-up step and replay it (on the CPU the same step runs uncaptured)");
   app.add_option("--op-profile", run.op_profile, "After each row's timed steps, time the operators of one more step and list the N slowest (0: off; the step runs slower while profiled, see bench/op_profile.hpp)");
@@ -257,6 +258,7 @@ int main(int argc, char** argv) {
     // TF32 matmuls on fp32, as the peer measured.
     at::globalContext().setFloat32MatmulPrecision("high");
     at::globalContext().setBenchmarkCuDNN(cudnn_benchmark);
+    scedit::compat::set_attention_kernels(attention);
 
     // The VAE and text encoder count towards the percentages (as the seed computes them); with
     // --pipeline they also stay on the device in the frozen dtype while the UNet trains.
@@ -273,12 +275,12 @@ int main(int argc, char** argv) {
 #if defined(SCEDIT_WITH_CUDA)
     if (device.is_cuda()) device_name = at::cuda::getDeviceProperties(device.index() < 0 ? 0 : device.index())->name;
 #endif
-    std::printf("config %s (latents 4x%lldx%lld, text 77x%lld), device %s, %lld warm-up + %lld timed steps%s%s%s%s, lean %s, %s\n\n",
+    std::printf("config %s (latents 4x%lldx%lld, text 77x%lld), device %s, %lld warm-up + %lld timed steps%s%s%s%s%s, lean %s, %s\n\n",
                 config.c_str(), static_cast<long long>(shapes.latent), static_cast<long long>(shapes.latent),
                 static_cast<long long>(shapes.unet.cross_attention_dim), device_name.c_str(),
                 static_cast<long long>(run.warmup), static_cast<long long>(run.steps), pipeline ? ", VAE + CLIP resident" : "",
                 recompute ? ", decoder recomputed in backward" : "", channels_last ? ", channels-last" : "",
-                cudnn_benchmark ? ", cuDNN benchmark" : "",
+                cudnn_benchmark ? ", cuDNN benchmark" : "", attention == "auto" ? "" : (", " + attention + " attention").c_str(),
                 common::to_string(lean).c_str(),
                 run.cuda_graph ? (device.is_cuda() ? "captured AdamW, CUDA graph replays" : "capturable AdamW, uncaptured on the CPU")
                            : (optimizer + " AdamW").c_str());
@@ -329,7 +331,7 @@ int main(int argc, char** argv) {
                        {"trainable_params", r.trainable}, {"peak_bytes", r.peak_bytes},
                        {"step_ms", r.step_ms}, {"images_per_s", r.images_per_s},
                        {"device", device_name}, {"config", config}, {"pipeline", pipeline},
-                       {"recompute", recompute}, {"channels_last", channels_last}, {"cudnn_benchmark", cudnn_benchmark}, {"lean", common::to_string(lean)},
+                       {"recompute", recompute}, {"channels_last", channels_last}, {"cudnn_benchmark", cudnn_benchmark}, {"attention", attention}, {"lean", common::to_string(lean)},
                        {"optimizer", run.cuda_graph ? "capturable" : optimizer}, {"cuda_graph", run.cuda_graph && device.is_cuda()}});
       }
       std::ofstream(json_path) << out.dump(2) << "\n";

@@ -92,11 +92,13 @@ stage_bench() {
     rows+=("$BUILD/bench_$name.json")
   }
   : > "$OUT/bench.md"
-  # Most telling first: rows past the deadline are skipped, and what ran is kept. (The v0.3 rows
-  # of bench/RESULTS.md came from the same stage with the commands listed there.)
+  # Most telling first: rows past the deadline are skipped, and what ran is kept. (The v0.3 and
+  # v0.4 rows of bench/RESULTS.md came from this stage at commits b4576d5 and 342a860.)
   local fast=norm-dtype,ff-recompute
   run_bench ff --batch-sizes 30 --lean $fast
   run_bench norm-dtype --methods scedit --batch-sizes 30 --lean norm-dtype
+  run_bench flash --methods scedit --batch-sizes 30,1 --attention flash
+  run_bench efficient --methods scedit --batch-sizes 30 --attention efficient
   run_bench cudnn --methods scedit --batch-sizes 30,1 --lean norm-dtype --cudnn-benchmark
   run_bench all --batch-sizes 30 --lean all
   run_bench graph --methods scedit --batch-sizes 1,10,30 --lean $fast --cuda-graph

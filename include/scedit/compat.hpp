@@ -12,6 +12,7 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <string>
 
 /// True on LibTorch 2.x and later.
 #define SCEDIT_TORCH_2 (TORCH_VERSION_MAJOR >= 2)
@@ -215,6 +216,27 @@ inline auto optimizer_state_key(const torch::Tensor& p) {
   return static_cast<void*>(p.unsafeGetTensorImpl());
 #else
   return c10::guts::to_string(p.unsafeGetTensorImpl());
+#endif
+}
+
+/// Restricts the fused kernels `scaled_dot_product_attention` may pick on CUDA to one kind:
+/// `flash`, `efficient` (memory-efficient), `cudnn` or `math`; `auto` keeps LibTorch's choice.
+/// A process-wide setting: call it once, before training. Choosing needs LibTorch 2.5 or newer
+/// (1.13 has only the textbook computation); with one kind allowed, an input it cannot take is an
+/// error rather than a silent fallback.
+inline void set_attention_kernels(const std::string& kind) {
+  TORCH_CHECK(kind == "auto" || kind == "flash" || kind == "efficient" || kind == "cudnn" || kind == "math",
+              "attention kernels: '", kind, "' is not auto, flash, efficient, cudnn or math");
+  if (kind == "auto") return;
+#if SCEDIT_TORCH_AT_LEAST(2, 5)
+  auto& context = at::globalContext();
+  context.setSDPUseFlash(kind == "flash");
+  context.setSDPUseMemEfficient(kind == "efficient");
+  context.setSDPUseCuDNN(kind == "cudnn");
+  context.setSDPUseMath(kind == "math");
+#else
+  TORCH_CHECK(false, "attention kernels '", kind, "': choosing them needs LibTorch 2.5 or newer, this is ",
+              TORCH_VERSION);
 #endif
 }
 
