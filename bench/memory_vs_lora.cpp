@@ -154,8 +154,8 @@ Row measure(sd::UNet& unet, const Shapes& shapes, const std::string& method,
   }
   std::sort(times.begin(), times.end());
   Row row;
+  row.peak_bytes = meter.peak();
   if (run.op_profile > 0) {  // one more eager step, after the peak was read
-    row.peak_bytes = meter.peak();
     auto generator = common::step_generator(0, run.warmup + run.steps);
     bench::OpProfile profile(device);
     step.forward_backward(latents, text, generator);
@@ -168,7 +168,6 @@ Row measure(sd::UNet& unet, const Shapes& shapes, const std::string& method,
   row.batch_size = batch;
   row.trainable = count.trainable;
   row.trainable_percent = 100.0 * count.trainable / (count.total() + run.pipeline_params);
-  if (run.op_profile == 0) row.peak_bytes = meter.peak();
   row.step_ms = times[times.size() / 2];
   row.images_per_s = batch * 1000.0 / row.step_ms;
   if (tuners.lora) tuners.lora->unload();
