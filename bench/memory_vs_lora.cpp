@@ -137,16 +137,20 @@ Row measure(sd::UNet& unet, const Shapes& shapes, const std::string& method,
 
   auto latents = torch::randn({batch, 4, shapes.latent, shapes.latent}).to(device);
   auto text = torch::randn({batch, 77, shapes.unet.cross_attention_dim}).to(device, dtype);
+  // Step i without a graph: its noise from the i-th generator, then AdamW.
+  auto eager_step = [&](int64_t i) {
+    auto generator = common::step_generator(0, i);
+    step.forward_backward(latents, text, generator);
+    step.optimizer_step(1e-4);
+  };
   std::vector<double> times;
   for (int64_t i = 0; i < run.warmup + run.steps; ++i) {
-    auto generator = common::step_generator(0, i);
     synchronize(device);
     const auto begin = std::chrono::steady_clock::now();
     if (graphed) {
       graphed->run(latents, text, 1e-4);
     } else {
-      step.forward_backward(latents, text, generator);
-      step.optimizer_step(1e-4);
+      eager_step(i);
     }
     synchronize(device);
     const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - begin).count();
@@ -156,10 +160,8 @@ Row measure(sd::UNet& unet, const Shapes& shapes, const std::string& method,
   Row row;
   row.peak_bytes = meter.peak();
   if (run.op_profile > 0) {  // one more eager step, after the peak was read
-    auto generator = common::step_generator(0, run.warmup + run.steps);
     bench::OpProfile profile(device);
-    step.forward_backward(latents, text, generator);
-    step.optimizer_step(1e-4);
+    eager_step(run.warmup + run.steps);
     synchronize(device);
     row.operators = profile.table(run.op_profile);
   }
@@ -274,12 +276,16 @@ int main(int argc, char** argv) {
 #if defined(SCEDIT_WITH_CUDA)
     if (device.is_cuda()) device_name = at::cuda::getDeviceProperties(device.index() < 0 ? 0 : device.index())->name;
 #endif
-    std::printf("config %s (latents 4x%lldx%lld, text 77x%lld), device %s, %lld warm-up + %lld timed steps%s%s%s%s%s, lean %s, %s\n\n",
+    std::string settings;  // what differs from the plain eager step
+    if (pipeline) settings += ", VAE + CLIP resident";
+    if (recompute) settings += ", decoder recomputed in backward";
+    if (channels_last) settings += ", channels-last";
+    if (cudnn_benchmark) settings += ", cuDNN benchmark";
+    if (attention != "auto") settings += ", " + attention + " attention";
+    std::printf("config %s (latents 4x%lldx%lld, text 77x%lld), device %s, %lld warm-up + %lld timed steps%s, lean %s, %s\n\n",
                 config.c_str(), static_cast<long long>(shapes.latent), static_cast<long long>(shapes.latent),
                 static_cast<long long>(shapes.unet.cross_attention_dim), device_name.c_str(),
-                static_cast<long long>(run.warmup), static_cast<long long>(run.steps), pipeline ? ", VAE + CLIP resident" : "",
-                recompute ? ", decoder recomputed in backward" : "", channels_last ? ", channels-last" : "",
-                cudnn_benchmark ? ", cuDNN benchmark" : "", attention == "auto" ? "" : (", " + attention + " attention").c_str(),
+                static_cast<long long>(run.warmup), static_cast<long long>(run.steps), settings.c_str(),
                 common::to_string(lean).c_str(),
                 run.cuda_graph ? (device.is_cuda() ? "captured AdamW, CUDA graph replays" : "capturable AdamW, uncaptured on the CPU")
                            : (optimizer + " AdamW").c_str());

@@ -11,7 +11,8 @@
 # Stages chain (`build tests bench profile train`, the default). SCEDIT_DEADLINE (seconds since the epoch)
 # stops starting benchmark rows and the training run after that time, so that one call ends inside
 # its limit with what it measured so far. Results go to $OUT (default ./gpu-results), at most eight
-# files as the device tool returns them: build.log, tests.log, bench.md, bench.json, train.log.
+# files as the device tool returns them: build.log, tests.log, bench.md, bench.json, profile.md,
+# train.log.
 # CLI11 and stb are not installed on the GPU machine: their headers are taken from
 # $SCEDIT_EXTRA_INCLUDE (default .deps/include, filled by `cp -r /usr/include/CLI /usr/include/stb`).
 # The fixtures travel the same way: SCEDIT_FIXTURES=.deps/fixtures (a copy of ../shared/fixtures).
