@@ -220,7 +220,7 @@ int main(int argc, char** argv) {
   app.add_option("--steps", run.steps, "Timed steps (median reported)")->check(CLI::PositiveNumber);
   app.add_flag("--pipeline", pipeline, "Keep the VAE and the text encoder resident on the device too (as the seed's run)");
   app.add_flag("--recompute", recompute, "Recompute the decoder's resnets and transformers in the backward pass (gradient checkpointing)");
-  app.add_option("--lean", lean_flag, "Lean activations, comma-separated: norm-silu (GroupNorm+SiLU keeps only its input), geglu (GEGLU keeps only its projection), norm-dtype (norms in bf16 under autocast), ff-recompute (feed-forwards recomputed in backward), all, none");
+  app.add_option("--lean", lean_flag, "Lean activations, comma-separated: norm-silu (GroupNorm+SiLU keeps only its input), geglu (GEGLU keeps only its projection), norm-dtype (norms in bf16 under autocast), ff-recompute (feed-forwards recomputed in backward), all (those four), fused-norm-silu and fused-geglu (the fused CUDA kernels, what norm-silu and geglu keep in fewer passes; CUDA builds), fused (both), none");
   app.add_option("--optimizer", optimizer, "AdamW kernels: foreach (multi-tensor) | per-tensor (torch::optim::AdamW::step)")->check(CLI::IsMember({"foreach", "per-tensor"}));
   app.add_flag("--channels-last", channels_last, "Convolution weights and the input in channels-last (NHWC) memory order");
   app.add_option("--attention", attention, "Fused attention kernels on CUDA: auto | flash | efficient | cudnn | math (LibTorch 2.5+)");
@@ -244,7 +244,7 @@ int main(int argc, char** argv) {
     const auto batch_sizes = parse_ints(batches, "--batch-sizes");
     const auto precision_list = parse_words(precisions);
     const auto method_list = parse_words(methods);
-    const auto lean = common::parse_lean_activations(lean_flag);
+    const auto lean = common::parse_lean_activations(lean_flag, device);
     run.optim.foreach = optimizer == "foreach";  // otherwise SCEdit's recipe, as train_style
     TORCH_CHECK(!run.cuda_graph || run.warmup >= 2, "--cuda-graph needs --warmup 2 or more (one eager "
                 "step, then the capture), got ", run.warmup);

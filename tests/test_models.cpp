@@ -580,7 +580,7 @@ TEST_F(Models, LeanActivationsKeepLessForBackward) {
   kept = torch::Tensor();
   const int64_t plain_geglu = bytes_held_after([&] { return geglu(tokens); }, kept);
   kept = torch::Tensor();
-  geglu->lean = true;
+  geglu->lean.geglu = true;
   const int64_t lean_geglu = bytes_held_after([&] { return geglu(tokens); }, kept);
   EXPECT_GE(plain_geglu - lean_geglu, 2 * 10 * 64 * 4);
 
@@ -698,6 +698,120 @@ TEST_F(Models, UNetLeanActivationsAndChannelsLastMatchPlainOnTheGpu_CUDA) {
   }, gpu);
   EXPECT_LE(rel_err(lean_out.contiguous(), plain_out), 1e-5);
   EXPECT_LE(rel_err(lean_grads, plain_grads), 1e-4);
+}
+
+/// Tolerance of a fused kernel's result in `dtype` against float64 on the same rounded inputs:
+/// float32 arithmetic, one rounding to the element type.
+double fused_tolerance(torch::Dtype dtype) {
+  return dtype == torch::kFloat32 ? 1e-5 : dtype == torch::kFloat16 ? 3e-3 : 2e-2;
+}
+
+/// Skips a test of the fused CUDA kernels where they cannot run.
+#define SKIP_WITHOUT_FUSED_KERNELS()                                                   \
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";                  \
+  if (!sd::fused::available()) GTEST_SKIP() << "built without the fused CUDA kernels"
+
+TEST_F(Models, FusedGroupNormSiLUMatchesFloat64_CUDA) {
+  SKIP_WITHOUT_FUSED_KERNELS();
+  const torch::Device gpu(torch::kCUDA, 0);
+  struct Case {
+    int64_t n, c, h, w, groups;
+    bool affine;
+  };
+  // Rows of 64 and 256 elements take the 16-byte vector path; rows of 35 and 3 the scalar one.
+  const std::vector<Case> cases{{2, 64, 8, 8, 32, true}, {3, 40, 7, 5, 8, true}, {2, 32, 16, 16, 4, false},
+                                {1, 6, 3, 1, 3, true}};
+  for (const auto& k : cases) {
+    for (const auto dtype : {torch::kFloat32, torch::kBFloat16, torch::kFloat16}) {
+      SCOPED_TRACE(::testing::Message() << k.n << "x" << k.c << "x" << k.h << "x" << k.w << " groups " << k.groups
+                                        << " affine " << k.affine << " " << dtype);
+      torch::nn::GroupNorm norm(torch::nn::GroupNormOptions(k.groups, k.c).eps(1e-5).affine(k.affine));
+      if (k.affine) {
+        torch::NoGradGuard no_grad;
+        norm->weight.normal_(1.0, 0.5);
+        norm->bias.normal_(0.0, 0.5);
+      }
+      norm->to(gpu, dtype);
+      // An offset mean checks the statistics' cancellation; inputs rounded to dtype once, for both.
+      const auto x = (torch::randn({k.n, k.c, k.h, k.w}) * 3 + 1.5).to(gpu, dtype);
+      const auto grad_out = torch::randn({k.n, k.c, k.h, k.w}).to(gpu, dtype);
+
+      auto x64 = x.to(torch::kFloat64).requires_grad_(true);
+      torch::Tensor w64, b64;
+      if (k.affine) {
+        w64 = norm->weight.detach().to(torch::kFloat64).requires_grad_(true);
+        b64 = norm->bias.detach().to(torch::kFloat64).requires_grad_(true);
+      }
+      const auto expected = torch::silu(torch::group_norm(x64, k.groups, w64, b64, 1e-5));
+      expected.backward(grad_out.to(torch::kFloat64));
+
+      const auto xin = x.clone().requires_grad_(true);
+      const auto got = sd::fused::group_norm_silu(xin, *norm);
+      ASSERT_EQ(got.scalar_type(), dtype);
+      got.backward(grad_out);
+      const double tolerance = fused_tolerance(dtype);
+      EXPECT_LE(rel_err(got, expected), tolerance);
+      EXPECT_LE(rel_err(xin.grad(), x64.grad()), 2 * tolerance);
+      if (k.affine) {
+        EXPECT_LE(rel_err(norm->weight.grad(), w64.grad()), 2 * tolerance);
+        EXPECT_LE(rel_err(norm->bias.grad(), b64.grad()), 2 * tolerance);
+      }
+    }
+  }
+}
+
+TEST_F(Models, FusedGEGLUMatchesFloat64_CUDA) {
+  SKIP_WITHOUT_FUSED_KERNELS();
+  const torch::Device gpu(torch::kCUDA, 0);
+  // A gate of 64 takes the vector path; of 5, the scalar one; a non-contiguous projection is copied.
+  for (const auto& sizes : {std::vector<int64_t>{2, 10, 128}, std::vector<int64_t>{3, 7, 10}}) {
+    for (const auto dtype : {torch::kFloat32, torch::kBFloat16, torch::kFloat16}) {
+      SCOPED_TRACE(::testing::Message() << sizes.back() << " wide, " << dtype);
+      const auto projected = (torch::randn(sizes) * 2).to(gpu, dtype);
+      auto out_sizes = sizes;
+      out_sizes.back() /= 2;
+      const auto grad_out = torch::randn(out_sizes).to(gpu, dtype);
+      auto p64 = projected.to(torch::kFloat64).requires_grad_(true);
+      const auto parts = p64.chunk(2, -1);
+      const auto expected = parts[0] * torch::gelu(parts[1]);
+      expected.backward(grad_out.to(torch::kFloat64));
+      for (const bool contiguous : {true, false}) {
+        auto input = contiguous ? projected.clone() : projected.transpose(0, 1).contiguous().transpose(0, 1);
+        input.requires_grad_(true);
+        const auto got = sd::fused::geglu(input);
+        ASSERT_EQ(got.sizes(), expected.sizes());
+        got.backward(grad_out);
+        EXPECT_LE(rel_err(got, expected), fused_tolerance(dtype)) << "contiguous " << contiguous;
+        EXPECT_LE(rel_err(input.grad(), p64.grad()), 2 * fused_tolerance(dtype)) << "contiguous " << contiguous;
+      }
+    }
+  }
+}
+
+TEST_F(Models, UNetFusedKernelsMatchPlainOnTheGpu_CUDA) {
+  SKIP_WITHOUT_FUSED_KERNELS();
+  at::globalContext().setAllowTF32CuBLAS(false);
+  at::globalContext().setAllowTF32CuDNN(false);
+  const torch::Device gpu(torch::kCUDA, 0);
+  sd::LeanActivations fused;
+  fused.fused_norm_silu = fused.fused_geglu = true;
+  const auto [plain_out, plain_grads] = output_and_skip_gradients([](sd::UNet&) {}, gpu);
+  const auto [fused_out, fused_grads] =
+      output_and_skip_gradients([&](sd::UNet& unet) { unet->set_lean_activations(fused); }, gpu);
+  EXPECT_LE(rel_err(fused_out, plain_out), 1e-5);
+  EXPECT_LE(rel_err(fused_grads, plain_grads), 1e-4);
+}
+
+TEST_F(Models, FusedKernelsRefuseWhatTheyCannotRunSayingWhy) {
+  // On a CPU tensor, in any build: the message names the op and the reason.
+  torch::nn::GroupNorm norm(torch::nn::GroupNormOptions(2, 4));
+  const std::string reason = sd::fused::available() ? "run on CUDA tensors, not on cpu" : "no fused CUDA kernels";
+  expect_error([&] { sd::fused::group_norm_silu(torch::randn({1, 4, 2, 2}), *norm); },
+               {"fused group_norm_silu", reason});
+  expect_error([&] { sd::fused::geglu(torch::randn({3, 8})); }, {"fused geglu", reason});
+  sd::LeanActivations lean;
+  lean.fused_norm_silu = true;
+  expect_error([&] { sd::norm_silu(torch::randn({1, 4, 2, 2}), *norm, lean); }, {"fused group_norm_silu", reason});
 }
 
 TEST_F(Models, UNetLeanActivationsUnderBFloat16AutocastStayClose) {

@@ -98,6 +98,25 @@ TEST(Train, LearningRateSchedules) {
   EXPECT_NE(error_of([&] { common::learning_rate(o, 0, 10); }).find("--lr-schedule must be"), std::string::npos);
 }
 
+TEST(Train, LeanFlagNamesEveryLeverAndRefusesFusedKernelsWhereTheyCannotRun) {
+  const torch::Device cpu(torch::kCPU);
+  const auto all = common::parse_lean_activations("all", cpu);
+  EXPECT_EQ(common::to_string(all), "norm-silu,geglu,norm-dtype,ff-recompute");
+  EXPECT_EQ(common::to_string(common::parse_lean_activations("none", cpu)), "none");
+  EXPECT_EQ(common::to_string(common::parse_lean_activations("ff-recompute,norm-dtype", cpu)), "norm-dtype,ff-recompute");
+  EXPECT_NE(error_of([&] { common::parse_lean_activations("norm-silu,fusion", cpu); }).find("--lean: 'fusion' is not"),
+            std::string::npos);
+  for (const std::string lever : {"fused", "fused-norm-silu", "fused-geglu"}) {
+    const auto message = error_of([&] { common::parse_lean_activations("norm-dtype," + lever, cpu); });
+    EXPECT_NE(message.find("--lean " + lever + ": "), std::string::npos) << message;
+    EXPECT_NE(message.find(sd::fused::available() ? "not on cpu" : "no fused CUDA kernels"), std::string::npos) << message;
+  }
+  if (sd::fused::available() && torch::cuda::is_available()) {
+    const auto fused = common::parse_lean_activations("norm-dtype,fused", torch::Device(torch::kCUDA, 0));
+    EXPECT_EQ(common::to_string(fused), "norm-dtype,fused-norm-silu,fused-geglu");
+  }
+}
+
 TEST(Train, SeededSCEditRunLowersTheLoss) {
   const auto [first, last] = short_run("scedit", common::Precision::kFP32, 60, 10);
   std::printf("SCEdit, tiny model, 60 steps: mean loss %.4f -> %.4f (%.1f%% lower)\n", first, last,

@@ -97,22 +97,29 @@ struct MethodOptions {
                                            "ff.net.2"};  ///< peft-style module names
 };
 
-/// Parses the `--lean` flag: a comma-separated subset of `norm-silu` (GroupNorm + SiLU keeping
-/// only its input), `geglu` (GEGLU keeping only its projection), `norm-dtype` (norms in the
-/// activation dtype under autocast) and `ff-recompute` (feed-forwards recomputed in the backward
-/// pass), or `all` / `none`. See sd/lean_ops.hpp.
-inline sd::LeanActivations parse_lean_activations(const std::string& list) {
+/// Parses the `--lean` flag for a run on `device`: a comma-separated subset of `norm-silu`
+/// (GroupNorm + SiLU keeping only its input), `geglu` (GEGLU keeping only its projection),
+/// `norm-dtype` (norms in the activation dtype under autocast), `ff-recompute` (feed-forwards
+/// recomputed in the backward pass), `all` (those four), the fused CUDA kernels
+/// `fused-norm-silu`, `fused-geglu` and `fused` (both), or `none`. See sd/lean_ops.hpp. The fused
+/// ones are refused, saying why, where the build or the device cannot run them.
+inline sd::LeanActivations parse_lean_activations(const std::string& list, const torch::Device& device) {
   sd::LeanActivations lean;
   std::stringstream stream(list);
   for (std::string part; std::getline(stream, part, ',');) {
     if (part == "none") continue;
-    const bool all = part == "all";
-    TORCH_CHECK(all || part == "norm-silu" || part == "geglu" || part == "norm-dtype" || part == "ff-recompute",
-                "--lean: '", part, "' is not norm-silu, geglu, norm-dtype, ff-recompute, all or none");
+    const bool all = part == "all", fused = part == "fused";
+    TORCH_CHECK(all || fused || part == "norm-silu" || part == "geglu" || part == "norm-dtype" ||
+                    part == "ff-recompute" || part == "fused-norm-silu" || part == "fused-geglu",
+                "--lean: '", part, "' is not norm-silu, geglu, norm-dtype, ff-recompute, all, fused-norm-silu, "
+                "fused-geglu, fused or none");
     lean.group_norm_silu |= all || part == "norm-silu";
     lean.geglu |= all || part == "geglu";
     lean.norms_in_activation_dtype |= all || part == "norm-dtype";
     lean.recompute_feed_forward |= all || part == "ff-recompute";
+    lean.fused_norm_silu |= fused || part == "fused-norm-silu";
+    lean.fused_geglu |= fused || part == "fused-geglu";
+    if (fused || part.rfind("fused-", 0) == 0) sd::fused::check_usable(device, "--lean " + part);
   }
   return lean;
 }
@@ -127,6 +134,8 @@ inline std::string to_string(const sd::LeanActivations& lean) {
   add(lean.geglu, "geglu");
   add(lean.norms_in_activation_dtype, "norm-dtype");
   add(lean.recompute_feed_forward, "ff-recompute");
+  add(lean.fused_norm_silu, "fused-norm-silu");
+  add(lean.fused_geglu, "fused-geglu");
   return names.empty() ? "none" : names;
 }
 

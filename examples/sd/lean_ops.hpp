@@ -14,9 +14,11 @@
 ///
 /// In float32 every function here computes exactly what the plain ops compute (the same ATen
 /// kernels, forward and backward); under bf16/fp16 autocast they differ only in rounding the
-/// normalised tensor to the activation dtype.
+/// normalised tensor to the activation dtype. The fused CUDA variants (fused_ops.hpp) keep the
+/// same tensors and do each pass's element-wise work in one kernel.
 
 #include <scedit/compat.hpp>
+#include <sd/fused_ops.hpp>
 
 #include <torch/torch.h>
 
@@ -36,6 +38,12 @@ struct LeanActivations {
   /// (`scedit::checkpoint`): its [tokens, 8·dim] hidden activations are the largest a transformer
   /// keeps, and recomputing them costs two GEMMs and a GEGLU per block.
   bool recompute_feed_forward = false;
+  /// GroupNorm + SiLU on the fused CUDA kernels (`fused::group_norm_silu`): what
+  /// `group_norm_silu` keeps, in one pass forward and two backward. CUDA builds only.
+  bool fused_norm_silu = false;
+  /// GEGLU's gate on the fused CUDA kernels (`fused::geglu`): what `geglu` keeps, one pass each
+  /// way. CUDA builds only.
+  bool fused_geglu = false;
 };
 
 namespace detail {
@@ -158,13 +166,23 @@ inline torch::Tensor layer_norm_in_input_dtype(const torch::Tensor& x, const tor
                            detail::affine_as(norm.bias, x), o.eps());
 }
 
-/// `silu(norm(x))` for a GroupNorm, the way `lean` asks: one lean node (`group_norm_silu`), the
-/// norm in x's dtype, or the plain ops.
+/// `silu(norm(x))` for a GroupNorm, the way `lean` asks: the fused kernels, one lean node
+/// (`group_norm_silu`), the norm in x's dtype, or the plain ops.
 inline torch::Tensor norm_silu(const torch::Tensor& x, torch::nn::GroupNormImpl& norm,
                                const LeanActivations& lean) {
+  if (lean.fused_norm_silu) return fused::group_norm_silu(x, norm);
   if (lean.group_norm_silu) return group_norm_silu(x, norm);
   if (lean.norms_in_activation_dtype) return torch::silu(group_norm_in_input_dtype(x, norm));
   return torch::silu(norm.forward(x));
+}
+
+/// GEGLU's gate `a · gelu(g)` on a projection [..., 2·D] -> [..., D], the way `lean` asks: the
+/// fused kernels, one lean node (`geglu`), or the plain ops.
+inline torch::Tensor geglu_gate(const torch::Tensor& projected, const LeanActivations& lean) {
+  if (lean.fused_geglu) return fused::geglu(projected);
+  if (lean.geglu) return geglu(projected);
+  auto parts = projected.chunk(2, -1);  // -> 2 × [..., D]
+  return parts[0] * torch::gelu(parts[1]);
 }
 
 }  // namespace sd

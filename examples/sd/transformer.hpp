@@ -44,10 +44,7 @@ class GEGLUImpl : public torch::nn::Cloneable<GEGLUImpl> {
 
   /// [..., dim_in] -> [..., dim_out].
   torch::Tensor forward(const torch::Tensor& x) {
-    auto projected = linear(proj, x);  // [..., 2·dim_out]
-    if (lean) return geglu(projected);
-    auto parts = projected.chunk(2, -1);  // -> 2 × [..., dim_out]
-    return parts[0] * torch::gelu(parts[1]);
+    return geglu_gate(linear(proj, x), lean);  // [..., 2·dim_out] -> [..., dim_out]
   }
 
   /// Prints `sd::GEGLU(dim_in=320, dim_out=1280)`.
@@ -59,8 +56,8 @@ class GEGLUImpl : public torch::nn::Cloneable<GEGLUImpl> {
   GEGLUOptions options;
   /// The joint value/gate projection.
   torch::nn::Linear proj{nullptr};
-  /// Gate in one autograd node that keeps only the projection (`sd::geglu`).
-  bool lean = false;
+  /// Which gate variant forward uses (`lean.geglu`, `lean.fused_geglu`; see lean_ops.hpp).
+  LeanActivations lean;
 };
 
 /// Holder of `GEGLUImpl`.

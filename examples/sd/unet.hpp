@@ -267,15 +267,15 @@ class UNet2DConditionModelImpl : public detail::BoundCloneable<UNet2DConditionMo
     for (auto& up : ups) up->gradient_checkpointing = enabled;
   }
 
-  /// Chooses the lean activation variants (lean_ops.hpp) in every block: training-memory
-  /// levers, exact in float32, off by default.
+  /// Chooses the lean activation variants (lean_ops.hpp) in every block: training-memory and
+  /// speed levers, off by default; exact in float32 but for the fused kernels' own rounding.
   void set_lean_activations(const LeanActivations& options) {
     lean = options;
     for (auto& module : modules(/*include_self=*/false)) {
       if (auto* resnet = dynamic_cast<ResnetBlock2DImpl*>(module.get())) {
         resnet->lean = options;
       } else if (auto* geglu = dynamic_cast<GEGLUImpl*>(module.get())) {
-        geglu->lean = options.geglu;
+        geglu->lean = options;
       } else if (auto* block = dynamic_cast<BasicTransformerBlockImpl*>(module.get())) {
         block->norms_in_activation_dtype = options.norms_in_activation_dtype;
         block->recompute_feed_forward = options.recompute_feed_forward;

@@ -1,0 +1,188 @@
+#pragma once
+/// @file fused_ops.hpp
+/// @brief GroupNorm + SiLU and GEGLU on the fused CUDA kernels of sd/kernels/fused_kernels.cu,
+/// as autograd functions.
+///
+/// Why: the lean functions of lean_ops.hpp keep only their inputs but run the same ATen kernels
+/// as the plain ops, one memory pass each, and recompute in the backward pass. These keep the
+/// same tensors (the input; [N, G] statistics for the norm) and do the element-wise work of a
+/// forward or a backward in one or two passes over the activation.
+///
+/// The kernels are compiled only where LibTorch has CUDA and CMake finds nvcc: there the build
+/// defines SCEDIT_FUSED_KERNELS=1 and links `scedit_fused_kernels`. Elsewhere `available()` is
+/// false and the functions here refuse with a message that says so. Both compute in x's dtype
+/// (float32 arithmetic, one rounding) also under autocast, as `norm-dtype` does.
+
+#ifndef SCEDIT_FUSED_KERNELS
+#define SCEDIT_FUSED_KERNELS 0
+#endif
+
+#include <scedit/compat.hpp>
+
+#include <torch/torch.h>
+
+#include <string>
+
+#if SCEDIT_FUSED_KERNELS
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <sd/kernels/fused_kernels.h>
+#endif
+
+namespace sd::fused {
+
+/// Whether this build has the fused CUDA kernels.
+constexpr bool available() { return SCEDIT_FUSED_KERNELS != 0; }
+
+/// Fails, naming `what`, unless tensors on `device` can use the fused kernels.
+inline void check_usable(const torch::Device& device, const std::string& what) {
+  TORCH_CHECK(available(), what, ": this build has no fused CUDA kernels (they are built where ",
+              "LibTorch has CUDA and CMake finds nvcc, unless -DSCEDIT_FUSED_KERNELS=OFF)");
+  TORCH_CHECK(device.is_cuda(), what, ": the fused kernels run on CUDA tensors, not on ", device.str());
+}
+
+#if SCEDIT_FUSED_KERNELS
+namespace detail {
+
+inline kernels::ElementType element_type(const torch::Tensor& t, const char* op) {
+  switch (t.scalar_type()) {
+    case torch::kFloat32: return kernels::ElementType::kFloat32;
+    case torch::kBFloat16: return kernels::ElementType::kBFloat16;
+    case torch::kFloat16: return kernels::ElementType::kFloat16;
+    default: TORCH_CHECK(false, op, ": the fused kernels take float32, bfloat16 or float16 tensors, not ", t.scalar_type());
+  }
+}
+
+inline cudaStream_t current_stream(const torch::Tensor& t) {
+  return c10::cuda::getCurrentCUDAStream(t.get_device()).stream();
+}
+
+/// A norm's affine parameter as contiguous float32 (undefined stays undefined).
+inline torch::Tensor affine_float(const torch::Tensor& parameter) {
+  return parameter.defined() ? parameter.to(torch::kFloat32).contiguous() : parameter;
+}
+
+inline const float* data_or_null(const torch::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+/// `silu(group_norm(x))` saving x, the affine parameters and the [N, G] mean and rstd.
+struct GroupNormSiLUFunction : public torch::autograd::Function<GroupNormSiLUFunction> {
+  /// x [N, C, *spatial] -> [N, C, *spatial], in x's dtype.
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                               const c10::optional<torch::Tensor>& weight_or_none,
+                               const c10::optional<torch::Tensor>& bias_or_none, int64_t groups, double eps) {
+    scedit::compat::AutocastExcluded in_input_dtype;
+    const c10::cuda::CUDAGuard on_device(x.device());
+    const auto weight = weight_or_none.value_or(torch::Tensor()), bias = bias_or_none.value_or(torch::Tensor());
+    const auto input = x.contiguous();
+    const kernels::GroupNormShape shape{input.size(0), input.size(1), c10::multiply_integers(input.sizes().slice(2)), groups};
+    const auto stats = input.options().dtype(torch::kFloat32);
+    auto mean = torch::empty({shape.batch, groups}, stats), rstd = torch::empty({shape.batch, groups}, stats);
+    auto workspace = torch::empty({2 * shape.batch * shape.channels}, stats);
+    auto y = torch::empty_like(input, at::MemoryFormat::Contiguous);
+    const auto weight_f = affine_float(weight), bias_f = affine_float(bias);
+    kernels::group_norm_silu_forward(element_type(input, "group_norm_silu"), input.data_ptr(), data_or_null(weight_f),
+                                     data_or_null(bias_f), shape, static_cast<float>(eps), y.data_ptr(),
+                                     mean.data_ptr<float>(), rstd.data_ptr<float>(), workspace.data_ptr<float>(),
+                                     current_stream(input));
+    ctx->save_for_backward({input, weight, bias, mean, rstd});
+    ctx->saved_data["groups"] = groups;
+    return y;
+  }
+
+  /// dx from the fused backward kernels; the affine gradients from their per-row sums.
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    scedit::compat::AutocastExcluded in_input_dtype;
+    const auto saved = ctx->get_saved_variables();
+    const auto &input = saved[0], &weight = saved[1], &bias = saved[2], &mean = saved[3], &rstd = saved[4];
+    const c10::cuda::CUDAGuard on_device(input.device());
+    const int64_t groups = ctx->saved_data["groups"].toInt();
+    const kernels::GroupNormShape shape{input.size(0), input.size(1), c10::multiply_integers(input.sizes().slice(2)), groups};
+    const auto grad_y = grads[0].to(input.scalar_type()).contiguous();
+    const auto stats = input.options().dtype(torch::kFloat32);
+    auto row_sums = torch::empty({2, shape.batch, shape.channels}, stats);  // Σ dz, Σ dz·x per (n, c)
+    auto workspace = torch::empty({2 * shape.batch * groups}, stats);
+    auto grad_x = torch::empty_like(input, at::MemoryFormat::Contiguous);
+    const auto weight_f = affine_float(weight), bias_f = affine_float(bias);
+    kernels::group_norm_silu_backward(element_type(input, "group_norm_silu"), grad_y.data_ptr(), input.data_ptr(),
+                                      data_or_null(weight_f), data_or_null(bias_f), mean.data_ptr<float>(),
+                                      rstd.data_ptr<float>(), shape, grad_x.data_ptr(), row_sums[0].data_ptr<float>(),
+                                      row_sums[1].data_ptr<float>(), workspace.data_ptr<float>(),
+                                      current_stream(input));
+    torch::Tensor grad_weight, grad_bias;
+    if (weight.defined() && ctx->needs_input_grad(1)) {
+      // Σ_n Σ_hw dz·x̂ = Σ_n rstd·(Σ dz·x − mean·Σ dz), the group's statistics per channel: [N, C].
+      const int64_t per_group = shape.channels / groups;
+      auto per_channel = [&](const torch::Tensor& stat) {
+        return stat.unsqueeze(2).expand({shape.batch, groups, per_group}).reshape({shape.batch, shape.channels});
+      };
+      grad_weight = ((row_sums[1] - per_channel(mean) * row_sums[0]) * per_channel(rstd)).sum(0).to(weight.scalar_type());
+    }
+    if (bias.defined() && ctx->needs_input_grad(2)) grad_bias = row_sums[0].sum(0).to(bias.scalar_type());
+    return {grad_x, grad_weight, grad_bias, torch::Tensor(), torch::Tensor()};
+  }
+};
+
+/// `a · gelu(g)` for `[a, g] = projected.chunk(2, -1)`, saving only `projected`.
+struct GEGLUFunction : public torch::autograd::Function<GEGLUFunction> {
+  /// projected [..., 2·D] -> [..., D].
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& projected) {
+    scedit::compat::AutocastExcluded in_input_dtype;
+    const c10::cuda::CUDAGuard on_device(projected.device());
+    const auto input = projected.contiguous();
+    const int64_t dim = input.size(-1) / 2, rows = input.numel() / std::max<int64_t>(2 * dim, 1);
+    auto out_sizes = input.sizes().vec();
+    out_sizes.back() = dim;
+    auto out = torch::empty(out_sizes, input.options());
+    kernels::geglu_forward(element_type(input, "geglu"), input.data_ptr(), rows, dim, out.data_ptr(),
+                           current_stream(input));
+    ctx->save_for_backward({input});
+    return out;
+  }
+
+  /// [grad · gelu(g), grad · a · gelu'(g)] in one [..., 2·D] gradient.
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto input = ctx->get_saved_variables()[0];
+    const c10::cuda::CUDAGuard on_device(input.device());
+    const int64_t dim = input.size(-1) / 2, rows = input.numel() / std::max<int64_t>(2 * dim, 1);
+    const auto grad_out = grads[0].to(input.scalar_type()).contiguous();
+    auto grad_projected = torch::empty_like(input, at::MemoryFormat::Contiguous);
+    kernels::geglu_backward(element_type(input, "geglu"), grad_out.data_ptr(), input.data_ptr(), rows, dim,
+                            grad_projected.data_ptr(), current_stream(input));
+    return {grad_projected};
+  }
+};
+
+}  // namespace detail
+#endif
+
+/// `silu(norm(x))` for a GroupNorm `norm` on the fused kernels (x [N, C, *spatial] on CUDA),
+/// keeping x and [N, G] statistics for the backward pass.
+inline torch::Tensor group_norm_silu(const torch::Tensor& x, const torch::nn::GroupNormImpl& norm) {
+  check_usable(x.device(), "fused group_norm_silu");
+  const auto& o = norm.options;
+  TORCH_CHECK(x.dim() >= 2 && x.size(1) == o.num_channels(), "fused group_norm_silu: input ", x.sizes(),
+              " does not have ", o.num_channels(), " channels in dim 1");
+#if SCEDIT_FUSED_KERNELS
+  auto optional = [](const torch::Tensor& t) { return t.defined() ? c10::optional<torch::Tensor>(t) : c10::nullopt; };
+  return detail::GroupNormSiLUFunction::apply(x, optional(norm.weight), optional(norm.bias), o.num_groups(), o.eps());
+#else
+  return {};  // unreachable: check_usable threw
+#endif
+}
+
+/// GEGLU's gate on a projection [..., 2·D] -> [..., D] on the fused kernels (CUDA), keeping
+/// only the projection for the backward pass.
+inline torch::Tensor geglu(const torch::Tensor& projected) {
+  check_usable(projected.device(), "fused geglu");
+  TORCH_CHECK(projected.dim() >= 1 && projected.size(-1) % 2 == 0, "fused geglu: the last dimension of ",
+              projected.sizes(), " must be even");
+#if SCEDIT_FUSED_KERNELS
+  return detail::GEGLUFunction::apply(projected);
+#else
+  return {};  // unreachable: check_usable threw
+#endif
+}
+
+}  // namespace sd::fused
