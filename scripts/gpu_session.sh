@@ -27,9 +27,9 @@ mkdir -p "$OUT"
 # True (0) while at least $1 seconds (default 0) are left before SCEDIT_DEADLINE, or none is set.
 time_left() { [ "$DEADLINE" -eq 0 ] || [ $(($(date +%s) + ${1:-0})) -lt "$DEADLINE" ]; }
 
-configure() {  # extra compiler flags
+configure() {  # extra compiler flags, then extra CMake arguments
   cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$torch" \
-    -DCMAKE_CXX_FLAGS="-I$EXTRA_INCLUDE $1" -DSCEDIT_BUILD_DOCS=OFF
+    -DCMAKE_CXX_FLAGS="-I$EXTRA_INCLUDE $1" -DSCEDIT_BUILD_DOCS=OFF "${@:2}"
 }
 
 build_targets() {
@@ -44,10 +44,10 @@ stage_build() {
     date -u
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     configure "" && build_targets || {
-      # The CUDA-graph code (examples/common/graphed_step.hpp) was written without a GPU
-      # machine: if it is what fails, build everything else without it.
-      echo "== build failed: again with -DSCEDIT_NO_CUDA_GRAPHS"
-      configure "-DSCEDIT_NO_CUDA_GRAPHS" && build_targets
+      # The fused kernels (examples/sd/kernels, sd/fused_ops.hpp) were written without a GPU
+      # machine: if they are what fails, build everything else without them.
+      echo "== build failed: again with -DSCEDIT_FUSED_KERNELS=OFF"
+      configure "" -DSCEDIT_FUSED_KERNELS=OFF && build_targets
     }
   } > "$OUT/build.log" 2>&1
   local rc=$?
@@ -94,18 +94,20 @@ stage_bench() {
   }
   : > "$OUT/bench.md"
   # Most telling first: rows past the deadline are skipped, and what ran is kept. (The v0.3 and
-  # v0.4 rows of bench/RESULTS.md came from this stage at commits b4576d5 and 342a860.)
-  local fast=norm-dtype,ff-recompute
-  run_bench ff --batch-sizes 30 --lean $fast
+  # v0.4 rows of bench/RESULTS.md came from this stage at commits b4576d5 and 342a860, with the
+  # rows listed there.)
+  # v0.5: the fused kernels (each alone, then both), sd::linear's folded bias (the norm-dtype row
+  # against v0.4's 179.3 ms), the attention kernels, the fused kernels under a CUDA graph.
   run_bench norm-dtype --methods scedit --batch-sizes 30 --lean norm-dtype
-  run_bench flash --methods scedit --batch-sizes 30,1 --attention flash
-  run_bench efficient --methods scedit --batch-sizes 30 --attention efficient
-  run_bench cudnn --methods scedit --batch-sizes 30,1 --lean norm-dtype --cudnn-benchmark
+  run_bench fused --methods scedit --batch-sizes 30,1 --lean norm-dtype,fused
+  run_bench fused-norm-silu --methods scedit --batch-sizes 30 --lean norm-dtype,fused-norm-silu
+  run_bench fused-geglu --methods scedit --batch-sizes 30 --lean norm-dtype,fused-geglu
+  run_bench fused-ff --batch-sizes 30 --lean norm-dtype,fused,ff-recompute
+  run_bench flash --methods scedit --batch-sizes 30 --lean norm-dtype,fused --attention flash
+  run_bench efficient --methods scedit --batch-sizes 30 --lean norm-dtype,fused --attention efficient
+  run_bench fused-graph --methods scedit --batch-sizes 1,10 --lean norm-dtype,fused --cuda-graph
+  run_bench ff --batch-sizes 30 --lean norm-dtype,ff-recompute
   run_bench all --batch-sizes 30 --lean all
-  run_bench graph --methods scedit --batch-sizes 1,10,30 --lean $fast --cuda-graph
-  run_bench graph-cudnn --methods scedit --batch-sizes 1,10,30 --lean $fast --cuda-graph --cudnn-benchmark
-  run_bench ff-alone --methods scedit --batch-sizes 30 --lean ff-recompute
-  run_bench ff-geglu --methods scedit --batch-sizes 30 --lean norm-dtype,geglu,ff-recompute
   run_bench baseline --methods scedit --batch-sizes 30,1 --lean none
   python3 - "$OUT/bench.json" "${rows[@]}" <<'EOF'
 import json, sys
@@ -125,8 +127,8 @@ stage_profile() {
   {
     echo "== memory_vs_lora ${flags[*]} (default levers)"
     "$BUILD/bin/memory_vs_lora" "${flags[@]}"
-    echo "== memory_vs_lora ${flags[*]} --lean none"
-    "$BUILD/bin/memory_vs_lora" "${flags[@]}" --lean none
+    echo "== memory_vs_lora ${flags[*]} --lean norm-dtype,fused"
+    "$BUILD/bin/memory_vs_lora" "${flags[@]}" --lean norm-dtype,fused
   } > "$OUT/profile.md" 2>&1
   tail -60 "$OUT/profile.md"
 }

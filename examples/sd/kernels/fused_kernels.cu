@@ -14,6 +14,14 @@
 ///
 /// Vector loads of 16 bytes are used where the buffers are 16-byte aligned and a row's length
 /// divides by the vector width; otherwise the same kernels run element by element.
+///
+/// Tests without a GPU compile this file with SD_KERNELS_HOST_EMULATION naming a header that
+/// emulates CUDA's threads on the host (tests/kernel_emulation.hpp); `launch` is the only place
+/// that differs.
+
+#ifdef SD_KERNELS_HOST_EMULATION
+#include SD_KERNELS_HOST_EMULATION
+#endif
 
 #include "fused_kernels.h"
 
@@ -337,12 +345,20 @@ __global__ void geglu_backward_kernel(const T* __restrict__ grad_out, const T* _
 
 // ---- launching ------------------------------------------------------------------------------
 
-void check_launch(const char* kernel) {
+/// Enqueues `kernel` on `stream` as `blocks` × `threads`, throwing (naming it) if the launch fails.
+template <typename... Params, typename... Args>
+void launch(const char* name, void (*kernel)(Params...), unsigned int blocks, int threads, cudaStream_t stream,
+            Args... args) {
+#ifdef SD_KERNELS_HOST_EMULATION
+  (void)name, (void)stream;
+  sd_kernels_emulation::run(kernel, blocks, threads, static_cast<Params>(args)...);
+#else
+  kernel<<<blocks, threads, 0, stream>>>(static_cast<Params>(args)...);
   const cudaError_t error = cudaGetLastError();
   if (error != cudaSuccess) {
-    throw std::runtime_error(std::string("sd::kernels: ") + kernel + " failed to launch: " +
-                             cudaGetErrorString(error));
+    throw std::runtime_error(std::string("sd::kernels: ") + name + " failed to launch: " + cudaGetErrorString(error));
   }
+#endif
 }
 
 /// Blocks of `threads` covering `work` items.
@@ -412,17 +428,13 @@ void group_norm_silu_forward(ElementType type, const void* x, const float* weigh
     using T = typename decltype(tag)::type;
     with_vector_width<T>(shape.spatial, {x, y}, [&](auto width) {
       constexpr int VEC = decltype(width)::value;
-      row_moments_kernel<T, VEC><<<static_cast<unsigned int>(rows), row_threads(shape.spatial / VEC), 0, stream>>>(
-          static_cast<const T*>(x), shape.spatial, row_mean, row_m2);
-      check_launch("row_moments_kernel");
-      group_stats_kernel<<<blocks_for(num_groups, kGroupThreads, "group_stats_kernel"), kGroupThreads, 0, stream>>>(
-          row_mean, row_m2, shape.spatial, channels_per_group, num_groups, eps, mean, rstd);
-      check_launch("group_stats_kernel");
-      norm_silu_kernel<T, VEC>
-          <<<blocks_for(total / VEC, kElementwiseThreads, "norm_silu_kernel"), kElementwiseThreads, 0, stream>>>(
-              static_cast<const T*>(x), weight, bias, mean, rstd, shape.spatial, shape.channels,
-              channels_per_group, total, static_cast<T*>(y));
-      check_launch("norm_silu_kernel");
+      launch("row_moments_kernel", row_moments_kernel<T, VEC>, static_cast<unsigned int>(rows),
+             row_threads(shape.spatial / VEC), stream, x, shape.spatial, row_mean, row_m2);
+      launch("group_stats_kernel", group_stats_kernel, blocks_for(num_groups, kGroupThreads, "group_stats_kernel"),
+             kGroupThreads, stream, row_mean, row_m2, shape.spatial, channels_per_group, num_groups, eps, mean, rstd);
+      launch("norm_silu_kernel", norm_silu_kernel<T, VEC>, blocks_for(total / VEC, kElementwiseThreads, "norm_silu_kernel"),
+             kElementwiseThreads, stream, x, weight, bias, mean, rstd, shape.spatial, shape.channels,
+             channels_per_group, total, y);
     });
   });
 }
@@ -441,21 +453,17 @@ void group_norm_silu_backward(ElementType type, const void* grad_y, const void* 
     using T = typename decltype(tag)::type;
     with_vector_width<T>(shape.spatial, {grad_y, x, grad_x}, [&](auto width) {
       constexpr int VEC = decltype(width)::value;
-      norm_silu_grad_sums_kernel<T, VEC><<<static_cast<unsigned int>(rows), row_threads(shape.spatial / VEC), 0, stream>>>(
-          static_cast<const T*>(grad_y), static_cast<const T*>(x), weight, bias, mean, rstd, shape.spatial,
-          shape.channels, channels_per_group, row_grad_sum, row_grad_x_sum);
-      check_launch("norm_silu_grad_sums_kernel");
-      group_grad_coefficients_kernel<<<blocks_for(num_groups, kGroupThreads, "group_grad_coefficients_kernel"),
-                                       kGroupThreads, 0, stream>>>(
-          row_grad_sum, row_grad_x_sum, weight, mean, rstd, shape.spatial, shape.channels, channels_per_group,
-          num_groups, x_coefficient, constant);
-      check_launch("group_grad_coefficients_kernel");
-      norm_silu_backward_kernel<T, VEC>
-          <<<blocks_for(total / VEC, kElementwiseThreads, "norm_silu_backward_kernel"), kElementwiseThreads, 0,
-             stream>>>(static_cast<const T*>(grad_y), static_cast<const T*>(x), weight, bias, mean, rstd,
-                       x_coefficient, constant, shape.spatial, shape.channels, channels_per_group, total,
-                       static_cast<T*>(grad_x));
-      check_launch("norm_silu_backward_kernel");
+      launch("norm_silu_grad_sums_kernel", norm_silu_grad_sums_kernel<T, VEC>, static_cast<unsigned int>(rows),
+             row_threads(shape.spatial / VEC), stream, grad_y, x, weight, bias, mean, rstd, shape.spatial,
+             shape.channels, channels_per_group, row_grad_sum, row_grad_x_sum);
+      launch("group_grad_coefficients_kernel", group_grad_coefficients_kernel,
+             blocks_for(num_groups, kGroupThreads, "group_grad_coefficients_kernel"), kGroupThreads, stream,
+             row_grad_sum, row_grad_x_sum, weight, mean, rstd, shape.spatial, shape.channels, channels_per_group,
+             num_groups, x_coefficient, constant);
+      launch("norm_silu_backward_kernel", norm_silu_backward_kernel<T, VEC>,
+             blocks_for(total / VEC, kElementwiseThreads, "norm_silu_backward_kernel"), kElementwiseThreads, stream,
+             grad_y, x, weight, bias, mean, rstd, x_coefficient, constant, shape.spatial, shape.channels,
+             channels_per_group, total, grad_x);
     });
   });
 }
@@ -469,9 +477,8 @@ void geglu_forward(ElementType type, const void* projected, int64_t rows, int64_
     using T = typename decltype(tag)::type;
     with_vector_width<T>(dim, {projected, out}, [&](auto width) {
       constexpr int VEC = decltype(width)::value;
-      geglu_kernel<T, VEC><<<blocks_for(total / VEC, kElementwiseThreads, "geglu_kernel"), kElementwiseThreads, 0, stream>>>(
-          static_cast<const T*>(projected), dim, total, static_cast<T*>(out));
-      check_launch("geglu_kernel");
+      launch("geglu_kernel", geglu_kernel<T, VEC>, blocks_for(total / VEC, kElementwiseThreads, "geglu_kernel"),
+             kElementwiseThreads, stream, projected, dim, total, out);
     });
   });
 }
@@ -485,11 +492,9 @@ void geglu_backward(ElementType type, const void* grad_out, const void* projecte
     using T = typename decltype(tag)::type;
     with_vector_width<T>(dim, {grad_out, projected, grad_projected}, [&](auto width) {
       constexpr int VEC = decltype(width)::value;
-      geglu_backward_kernel<T, VEC>
-          <<<blocks_for(total / VEC, kElementwiseThreads, "geglu_backward_kernel"), kElementwiseThreads, 0, stream>>>(
-              static_cast<const T*>(grad_out), static_cast<const T*>(projected), dim, total,
-              static_cast<T*>(grad_projected));
-      check_launch("geglu_backward_kernel");
+      launch("geglu_backward_kernel", geglu_backward_kernel<T, VEC>,
+             blocks_for(total / VEC, kElementwiseThreads, "geglu_backward_kernel"), kElementwiseThreads, stream,
+             grad_out, projected, dim, total, grad_projected);
     });
   });
 }

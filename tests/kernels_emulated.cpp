@@ -1,0 +1,137 @@
+// The fused CUDA kernels (examples/sd/kernels/fused_kernels.cu) run on the CPU through a host
+// emulation of CUDA's threads (kernel_emulation.hpp): their launchers, vector and scalar paths,
+// block reductions and backward formulas against float64 references, on machines without a GPU.
+// The same checks through LibTorch's autograd on a GPU are the *_CUDA tests of test_models.cpp.
+
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#define SD_KERNELS_HOST_EMULATION "kernel_emulation.hpp"
+#include "../examples/sd/kernels/fused_kernels.cu"
+
+#include <vector>
+
+namespace {
+
+namespace k = sd::kernels;
+
+double rel_err(const torch::Tensor& out, const torch::Tensor& ref) {
+  auto o = out.to(torch::kFloat64), r = ref.to(torch::kFloat64);
+  return (o - r).norm().item<double>() / r.norm().item<double>();
+}
+
+k::ElementType element_type(torch::Dtype dtype) {
+  return dtype == torch::kFloat32 ? k::ElementType::kFloat32
+         : dtype == torch::kBFloat16 ? k::ElementType::kBFloat16
+                                     : k::ElementType::kFloat16;
+}
+
+/// float32 arithmetic, one rounding to the element type.
+double tolerance(torch::Dtype dtype) {
+  return dtype == torch::kFloat32 ? 1e-5 : dtype == torch::kFloat16 ? 3e-3 : 2e-2;
+}
+
+const float* data_or_null(const torch::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+struct NormCase {
+  int64_t n, c, spatial, groups;
+  bool affine;
+};
+
+class EmulatedKernels : public ::testing::TestWithParam<torch::Dtype> {};
+
+TEST_P(EmulatedKernels, GroupNormSiLUForwardAndBackwardMatchFloat64) {
+  const auto dtype = GetParam();
+  torch::manual_seed(0);
+  // Rows of 16 and 600 take the 16-byte vector path (600 = 150 float4 loads over 256 threads);
+  // rows of 35 and 3 the scalar one; 8 groups of one channel and one group of all.
+  for (const auto& c : std::vector<NormCase>{{2, 8, 16, 4, true}, {1, 4, 600, 2, true}, {2, 6, 35, 3, false},
+                                             {3, 8, 3, 8, true}, {1, 6, 16, 1, true}}) {
+    SCOPED_TRACE(::testing::Message() << c.n << "x" << c.c << "x" << c.spatial << " groups " << c.groups
+                                      << " affine " << c.affine << " " << dtype);
+    const auto x = (torch::randn({c.n, c.c, c.spatial}) * 3 + 1.5).to(dtype);
+    const auto grad_y = torch::randn({c.n, c.c, c.spatial}).to(dtype);
+    torch::Tensor weight, bias, w64, b64;
+    if (c.affine) {
+      weight = torch::randn({c.c}) * 0.5 + 1;
+      bias = torch::randn({c.c}) * 0.5;
+      w64 = weight.to(torch::kFloat64).requires_grad_(true);
+      b64 = bias.to(torch::kFloat64).requires_grad_(true);
+    }
+    auto x64 = x.to(torch::kFloat64).requires_grad_(true);
+    const auto expected = torch::silu(torch::group_norm(x64, c.groups, w64, b64, 1e-5));
+    expected.backward(grad_y.to(torch::kFloat64));
+    const auto grouped = x64.detach().reshape({c.n, c.groups, -1});
+    const auto expected_mean = grouped.mean(-1);
+    const auto expected_rstd = (grouped.var(-1, /*unbiased=*/false) + 1e-5).rsqrt();
+
+    const k::GroupNormShape shape{c.n, c.c, c.spatial, c.groups};
+    auto y = torch::empty_like(x), mean = torch::empty({c.n, c.groups}), rstd = torch::empty({c.n, c.groups});
+    auto workspace = torch::empty({2 * c.n * c.c});
+    k::group_norm_silu_forward(element_type(dtype), x.data_ptr(), data_or_null(weight), data_or_null(bias), shape,
+                               1e-5f, y.data_ptr(), mean.data_ptr<float>(), rstd.data_ptr<float>(),
+                               workspace.data_ptr<float>(), nullptr);
+    EXPECT_LE(rel_err(mean, expected_mean), 1e-6);
+    EXPECT_LE(rel_err(rstd, expected_rstd), 1e-6);
+    EXPECT_LE(rel_err(y, expected), tolerance(dtype));
+
+    auto grad_x = torch::empty_like(x), row_sums = torch::empty({2, c.n, c.c});
+    auto coefficients = torch::empty({2 * c.n * c.groups});
+    k::group_norm_silu_backward(element_type(dtype), grad_y.data_ptr(), x.data_ptr(), data_or_null(weight),
+                                data_or_null(bias), mean.data_ptr<float>(), rstd.data_ptr<float>(), shape,
+                                grad_x.data_ptr(), row_sums[0].data_ptr<float>(), row_sums[1].data_ptr<float>(),
+                                coefficients.data_ptr<float>(), nullptr);
+    EXPECT_LE(rel_err(grad_x, x64.grad()), 2 * tolerance(dtype));
+    if (c.affine) {
+      // The affine gradients from the row sums, as fused_kernels.h states them.
+      auto per_channel = [&](const torch::Tensor& stat) { return stat.repeat_interleave(c.c / c.groups, 1); };
+      const auto grad_weight = ((row_sums[1] - per_channel(mean) * row_sums[0]) * per_channel(rstd)).sum(0);
+      EXPECT_LE(rel_err(grad_weight, w64.grad()), 2 * tolerance(dtype));
+      EXPECT_LE(rel_err(row_sums[0].sum(0), b64.grad()), 2 * tolerance(dtype));
+    }
+  }
+}
+
+TEST_P(EmulatedKernels, GEGLUForwardAndBackwardMatchFloat64) {
+  const auto dtype = GetParam();
+  torch::manual_seed(0);
+  // A gate of 64 takes the vector path, of 5 the scalar one.
+  for (const auto& [rows, dim] : std::vector<std::pair<int64_t, int64_t>>{{6, 64}, {7, 5}}) {
+    SCOPED_TRACE(::testing::Message() << rows << " rows of " << dim << ", " << dtype);
+    const auto projected = (torch::randn({rows, 2 * dim}) * 2).to(dtype);
+    const auto grad_out = torch::randn({rows, dim}).to(dtype);
+    auto p64 = projected.to(torch::kFloat64).requires_grad_(true);
+    const auto parts = p64.chunk(2, -1);
+    const auto expected = parts[0] * torch::gelu(parts[1]);
+    expected.backward(grad_out.to(torch::kFloat64));
+
+    auto out = torch::empty({rows, dim}, projected.options());
+    k::geglu_forward(element_type(dtype), projected.data_ptr(), rows, dim, out.data_ptr(), nullptr);
+    EXPECT_LE(rel_err(out, expected), tolerance(dtype));
+    auto grad_projected = torch::empty_like(projected);
+    k::geglu_backward(element_type(dtype), grad_out.data_ptr(), projected.data_ptr(), rows, dim,
+                      grad_projected.data_ptr(), nullptr);
+    EXPECT_LE(rel_err(grad_projected, p64.grad()), 2 * tolerance(dtype));
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Kernels, EmulatedKernels, ::testing::Values(torch::kFloat32, torch::kBFloat16, torch::kFloat16),
+                         [](const auto& info) { return std::string(c10::toString(info.param)); });
+
+TEST(EmulatedKernelsShapes, AreRefusedNamingTheProblem) {
+  const k::GroupNormShape uneven{1, 6, 4, 4};
+  try {
+    k::group_norm_silu_forward(k::ElementType::kFloat32, nullptr, nullptr, nullptr, uneven, 1e-5f, nullptr, nullptr,
+                               nullptr, nullptr, nullptr);
+    ADD_FAILURE() << "6 channels in 4 groups was accepted";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("6 channels in 4 groups"), std::string::npos) << e.what();
+  }
+  // Empty tensors launch nothing.
+  EXPECT_NO_THROW(k::geglu_forward(k::ElementType::kBFloat16, nullptr, 0, 8, nullptr, nullptr));
+  EXPECT_NO_THROW(k::group_norm_silu_forward(k::ElementType::kFloat32, nullptr, nullptr, nullptr,
+                                             k::GroupNormShape{0, 4, 4, 2}, 1e-5f, nullptr, nullptr, nullptr,
+                                             nullptr, nullptr));
+}
+
+}  // namespace
