@@ -7,7 +7,7 @@
 /// or twice. Statistics, sums and arithmetic are float32 for every element type; results are
 /// rounded once, to the element type.
 ///
-/// GroupNorm + SiLU, forward: per-row (n, c) Welford moments, merged per group (n, g) into mean and
+/// GroupNorm + SiLU, forward: per-row (n, c) moments (Chan et al.'s merge), merged per group (n, g) into mean and
 /// rstd, then y = silu(x·scale + shift) in one pass. Backward: per-row sums of dz and dz·x, where
 /// dz = dy·silu'(z) is recomputed from x, folded per group into dx = scale·dz + a·x + b (the
 /// coefficients PyTorch's own GroupNorm backward uses), then dx in one pass.
@@ -77,17 +77,10 @@ __device__ __forceinline__ void store(T* p, const Pack<T, VEC>& pack) {
 
 // ---- block reductions -----------------------------------------------------------------------
 
-/// Count, mean and sum of squared deviations of a set of values (Welford / Chan et al.).
+/// Count, mean and sum of squared deviations of a set of values (merged as Chan et al.).
 struct Moments {
   float count, mean, m2;
 };
-
-__device__ __forceinline__ void accumulate(Moments& m, float x) {
-  m.count += 1.f;
-  const float delta = x - m.mean;
-  m.mean += delta / m.count;
-  m.m2 += delta * (x - m.mean);
-}
 
 struct MergeMoments {
   __device__ __forceinline__ Moments operator()(const Moments& a, const Moments& b) const {
@@ -97,6 +90,21 @@ struct MergeMoments {
     return {count, a.mean + delta * b_share, a.m2 + b.m2 + delta * delta * a.count * b_share};
   }
 };
+
+/// The moments of one load's VEC values (exact two passes over registers), merged into `m`:
+/// one division per load, not one per element as Welford's update, which would make the
+/// statistics pass compute-bound.
+template <typename T, int VEC>
+__device__ __forceinline__ void accumulate(Moments& m, const Pack<T, VEC>& pack) {
+  float values[VEC], sum = 0.f;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) sum += values[k] = to_float(pack.v[k]);
+  const float mean = sum * (1.f / VEC);
+  float m2 = 0.f;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) m2 += (values[k] - mean) * (values[k] - mean);
+  m = MergeMoments{}(m, Moments{static_cast<float>(VEC), mean, m2});
+}
 
 /// Σ dz and Σ dz·x of a row in the GroupNorm backward.
 struct GradSums {
@@ -173,9 +181,7 @@ __global__ void row_moments_kernel(const T* __restrict__ x, int64_t spatial, flo
   const T* row = x + static_cast<int64_t>(blockIdx.x) * spatial;
   Moments m{0.f, 0.f, 0.f};
   for (int64_t i = static_cast<int64_t>(threadIdx.x) * VEC; i < spatial; i += static_cast<int64_t>(blockDim.x) * VEC) {
-    const auto pack = load<T, VEC>(row + i);
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) accumulate(m, to_float(pack.v[k]));
+    accumulate(m, load<T, VEC>(row + i));
   }
   m = block_reduce(m, Moments{0.f, 0.f, 0.f}, MergeMoments{});
   if (threadIdx.x == 0) {
