@@ -386,37 +386,42 @@ struct Tag {
   using type = T;
 };
 
-/// Calls `fn(Tag<T>{})` for the C++ type of `type`.
+/// Calls `fn(Tag<T>{}, std::integral_constant<int, VEC>{})` for the C++ type T of `type`, with
+/// VEC = 16 / sizeof(T) where every pointer is 16-byte aligned and `run` (the elements a vector
+/// must not cross) divides by it, else VEC = 1.
 template <typename Fn>
-void dispatch(ElementType type, Fn&& fn) {
+void for_type_and_width(ElementType type, int64_t run, std::initializer_list<const void*> pointers, Fn&& fn) {
+  auto with_width = [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    constexpr int kWide = 16 / sizeof(T);
+    bool wide = run % kWide == 0;
+    for (const void* p : pointers) wide = wide && reinterpret_cast<std::uintptr_t>(p) % 16 == 0;
+    if (wide) {
+      fn(tag, std::integral_constant<int, kWide>{});
+    } else {
+      fn(tag, std::integral_constant<int, 1>{});
+    }
+  };
   switch (type) {
-    case ElementType::kFloat32: return fn(Tag<float>{});
-    case ElementType::kBFloat16: return fn(Tag<__nv_bfloat16>{});
-    case ElementType::kFloat16: return fn(Tag<__half>{});
+    case ElementType::kFloat32: return with_width(Tag<float>{});
+    case ElementType::kBFloat16: return with_width(Tag<__nv_bfloat16>{});
+    case ElementType::kFloat16: return with_width(Tag<__half>{});
   }
   throw std::invalid_argument("sd::kernels: unknown element type");
 }
 
-/// Calls `fn(std::integral_constant<int, VEC>{})` with VEC = 16 / sizeof(T) where every pointer is
-/// 16-byte aligned and `run` (the elements a vector must not cross) divides by it, else VEC = 1.
-template <typename T, typename Fn>
-void with_vector_width(int64_t run, std::initializer_list<const void*> pointers, Fn&& fn) {
-  constexpr int kWide = 16 / sizeof(T);
-  bool wide = run % kWide == 0;
-  for (const void* p : pointers) wide = wide && reinterpret_cast<std::uintptr_t>(p) % 16 == 0;
-  if (wide) {
-    fn(std::integral_constant<int, kWide>{});
-  } else {
-    fn(std::integral_constant<int, 1>{});
-  }
-}
+/// A GroupNorm's sizes in rows (n, c), elements and groups (n, g), its shape checked.
+struct NormSizes {
+  int64_t rows, total, channels_per_group, num_groups;
+};
 
-void check_shape(const GroupNormShape& s) {
+NormSizes norm_sizes(const GroupNormShape& s) {
   if (s.batch < 0 || s.channels <= 0 || s.spatial < 0 || s.groups <= 0 || s.channels % s.groups != 0) {
     throw std::invalid_argument("sd::kernels: group norm of " + std::to_string(s.channels) +
                                 " channels in " + std::to_string(s.groups) + " groups");
   }
   if (s.batch * s.channels > INT_MAX) throw std::invalid_argument("sd::kernels: group norm: too many rows");
+  return {s.batch * s.channels, s.batch * s.channels * s.spatial, s.channels / s.groups, s.batch * s.groups};
 }
 
 }  // namespace
@@ -424,24 +429,21 @@ void check_shape(const GroupNormShape& s) {
 void group_norm_silu_forward(ElementType type, const void* x, const float* weight, const float* bias,
                              const GroupNormShape& shape, float eps, void* y, float* mean, float* rstd,
                              float* workspace, cudaStream_t stream) {
-  check_shape(shape);
-  const int64_t rows = shape.batch * shape.channels, total = rows * shape.spatial;
-  const int64_t channels_per_group = shape.channels / shape.groups, num_groups = shape.batch * shape.groups;
-  if (total == 0) return;
+  const NormSizes n = norm_sizes(shape);
+  if (n.total == 0) return;
   float* row_mean = workspace;
-  float* row_m2 = workspace + rows;
-  dispatch(type, [&](auto tag) {
+  float* row_m2 = workspace + n.rows;
+  for_type_and_width(type, shape.spatial, {x, y}, [&](auto tag, auto width) {
     using T = typename decltype(tag)::type;
-    with_vector_width<T>(shape.spatial, {x, y}, [&](auto width) {
-      constexpr int VEC = decltype(width)::value;
-      launch("row_moments_kernel", row_moments_kernel<T, VEC>, static_cast<unsigned int>(rows),
-             row_threads(shape.spatial / VEC), stream, x, shape.spatial, row_mean, row_m2);
-      launch("group_stats_kernel", group_stats_kernel, blocks_for(num_groups, kGroupThreads, "group_stats_kernel"),
-             kGroupThreads, stream, row_mean, row_m2, shape.spatial, channels_per_group, num_groups, eps, mean, rstd);
-      launch("norm_silu_kernel", norm_silu_kernel<T, VEC>, blocks_for(total / VEC, kElementwiseThreads, "norm_silu_kernel"),
-             kElementwiseThreads, stream, x, weight, bias, mean, rstd, shape.spatial, shape.channels,
-             channels_per_group, total, y);
-    });
+    constexpr int VEC = decltype(width)::value;
+    launch("row_moments_kernel", row_moments_kernel<T, VEC>, static_cast<unsigned int>(n.rows),
+           row_threads(shape.spatial / VEC), stream, x, shape.spatial, row_mean, row_m2);
+    launch("group_stats_kernel", group_stats_kernel, blocks_for(n.num_groups, kGroupThreads, "group_stats_kernel"),
+           kGroupThreads, stream, row_mean, row_m2, shape.spatial, n.channels_per_group, n.num_groups, eps, mean,
+           rstd);
+    launch("norm_silu_kernel", norm_silu_kernel<T, VEC>, blocks_for(n.total / VEC, kElementwiseThreads, "norm_silu_kernel"),
+           kElementwiseThreads, stream, x, weight, bias, mean, rstd, shape.spatial, shape.channels,
+           n.channels_per_group, n.total, y);
   });
 }
 
@@ -449,28 +451,24 @@ void group_norm_silu_backward(ElementType type, const void* grad_y, const void* 
                               const float* bias, const float* mean, const float* rstd,
                               const GroupNormShape& shape, void* grad_x, float* row_grad_sum,
                               float* row_grad_x_sum, float* workspace, cudaStream_t stream) {
-  check_shape(shape);
-  const int64_t rows = shape.batch * shape.channels, total = rows * shape.spatial;
-  const int64_t channels_per_group = shape.channels / shape.groups, num_groups = shape.batch * shape.groups;
-  if (total == 0) return;
+  const NormSizes n = norm_sizes(shape);
+  if (n.total == 0) return;
   float* x_coefficient = workspace;
-  float* constant = workspace + num_groups;
-  dispatch(type, [&](auto tag) {
+  float* constant = workspace + n.num_groups;
+  for_type_and_width(type, shape.spatial, {grad_y, x, grad_x}, [&](auto tag, auto width) {
     using T = typename decltype(tag)::type;
-    with_vector_width<T>(shape.spatial, {grad_y, x, grad_x}, [&](auto width) {
-      constexpr int VEC = decltype(width)::value;
-      launch("norm_silu_grad_sums_kernel", norm_silu_grad_sums_kernel<T, VEC>, static_cast<unsigned int>(rows),
-             row_threads(shape.spatial / VEC), stream, grad_y, x, weight, bias, mean, rstd, shape.spatial,
-             shape.channels, channels_per_group, row_grad_sum, row_grad_x_sum);
-      launch("group_grad_coefficients_kernel", group_grad_coefficients_kernel,
-             blocks_for(num_groups, kGroupThreads, "group_grad_coefficients_kernel"), kGroupThreads, stream,
-             row_grad_sum, row_grad_x_sum, weight, mean, rstd, shape.spatial, shape.channels, channels_per_group,
-             num_groups, x_coefficient, constant);
-      launch("norm_silu_backward_kernel", norm_silu_backward_kernel<T, VEC>,
-             blocks_for(total / VEC, kElementwiseThreads, "norm_silu_backward_kernel"), kElementwiseThreads, stream,
-             grad_y, x, weight, bias, mean, rstd, x_coefficient, constant, shape.spatial, shape.channels,
-             channels_per_group, total, grad_x);
-    });
+    constexpr int VEC = decltype(width)::value;
+    launch("norm_silu_grad_sums_kernel", norm_silu_grad_sums_kernel<T, VEC>, static_cast<unsigned int>(n.rows),
+           row_threads(shape.spatial / VEC), stream, grad_y, x, weight, bias, mean, rstd, shape.spatial,
+           shape.channels, n.channels_per_group, row_grad_sum, row_grad_x_sum);
+    launch("group_grad_coefficients_kernel", group_grad_coefficients_kernel,
+           blocks_for(n.num_groups, kGroupThreads, "group_grad_coefficients_kernel"), kGroupThreads, stream,
+           row_grad_sum, row_grad_x_sum, weight, mean, rstd, shape.spatial, shape.channels, n.channels_per_group,
+           n.num_groups, x_coefficient, constant);
+    launch("norm_silu_backward_kernel", norm_silu_backward_kernel<T, VEC>,
+           blocks_for(n.total / VEC, kElementwiseThreads, "norm_silu_backward_kernel"), kElementwiseThreads, stream,
+           grad_y, x, weight, bias, mean, rstd, x_coefficient, constant, shape.spatial, shape.channels,
+           n.channels_per_group, n.total, grad_x);
   });
 }
 
@@ -479,13 +477,11 @@ void geglu_forward(ElementType type, const void* projected, int64_t rows, int64_
   if (rows < 0 || dim < 0) throw std::invalid_argument("sd::kernels: geglu: negative size");
   const int64_t total = rows * dim;
   if (total == 0) return;
-  dispatch(type, [&](auto tag) {
+  for_type_and_width(type, dim, {projected, out}, [&](auto tag, auto width) {
     using T = typename decltype(tag)::type;
-    with_vector_width<T>(dim, {projected, out}, [&](auto width) {
-      constexpr int VEC = decltype(width)::value;
-      launch("geglu_kernel", geglu_kernel<T, VEC>, blocks_for(total / VEC, kElementwiseThreads, "geglu_kernel"),
-             kElementwiseThreads, stream, projected, dim, total, out);
-    });
+    constexpr int VEC = decltype(width)::value;
+    launch("geglu_kernel", geglu_kernel<T, VEC>, blocks_for(total / VEC, kElementwiseThreads, "geglu_kernel"),
+           kElementwiseThreads, stream, projected, dim, total, out);
   });
 }
 
@@ -494,14 +490,12 @@ void geglu_backward(ElementType type, const void* grad_out, const void* projecte
   if (rows < 0 || dim < 0) throw std::invalid_argument("sd::kernels: geglu: negative size");
   const int64_t total = rows * dim;
   if (total == 0) return;
-  dispatch(type, [&](auto tag) {
+  for_type_and_width(type, dim, {grad_out, projected, grad_projected}, [&](auto tag, auto width) {
     using T = typename decltype(tag)::type;
-    with_vector_width<T>(dim, {grad_out, projected, grad_projected}, [&](auto width) {
-      constexpr int VEC = decltype(width)::value;
-      launch("geglu_backward_kernel", geglu_backward_kernel<T, VEC>,
-             blocks_for(total / VEC, kElementwiseThreads, "geglu_backward_kernel"), kElementwiseThreads, stream,
-             grad_out, projected, dim, total, grad_projected);
-    });
+    constexpr int VEC = decltype(width)::value;
+    launch("geglu_backward_kernel", geglu_backward_kernel<T, VEC>,
+           blocks_for(total / VEC, kElementwiseThreads, "geglu_backward_kernel"), kElementwiseThreads, stream,
+           grad_out, projected, dim, total, grad_projected);
   });
 }
 
