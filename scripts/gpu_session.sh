@@ -4,15 +4,16 @@
 #
 #   bash scripts/gpu_session.sh build   # configure + build against the machine's LibTorch 2.x + CUDA
 #   bash scripts/gpu_session.sh tests   # the *_CUDA gtests (parity on the card, TF32 off)
+#   bash scripts/gpu_session.sh kernels # lean_ops_bench: GroupNorm + SiLU and GEGLU plain, lean, fused
 #   bash scripts/gpu_session.sh bench   # issue 5: memory_vs_lora baseline, each lever, the best together
 #   bash scripts/gpu_session.sh train   # issue 4: train_style at SD 1.5 size, 512 px, bf16, SCEdit and LoRA
 #   bash scripts/gpu_session.sh profile # where a batch-30 SCEdit step's time goes, operator by operator
 #
-# Stages chain (`build tests bench profile train`, the default). SCEDIT_DEADLINE (seconds since the epoch)
+# Stages chain (`build tests kernels bench profile train`, the default). SCEDIT_DEADLINE (seconds since the epoch)
 # stops starting benchmark rows and the training run after that time, so that one call ends inside
 # its limit with what it measured so far. Results go to $OUT (default ./gpu-results), at most eight
-# files as the device tool returns them: build.log, tests.log, bench.md, bench.json, profile.md,
-# train.log.
+# files as the device tool returns them: build.log, tests.log, kernels.md, bench.md, bench.json,
+# profile.md, train.log.
 # CLI11 and stb are not installed on the GPU machine: their headers are taken from
 # $SCEDIT_EXTRA_INCLUDE (default .deps/include, filled by `cp -r /usr/include/CLI /usr/include/stb`).
 # The fixtures travel the same way: SCEDIT_FIXTURES=.deps/fixtures (a copy of ../shared/fixtures).
@@ -35,7 +36,7 @@ configure() {  # extra compiler flags, then extra CMake arguments
 build_targets() {
   # What this session's checks need; the adapter, safetensors and weight parity tests ran on the
   # GPU in v0.1 and are left out to save device time (SCEDIT_GPU_TARGETS names others).
-  cmake --build "$BUILD" -j"$(nproc)" --target ${SCEDIT_GPU_TARGETS:-memory_vs_lora train_style test_models test_train}
+  cmake --build "$BUILD" -j"$(nproc)" --target ${SCEDIT_GPU_TARGETS:-memory_vs_lora lean_ops_bench train_style test_models test_train}
 }
 
 stage_build() {
@@ -74,6 +75,13 @@ stage_train() {
     echo "exit $?"
   done > "$OUT/train.log" 2>&1
   grep -E "==|step +36|peak|images/s|exit" "$OUT/train.log" | tail -20
+}
+
+stage_kernels() {
+  timeout 120 "$BUILD/bin/lean_ops_bench" --benchmark_min_time=0.2 > "$OUT/kernels.md" 2>&1
+  local rc=$?
+  grep -E "ForwardBackward" "$OUT/kernels.md" | head -30
+  return $rc
 }
 
 stage_bench() {
@@ -133,12 +141,12 @@ stage_profile() {
   tail -60 "$OUT/profile.md"
 }
 
-[ $# -gt 0 ] || set -- build tests bench profile train
+[ $# -gt 0 ] || set -- build tests kernels bench profile train
 status=0
 for stage in "$@"; do
   case $stage in
-    build | tests | train | bench | profile) "stage_$stage" || status=1 ;;
-    *) echo "unknown stage '$stage' (build, tests, train, bench, profile)" >&2; exit 2 ;;
+    build | tests | kernels | train | bench | profile) "stage_$stage" || status=1 ;;
+    *) echo "unknown stage '$stage' (build, tests, kernels, train, bench, profile)" >&2; exit 2 ;;
   esac
 done
 exit $status
