@@ -800,6 +800,14 @@ TEST_F(Models, UNetFusedKernelsMatchPlainOnTheGpu_CUDA) {
       output_and_skip_gradients([&](sd::UNet& unet) { unet->set_lean_activations(fused); }, gpu);
   EXPECT_LE(rel_err(fused_out, plain_out), 1e-5);
   EXPECT_LE(rel_err(fused_grads, plain_grads), 1e-4);
+  // And the reference's output, from the fixtures.
+  auto unet = tiny_unet(torch::kFloat32);
+  unet->to(gpu);
+  unet->set_lean_activations(fused);
+  torch::NoGradGuard no_grad;
+  const auto out = unet(unet_case("input.sample").to(gpu, torch::kFloat32), unet_case("input.timestep").to(gpu),
+                        unet_case("input.encoder_hidden_states").to(gpu, torch::kFloat32));
+  EXPECT_LE(rel_err(out.cpu(), unet_case("output.base")), 1e-4);
 }
 
 TEST_F(Models, FusedKernelsRefuseWhatTheyCannotRunSayingWhy) {
