@@ -1,7 +1,8 @@
 // The fused CUDA kernels (examples/sd/kernels/fused_kernels.cu) run on the CPU through a host
-// emulation of CUDA's threads (kernel_emulation.hpp): their launchers, vector and scalar paths,
-// block reductions and backward formulas against float64 references, on machines without a GPU.
-// The same checks through LibTorch's autograd on a GPU are the *_CUDA tests of test_models.cpp.
+// emulation of CUDA's threads (kernel_emulation.hpp), on machines without a GPU: the launchers,
+// vector and scalar paths, block reductions and backward formulas against float64; then the
+// autograd functions of sd/fused_ops.hpp on CPU tensors, and a UNet with both fused levers
+// against the plain one. On a GPU the same are the *_CUDA tests of test_models.cpp.
 
 #include <gtest/gtest.h>
 #include <torch/torch.h>
@@ -9,6 +10,16 @@
 #define SD_KERNELS_HOST_EMULATION "kernel_emulation.hpp"
 #include "../examples/sd/kernels/fused_kernels.cu"
 
+#define SCEDIT_FUSED_KERNELS 1
+#define SCEDIT_FUSED_KERNELS_EMULATED 1
+#include <sd/config.hpp>
+#include <sd/unet.hpp>
+
+#include <nlohmann/json.hpp>
+
+#include "test_paths.hpp"
+
+#include <fstream>
 #include <vector>
 
 namespace {
@@ -132,6 +143,94 @@ TEST(EmulatedKernelsShapes, AreRefusedNamingTheProblem) {
   EXPECT_NO_THROW(k::group_norm_silu_forward(k::ElementType::kFloat32, nullptr, nullptr, nullptr,
                                              k::GroupNormShape{0, 4, 4, 2}, 1e-5f, nullptr, nullptr, nullptr,
                                              nullptr, nullptr));
+}
+
+TEST(EmulatedFusedOps, GroupNormSiLUAutogradMatchesFloat64) {
+  torch::manual_seed(0);
+  for (const auto dtype : {torch::kFloat32, torch::kBFloat16}) {
+    SCOPED_TRACE(::testing::Message() << dtype);
+    torch::nn::GroupNorm norm(torch::nn::GroupNormOptions(4, 8).eps(1e-5));
+    {
+      torch::NoGradGuard no_grad;
+      norm->weight.normal_(1.0, 0.5);
+      norm->bias.normal_(0.0, 0.5);
+    }
+    norm->to(dtype);
+    // A non-contiguous input (copied by the function) with two spatial dimensions.
+    const auto x = (torch::randn({2, 8, 4, 6}) * 2 + 1).to(dtype).transpose(2, 3);
+    const auto grad_y = torch::randn({2, 8, 6, 4}).to(dtype);
+    auto x64 = x.to(torch::kFloat64).requires_grad_(true);
+    auto w64 = norm->weight.detach().to(torch::kFloat64).requires_grad_(true);
+    auto b64 = norm->bias.detach().to(torch::kFloat64).requires_grad_(true);
+    torch::silu(torch::group_norm(x64, 4, w64, b64, 1e-5)).backward(grad_y.to(torch::kFloat64));
+    const auto expected = torch::silu(torch::group_norm(x64.detach(), 4, w64.detach(), b64.detach(), 1e-5));
+
+    const auto xin = x.detach().requires_grad_(true);
+    const auto got = sd::fused::group_norm_silu(xin, *norm);
+    ASSERT_EQ(got.scalar_type(), dtype);
+    got.backward(grad_y);
+    EXPECT_LE(rel_err(got, expected), tolerance(dtype));
+    EXPECT_LE(rel_err(xin.grad(), x64.grad()), 2 * tolerance(dtype));
+    ASSERT_EQ(norm->weight.grad().scalar_type(), dtype);
+    EXPECT_LE(rel_err(norm->weight.grad(), w64.grad()), 2 * tolerance(dtype));
+    EXPECT_LE(rel_err(norm->bias.grad(), b64.grad()), 2 * tolerance(dtype));
+  }
+}
+
+TEST(EmulatedFusedOps, GEGLUAutogradMatchesFloat64) {
+  torch::manual_seed(0);
+  for (const auto dtype : {torch::kFloat32, torch::kBFloat16}) {
+    SCOPED_TRACE(::testing::Message() << dtype);
+    const auto projected = (torch::randn({5, 3, 32}) * 2).to(dtype).transpose(0, 1);  // [3, 5, 32], strided
+    const auto grad_out = torch::randn({3, 5, 16}).to(dtype);
+    auto p64 = projected.to(torch::kFloat64).requires_grad_(true);
+    const auto parts = p64.chunk(2, -1);
+    (parts[0] * torch::gelu(parts[1])).backward(grad_out.to(torch::kFloat64));
+    const auto input = projected.detach().requires_grad_(true);
+    const auto got = sd::fused::geglu(input);
+    ASSERT_EQ(got.sizes(), grad_out.sizes());
+    got.backward(grad_out);
+    const auto expected = parts[0].detach() * torch::gelu(parts[1].detach());
+    EXPECT_LE(rel_err(got, expected), tolerance(dtype));
+    EXPECT_LE(rel_err(input.grad(), p64.grad()), 2 * tolerance(dtype));
+  }
+}
+
+TEST(EmulatedFusedOps, UNetWithBothFusedLeversMatchesThePlainUNet) {
+  // The tiny UNet of the fixtures' manifest, random weights: output and input gradient with every
+  // GroupNorm + SiLU and GEGLU on the fused kernels against the plain ops, in float32.
+  std::ifstream in(scedit_test::fixtures_dir() / "manifest.json");
+  ASSERT_TRUE(in.good()) << "cannot open manifest.json in " << scedit_test::fixtures_dir();
+  const auto config = sd::UNetConfig::from_json(nlohmann::json::parse(in).at("configs").at("unet_tiny"));
+  torch::manual_seed(0);
+  sd::UNet unet(config);
+  for (auto& p : unet->parameters()) p.requires_grad_(false);
+  const auto sample = torch::randn({1, config.in_channels, 8, 8});
+  const auto timestep = torch::full({1}, 500, torch::kInt64);
+  const auto context = torch::randn({1, 3, config.cross_attention_dim});
+  auto run = [&](const sd::LeanActivations& lean) {
+    unet->set_lean_activations(lean);
+    const auto x = sample.clone().requires_grad_(true);
+    const auto out = unet(x, timestep, context);
+    out.square().mean().backward();
+    return std::make_pair(out.detach(), x.grad());
+  };
+  const int64_t before = sd_kernels_emulation::launches;
+  const auto [plain_out, plain_grad] = run(sd::LeanActivations{});
+  EXPECT_EQ(sd_kernels_emulation::launches, before);
+  sd::LeanActivations fused;
+  fused.fused_norm_silu = fused.fused_geglu = true;
+  const auto [fused_out, fused_grad] = run(fused);
+  // Every GroupNorm + SiLU (two per resnet, the output norm) ran three kernels each way, every
+  // GEGLU one: the fused path ran everywhere.
+  int64_t resnets = 0, gates = 0;
+  for (const auto& module : unet->modules()) {
+    resnets += dynamic_cast<const sd::ResnetBlock2DImpl*>(module.get()) != nullptr;
+    gates += dynamic_cast<const sd::GEGLUImpl*>(module.get()) != nullptr;
+  }
+  EXPECT_EQ(sd_kernels_emulation::launches - before, 2 * 3 * (2 * resnets + 1) + 2 * gates);
+  EXPECT_LE(rel_err(fused_out, plain_out), 1e-5);
+  EXPECT_LE(rel_err(fused_grad, plain_grad), 1e-4);
 }
 
 }  // namespace

@@ -16,6 +16,11 @@
 #ifndef SCEDIT_FUSED_KERNELS
 #define SCEDIT_FUSED_KERNELS 0
 #endif
+// Defined to 1 only by tests/kernels_emulated.cpp, which compiles the kernels for the host under
+// an emulation of CUDA's threads: there these functions run on CPU tensors.
+#ifndef SCEDIT_FUSED_KERNELS_EMULATED
+#define SCEDIT_FUSED_KERNELS_EMULATED 0
+#endif
 
 #include <scedit/compat.hpp>
 
@@ -23,9 +28,11 @@
 
 #include <string>
 
-#if SCEDIT_FUSED_KERNELS
+#if SCEDIT_FUSED_KERNELS && !SCEDIT_FUSED_KERNELS_EMULATED
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#endif
+#if SCEDIT_FUSED_KERNELS
 #include <sd/kernels/fused_kernels.h>
 #endif
 
@@ -34,15 +41,32 @@ namespace sd::fused {
 /// Whether this build has the fused CUDA kernels.
 constexpr bool available() { return SCEDIT_FUSED_KERNELS != 0; }
 
+/// Where the kernels run: CUDA (the CPU only under the tests' emulation).
+constexpr torch::DeviceType kernel_device_type() { return SCEDIT_FUSED_KERNELS_EMULATED ? torch::kCPU : torch::kCUDA; }
+
 /// Fails, naming `what`, unless tensors on `device` can use the fused kernels.
 inline void check_usable(const torch::Device& device, const std::string& what) {
   TORCH_CHECK(available(), what, ": this build has no fused CUDA kernels (they are built where ",
               "LibTorch has CUDA and CMake finds nvcc, unless -DSCEDIT_FUSED_KERNELS=OFF)");
-  TORCH_CHECK(device.is_cuda(), what, ": the fused kernels run on CUDA tensors, not on ", device.str());
+  TORCH_CHECK(device.type() == kernel_device_type(), what, ": the fused kernels run on ",
+              SCEDIT_FUSED_KERNELS_EMULATED ? "CPU (emulated)" : "CUDA", " tensors, not on ", device.str());
 }
 
 #if SCEDIT_FUSED_KERNELS
 namespace detail {
+
+#if SCEDIT_FUSED_KERNELS_EMULATED
+struct DeviceGuard {
+  explicit DeviceGuard(const torch::Device&) {}
+};
+inline cudaStream_t current_stream(const torch::Tensor&) { return nullptr; }
+#else
+using DeviceGuard = c10::cuda::CUDAGuard;
+/// The stream the caller's work is ordered on (a CUDA graph's capture stream while capturing).
+inline cudaStream_t current_stream(const torch::Tensor& t) {
+  return c10::cuda::getCurrentCUDAStream(t.get_device()).stream();
+}
+#endif
 
 inline kernels::ElementType element_type(const torch::Tensor& t, const char* op) {
   switch (t.scalar_type()) {
@@ -51,10 +75,6 @@ inline kernels::ElementType element_type(const torch::Tensor& t, const char* op)
     case torch::kFloat16: return kernels::ElementType::kFloat16;
     default: TORCH_CHECK(false, op, ": the fused kernels take float32, bfloat16 or float16 tensors, not ", t.scalar_type());
   }
-}
-
-inline cudaStream_t current_stream(const torch::Tensor& t) {
-  return c10::cuda::getCurrentCUDAStream(t.get_device()).stream();
 }
 
 /// A norm's affine parameter as contiguous float32 (undefined stays undefined).
@@ -71,7 +91,7 @@ struct GroupNormSiLUFunction : public torch::autograd::Function<GroupNormSiLUFun
                                const c10::optional<torch::Tensor>& weight_or_none,
                                const c10::optional<torch::Tensor>& bias_or_none, int64_t groups, double eps) {
     scedit::compat::AutocastExcluded in_input_dtype;
-    const c10::cuda::CUDAGuard on_device(x.device());
+    const DeviceGuard on_device(x.device());
     const auto weight = weight_or_none.value_or(torch::Tensor()), bias = bias_or_none.value_or(torch::Tensor());
     const auto input = x.contiguous();
     const kernels::GroupNormShape shape{input.size(0), input.size(1), c10::multiply_integers(input.sizes().slice(2)), groups};
@@ -95,7 +115,7 @@ struct GroupNormSiLUFunction : public torch::autograd::Function<GroupNormSiLUFun
     scedit::compat::AutocastExcluded in_input_dtype;
     const auto saved = ctx->get_saved_variables();
     const auto &input = saved[0], &weight = saved[1], &bias = saved[2], &mean = saved[3], &rstd = saved[4];
-    const c10::cuda::CUDAGuard on_device(input.device());
+    const DeviceGuard on_device(input.device());
     const int64_t groups = ctx->saved_data["groups"].toInt();
     const kernels::GroupNormShape shape{input.size(0), input.size(1), c10::multiply_integers(input.sizes().slice(2)), groups};
     const auto grad_y = grads[0].to(input.scalar_type()).contiguous();
@@ -128,7 +148,7 @@ struct GEGLUFunction : public torch::autograd::Function<GEGLUFunction> {
   /// projected [..., 2·D] -> [..., D].
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& projected) {
     scedit::compat::AutocastExcluded in_input_dtype;
-    const c10::cuda::CUDAGuard on_device(projected.device());
+    const DeviceGuard on_device(projected.device());
     const auto input = projected.contiguous();
     const int64_t dim = input.size(-1) / 2, rows = input.numel() / std::max<int64_t>(2 * dim, 1);
     auto out_sizes = input.sizes().vec();
@@ -144,7 +164,7 @@ struct GEGLUFunction : public torch::autograd::Function<GEGLUFunction> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto input = ctx->get_saved_variables()[0];
-    const c10::cuda::CUDAGuard on_device(input.device());
+    const DeviceGuard on_device(input.device());
     const int64_t dim = input.size(-1) / 2, rows = input.numel() / std::max<int64_t>(2 * dim, 1);
     const auto grad_out = grads[0].to(input.scalar_type()).contiguous();
     auto grad_projected = torch::empty_like(input, at::MemoryFormat::Contiguous);
