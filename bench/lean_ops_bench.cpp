@@ -53,7 +53,8 @@ void GroupNormSiLUForwardBackward(benchmark::State& state) {
   lean.norms_in_activation_dtype = variant == 0;
   lean.group_norm_silu = variant == 1;
   lean.fused_norm_silu = variant == 2;
-  const auto x = torch::randn({kBatch, c, side, side}, torch::TensorOptions(gpu).dtype(torch::kBFloat16)).requires_grad_(true);
+  const auto options = torch::TensorOptions(gpu).dtype(torch::kBFloat16);
+  const auto x = torch::randn({kBatch, c, side, side}, options).requires_grad_(true);
   const auto grad = torch::randn_like(x);
   for (auto _ : state) {
     benchmark::DoNotOptimize(torch::autograd::grad({sd::norm_silu(x, *norm, lean)}, {x}, {grad}));

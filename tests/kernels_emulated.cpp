@@ -126,7 +126,8 @@ TEST_P(EmulatedKernels, GEGLUForwardAndBackwardMatchFloat64) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Kernels, EmulatedKernels, ::testing::Values(torch::kFloat32, torch::kBFloat16, torch::kFloat16),
+INSTANTIATE_TEST_SUITE_P(Kernels, EmulatedKernels,
+                         ::testing::Values(torch::kFloat32, torch::kBFloat16, torch::kFloat16),
                          [](const auto& info) { return std::string(c10::toString(info.param)); });
 
 TEST(EmulatedKernelsShapes, AreRefusedNamingTheProblem) {

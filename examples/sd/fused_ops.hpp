@@ -56,11 +56,13 @@ inline void check_usable(const torch::Device& device, const std::string& what) {
 namespace detail {
 
 #if SCEDIT_FUSED_KERNELS_EMULATED
+/// Nothing to switch on the host.
 struct DeviceGuard {
   explicit DeviceGuard(const torch::Device&) {}
 };
 inline cudaStream_t current_stream(const torch::Tensor&) { return nullptr; }
 #else
+/// Makes the tensor's GPU the current one while the kernels are enqueued.
 using DeviceGuard = c10::cuda::CUDAGuard;
 /// The stream the caller's work is ordered on (a CUDA graph's capture stream while capturing).
 inline cudaStream_t current_stream(const torch::Tensor& t) {
@@ -68,12 +70,14 @@ inline cudaStream_t current_stream(const torch::Tensor& t) {
 }
 #endif
 
+/// The kernels' element type of `t`; fails, naming `op`, for any other dtype.
 inline kernels::ElementType element_type(const torch::Tensor& t, const char* op) {
   switch (t.scalar_type()) {
     case torch::kFloat32: return kernels::ElementType::kFloat32;
     case torch::kBFloat16: return kernels::ElementType::kBFloat16;
     case torch::kFloat16: return kernels::ElementType::kFloat16;
-    default: TORCH_CHECK(false, op, ": the fused kernels take float32, bfloat16 or float16 tensors, not ", t.scalar_type());
+    default:
+      TORCH_CHECK(false, op, ": the fused kernels take float32, bfloat16 or float16 tensors, not ", t.scalar_type());
   }
 }
 
@@ -82,7 +86,13 @@ inline torch::Tensor affine_float(const torch::Tensor& parameter) {
   return parameter.defined() ? parameter.to(torch::kFloat32).contiguous() : parameter;
 }
 
+/// The float32 data of `t`, or null for an undefined tensor (no affine parameter).
 inline const float* data_or_null(const torch::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+/// The kernels' view of a GroupNorm of `groups` groups over x [N, C, *spatial].
+inline kernels::GroupNormShape norm_shape(const torch::Tensor& x, int64_t groups) {
+  return {x.size(0), x.size(1), c10::multiply_integers(x.sizes().slice(2)), groups};
+}
 
 /// `silu(group_norm(x))` saving x, the affine parameters and the [N, G] mean and rstd.
 struct GroupNormSiLUFunction : public torch::autograd::Function<GroupNormSiLUFunction> {
@@ -94,7 +104,7 @@ struct GroupNormSiLUFunction : public torch::autograd::Function<GroupNormSiLUFun
     const DeviceGuard on_device(x.device());
     const auto weight = weight_or_none.value_or(torch::Tensor()), bias = bias_or_none.value_or(torch::Tensor());
     const auto input = x.contiguous();
-    const kernels::GroupNormShape shape{input.size(0), input.size(1), c10::multiply_integers(input.sizes().slice(2)), groups};
+    const auto shape = norm_shape(input, groups);
     const auto stats = input.options().dtype(torch::kFloat32);
     auto mean = torch::empty({shape.batch, groups}, stats), rstd = torch::empty({shape.batch, groups}, stats);
     auto workspace = torch::empty({2 * shape.batch * shape.channels}, stats);
@@ -117,7 +127,7 @@ struct GroupNormSiLUFunction : public torch::autograd::Function<GroupNormSiLUFun
     const auto &input = saved[0], &weight = saved[1], &bias = saved[2], &mean = saved[3], &rstd = saved[4];
     const DeviceGuard on_device(input.device());
     const int64_t groups = ctx->saved_data["groups"].toInt();
-    const kernels::GroupNormShape shape{input.size(0), input.size(1), c10::multiply_integers(input.sizes().slice(2)), groups};
+    const auto shape = norm_shape(input, groups);
     const auto grad_y = grads[0].to(input.scalar_type()).contiguous();
     const auto stats = input.options().dtype(torch::kFloat32);
     auto row_sums = torch::empty({2, shape.batch, shape.channels}, stats);  // Σ dz, Σ dz·x per (n, c)
@@ -136,7 +146,8 @@ struct GroupNormSiLUFunction : public torch::autograd::Function<GroupNormSiLUFun
       auto per_channel = [&](const torch::Tensor& stat) {
         return stat.unsqueeze(2).expand({shape.batch, groups, per_group}).reshape({shape.batch, shape.channels});
       };
-      grad_weight = ((row_sums[1] - per_channel(mean) * row_sums[0]) * per_channel(rstd)).sum(0).to(weight.scalar_type());
+      const auto per_row = (row_sums[1] - per_channel(mean) * row_sums[0]) * per_channel(rstd);
+      grad_weight = per_row.sum(0).to(weight.scalar_type());
     }
     if (bias.defined() && ctx->needs_input_grad(2)) grad_bias = row_sums[0].sum(0).to(bias.scalar_type());
     return {grad_x, grad_weight, grad_bias, torch::Tensor(), torch::Tensor()};

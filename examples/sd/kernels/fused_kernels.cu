@@ -7,8 +7,8 @@
 /// or twice. Statistics, sums and arithmetic are float32 for every element type; results are
 /// rounded once, to the element type.
 ///
-/// GroupNorm + SiLU, forward: per-row (n, c) moments (Chan et al.'s merge), merged per group (n, g) into mean and
-/// rstd, then y = silu(x·scale + shift) in one pass. Backward: per-row sums of dz and dz·x, where
+/// GroupNorm + SiLU, forward: per-row (n, c) moments, merged per group (n, g) (Chan et al.) into
+/// mean and rstd, then y = silu(x·scale + shift) in one pass. Backward: per-row sums of dz and dz·x, where
 /// dz = dy·silu'(z) is recomputed from x, folded per group into dx = scale·dz + a·x + b (the
 /// coefficients PyTorch's own GroupNorm backward uses), then dx in one pass.
 ///
@@ -441,9 +441,9 @@ void group_norm_silu_forward(ElementType type, const void* x, const float* weigh
     launch("group_stats_kernel", group_stats_kernel, blocks_for(n.num_groups, kGroupThreads, "group_stats_kernel"),
            kGroupThreads, stream, row_mean, row_m2, shape.spatial, n.channels_per_group, n.num_groups, eps, mean,
            rstd);
-    launch("norm_silu_kernel", norm_silu_kernel<T, VEC>, blocks_for(n.total / VEC, kElementwiseThreads, "norm_silu_kernel"),
-           kElementwiseThreads, stream, x, weight, bias, mean, rstd, shape.spatial, shape.channels,
-           n.channels_per_group, n.total, y);
+    launch("norm_silu_kernel", norm_silu_kernel<T, VEC>,
+           blocks_for(n.total / VEC, kElementwiseThreads, "norm_silu_kernel"), kElementwiseThreads, stream, x,
+           weight, bias, mean, rstd, shape.spatial, shape.channels, n.channels_per_group, n.total, y);
   });
 }
 
