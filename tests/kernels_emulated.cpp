@@ -44,15 +44,24 @@ double tolerance(torch::Dtype dtype) {
 
 const float* data_or_null(const torch::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
+/// Runs `body` with the element-wise kernels indexing in 32 bits (what these sizes get), then in
+/// 64 bits (what tensors of 2^31 elements and more get).
+void for_both_index_widths(const std::function<void()>& body) {
+  const int64_t narrow = k::narrow_index_limit;
+  for (const int64_t limit : {narrow, int64_t{0}}) {
+    SCOPED_TRACE(limit == 0 ? "64-bit indices" : "32-bit indices");
+    k::narrow_index_limit = limit;
+    body();
+  }
+  k::narrow_index_limit = narrow;
+}
+
 struct NormCase {
   int64_t n, c, spatial, groups;
   bool affine;
 };
 
-class EmulatedKernels : public ::testing::TestWithParam<torch::Dtype> {};
-
-TEST_P(EmulatedKernels, GroupNormSiLUForwardAndBackwardMatchFloat64) {
-  const auto dtype = GetParam();
+void group_norm_silu_matches_float64(torch::Dtype dtype) {
   torch::manual_seed(0);
   // Rows of 16 and 600 take the 16-byte vector path (600 = 150 float4 loads over 256 threads);
   // rows of 35 and 3 the scalar one; 8 groups of one channel and one group of all.
@@ -103,8 +112,7 @@ TEST_P(EmulatedKernels, GroupNormSiLUForwardAndBackwardMatchFloat64) {
   }
 }
 
-TEST_P(EmulatedKernels, GEGLUForwardAndBackwardMatchFloat64) {
-  const auto dtype = GetParam();
+void geglu_matches_float64(torch::Dtype dtype) {
   torch::manual_seed(0);
   // A gate of 64 takes the vector path, of 5 the scalar one.
   for (const auto& [rows, dim] : std::vector<std::pair<int64_t, int64_t>>{{6, 64}, {7, 5}}) {
@@ -124,6 +132,16 @@ TEST_P(EmulatedKernels, GEGLUForwardAndBackwardMatchFloat64) {
                       grad_projected.data_ptr(), nullptr);
     EXPECT_LE(rel_err(grad_projected, p64.grad()), 2 * tolerance(dtype));
   }
+}
+
+class EmulatedKernels : public ::testing::TestWithParam<torch::Dtype> {};
+
+TEST_P(EmulatedKernels, GroupNormSiLUForwardAndBackwardMatchFloat64) {
+  for_both_index_widths([this] { group_norm_silu_matches_float64(GetParam()); });
+}
+
+TEST_P(EmulatedKernels, GEGLUForwardAndBackwardMatchFloat64) {
+  for_both_index_widths([this] { geglu_matches_float64(GetParam()); });
 }
 
 INSTANTIATE_TEST_SUITE_P(Kernels, EmulatedKernels,

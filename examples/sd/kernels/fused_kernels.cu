@@ -158,10 +158,11 @@ struct RowAffine {
 };
 
 /// Rows are (n, c) = n·C + c; with C = G·channels_per_group, row / channels_per_group = n·G + g.
-__device__ __forceinline__ RowAffine row_affine(int64_t row, const float* weight, const float* bias,
-                                                const float* mean, const float* rstd, int64_t channels,
-                                                int64_t channels_per_group) {
-  const int64_t c = row % channels, group = row / channels_per_group;
+template <typename Index>
+__device__ __forceinline__ RowAffine row_affine(Index row, const float* weight, const float* bias,
+                                                const float* mean, const float* rstd, Index channels,
+                                                Index channels_per_group) {
+  const Index c = row % channels, group = row / channels_per_group;
   const float scale = rstd[group] * (weight != nullptr ? weight[c] : 1.f);
   return {scale, (bias != nullptr ? bias[c] : 0.f) - mean[group] * scale};
 }
@@ -206,13 +207,14 @@ __global__ void group_stats_kernel(const float* __restrict__ row_mean, const flo
   rstd[group] = rsqrtf(fmaxf(m.m2 / m.count, 0.f) + eps);
 }
 
-/// y = silu(x·scale + shift), VEC elements per thread (never across a row).
-template <typename T, int VEC>
+/// y = silu(x·scale + shift), VEC elements per thread (never across a row); Index is the type of
+/// the element indices and of the divisions that find an element's row and group.
+template <typename T, int VEC, typename Index>
 __global__ void norm_silu_kernel(const T* __restrict__ x, const float* __restrict__ weight,
                                  const float* __restrict__ bias, const float* __restrict__ mean,
-                                 const float* __restrict__ rstd, int64_t spatial, int64_t channels,
-                                 int64_t channels_per_group, int64_t total, T* __restrict__ y) {
-  const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
+                                 const float* __restrict__ rstd, Index spatial, Index channels,
+                                 Index channels_per_group, Index total, T* __restrict__ y) {
+  const Index i = (static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   if (i >= total) return;
   const RowAffine affine = row_affine(i / spatial, weight, bias, mean, rstd, channels, channels_per_group);
   const auto in = load<T, VEC>(x + i);
@@ -230,7 +232,7 @@ __global__ void norm_silu_grad_sums_kernel(const T* __restrict__ grad_y, const T
                                            int64_t spatial, int64_t channels, int64_t channels_per_group,
                                            float* __restrict__ row_grad_sum, float* __restrict__ row_grad_x_sum) {
   const int64_t row = blockIdx.x, offset = row * spatial;
-  const RowAffine affine = row_affine(row, weight, bias, mean, rstd, channels, channels_per_group);
+  const RowAffine affine = row_affine<uint32_t>(blockIdx.x, weight, bias, mean, rstd, channels, channels_per_group);
   GradSums sums{0.f, 0.f};
   for (int64_t i = static_cast<int64_t>(threadIdx.x) * VEC; i < spatial; i += static_cast<int64_t>(blockDim.x) * VEC) {
     const auto dy = load<T, VEC>(grad_y + offset + i);
@@ -277,16 +279,16 @@ __global__ void group_grad_coefficients_kernel(const float* __restrict__ row_gra
 }
 
 /// dx = scale·dz + x_coefficient·x + constant, dz recomputed, VEC elements per thread.
-template <typename T, int VEC>
+template <typename T, int VEC, typename Index>
 __global__ void norm_silu_backward_kernel(const T* __restrict__ grad_y, const T* __restrict__ x,
                                           const float* __restrict__ weight, const float* __restrict__ bias,
                                           const float* __restrict__ mean, const float* __restrict__ rstd,
                                           const float* __restrict__ x_coefficient,
-                                          const float* __restrict__ constant, int64_t spatial, int64_t channels,
-                                          int64_t channels_per_group, int64_t total, T* __restrict__ grad_x) {
-  const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
+                                          const float* __restrict__ constant, Index spatial, Index channels,
+                                          Index channels_per_group, Index total, T* __restrict__ grad_x) {
+  const Index i = (static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   if (i >= total) return;
-  const int64_t row = i / spatial, group = row / channels_per_group;
+  const Index row = i / spatial, group = row / channels_per_group;
   const RowAffine affine = row_affine(row, weight, bias, mean, rstd, channels, channels_per_group);
   const float a = x_coefficient[group], b = constant[group];
   const auto dy = load<T, VEC>(grad_y + i);
@@ -310,11 +312,11 @@ constexpr float kInvSqrtTwoPi = 0.39894228040143267794f;
 __device__ __forceinline__ float normal_cdf(float g) { return 0.5f * (1.f + erff(g * kSqrtHalf)); }
 
 /// out[row, d] = a·gelu(g) with a = projected[row, d], g = projected[row, dim + d].
-template <typename T, int VEC>
-__global__ void geglu_kernel(const T* __restrict__ projected, int64_t dim, int64_t total, T* __restrict__ out) {
-  const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
+template <typename T, int VEC, typename Index>
+__global__ void geglu_kernel(const T* __restrict__ projected, Index dim, Index total, T* __restrict__ out) {
+  const Index i = (static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   if (i >= total) return;
-  const int64_t row = i / dim, d = i - row * dim;
+  const Index row = i / dim, d = i - row * dim;
   const T* value = projected + row * 2 * dim + d;
   const auto a = load<T, VEC>(value);
   const auto g = load<T, VEC>(value + dim);
@@ -328,12 +330,12 @@ __global__ void geglu_kernel(const T* __restrict__ projected, int64_t dim, int64
 }
 
 /// grad_projected[row] = [grad·gelu(g), grad·a·gelu'(g)].
-template <typename T, int VEC>
+template <typename T, int VEC, typename Index>
 __global__ void geglu_backward_kernel(const T* __restrict__ grad_out, const T* __restrict__ projected,
-                                      int64_t dim, int64_t total, T* __restrict__ grad_projected) {
-  const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
+                                      Index dim, Index total, T* __restrict__ grad_projected) {
+  const Index i = (static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   if (i >= total) return;
-  const int64_t row = i / dim, d = i - row * dim, offset = row * 2 * dim + d;
+  const Index row = i / dim, d = i - row * dim, offset = row * 2 * dim + d;
   const auto grad = load<T, VEC>(grad_out + i);
   const auto a = load<T, VEC>(projected + offset);
   const auto g = load<T, VEC>(projected + offset + dim);
@@ -410,6 +412,22 @@ void for_type_and_width(ElementType type, int64_t run, std::initializer_list<con
   throw std::invalid_argument("sd::kernels: unknown element type");
 }
 
+/// Below this many elements the element-wise kernels index in 32 bits: a 64-bit division is
+/// several times dearer on a GPU, and each thread divides two or three times. (Tests lower it to
+/// reach the 64-bit kernels with small tensors.)
+int64_t narrow_index_limit = int64_t{1} << 31;
+
+/// Calls `fn(Tag<uint32_t>{})` for `total` elements under `narrow_index_limit`, else
+/// `fn(Tag<int64_t>{})`.
+template <typename Fn>
+void for_index_type(int64_t total, Fn&& fn) {
+  if (total < narrow_index_limit) {
+    fn(Tag<uint32_t>{});
+  } else {
+    fn(Tag<int64_t>{});
+  }
+}
+
 /// A GroupNorm's sizes in rows (n, c), elements and groups (n, g), its shape checked.
 struct NormSizes {
   int64_t rows, total, channels_per_group, num_groups;
@@ -441,9 +459,11 @@ void group_norm_silu_forward(ElementType type, const void* x, const float* weigh
     launch("group_stats_kernel", group_stats_kernel, blocks_for(n.num_groups, kGroupThreads, "group_stats_kernel"),
            kGroupThreads, stream, row_mean, row_m2, shape.spatial, n.channels_per_group, n.num_groups, eps, mean,
            rstd);
-    launch("norm_silu_kernel", norm_silu_kernel<T, VEC>,
-           blocks_for(n.total / VEC, kElementwiseThreads, "norm_silu_kernel"), kElementwiseThreads, stream, x,
-           weight, bias, mean, rstd, shape.spatial, shape.channels, n.channels_per_group, n.total, y);
+    for_index_type(n.total, [&](auto index) {
+      launch("norm_silu_kernel", norm_silu_kernel<T, VEC, typename decltype(index)::type>,
+             blocks_for(n.total / VEC, kElementwiseThreads, "norm_silu_kernel"), kElementwiseThreads, stream, x,
+             weight, bias, mean, rstd, shape.spatial, shape.channels, n.channels_per_group, n.total, y);
+    });
   });
 }
 
@@ -465,10 +485,12 @@ void group_norm_silu_backward(ElementType type, const void* grad_y, const void* 
            blocks_for(n.num_groups, kGroupThreads, "group_grad_coefficients_kernel"), kGroupThreads, stream,
            row_grad_sum, row_grad_x_sum, weight, mean, rstd, shape.spatial, shape.channels, n.channels_per_group,
            n.num_groups, x_coefficient, constant);
-    launch("norm_silu_backward_kernel", norm_silu_backward_kernel<T, VEC>,
-           blocks_for(n.total / VEC, kElementwiseThreads, "norm_silu_backward_kernel"), kElementwiseThreads, stream,
-           grad_y, x, weight, bias, mean, rstd, x_coefficient, constant, shape.spatial, shape.channels,
-           n.channels_per_group, n.total, grad_x);
+    for_index_type(n.total, [&](auto index) {
+      launch("norm_silu_backward_kernel", norm_silu_backward_kernel<T, VEC, typename decltype(index)::type>,
+             blocks_for(n.total / VEC, kElementwiseThreads, "norm_silu_backward_kernel"), kElementwiseThreads,
+             stream, grad_y, x, weight, bias, mean, rstd, x_coefficient, constant, shape.spatial, shape.channels,
+             n.channels_per_group, n.total, grad_x);
+    });
   });
 }
 
@@ -480,8 +502,11 @@ void geglu_forward(ElementType type, const void* projected, int64_t rows, int64_
   for_type_and_width(type, dim, {projected, out}, [&](auto tag, auto width) {
     using T = typename decltype(tag)::type;
     constexpr int VEC = decltype(width)::value;
-    launch("geglu_kernel", geglu_kernel<T, VEC>, blocks_for(total / VEC, kElementwiseThreads, "geglu_kernel"),
-           kElementwiseThreads, stream, projected, dim, total, out);
+    for_index_type(2 * total, [&](auto index) {  // the projection is twice the output
+      launch("geglu_kernel", geglu_kernel<T, VEC, typename decltype(index)::type>,
+             blocks_for(total / VEC, kElementwiseThreads, "geglu_kernel"), kElementwiseThreads, stream, projected,
+             dim, total, out);
+    });
   });
 }
 
@@ -493,9 +518,11 @@ void geglu_backward(ElementType type, const void* grad_out, const void* projecte
   for_type_and_width(type, dim, {grad_out, projected, grad_projected}, [&](auto tag, auto width) {
     using T = typename decltype(tag)::type;
     constexpr int VEC = decltype(width)::value;
-    launch("geglu_backward_kernel", geglu_backward_kernel<T, VEC>,
-           blocks_for(total / VEC, kElementwiseThreads, "geglu_backward_kernel"), kElementwiseThreads, stream,
-           grad_out, projected, dim, total, grad_projected);
+    for_index_type(2 * total, [&](auto index) {
+      launch("geglu_backward_kernel", geglu_backward_kernel<T, VEC, typename decltype(index)::type>,
+             blocks_for(total / VEC, kElementwiseThreads, "geglu_backward_kernel"), kElementwiseThreads, stream,
+             grad_out, projected, dim, total, grad_projected);
+    });
   });
 }
 
