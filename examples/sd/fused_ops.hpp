@@ -94,7 +94,8 @@ inline kernels::GroupNormShape norm_shape(const torch::Tensor& x, int64_t groups
   return {x.size(0), x.size(1), c10::multiply_integers(x.sizes().slice(2)), groups};
 }
 
-/// `silu(group_norm(x))` saving x, the affine parameters and the [N, G] mean and rstd.
+/// `silu(group_norm(x))` saving x, the affine parameters as float32 (converted once, for both
+/// passes) and the [N, G] mean and rstd.
 struct GroupNormSiLUFunction : public torch::autograd::Function<GroupNormSiLUFunction> {
   /// x [N, C, *spatial] -> [N, C, *spatial], in x's dtype.
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
@@ -114,8 +115,10 @@ struct GroupNormSiLUFunction : public torch::autograd::Function<GroupNormSiLUFun
                                      data_or_null(bias_f), shape, static_cast<float>(eps), y.data_ptr(),
                                      mean.data_ptr<float>(), rstd.data_ptr<float>(), workspace.data_ptr<float>(),
                                      current_stream(input));
-    ctx->save_for_backward({input, weight, bias, mean, rstd});
+    ctx->save_for_backward({input, weight_f, bias_f, mean, rstd});
     ctx->saved_data["groups"] = groups;
+    const auto& affine = weight.defined() ? weight : bias;  // the dtype their gradients take
+    if (affine.defined()) ctx->saved_data["affine_dtype"] = static_cast<int64_t>(affine.scalar_type());
     return y;
   }
 
@@ -124,7 +127,7 @@ struct GroupNormSiLUFunction : public torch::autograd::Function<GroupNormSiLUFun
                                                  torch::autograd::variable_list grads) {
     scedit::compat::AutocastExcluded in_input_dtype;
     const auto saved = ctx->get_saved_variables();
-    const auto &input = saved[0], &weight = saved[1], &bias = saved[2], &mean = saved[3], &rstd = saved[4];
+    const auto &input = saved[0], &weight_f = saved[1], &bias_f = saved[2], &mean = saved[3], &rstd = saved[4];
     const DeviceGuard on_device(input.device());
     const int64_t groups = ctx->saved_data["groups"].toInt();
     const auto shape = norm_shape(input, groups);
@@ -133,23 +136,25 @@ struct GroupNormSiLUFunction : public torch::autograd::Function<GroupNormSiLUFun
     auto row_sums = torch::empty({2, shape.batch, shape.channels}, stats);  // Σ dz, Σ dz·x per (n, c)
     auto workspace = torch::empty({2 * shape.batch * groups}, stats);
     auto grad_x = torch::empty_like(input, at::MemoryFormat::Contiguous);
-    const auto weight_f = affine_float(weight), bias_f = affine_float(bias);
     kernels::group_norm_silu_backward(element_type(input, "group_norm_silu"), grad_y.data_ptr(), input.data_ptr(),
                                       data_or_null(weight_f), data_or_null(bias_f), mean.data_ptr<float>(),
                                       rstd.data_ptr<float>(), shape, grad_x.data_ptr(), row_sums[0].data_ptr<float>(),
                                       row_sums[1].data_ptr<float>(), workspace.data_ptr<float>(),
                                       current_stream(input));
     torch::Tensor grad_weight, grad_bias;
-    if (weight.defined() && ctx->needs_input_grad(1)) {
+    const auto affine_dtype = [&] {
+      return static_cast<torch::ScalarType>(ctx->saved_data["affine_dtype"].toInt());
+    };
+    if (weight_f.defined() && ctx->needs_input_grad(1)) {
       // Σ_n Σ_hw dz·x̂ = Σ_n rstd·(Σ dz·x − mean·Σ dz), the group's statistics per channel: [N, C].
       const int64_t per_group = shape.channels / groups;
       auto per_channel = [&](const torch::Tensor& stat) {
         return stat.unsqueeze(2).expand({shape.batch, groups, per_group}).reshape({shape.batch, shape.channels});
       };
       const auto per_row = (row_sums[1] - per_channel(mean) * row_sums[0]) * per_channel(rstd);
-      grad_weight = per_row.sum(0).to(weight.scalar_type());
+      grad_weight = per_row.sum(0).to(affine_dtype());
     }
-    if (bias.defined() && ctx->needs_input_grad(2)) grad_bias = row_sums[0].sum(0).to(bias.scalar_type());
+    if (bias_f.defined() && ctx->needs_input_grad(2)) grad_bias = row_sums[0].sum(0).to(affine_dtype());
     return {grad_x, grad_weight, grad_bias, torch::Tensor(), torch::Tensor()};
   }
 };
