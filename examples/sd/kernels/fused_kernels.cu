@@ -388,44 +388,42 @@ struct Tag {
   using type = T;
 };
 
-/// Calls `fn(Tag<T>{}, std::integral_constant<int, VEC>{})` for the C++ type T of `type`, with
-/// VEC = 16 / sizeof(T) where every pointer is 16-byte aligned and `run` (the elements a vector
-/// must not cross) divides by it, else VEC = 1.
-template <typename Fn>
-void for_type_and_width(ElementType type, int64_t run, std::initializer_list<const void*> pointers, Fn&& fn) {
-  auto with_width = [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    constexpr int kWide = 16 / sizeof(T);
-    bool wide = run % kWide == 0;
-    for (const void* p : pointers) wide = wide && reinterpret_cast<std::uintptr_t>(p) % 16 == 0;
-    if (wide) {
-      fn(tag, std::integral_constant<int, kWide>{});
-    } else {
-      fn(tag, std::integral_constant<int, 1>{});
-    }
-  };
-  switch (type) {
-    case ElementType::kFloat32: return with_width(Tag<float>{});
-    case ElementType::kBFloat16: return with_width(Tag<__nv_bfloat16>{});
-    case ElementType::kFloat16: return with_width(Tag<__half>{});
-  }
-  throw std::invalid_argument("sd::kernels: unknown element type");
-}
-
 /// Below this many elements the element-wise kernels index in 32 bits: a 64-bit division is
 /// several times dearer on a GPU, and each thread divides two or three times. (Tests lower it to
 /// reach the 64-bit kernels with small tensors.)
 int64_t narrow_index_limit = int64_t{1} << 31;
 
-/// Calls `fn(Tag<uint32_t>{})` for `total` elements under `narrow_index_limit`, else
-/// `fn(Tag<int64_t>{})`.
+/// Calls `fn(Tag<T>{}, std::integral_constant<int, VEC>{}, Tag<Index>{})` with T the C++ type of
+/// `type`; VEC = 16 / sizeof(T) where every pointer is 16-byte aligned and `run` (the elements a
+/// vector must not cross) divides by it, else 1; Index uint32_t for `elements` (the largest
+/// buffer's) under `narrow_index_limit`, else int64_t.
 template <typename Fn>
-void for_index_type(int64_t total, Fn&& fn) {
-  if (total < narrow_index_limit) {
-    fn(Tag<uint32_t>{});
-  } else {
-    fn(Tag<int64_t>{});
+void for_kernel_types(ElementType type, int64_t run, int64_t elements, std::initializer_list<const void*> pointers,
+                      Fn&& fn) {
+  auto with_width_and_index = [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    constexpr int kWide = 16 / sizeof(T);
+    bool wide = run % kWide == 0;
+    for (const void* p : pointers) wide = wide && reinterpret_cast<std::uintptr_t>(p) % 16 == 0;
+    auto with_index = [&](auto width) {
+      if (elements < narrow_index_limit) {
+        fn(tag, width, Tag<uint32_t>{});
+      } else {
+        fn(tag, width, Tag<int64_t>{});
+      }
+    };
+    if (wide) {
+      with_index(std::integral_constant<int, kWide>{});
+    } else {
+      with_index(std::integral_constant<int, 1>{});
+    }
+  };
+  switch (type) {
+    case ElementType::kFloat32: return with_width_and_index(Tag<float>{});
+    case ElementType::kBFloat16: return with_width_and_index(Tag<__nv_bfloat16>{});
+    case ElementType::kFloat16: return with_width_and_index(Tag<__half>{});
   }
+  throw std::invalid_argument("sd::kernels: unknown element type");
 }
 
 /// A GroupNorm's sizes in rows (n, c), elements and groups (n, g), its shape checked.
@@ -451,19 +449,18 @@ void group_norm_silu_forward(ElementType type, const void* x, const float* weigh
   if (n.total == 0) return;
   float* row_mean = workspace;
   float* row_m2 = workspace + n.rows;
-  for_type_and_width(type, shape.spatial, {x, y}, [&](auto tag, auto width) {
+  for_kernel_types(type, shape.spatial, n.total, {x, y}, [&](auto tag, auto width, auto index) {
     using T = typename decltype(tag)::type;
+    using Index = typename decltype(index)::type;
     constexpr int VEC = decltype(width)::value;
     launch("row_moments_kernel", row_moments_kernel<T, VEC>, static_cast<unsigned int>(n.rows),
            row_threads(shape.spatial / VEC), stream, x, shape.spatial, row_mean, row_m2);
     launch("group_stats_kernel", group_stats_kernel, blocks_for(n.num_groups, kGroupThreads, "group_stats_kernel"),
            kGroupThreads, stream, row_mean, row_m2, shape.spatial, n.channels_per_group, n.num_groups, eps, mean,
            rstd);
-    for_index_type(n.total, [&](auto index) {
-      launch("norm_silu_kernel", norm_silu_kernel<T, VEC, typename decltype(index)::type>,
-             blocks_for(n.total / VEC, kElementwiseThreads, "norm_silu_kernel"), kElementwiseThreads, stream, x,
-             weight, bias, mean, rstd, shape.spatial, shape.channels, n.channels_per_group, n.total, y);
-    });
+    launch("norm_silu_kernel", norm_silu_kernel<T, VEC, Index>,
+           blocks_for(n.total / VEC, kElementwiseThreads, "norm_silu_kernel"), kElementwiseThreads, stream, x,
+           weight, bias, mean, rstd, shape.spatial, shape.channels, n.channels_per_group, n.total, y);
   });
 }
 
@@ -475,8 +472,9 @@ void group_norm_silu_backward(ElementType type, const void* grad_y, const void* 
   if (n.total == 0) return;
   float* x_coefficient = workspace;
   float* constant = workspace + n.num_groups;
-  for_type_and_width(type, shape.spatial, {grad_y, x, grad_x}, [&](auto tag, auto width) {
+  for_kernel_types(type, shape.spatial, n.total, {grad_y, x, grad_x}, [&](auto tag, auto width, auto index) {
     using T = typename decltype(tag)::type;
+    using Index = typename decltype(index)::type;
     constexpr int VEC = decltype(width)::value;
     launch("norm_silu_grad_sums_kernel", norm_silu_grad_sums_kernel<T, VEC>, static_cast<unsigned int>(n.rows),
            row_threads(shape.spatial / VEC), stream, grad_y, x, weight, bias, mean, rstd, shape.spatial,
@@ -485,12 +483,10 @@ void group_norm_silu_backward(ElementType type, const void* grad_y, const void* 
            blocks_for(n.num_groups, kGroupThreads, "group_grad_coefficients_kernel"), kGroupThreads, stream,
            row_grad_sum, row_grad_x_sum, weight, mean, rstd, shape.spatial, shape.channels, n.channels_per_group,
            n.num_groups, x_coefficient, constant);
-    for_index_type(n.total, [&](auto index) {
-      launch("norm_silu_backward_kernel", norm_silu_backward_kernel<T, VEC, typename decltype(index)::type>,
-             blocks_for(n.total / VEC, kElementwiseThreads, "norm_silu_backward_kernel"), kElementwiseThreads,
-             stream, grad_y, x, weight, bias, mean, rstd, x_coefficient, constant, shape.spatial, shape.channels,
-             n.channels_per_group, n.total, grad_x);
-    });
+    launch("norm_silu_backward_kernel", norm_silu_backward_kernel<T, VEC, Index>,
+           blocks_for(n.total / VEC, kElementwiseThreads, "norm_silu_backward_kernel"), kElementwiseThreads, stream,
+           grad_y, x, weight, bias, mean, rstd, x_coefficient, constant, shape.spatial, shape.channels,
+           n.channels_per_group, n.total, grad_x);
   });
 }
 
@@ -499,14 +495,13 @@ void geglu_forward(ElementType type, const void* projected, int64_t rows, int64_
   if (rows < 0 || dim < 0) throw std::invalid_argument("sd::kernels: geglu: negative size");
   const int64_t total = rows * dim;
   if (total == 0) return;
-  for_type_and_width(type, dim, {projected, out}, [&](auto tag, auto width) {
+  // The projection, twice the output, is the largest buffer.
+  for_kernel_types(type, dim, 2 * total, {projected, out}, [&](auto tag, auto width, auto index) {
     using T = typename decltype(tag)::type;
+    using Index = typename decltype(index)::type;
     constexpr int VEC = decltype(width)::value;
-    for_index_type(2 * total, [&](auto index) {  // the projection is twice the output
-      launch("geglu_kernel", geglu_kernel<T, VEC, typename decltype(index)::type>,
-             blocks_for(total / VEC, kElementwiseThreads, "geglu_kernel"), kElementwiseThreads, stream, projected,
-             dim, total, out);
-    });
+    launch("geglu_kernel", geglu_kernel<T, VEC, Index>, blocks_for(total / VEC, kElementwiseThreads, "geglu_kernel"),
+           kElementwiseThreads, stream, projected, dim, total, out);
   });
 }
 
@@ -515,14 +510,13 @@ void geglu_backward(ElementType type, const void* grad_out, const void* projecte
   if (rows < 0 || dim < 0) throw std::invalid_argument("sd::kernels: geglu: negative size");
   const int64_t total = rows * dim;
   if (total == 0) return;
-  for_type_and_width(type, dim, {grad_out, projected, grad_projected}, [&](auto tag, auto width) {
+  for_kernel_types(type, dim, 2 * total, {grad_out, projected, grad_projected}, [&](auto tag, auto width, auto index) {
     using T = typename decltype(tag)::type;
+    using Index = typename decltype(index)::type;
     constexpr int VEC = decltype(width)::value;
-    for_index_type(2 * total, [&](auto index) {
-      launch("geglu_backward_kernel", geglu_backward_kernel<T, VEC, typename decltype(index)::type>,
-             blocks_for(total / VEC, kElementwiseThreads, "geglu_backward_kernel"), kElementwiseThreads, stream,
-             grad_out, projected, dim, total, grad_projected);
-    });
+    launch("geglu_backward_kernel", geglu_backward_kernel<T, VEC, Index>,
+           blocks_for(total / VEC, kElementwiseThreads, "geglu_backward_kernel"), kElementwiseThreads, stream,
+           grad_out, projected, dim, total, grad_projected);
   });
 }
 
