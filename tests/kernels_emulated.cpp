@@ -17,6 +17,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "test_numerics.hpp"
 #include "test_paths.hpp"
 
 #include <fstream>
@@ -26,20 +27,13 @@ namespace {
 
 namespace k = sd::kernels;
 
-double rel_err(const torch::Tensor& out, const torch::Tensor& ref) {
-  auto o = out.to(torch::kFloat64), r = ref.to(torch::kFloat64);
-  return (o - r).norm().item<double>() / r.norm().item<double>();
-}
+using scedit_test::rel_err;
+using scedit_test::fused_tolerance;
 
 k::ElementType element_type(torch::Dtype dtype) {
   return dtype == torch::kFloat32 ? k::ElementType::kFloat32
          : dtype == torch::kBFloat16 ? k::ElementType::kBFloat16
                                      : k::ElementType::kFloat16;
-}
-
-/// float32 arithmetic, one rounding to the element type.
-double tolerance(torch::Dtype dtype) {
-  return dtype == torch::kFloat32 ? 1e-5 : dtype == torch::kFloat16 ? 3e-3 : 2e-2;
 }
 
 const float* data_or_null(const torch::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
@@ -93,7 +87,7 @@ void group_norm_silu_matches_float64(torch::Dtype dtype) {
                                workspace.data_ptr<float>(), nullptr);
     EXPECT_LE(rel_err(mean, expected_mean), 1e-6);
     EXPECT_LE(rel_err(rstd, expected_rstd), 1e-6);
-    EXPECT_LE(rel_err(y, expected), tolerance(dtype));
+    EXPECT_LE(rel_err(y, expected), fused_tolerance(dtype));
 
     auto grad_x = torch::empty_like(x), row_sums = torch::empty({2, c.n, c.c});
     auto coefficients = torch::empty({2 * c.n * c.groups});
@@ -101,13 +95,13 @@ void group_norm_silu_matches_float64(torch::Dtype dtype) {
                                 data_or_null(bias), mean.data_ptr<float>(), rstd.data_ptr<float>(), shape,
                                 grad_x.data_ptr(), row_sums[0].data_ptr<float>(), row_sums[1].data_ptr<float>(),
                                 coefficients.data_ptr<float>(), nullptr);
-    EXPECT_LE(rel_err(grad_x, x64.grad()), 2 * tolerance(dtype));
+    EXPECT_LE(rel_err(grad_x, x64.grad()), 2 * fused_tolerance(dtype));
     if (c.affine) {
       // The affine gradients from the row sums, as fused_kernels.h states them.
       auto per_channel = [&](const torch::Tensor& stat) { return stat.repeat_interleave(c.c / c.groups, 1); };
       const auto grad_weight = ((row_sums[1] - per_channel(mean) * row_sums[0]) * per_channel(rstd)).sum(0);
-      EXPECT_LE(rel_err(grad_weight, w64.grad()), 2 * tolerance(dtype));
-      EXPECT_LE(rel_err(row_sums[0].sum(0), b64.grad()), 2 * tolerance(dtype));
+      EXPECT_LE(rel_err(grad_weight, w64.grad()), 2 * fused_tolerance(dtype));
+      EXPECT_LE(rel_err(row_sums[0].sum(0), b64.grad()), 2 * fused_tolerance(dtype));
     }
   }
 }
@@ -126,11 +120,11 @@ void geglu_matches_float64(torch::Dtype dtype) {
 
     auto out = torch::empty({rows, dim}, projected.options());
     k::geglu_forward(element_type(dtype), projected.data_ptr(), rows, dim, out.data_ptr(), nullptr);
-    EXPECT_LE(rel_err(out, expected), tolerance(dtype));
+    EXPECT_LE(rel_err(out, expected), fused_tolerance(dtype));
     auto grad_projected = torch::empty_like(projected);
     k::geglu_backward(element_type(dtype), grad_out.data_ptr(), projected.data_ptr(), rows, dim,
                       grad_projected.data_ptr(), nullptr);
-    EXPECT_LE(rel_err(grad_projected, p64.grad()), 2 * tolerance(dtype));
+    EXPECT_LE(rel_err(grad_projected, p64.grad()), 2 * fused_tolerance(dtype));
   }
 }
 
@@ -188,11 +182,11 @@ TEST(EmulatedFusedOps, GroupNormSiLUAutogradMatchesFloat64) {
     const auto got = sd::fused::group_norm_silu(xin, *norm);
     ASSERT_EQ(got.scalar_type(), dtype);
     got.backward(grad_y);
-    EXPECT_LE(rel_err(got, expected), tolerance(dtype));
-    EXPECT_LE(rel_err(xin.grad(), x64.grad()), 2 * tolerance(dtype));
+    EXPECT_LE(rel_err(got, expected), fused_tolerance(dtype));
+    EXPECT_LE(rel_err(xin.grad(), x64.grad()), 2 * fused_tolerance(dtype));
     ASSERT_EQ(norm->weight.grad().scalar_type(), dtype);
-    EXPECT_LE(rel_err(norm->weight.grad(), w64.grad()), 2 * tolerance(dtype));
-    EXPECT_LE(rel_err(norm->bias.grad(), b64.grad()), 2 * tolerance(dtype));
+    EXPECT_LE(rel_err(norm->weight.grad(), w64.grad()), 2 * fused_tolerance(dtype));
+    EXPECT_LE(rel_err(norm->bias.grad(), b64.grad()), 2 * fused_tolerance(dtype));
   }
 }
 
@@ -210,8 +204,8 @@ TEST(EmulatedFusedOps, GEGLUAutogradMatchesFloat64) {
     ASSERT_EQ(got.sizes(), grad_out.sizes());
     got.backward(grad_out);
     const auto expected = parts[0].detach() * torch::gelu(parts[1].detach());
-    EXPECT_LE(rel_err(got, expected), tolerance(dtype));
-    EXPECT_LE(rel_err(input.grad(), p64.grad()), 2 * tolerance(dtype));
+    EXPECT_LE(rel_err(got, expected), fused_tolerance(dtype));
+    EXPECT_LE(rel_err(input.grad(), p64.grad()), 2 * fused_tolerance(dtype));
   }
 }
 

@@ -16,6 +16,7 @@
 #include <sd/vae.hpp>
 
 #include "../bench/counting_allocator.hpp"
+#include "test_numerics.hpp"
 #include "test_paths.hpp"
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -71,11 +72,8 @@ torch::Tensor other_case(const std::string& key) {
   return fixture_tensor("other_cases.safetensors", key);
 }
 
-/// ||out - ref|| / ||ref||, in float64.
-double rel_err(const torch::Tensor& out, const torch::Tensor& ref) {
-  auto o = out.to(torch::kFloat64), r = ref.to(torch::kFloat64);
-  return (o - r).norm().item<double>() / r.norm().item<double>();
-}
+using scedit_test::fused_tolerance;
+using scedit_test::rel_err;
 
 sd::UNetConfig tiny_unet_config() { return sd::UNetConfig::from_json(config_json("unet_tiny")); }
 sd::VAEConfig tiny_vae_config() { return sd::VAEConfig::from_json(config_json("vae_tiny")); }
@@ -698,12 +696,6 @@ TEST_F(Models, UNetLeanActivationsAndChannelsLastMatchPlainOnTheGpu_CUDA) {
   }, gpu);
   EXPECT_LE(rel_err(lean_out.contiguous(), plain_out), 1e-5);
   EXPECT_LE(rel_err(lean_grads, plain_grads), 1e-4);
-}
-
-/// Tolerance of a fused kernel's result in `dtype` against float64 on the same rounded inputs:
-/// float32 arithmetic, one rounding to the element type.
-double fused_tolerance(torch::Dtype dtype) {
-  return dtype == torch::kFloat32 ? 1e-5 : dtype == torch::kFloat16 ? 3e-3 : 2e-2;
 }
 
 /// Skips a test of the fused CUDA kernels where they cannot run.

@@ -14,6 +14,7 @@
 #include <sd/scheduler.hpp>
 #include <sd/tokenizer.hpp>
 
+#include "test_numerics.hpp"
 #include "test_paths.hpp"
 
 #include <cmath>
@@ -53,10 +54,7 @@ const torch::Tensor& case_tensor(const std::string& key) {
   return it->second;
 }
 
-double rel_err(const torch::Tensor& out, const torch::Tensor& ref) {
-  const torch::Tensor r = ref.to(torch::kFloat64);
-  return (out.to(torch::kFloat64) - r).norm().item<double>() / r.norm().item<double>();
-}
+using scedit_test::rel_err;
 
 fs::path clip_data() { return scedit_test::data_dir() / "clip"; }
 

@@ -12,6 +12,7 @@
 #include <sd/ldm_keys.hpp>
 #include <sd/weights.hpp>
 
+#include "test_numerics.hpp"
 #include "test_paths.hpp"
 
 #include <cstdlib>
@@ -69,11 +70,7 @@ bool is_vae_attention_weight(const std::string& key) {
   return false;
 }
 
-double rel_error(const torch::Tensor& out, const torch::Tensor& ref) {
-  auto o = out.to(torch::kFloat64);
-  auto r = ref.to(torch::kFloat64);
-  return (o - r).norm().item<double>() / r.norm().item<double>();
-}
+using scedit_test::rel_err;
 
 /// Asserts `what` throws a c10::Error whose message contains every one of `parts`.
 template <typename F>
@@ -378,12 +375,12 @@ TEST_F(Weights, FolderAndSingleFileMatchEachOtherAndTheFixtures) {
 
   const auto unet_cases = fixture("unet_cases.safetensors");
   const auto other = fixture("other_cases.safetensors");
-  EXPECT_LE(rel_error(oa.unet, unet_cases.at("output.base")), 1e-4);
-  EXPECT_LE(rel_error(oa.vae_mean, other.at("vae.output.mean")), 1e-4);
-  EXPECT_LE(rel_error(oa.vae_logvar, other.at("vae.output.logvar")), 1e-4);
-  EXPECT_LE(rel_error(oa.vae_decoded, other.at("vae.output.decoded")), 1e-4);
-  EXPECT_LE(rel_error(oa.clip_hidden, other.at("clip.output.last_hidden_state")), 1e-4);
-  EXPECT_LE(rel_error(oa.clip_pooled, other.at("clip.output.pooler_output")), 1e-4);
+  EXPECT_LE(rel_err(oa.unet, unet_cases.at("output.base")), 1e-4);
+  EXPECT_LE(rel_err(oa.vae_mean, other.at("vae.output.mean")), 1e-4);
+  EXPECT_LE(rel_err(oa.vae_logvar, other.at("vae.output.logvar")), 1e-4);
+  EXPECT_LE(rel_err(oa.vae_decoded, other.at("vae.output.decoded")), 1e-4);
+  EXPECT_LE(rel_err(oa.clip_hidden, other.at("clip.output.last_hidden_state")), 1e-4);
+  EXPECT_LE(rel_err(oa.clip_pooled, other.at("clip.output.pooler_output")), 1e-4);
 }
 
 TEST_F(Weights, ComponentLoadersReadFoldersAndSingleFiles) {
