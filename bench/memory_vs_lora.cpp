@@ -203,7 +203,7 @@ std::vector<std::string> parse_words(const std::string& text) {
 
 int main(int argc, char** argv) {
   std::string config = "auto", batches = "auto", precisions = "fp32,bf16w", methods = "lora,scedit";
-  std::string device_flag = "auto", json_path, lean_flag = "norm-dtype", optimizer = "foreach", attention = "auto";
+  std::string device_flag = "auto", json_path, lean_flag = "default", optimizer = "foreach", attention = "auto";
   int64_t latent = 0;
   bool pipeline = false, recompute = false, channels_last = false, cudnn_benchmark = false;
   Run run;
@@ -220,7 +220,7 @@ int main(int argc, char** argv) {
   app.add_option("--steps", run.steps, "Timed steps (median reported)")->check(CLI::PositiveNumber);
   app.add_flag("--pipeline", pipeline, "Keep the VAE and the text encoder resident on the device too (as the seed's run)");
   app.add_flag("--recompute", recompute, "Recompute the decoder's resnets and transformers in the backward pass (gradient checkpointing)");
-  app.add_option("--lean", lean_flag, "Lean activations, comma-separated: norm-silu (GroupNorm+SiLU keeps only its input), geglu (GEGLU keeps only its projection), norm-dtype (norms in bf16 under autocast), ff-recompute (feed-forwards recomputed in backward), all (those four), fused-norm-silu and fused-geglu (the fused CUDA kernels, what norm-silu and geglu keep in fewer passes; CUDA builds), fused (both), none");
+  app.add_option("--lean", lean_flag, "Lean activations, comma-separated: norm-silu (GroupNorm+SiLU keeps only its input), geglu (GEGLU keeps only its projection), norm-dtype (norms in bf16 under autocast), ff-recompute (feed-forwards recomputed in backward), all (those four), fused-norm-silu and fused-geglu (the fused CUDA kernels, what norm-silu and geglu keep in fewer passes; CUDA builds), fused (both), default (norm-dtype, plus fused where they run), none");
   app.add_option("--optimizer", optimizer, "AdamW kernels: foreach (multi-tensor) | per-tensor (torch::optim::AdamW::step)")->check(CLI::IsMember({"foreach", "per-tensor"}));
   app.add_flag("--channels-last", channels_last, "Convolution weights and the input in channels-last (NHWC) memory order");
   app.add_option("--attention", attention, "Fused attention kernels on CUDA: auto | flash | efficient | cudnn | math (LibTorch 2.5+)");

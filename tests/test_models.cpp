@@ -183,7 +183,7 @@ class Models : public ::testing::Test {
 // ---- configuration -----------------------------------------------------------------------------
 
 TEST_F(Models, UNetConfigReadsManifestAndAppliesDiffusersDefaults) {
-  const json& j = config_json("unet_tiny");
+  const json j = config_json("unet_tiny");
   const auto c = tiny_unet_config();
   EXPECT_EQ(c.block_out_channels, j.at("block_out_channels").get<std::vector<int64_t>>());
   EXPECT_EQ(c.down_block_types, j.at("down_block_types").get<std::vector<std::string>>());
@@ -255,7 +255,7 @@ TEST_F(Models, UNetConfigRejectsWhatItCannotBuild) {
 }
 
 TEST_F(Models, VAEConfigReadsManifest) {
-  const json& j = config_json("vae_tiny");
+  const json j = config_json("vae_tiny");
   const auto c = tiny_vae_config();
   EXPECT_EQ(c.block_out_channels, j.at("block_out_channels").get<std::vector<int64_t>>());
   EXPECT_EQ(c.layers_per_block, j.at("layers_per_block").get<int64_t>());

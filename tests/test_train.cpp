@@ -103,6 +103,7 @@ TEST(Train, LeanFlagNamesEveryLeverAndRefusesFusedKernelsWhereTheyCannotRun) {
   const auto all = common::parse_lean_activations("all", cpu);
   EXPECT_EQ(common::to_string(all), "norm-silu,geglu,norm-dtype,ff-recompute");
   EXPECT_EQ(common::to_string(common::parse_lean_activations("none", cpu)), "none");
+  EXPECT_EQ(common::to_string(common::parse_lean_activations("default", cpu)), "norm-dtype");  // no fused kernels on the CPU
   EXPECT_EQ(common::to_string(common::parse_lean_activations("ff-recompute,norm-dtype", cpu)), "norm-dtype,ff-recompute");
   EXPECT_NE(error_of([&] { common::parse_lean_activations("norm-silu,fusion", cpu); }).find("--lean: 'fusion' is not"),
             std::string::npos);
@@ -114,6 +115,8 @@ TEST(Train, LeanFlagNamesEveryLeverAndRefusesFusedKernelsWhereTheyCannotRun) {
   if (sd::fused::available() && torch::cuda::is_available()) {
     const auto fused = common::parse_lean_activations("norm-dtype,fused", torch::Device(torch::kCUDA, 0));
     EXPECT_EQ(common::to_string(fused), "norm-dtype,fused-norm-silu,fused-geglu");
+    EXPECT_EQ(common::to_string(common::parse_lean_activations("default", torch::Device(torch::kCUDA, 0))),
+              common::to_string(fused));
   }
 }
 

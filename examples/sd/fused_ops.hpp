@@ -44,6 +44,9 @@ constexpr bool available() { return SCEDIT_FUSED_KERNELS != 0; }
 /// Where the kernels run: CUDA (the CPU only under the tests' emulation).
 constexpr torch::DeviceType kernel_device_type() { return SCEDIT_FUSED_KERNELS_EMULATED ? torch::kCPU : torch::kCUDA; }
 
+/// Whether tensors on `device` can use the fused kernels in this build.
+inline bool usable(const torch::Device& device) { return available() && device.type() == kernel_device_type(); }
+
 /// Fails, naming `what`, unless tensors on `device` can use the fused kernels.
 inline void check_usable(const torch::Device& device, const std::string& what) {
   TORCH_CHECK(available(), what, ": this build has no fused CUDA kernels (they are built where ",
