@@ -4,7 +4,7 @@
 #
 #   bash scripts/gpu_session.sh build   # configure + build against the machine's LibTorch 2.x + CUDA
 #   bash scripts/gpu_session.sh tests   # the *_CUDA gtests (parity on the card, TF32 off)
-#   bash scripts/gpu_session.sh kernels # lean_ops_bench: GroupNorm + SiLU and GEGLU plain, lean, fused
+#   bash scripts/gpu_session.sh kernels # lean_ops_bench: GroupNorm + SiLU, GEGLU, LayerNorm plain, lean, fused
 #   bash scripts/gpu_session.sh bench   # issue 5: memory_vs_lora baseline, each lever, the best together
 #   bash scripts/gpu_session.sh train   # issue 4: train_style at SD 1.5 size, 512 px, bf16, SCEdit and LoRA
 #   bash scripts/gpu_session.sh profile # where a batch-30 SCEdit step's time goes, operator by operator
@@ -101,22 +101,16 @@ stage_bench() {
     rows+=("$BUILD/bench_$name.json")
   }
   : > "$OUT/bench.md"
-  # Most telling first: rows past the deadline are skipped, and what ran is kept. (The v0.3 and
-  # v0.4 rows of bench/RESULTS.md came from this stage at commits b4576d5 and 342a860, with the
-  # rows listed there.)
-  # v0.5: the fused kernels (each alone, then both), sd::linear's folded bias (the norm-dtype row
-  # against v0.4's 179.3 ms), the attention kernels, the fused kernels under a CUDA graph.
-  run_bench norm-dtype --methods scedit --batch-sizes 30 --lean norm-dtype
-  run_bench fused --methods scedit --batch-sizes 30,1 --lean norm-dtype,fused
-  run_bench fused-norm-silu --methods scedit --batch-sizes 30 --lean norm-dtype,fused-norm-silu
-  run_bench fused-geglu --methods scedit --batch-sizes 30 --lean norm-dtype,fused-geglu
-  run_bench fused-ff --batch-sizes 30 --lean norm-dtype,fused,ff-recompute
-  run_bench flash --methods scedit --batch-sizes 30 --lean norm-dtype,fused --attention flash
-  run_bench efficient --methods scedit --batch-sizes 30 --lean norm-dtype,fused --attention efficient
-  run_bench fused-graph --methods scedit --batch-sizes 1,10 --lean norm-dtype,fused --cuda-graph
-  run_bench ff --batch-sizes 30 --lean norm-dtype,ff-recompute
-  run_bench all --batch-sizes 30 --lean all
-  run_bench baseline --methods scedit --batch-sizes 30,1 --lean none
+  # Most telling first: rows past the deadline are skipped, and what ran is kept. (The v0.3 to
+  # v0.5 rows of bench/RESULTS.md came from this stage at commits b4576d5, 342a860 and ce1b1ce,
+  # with the rows listed there.)
+  # v0.6: the default levers as a plain run gets them (norm-dtype + fused where they run), then
+  # with the fused LayerNorm kernel, alone, with ff-recompute (both methods) and under a CUDA graph.
+  run_bench default --methods scedit --batch-sizes 30,1
+  run_bench layer-norm --methods scedit --batch-sizes 30,1 --lean default,fused-layer-norm
+  run_bench layer-norm-ff --batch-sizes 30 --lean default,fused-layer-norm,ff-recompute
+  run_bench layer-norm-graph --methods scedit --batch-sizes 1 --lean default,fused-layer-norm --cuda-graph
+  run_bench layer-norm-lora --methods lora --batch-sizes 30 --lean default,fused-layer-norm
   python3 - "$OUT/bench.json" "${rows[@]}" <<'EOF'
 import json, sys
 rows = []
@@ -133,10 +127,8 @@ EOF
 stage_profile() {
   local flags=(--precisions bf16w --methods scedit --batch-sizes 30 --steps 3 --op-profile 45)
   {
-    echo "== memory_vs_lora ${flags[*]} (default levers)"
-    "$BUILD/bin/memory_vs_lora" "${flags[@]}"
-    echo "== memory_vs_lora ${flags[*]} --lean norm-dtype,fused"
-    "$BUILD/bin/memory_vs_lora" "${flags[@]}" --lean norm-dtype,fused
+    echo "== memory_vs_lora ${flags[*]} --lean default,fused-layer-norm"
+    "$BUILD/bin/memory_vs_lora" "${flags[@]}" --lean default,fused-layer-norm
   } > "$OUT/profile.md" 2>&1
   tail -60 "$OUT/profile.md"
 }

@@ -2,7 +2,7 @@
 // A host emulation of as much of CUDA's execution model as examples/sd/kernels/fused_kernels.cu
 // uses, so that a machine without a GPU runs its kernels and launchers for real: the blocks one
 // after another, each CUDA thread of a block as a coroutine (ucontext) on the calling thread,
-// __syncthreads and __shfl_down_sync as barriers over the block and the warp at which a thread
+// __syncthreads, __shfl_down_sync and __shfl_sync as barriers over the block and the warp at which a thread
 // yields until all have arrived, __shared__ arrays static (one block at a time).
 //
 // Included by fused_kernels.cu itself when SD_KERNELS_HOST_EMULATION names this file, before
@@ -162,4 +162,14 @@ inline float __shfl_down_sync(unsigned int /*mask*/, float value, int delta) {
   lanes[t] = value;
   sd_kernels_emulation::arrive_and_wait(block.warp_barriers[t / sd_kernels_emulation::kWarp]);
   return lane + delta < sd_kernels_emulation::kWarp ? lanes[t + delta] : value;
+}
+
+/// The value of lane `source` of the calling warp, in every lane (all 32 must call it).
+inline float __shfl_sync(unsigned int /*mask*/, float value, int source) {
+  auto& block = *sd_kernels_emulation::running;
+  const int t = static_cast<int>(threadIdx.x), first = t - t % sd_kernels_emulation::kWarp;
+  auto& lanes = block.lanes[block.shuffles[t]++ % 2];
+  lanes[t] = value;
+  sd_kernels_emulation::arrive_and_wait(block.warp_barriers[t / sd_kernels_emulation::kWarp]);
+  return lanes[first + source % sd_kernels_emulation::kWarp];
 }

@@ -1,7 +1,7 @@
 // The fused CUDA kernels (examples/sd/kernels/fused_kernels.cu) run on the CPU through a host
 // emulation of CUDA's threads (kernel_emulation.hpp), on machines without a GPU: the launchers,
 // vector and scalar paths, block reductions and backward formulas against float64; then the
-// autograd functions of sd/fused_ops.hpp on CPU tensors, and a UNet with both fused levers
+// autograd functions of sd/fused_ops.hpp on CPU tensors, and a UNet with every fused lever
 // against the plain one. On a GPU the same are the *_CUDA tests of test_models.cpp.
 
 #include <gtest/gtest.h>
@@ -128,6 +128,43 @@ void geglu_matches_float64(torch::Dtype dtype) {
   }
 }
 
+void layer_norm_matches_float64(torch::Dtype dtype) {
+  torch::manual_seed(0);
+  struct Case {
+    int64_t rows, dim;
+    bool affine;
+  };
+  // Rows of 64 and 600 take the vector path (600: several rounds of the warp, the last partial);
+  // of 35, the scalar one. 9 rows leave three warps of the last block idle.
+  for (const auto& c : std::vector<Case>{{5, 64, true}, {2, 600, true}, {9, 35, true}, {3, 40, false}}) {
+    SCOPED_TRACE(::testing::Message() << c.rows << " rows of " << c.dim << " affine " << c.affine << " " << dtype);
+    const auto x = (torch::randn({c.rows, c.dim}) * 3 + 1.5).to(dtype);
+    const auto grad_y = torch::randn({c.rows, c.dim}).to(dtype);
+    torch::Tensor weight, bias, w64, b64;
+    if (c.affine) {
+      weight = torch::randn({c.dim}) * 0.5 + 1;
+      bias = torch::randn({c.dim}) * 0.5;
+      w64 = weight.to(torch::kFloat64);
+      b64 = bias.to(torch::kFloat64);
+    }
+    auto x64 = x.to(torch::kFloat64).requires_grad_(true);
+    const auto expected = torch::layer_norm(x64, {c.dim}, w64, b64, 1e-5);
+    expected.backward(grad_y.to(torch::kFloat64));
+    const auto expected_rstd = (x64.detach().var(-1, /*unbiased=*/false) + 1e-5).rsqrt();
+
+    auto y = torch::empty_like(x), mean = torch::empty({c.rows}), rstd = torch::empty({c.rows});
+    k::layer_norm_forward(element_type(dtype), x.data_ptr(), data_or_null(weight), data_or_null(bias), c.rows, c.dim,
+                          1e-5f, y.data_ptr(), mean.data_ptr<float>(), rstd.data_ptr<float>(), nullptr);
+    EXPECT_LE(rel_err(mean, x64.detach().mean(-1)), 1e-6);
+    EXPECT_LE(rel_err(rstd, expected_rstd), 1e-6);
+    EXPECT_LE(rel_err(y, expected), fused_tolerance(dtype));
+    auto grad_x = torch::empty_like(x);
+    k::layer_norm_backward(element_type(dtype), grad_y.data_ptr(), x.data_ptr(), data_or_null(weight),
+                           mean.data_ptr<float>(), rstd.data_ptr<float>(), c.rows, c.dim, grad_x.data_ptr(), nullptr);
+    EXPECT_LE(rel_err(grad_x, x64.grad()), 2 * fused_tolerance(dtype));
+  }
+}
+
 class EmulatedKernels : public ::testing::TestWithParam<torch::Dtype> {};
 
 TEST_P(EmulatedKernels, GroupNormSiLUForwardAndBackwardMatchFloat64) {
@@ -137,6 +174,8 @@ TEST_P(EmulatedKernels, GroupNormSiLUForwardAndBackwardMatchFloat64) {
 TEST_P(EmulatedKernels, GEGLUForwardAndBackwardMatchFloat64) {
   for_both_index_widths([this] { geglu_matches_float64(GetParam()); });
 }
+
+TEST_P(EmulatedKernels, LayerNormForwardAndBackwardMatchFloat64) { layer_norm_matches_float64(GetParam()); }
 
 INSTANTIATE_TEST_SUITE_P(Kernels, EmulatedKernels,
                          ::testing::Values(torch::kFloat32, torch::kBFloat16, torch::kFloat16),
@@ -151,7 +190,16 @@ TEST(EmulatedKernelsShapes, AreRefusedNamingTheProblem) {
   } catch (const std::invalid_argument& e) {
     EXPECT_NE(std::string(e.what()).find("6 channels in 4 groups"), std::string::npos) << e.what();
   }
+  try {
+    k::layer_norm_forward(k::ElementType::kFloat32, nullptr, nullptr, nullptr, 4, 0, 1e-5f, nullptr, nullptr,
+                          nullptr, nullptr);
+    ADD_FAILURE() << "rows of 0 elements were accepted";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("layer norm of 4 rows of 0 elements"), std::string::npos) << e.what();
+  }
   // Empty tensors launch nothing.
+  EXPECT_NO_THROW(k::layer_norm_forward(k::ElementType::kFloat32, nullptr, nullptr, nullptr, 0, 8, 1e-5f, nullptr,
+                                        nullptr, nullptr, nullptr));
   EXPECT_NO_THROW(k::geglu_forward(k::ElementType::kBFloat16, nullptr, 0, 8, nullptr, nullptr));
   EXPECT_NO_THROW(k::group_norm_silu_forward(k::ElementType::kFloat32, nullptr, nullptr, nullptr,
                                              k::GroupNormShape{0, 4, 4, 2}, 1e-5f, nullptr, nullptr, nullptr,
@@ -209,9 +257,50 @@ TEST(EmulatedFusedOps, GEGLUAutogradMatchesFloat64) {
   }
 }
 
-TEST(EmulatedFusedOps, UNetWithBothFusedLeversMatchesThePlainUNet) {
+TEST(EmulatedFusedOps, LayerNormAutogradMatchesFloat64) {
+  torch::manual_seed(0);
+  for (const auto dtype : {torch::kFloat32, torch::kBFloat16}) {
+    SCOPED_TRACE(::testing::Message() << dtype);
+    torch::nn::LayerNorm norm(torch::nn::LayerNormOptions({4, 8}).eps(1e-5));  // two normalized dimensions
+    {
+      torch::NoGradGuard no_grad;
+      norm->weight.normal_(1.0, 0.5);
+      norm->bias.normal_(0.0, 0.5);
+    }
+    norm->to(dtype);
+    const auto x = (torch::randn({3, 4, 5, 8}) * 2 + 1).to(dtype).transpose(1, 2);  // [3, 5, 4, 8], strided
+    const auto grad_y = torch::randn({3, 5, 4, 8}).to(dtype);
+    auto x64 = x.to(torch::kFloat64).requires_grad_(true);
+    auto w64 = norm->weight.detach().to(torch::kFloat64).requires_grad_(true);
+    auto b64 = norm->bias.detach().to(torch::kFloat64).requires_grad_(true);
+    const auto expected = torch::layer_norm(x64, {4, 8}, w64, b64, 1e-5);
+    expected.backward(grad_y.to(torch::kFloat64));
+
+    const auto xin = x.detach().requires_grad_(true);
+    const auto got = sd::fused::layer_norm(xin, *norm);
+    ASSERT_EQ(got.scalar_type(), dtype);
+    got.backward(grad_y);
+    EXPECT_LE(rel_err(got, expected.detach()), fused_tolerance(dtype));
+    EXPECT_LE(rel_err(xin.grad(), x64.grad()), 2 * fused_tolerance(dtype));
+    ASSERT_EQ(norm->weight.grad().scalar_type(), dtype);
+    EXPECT_LE(rel_err(norm->weight.grad(), w64.grad()), 2 * fused_tolerance(dtype));
+    EXPECT_LE(rel_err(norm->bias.grad(), b64.grad()), 2 * fused_tolerance(dtype));
+  }
+  // A tensor that does not end in the normalized shape is refused, naming both.
+  torch::nn::LayerNorm norm(torch::nn::LayerNormOptions({8}));
+  try {
+    sd::fused::layer_norm(torch::randn({3, 6}), *norm);
+    ADD_FAILURE() << "[3, 6] was accepted for a LayerNorm over [8]";
+  } catch (const c10::Error& e) {
+    const std::string message = e.what_without_backtrace();
+    EXPECT_NE(message.find("fused layer_norm: input [3, 6] does not end in the normalized shape [8]"), std::string::npos)
+        << message;
+  }
+}
+
+TEST(EmulatedFusedOps, UNetWithEveryFusedLeverMatchesThePlainUNet) {
   // The tiny UNet of the fixtures' manifest, random weights: output and input gradient with every
-  // GroupNorm + SiLU and GEGLU on the fused kernels against the plain ops, in float32.
+  // GroupNorm + SiLU, GEGLU and LayerNorm on the fused kernels against the plain ops, in float32.
   std::ifstream in(scedit_test::fixtures_dir() / "manifest.json");
   ASSERT_TRUE(in.good()) << "cannot open manifest.json in " << scedit_test::fixtures_dir();
   const auto config = sd::UNetConfig::from_json(nlohmann::json::parse(in).at("configs").at("unet_tiny"));
@@ -232,16 +321,18 @@ TEST(EmulatedFusedOps, UNetWithBothFusedLeversMatchesThePlainUNet) {
   const auto [plain_out, plain_grad] = run(sd::LeanActivations{});
   EXPECT_EQ(sd_kernels_emulation::launches, before);
   sd::LeanActivations fused;
-  fused.fused_norm_silu = fused.fused_geglu = true;
+  fused.fused_norm_silu = fused.fused_geglu = fused.fused_layer_norm = true;
   const auto [fused_out, fused_grad] = run(fused);
   // Every GroupNorm + SiLU (two per resnet, the output norm) ran three kernels each way, every
-  // GEGLU one: the fused path ran everywhere.
-  int64_t resnets = 0, gates = 0;
+  // GEGLU and LayerNorm one: the fused path ran everywhere.
+  int64_t resnets = 0, gates = 0, layer_norms = 0;
   for (const auto& module : unet->modules()) {
     resnets += dynamic_cast<const sd::ResnetBlock2DImpl*>(module.get()) != nullptr;
     gates += dynamic_cast<const sd::GEGLUImpl*>(module.get()) != nullptr;
+    layer_norms += dynamic_cast<const torch::nn::LayerNormImpl*>(module.get()) != nullptr;
   }
-  EXPECT_EQ(sd_kernels_emulation::launches - before, 2 * 3 * (2 * resnets + 1) + 2 * gates);
+  EXPECT_GT(layer_norms, 0);
+  EXPECT_EQ(sd_kernels_emulation::launches - before, 2 * 3 * (2 * resnets + 1) + 2 * gates + 2 * layer_norms);
   EXPECT_LE(rel_err(fused_out, plain_out), 1e-5);
   EXPECT_LE(rel_err(fused_grad, plain_grad), 1e-4);
 }

@@ -591,7 +591,7 @@ TEST_F(Models, LeanActivationsKeepLessForBackward) {
   kept = torch::Tensor();
   const int64_t plain_block = bytes_held_after([&] { return block(block_in, context); }, kept);
   kept = torch::Tensor();
-  block->recompute_feed_forward = true;
+  block->lean.recompute_feed_forward = true;
   const int64_t lean_block = bytes_held_after([&] { return block(block_in, context); }, kept);
   std::printf("[ info     ] transformer block graph holds %lld bytes plain, %lld with ff-recompute\n",
               static_cast<long long>(plain_block), static_cast<long long>(lean_block));
@@ -780,13 +780,52 @@ TEST_F(Models, FusedGEGLUMatchesFloat64_CUDA) {
   }
 }
 
+TEST_F(Models, FusedLayerNormMatchesFloat64_CUDA) {
+  SKIP_WITHOUT_FUSED_KERNELS();
+  const torch::Device gpu(torch::kCUDA, 0);
+  // SD's widths (320: vector loads over two rounds of the warp), a scalar width (35), a
+  // normalized shape of two dimensions; rows that leave the last block part empty.
+  struct Case {
+    std::vector<int64_t> sizes, normalized;
+  };
+  for (const auto& c : {Case{{2, 9, 320}, {320}}, Case{{3, 5, 35}, {35}}, Case{{7, 4, 16}, {4, 16}}}) {
+    for (const auto dtype : {torch::kFloat32, torch::kBFloat16, torch::kFloat16}) {
+      SCOPED_TRACE(::testing::Message() << c.sizes.back() << " wide, " << dtype);
+      torch::nn::LayerNorm norm(torch::nn::LayerNormOptions(c.normalized).eps(1e-5));
+      {
+        torch::NoGradGuard no_grad;
+        norm->weight.normal_(1.0, 0.5);
+        norm->bias.normal_(0.0, 0.5);
+      }
+      norm->to(gpu, dtype);
+      const auto x = (torch::randn(c.sizes) * 3 + 1.5).to(gpu, dtype);
+      const auto grad_out = torch::randn(c.sizes).to(gpu, dtype);
+      auto x64 = x.to(torch::kFloat64).requires_grad_(true);
+      auto w64 = norm->weight.detach().to(torch::kFloat64).requires_grad_(true);
+      auto b64 = norm->bias.detach().to(torch::kFloat64).requires_grad_(true);
+      const auto expected = torch::layer_norm(x64, c.normalized, w64, b64, 1e-5);
+      expected.backward(grad_out.to(torch::kFloat64));
+
+      const auto xin = x.clone().requires_grad_(true);
+      const auto got = sd::fused::layer_norm(xin, *norm);
+      ASSERT_EQ(got.scalar_type(), dtype);
+      got.backward(grad_out);
+      const double tolerance = fused_tolerance(dtype);
+      EXPECT_LE(rel_err(got, expected), tolerance);
+      EXPECT_LE(rel_err(xin.grad(), x64.grad()), 2 * tolerance);
+      EXPECT_LE(rel_err(norm->weight.grad(), w64.grad()), 2 * tolerance);
+      EXPECT_LE(rel_err(norm->bias.grad(), b64.grad()), 2 * tolerance);
+    }
+  }
+}
+
 TEST_F(Models, UNetFusedKernelsMatchPlainOnTheGpu_CUDA) {
   SKIP_WITHOUT_FUSED_KERNELS();
   at::globalContext().setAllowTF32CuBLAS(false);
   at::globalContext().setAllowTF32CuDNN(false);
   const torch::Device gpu(torch::kCUDA, 0);
   sd::LeanActivations fused;
-  fused.fused_norm_silu = fused.fused_geglu = true;
+  fused.fused_norm_silu = fused.fused_geglu = fused.fused_layer_norm = true;
   const auto [plain_out, plain_grads] = output_and_skip_gradients([](sd::UNet&) {}, gpu);
   const auto [fused_out, fused_grads] =
       output_and_skip_gradients([&](sd::UNet& unet) { unet->set_lean_activations(fused); }, gpu);
@@ -809,6 +848,12 @@ TEST_F(Models, FusedKernelsRefuseWhatTheyCannotRunSayingWhy) {
   expect_error([&] { sd::fused::group_norm_silu(torch::randn({1, 4, 2, 2}), *norm); },
                {"fused group_norm_silu", reason});
   expect_error([&] { sd::fused::geglu(torch::randn({3, 8})); }, {"fused geglu", reason});
+  torch::nn::LayerNorm layer_norm(torch::nn::LayerNormOptions({8}));
+  expect_error([&] { sd::fused::layer_norm(torch::randn({3, 8}), *layer_norm); }, {"fused layer_norm", reason});
+  if (sd::fused::available() && torch::cuda::is_available()) {  // a shape not ending in the normalized one
+    const auto wrong = torch::randn({3, 6}, torch::Device(torch::kCUDA, 0));
+    expect_error([&] { sd::fused::layer_norm(wrong, *layer_norm); }, {"fused layer_norm", "[3, 6]", "[8]"});
+  }
   sd::LeanActivations lean;
   lean.fused_norm_silu = true;
   expect_error([&] { sd::norm_silu(torch::randn({1, 4, 2, 2}), *norm, lean); }, {"fused group_norm_silu", reason});

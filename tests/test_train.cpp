@@ -107,7 +107,7 @@ TEST(Train, LeanFlagNamesEveryLeverAndRefusesFusedKernelsWhereTheyCannotRun) {
   EXPECT_EQ(common::to_string(common::parse_lean_activations("ff-recompute,norm-dtype", cpu)), "norm-dtype,ff-recompute");
   EXPECT_NE(error_of([&] { common::parse_lean_activations("norm-silu,fusion", cpu); }).find("--lean: 'fusion' is not"),
             std::string::npos);
-  for (const std::string lever : {"fused", "fused-norm-silu", "fused-geglu"}) {
+  for (const std::string lever : {"fused", "fused-norm-silu", "fused-geglu", "fused-layer-norm"}) {
     const auto message = error_of([&] { common::parse_lean_activations("norm-dtype," + lever, cpu); });
     EXPECT_NE(message.find("--lean " + lever + ": "), std::string::npos) << message;
     EXPECT_NE(message.find(sd::fused::available() ? "not on cpu" : "no fused CUDA kernels"), std::string::npos) << message;

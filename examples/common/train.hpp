@@ -101,7 +101,7 @@ struct MethodOptions {
 /// (GroupNorm + SiLU keeping only its input), `geglu` (GEGLU keeping only its projection),
 /// `norm-dtype` (norms in the activation dtype under autocast), `ff-recompute` (feed-forwards
 /// recomputed in the backward pass), `all` (those four), the fused CUDA kernels
-/// `fused-norm-silu`, `fused-geglu` and `fused` (both), `default` (`norm-dtype`, plus `fused`
+/// `fused-norm-silu`, `fused-geglu`, `fused` (those two), `fused-layer-norm`, `default` (`norm-dtype`, plus `fused`
 /// where this build and `device` run the kernels: the fastest measured, bench/RESULTS.md v0.5)
 /// or `none`. See sd/lean_ops.hpp. The fused ones named alone are refused, saying why, where the
 /// build or the device cannot run them.
@@ -113,15 +113,17 @@ inline sd::LeanActivations parse_lean_activations(const std::string& list, const
     const bool all = part == "all", fused = part == "fused", by_default = part == "default";
     const bool fused_by_default = by_default && sd::fused::usable(device);
     TORCH_CHECK(all || fused || by_default || part == "norm-silu" || part == "geglu" || part == "norm-dtype" ||
-                    part == "ff-recompute" || part == "fused-norm-silu" || part == "fused-geglu",
+                    part == "ff-recompute" || part == "fused-norm-silu" || part == "fused-geglu" ||
+                    part == "fused-layer-norm",
                 "--lean: '", part, "' is not norm-silu, geglu, norm-dtype, ff-recompute, all, fused-norm-silu, "
-                "fused-geglu, fused, default or none");
+                "fused-geglu, fused-layer-norm, fused, default or none");
     lean.group_norm_silu |= all || part == "norm-silu";
     lean.geglu |= all || part == "geglu";
     lean.norms_in_activation_dtype |= all || by_default || part == "norm-dtype";
     lean.recompute_feed_forward |= all || part == "ff-recompute";
     lean.fused_norm_silu |= fused || fused_by_default || part == "fused-norm-silu";
     lean.fused_geglu |= fused || fused_by_default || part == "fused-geglu";
+    lean.fused_layer_norm |= part == "fused-layer-norm";
     if (fused || part.rfind("fused-", 0) == 0) sd::fused::check_usable(device, "--lean " + part);
   }
   return lean;
@@ -139,6 +141,7 @@ inline std::string to_string(const sd::LeanActivations& lean) {
   add(lean.recompute_feed_forward, "ff-recompute");
   add(lean.fused_norm_silu, "fused-norm-silu");
   add(lean.fused_geglu, "fused-geglu");
+  add(lean.fused_layer_norm, "fused-layer-norm");
   return names.empty() ? "none" : names;
 }
 

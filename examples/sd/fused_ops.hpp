@@ -1,12 +1,13 @@
 #pragma once
 /// @file fused_ops.hpp
-/// @brief GroupNorm + SiLU and GEGLU on the fused CUDA kernels of sd/kernels/fused_kernels.cu,
-/// as autograd functions.
+/// @brief GroupNorm + SiLU, GEGLU and LayerNorm on the fused CUDA kernels of
+/// sd/kernels/fused_kernels.cu, as autograd functions.
 ///
 /// Why: the lean functions of lean_ops.hpp keep only their inputs but run the same ATen kernels
 /// as the plain ops, one memory pass each, and recompute in the backward pass. These keep the
 /// same tensors (the input; [N, G] statistics for the norm) and do the element-wise work of a
-/// forward or a backward in one or two passes over the activation.
+/// forward or a backward in one or two passes over the activation. LayerNorm is ATen's own
+/// computation, in a kernel laid out for SD's short rows (one warp per row).
 ///
 /// The kernels are compiled only where LibTorch has CUDA and CMake finds nvcc: there the build
 /// defines SCEDIT_FUSED_KERNELS=1 and links `scedit_fused_kernels`. Elsewhere `available()` is
@@ -87,6 +88,11 @@ inline kernels::ElementType element_type(const torch::Tensor& t, const char* op)
 /// A norm's affine parameter as contiguous float32 (undefined stays undefined).
 inline torch::Tensor affine_float(const torch::Tensor& parameter) {
   return parameter.defined() ? parameter.to(torch::kFloat32).contiguous() : parameter;
+}
+
+/// `t` as an optional argument of an autograd function (which takes no undefined tensors).
+inline c10::optional<torch::Tensor> optional_of(const torch::Tensor& t) {
+  return t.defined() ? c10::optional<torch::Tensor>(t) : c10::nullopt;
 }
 
 /// The float32 data of `t`, or null for an undefined tensor (no affine parameter).
@@ -193,6 +199,61 @@ struct GEGLUFunction : public torch::autograd::Function<GEGLUFunction> {
   }
 };
 
+/// `layer_norm(x)` over its last `dim` elements, saving x, the affine parameters as float32 and
+/// the per-row mean and rstd.
+struct LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
+  /// x [..., *normalized_shape] -> the same shape, in x's dtype.
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                               const c10::optional<torch::Tensor>& weight_or_none,
+                               const c10::optional<torch::Tensor>& bias_or_none, int64_t dim, double eps) {
+    scedit::compat::AutocastExcluded in_input_dtype;
+    const DeviceGuard on_device(x.device());
+    const auto weight = weight_or_none.value_or(torch::Tensor()), bias = bias_or_none.value_or(torch::Tensor());
+    const auto input = x.contiguous();
+    const int64_t rows = input.numel() / dim;
+    const auto stats = input.options().dtype(torch::kFloat32);
+    auto mean = torch::empty({rows}, stats), rstd = torch::empty({rows}, stats);
+    auto y = torch::empty_like(input, at::MemoryFormat::Contiguous);
+    const auto weight_f = affine_float(weight), bias_f = affine_float(bias);
+    kernels::layer_norm_forward(element_type(input, "layer_norm"), input.data_ptr(), data_or_null(weight_f),
+                                data_or_null(bias_f), rows, dim, static_cast<float>(eps), y.data_ptr(),
+                                mean.data_ptr<float>(), rstd.data_ptr<float>(), current_stream(input));
+    ctx->save_for_backward({input, weight_f, bias_f, mean, rstd});
+    ctx->saved_data["dim"] = dim;
+    const auto& affine = weight.defined() ? weight : bias;  // the dtype their gradients take
+    if (affine.defined()) ctx->saved_data["affine_dtype"] = static_cast<int64_t>(affine.scalar_type());
+    return y;
+  }
+
+  /// dx from the fused kernel; the affine gradients (frozen in SD training) with ATen ops.
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    scedit::compat::AutocastExcluded in_input_dtype;
+    const auto saved = ctx->get_saved_variables();
+    const auto &input = saved[0], &weight_f = saved[1], &bias_f = saved[2], &mean = saved[3], &rstd = saved[4];
+    const DeviceGuard on_device(input.device());
+    const int64_t dim = ctx->saved_data["dim"].toInt(), rows = input.numel() / dim;
+    const auto grad_y = grads[0].to(input.scalar_type()).contiguous();
+    auto grad_x = torch::empty_like(input, at::MemoryFormat::Contiguous);
+    kernels::layer_norm_backward(element_type(input, "layer_norm"), grad_y.data_ptr(), input.data_ptr(),
+                                 data_or_null(weight_f), mean.data_ptr<float>(), rstd.data_ptr<float>(), rows, dim,
+                                 grad_x.data_ptr(), current_stream(input));
+    torch::Tensor grad_weight, grad_bias;
+    const bool weight_grad = weight_f.defined() && ctx->needs_input_grad(1);
+    const bool bias_grad = bias_f.defined() && ctx->needs_input_grad(2);
+    if (weight_grad || bias_grad) {
+      const auto affine_dtype = static_cast<torch::ScalarType>(ctx->saved_data["affine_dtype"].toInt());
+      const auto dy = grad_y.reshape({rows, dim}).to(torch::kFloat32);  // [rows, dim]
+      if (weight_grad) {
+        const auto normalized = (input.reshape({rows, dim}).to(torch::kFloat32) - mean.unsqueeze(1)) * rstd.unsqueeze(1);
+        grad_weight = (dy * normalized).sum(0).reshape(weight_f.sizes()).to(affine_dtype);
+      }
+      if (bias_grad) grad_bias = dy.sum(0).reshape(bias_f.sizes()).to(affine_dtype);
+    }
+    return {grad_x, grad_weight, grad_bias, torch::Tensor(), torch::Tensor()};
+  }
+};
+
 }  // namespace detail
 #endif
 
@@ -204,8 +265,8 @@ inline torch::Tensor group_norm_silu(const torch::Tensor& x, const torch::nn::Gr
   TORCH_CHECK(x.dim() >= 2 && x.size(1) == o.num_channels(), "fused group_norm_silu: input ", x.sizes(),
               " does not have ", o.num_channels(), " channels in dim 1");
 #if SCEDIT_FUSED_KERNELS
-  auto optional = [](const torch::Tensor& t) { return t.defined() ? c10::optional<torch::Tensor>(t) : c10::nullopt; };
-  return detail::GroupNormSiLUFunction::apply(x, optional(norm.weight), optional(norm.bias), o.num_groups(), o.eps());
+  return detail::GroupNormSiLUFunction::apply(x, detail::optional_of(norm.weight), detail::optional_of(norm.bias),
+                                              o.num_groups(), o.eps());
 #else
   return {};  // unreachable: check_usable threw
 #endif
@@ -219,6 +280,24 @@ inline torch::Tensor geglu(const torch::Tensor& projected) {
               projected.sizes(), " must be even");
 #if SCEDIT_FUSED_KERNELS
   return detail::GEGLUFunction::apply(projected);
+#else
+  return {};  // unreachable: check_usable threw
+#endif
+}
+
+/// `norm(x)` for a LayerNorm `norm` on the fused kernels (x [..., *normalized_shape] on CUDA),
+/// keeping x and per-row statistics for the backward pass.
+inline torch::Tensor layer_norm(const torch::Tensor& x, const torch::nn::LayerNormImpl& norm) {
+  check_usable(x.device(), "fused layer_norm");
+  const auto& o = norm.options;
+  const auto& shape = o.normalized_shape();
+  const auto rank = static_cast<int64_t>(shape.size());
+  TORCH_CHECK(x.dim() >= rank && x.sizes().slice(x.dim() - rank).vec() == shape, "fused layer_norm: input ",
+              x.sizes(), " does not end in the normalized shape ", c10::IntArrayRef(shape));
+  TORCH_CHECK(c10::multiply_integers(shape) > 0, "fused layer_norm: empty normalized shape ", c10::IntArrayRef(shape));
+#if SCEDIT_FUSED_KERNELS
+  return detail::LayerNormFunction::apply(x, detail::optional_of(norm.weight), detail::optional_of(norm.bias),
+                                          c10::multiply_integers(shape), o.eps());
 #else
   return {};  // unreachable: check_usable threw
 #endif

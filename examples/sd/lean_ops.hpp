@@ -44,6 +44,9 @@ struct LeanActivations {
   /// GEGLU's gate on the fused CUDA kernels (`fused::geglu`): what `geglu` keeps, one pass each
   /// way. CUDA builds only.
   bool fused_geglu = false;
+  /// The transformers' LayerNorms on the fused CUDA kernel (`fused::layer_norm`), in the
+  /// activation dtype as `norms_in_activation_dtype`. CUDA builds only.
+  bool fused_layer_norm = false;
 };
 
 namespace detail {
@@ -164,6 +167,13 @@ inline torch::Tensor layer_norm_in_input_dtype(const torch::Tensor& x, const tor
   const auto& o = norm.options;
   return torch::layer_norm(x, o.normalized_shape(), detail::affine_as(norm.weight, x),
                            detail::affine_as(norm.bias, x), o.eps());
+}
+
+/// `norm(x)` for a LayerNorm, the way `lean` asks: the fused kernel, in x's dtype, or the plain op.
+inline torch::Tensor layer_norm(const torch::Tensor& x, torch::nn::LayerNormImpl& norm, const LeanActivations& lean) {
+  if (lean.fused_layer_norm) return fused::layer_norm(x, norm);
+  if (lean.norms_in_activation_dtype) return layer_norm_in_input_dtype(x, norm);
+  return norm.forward(x);
 }
 
 /// `silu(norm(x))` for a GroupNorm, the way `lean` asks: the fused kernels, one lean node

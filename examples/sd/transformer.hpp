@@ -198,19 +198,16 @@ class BasicTransformerBlockImpl : public torch::nn::Cloneable<BasicTransformerBl
   torch::nn::LayerNorm norm3{nullptr};
   /// GEGLU feed-forward.
   FeedForward ff{nullptr};
-  /// LayerNorms in the activation dtype under autocast (`sd::layer_norm_in_input_dtype`).
-  bool norms_in_activation_dtype = false;
-  /// Recompute `ff` in the backward pass, keeping only its input (`LeanActivations`).
-  bool recompute_feed_forward = false;
+  /// Which LayerNorm variant forward uses (`norms_in_activation_dtype`, `fused_layer_norm`) and
+  /// whether `ff` is recomputed in the backward pass (`recompute_feed_forward`); see lean_ops.hpp.
+  LeanActivations lean;
 
  private:
-  torch::Tensor normed(torch::nn::LayerNorm& norm, const torch::Tensor& x) {
-    return norms_in_activation_dtype ? layer_norm_in_input_dtype(x, *norm) : norm(x);
-  }
+  torch::Tensor normed(torch::nn::LayerNorm& norm, const torch::Tensor& x) { return layer_norm(x, *norm, lean); }
 
   // x [B, L, dim] -> [B, L, dim]; without a graph being recorded there is nothing to recompute.
   torch::Tensor feed_forward(const torch::Tensor& x) {
-    if (!recompute_feed_forward || !torch::GradMode::is_enabled()) return ff(x);
+    if (!lean.recompute_feed_forward || !torch::GradMode::is_enabled()) return ff(x);
     return scedit::checkpoint([ff = ff](const std::vector<torch::Tensor>& in) mutable { return ff(in[0]); },
                               {x});
   }

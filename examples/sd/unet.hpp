@@ -277,8 +277,7 @@ class UNet2DConditionModelImpl : public detail::BoundCloneable<UNet2DConditionMo
       } else if (auto* geglu = dynamic_cast<GEGLUImpl*>(module.get())) {
         geglu->lean = options;
       } else if (auto* block = dynamic_cast<BasicTransformerBlockImpl*>(module.get())) {
-        block->norms_in_activation_dtype = options.norms_in_activation_dtype;
-        block->recompute_feed_forward = options.recompute_feed_forward;
+        block->lean = options;
       } else if (auto* transformer = dynamic_cast<Transformer2DModelImpl*>(module.get())) {
         transformer->norms_in_activation_dtype = options.norms_in_activation_dtype;
       }

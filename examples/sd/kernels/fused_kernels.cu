@@ -1,5 +1,5 @@
 /// @file fused_kernels.cu
-/// @brief GroupNorm + SiLU and GEGLU, forward and backward, as single memory passes.
+/// @brief GroupNorm + SiLU, GEGLU and LayerNorm, forward and backward, as single memory passes.
 ///
 /// Why: in a batch-30 SD 1.5 training step on an H200 the element-wise work around the norms and
 /// the feed-forwards' gates (group_norm, silu, gelu, mul and their backwards: ~40 ms of ~207 ms,
@@ -11,6 +11,10 @@
 /// mean and rstd, then y = silu(x·scale + shift) in one pass. Backward: per-row sums of dz and dz·x, where
 /// dz = dy·silu'(z) is recomputed from x, folded per group into dx = scale·dz + a·x + b (the
 /// coefficients PyTorch's own GroupNorm backward uses), then dx in one pass.
+///
+/// LayerNorm: one warp per row (SD's rows are 320 to 1280 elements: ATen's one block per row
+/// leaves most of its threads idle at those widths), moments then the normalised row, the second
+/// read from cache; backward likewise, Σdx̂ and Σdx̂·x̂ then dx.
 ///
 /// Vector loads of 16 bytes are used where the buffers are 16-byte aligned and a row's length
 /// divides by the vector width; otherwise the same kernels run element by element.
@@ -43,6 +47,7 @@ constexpr int kWarp = 32;
 constexpr int kMaxRowThreads = 256;      // threads of a block that reduces one row
 constexpr int kElementwiseThreads = 256;  // threads of a block of the element-wise kernels
 constexpr int kGroupThreads = 128;       // threads of a block of the per-group kernels
+constexpr int kLayerNormRows = 4;        // rows of a LayerNorm block, one warp each
 
 // ---- element access -------------------------------------------------------------------------
 
@@ -133,6 +138,18 @@ template <typename T, typename Combine>
 __device__ __forceinline__ T warp_reduce(T value, Combine combine) {
 #pragma unroll
   for (int offset = kWarp / 2; offset > 0; offset /= 2) value = combine(value, shuffle_down(value, offset));
+  return value;
+}
+
+/// The warp's reduction of `value`, in every lane (lane 0's, so that all lanes agree bit for bit).
+template <typename T, typename Combine>
+__device__ __forceinline__ T warp_all_reduce(T value, Combine combine) {
+  value = warp_reduce(value, combine);
+  auto* words = reinterpret_cast<float*>(&value);
+#pragma unroll
+  for (int i = 0; i < static_cast<int>(sizeof(T) / sizeof(float)); ++i) {
+    words[i] = __shfl_sync(0xffffffffu, words[i], 0);
+  }
   return value;
 }
 
@@ -351,6 +368,80 @@ __global__ void geglu_backward_kernel(const T* __restrict__ grad_out, const T* _
   store(grad_projected + offset + dim, grad_g);
 }
 
+// ---- LayerNorm ------------------------------------------------------------------------------
+
+/// One warp per row of x [rows, dim]: mean and 1/sqrt(variance + eps), then
+/// y = (x − mean)·rstd·weight + bias, reading the row again (from cache).
+template <typename T, int VEC>
+__global__ void layer_norm_kernel(const T* __restrict__ x, const float* __restrict__ weight,
+                                  const float* __restrict__ bias, int64_t rows, int64_t dim, float eps,
+                                  T* __restrict__ y, float* __restrict__ mean, float* __restrict__ rstd) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kLayerNormRows + threadIdx.x / kWarp;
+  if (row >= rows) return;  // the whole warp: its shuffles are never half-attended
+  const int lane = threadIdx.x % kWarp;
+  const T* in = x + row * dim;
+  Moments m{0.f, 0.f, 0.f};
+  for (int64_t i = lane * VEC; i < dim; i += kWarp * VEC) accumulate(m, load<T, VEC>(in + i));
+  m = warp_all_reduce(m, MergeMoments{});
+  const float row_rstd = rsqrtf(fmaxf(m.m2 / m.count, 0.f) + eps);
+  if (lane == 0) {
+    mean[row] = m.mean;
+    rstd[row] = row_rstd;
+  }
+  T* out = y + row * dim;
+  for (int64_t i = lane * VEC; i < dim; i += kWarp * VEC) {
+    const auto values = load<T, VEC>(in + i);
+    Pack<T, VEC> result;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const float normalized = (to_float(values.v[k]) - m.mean) * row_rstd;
+      result.v[k] = from_float<T>(normalized * (weight != nullptr ? weight[i + k] : 1.f) +
+                                  (bias != nullptr ? bias[i + k] : 0.f));
+    }
+    store(out + i, result);
+  }
+}
+
+/// One warp per row: dx = rstd·(dx̂ − Σdx̂/dim − x̂·Σ(dx̂·x̂)/dim) with dx̂ = dy·weight and
+/// x̂ = (x − mean)·rstd, the sums first, then dx reading the row again.
+template <typename T, int VEC>
+__global__ void layer_norm_backward_kernel(const T* __restrict__ grad_y, const T* __restrict__ x,
+                                           const float* __restrict__ weight, const float* __restrict__ mean,
+                                           const float* __restrict__ rstd, int64_t rows, int64_t dim,
+                                           T* __restrict__ grad_x) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kLayerNormRows + threadIdx.x / kWarp;
+  if (row >= rows) return;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t offset = row * dim;
+  const float mu = mean[row], r = rstd[row];
+  GradSums sums{0.f, 0.f};  // Σ dx̂, Σ dx̂·x̂
+  for (int64_t i = lane * VEC; i < dim; i += kWarp * VEC) {
+    const auto dy = load<T, VEC>(grad_y + offset + i);
+    const auto in = load<T, VEC>(x + offset + i);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const float dxhat = to_float(dy.v[k]) * (weight != nullptr ? weight[i + k] : 1.f);
+      sums.grad += dxhat;
+      sums.grad_x += dxhat * (to_float(in.v[k]) - mu) * r;
+    }
+  }
+  sums = warp_all_reduce(sums, AddGradSums{});
+  const float mean_dxhat = sums.grad / static_cast<float>(dim);
+  const float mean_dxhat_xhat = sums.grad_x / static_cast<float>(dim);
+  for (int64_t i = lane * VEC; i < dim; i += kWarp * VEC) {
+    const auto dy = load<T, VEC>(grad_y + offset + i);
+    const auto in = load<T, VEC>(x + offset + i);
+    Pack<T, VEC> result;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const float dxhat = to_float(dy.v[k]) * (weight != nullptr ? weight[i + k] : 1.f);
+      const float xhat = (to_float(in.v[k]) - mu) * r;
+      result.v[k] = from_float<T>(r * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat));
+    }
+    store(grad_x + offset + i, result);
+  }
+}
+
 // ---- launching ------------------------------------------------------------------------------
 
 /// Enqueues `kernel` on `stream` as `blocks` × `threads`, throwing (naming it) if the launch fails.
@@ -430,6 +521,15 @@ void for_kernel_types(ElementType type, int64_t run, int64_t elements, std::init
 struct NormSizes {
   int64_t rows, total, channels_per_group, num_groups;
 };
+
+/// Blocks of kLayerNormRows rows for a LayerNorm of `rows` rows of `dim` elements, checked.
+unsigned int layer_norm_blocks(int64_t rows, int64_t dim) {
+  if (rows < 0 || dim <= 0) {
+    throw std::invalid_argument("sd::kernels: layer norm of " + std::to_string(rows) + " rows of " +
+                                std::to_string(dim) + " elements");
+  }
+  return blocks_for(rows, kLayerNormRows, "layer_norm_kernel");
+}
 
 NormSizes norm_sizes(const GroupNormShape& s) {
   if (s.batch < 0 || s.channels <= 0 || s.spatial < 0 || s.groups <= 0 || s.channels % s.groups != 0) {
@@ -517,6 +617,31 @@ void geglu_backward(ElementType type, const void* grad_out, const void* projecte
     launch("geglu_backward_kernel", geglu_backward_kernel<T, VEC, Index>,
            blocks_for(total / VEC, kElementwiseThreads, "geglu_backward_kernel"), kElementwiseThreads, stream,
            grad_out, projected, dim, total, grad_projected);
+  });
+}
+
+void layer_norm_forward(ElementType type, const void* x, const float* weight, const float* bias, int64_t rows,
+                        int64_t dim, float eps, void* y, float* mean, float* rstd, cudaStream_t stream) {
+  const unsigned int blocks = layer_norm_blocks(rows, dim);
+  if (rows == 0) return;
+  for_kernel_types(type, dim, rows * dim, {x, y}, [&](auto tag, auto width, auto /*index: 64-bit row offsets*/) {
+    using T = typename decltype(tag)::type;
+    constexpr int VEC = decltype(width)::value;
+    launch("layer_norm_kernel", layer_norm_kernel<T, VEC>, blocks, kLayerNormRows * kWarp, stream, x, weight, bias,
+           rows, dim, eps, y, mean, rstd);
+  });
+}
+
+void layer_norm_backward(ElementType type, const void* grad_y, const void* x, const float* weight,
+                         const float* mean, const float* rstd, int64_t rows, int64_t dim, void* grad_x,
+                         cudaStream_t stream) {
+  const unsigned int blocks = layer_norm_blocks(rows, dim);
+  if (rows == 0) return;
+  for_kernel_types(type, dim, rows * dim, {grad_y, x, grad_x}, [&](auto tag, auto width, auto /*index*/) {
+    using T = typename decltype(tag)::type;
+    constexpr int VEC = decltype(width)::value;
+    launch("layer_norm_backward_kernel", layer_norm_backward_kernel<T, VEC>, blocks, kLayerNormRows * kWarp, stream,
+           grad_y, x, weight, mean, rstd, rows, dim, grad_x);
   });
 }
 

@@ -1,6 +1,7 @@
 #pragma once
 /// @file fused_kernels.h
-/// @brief Launchers of the fused CUDA kernels (GroupNorm + SiLU, GEGLU) on raw device pointers.
+/// @brief Launchers of the fused CUDA kernels (GroupNorm + SiLU, GEGLU, LayerNorm) on raw device
+/// pointers.
 ///
 /// Plain C++ with CUDA's runtime types only, no LibTorch: fused_kernels.cu is compiled by nvcc
 /// on its own, and sd/fused_ops.hpp wraps these launchers in autograd functions. Every tensor
@@ -49,5 +50,16 @@ void geglu_forward(ElementType type, const void* projected, int64_t rows, int64_
 /// GEGLU's gradient: `grad_projected` [rows, 2·dim] = [grad · gelu(g), grad · a · gelu'(g)].
 void geglu_backward(ElementType type, const void* grad_out, const void* projected, int64_t rows,
                     int64_t dim, void* grad_projected, cudaStream_t stream);
+
+/// `y = layer_norm(x)` over the last `dim` elements of each of `rows` rows, float32 statistics.
+/// `weight` and `bias` [dim] may be null. Writes `mean` and `rstd` [rows] for the backward pass.
+void layer_norm_forward(ElementType type, const void* x, const float* weight, const float* bias, int64_t rows,
+                        int64_t dim, float eps, void* y, float* mean, float* rstd, cudaStream_t stream);
+
+/// The input gradient of `layer_norm_forward` from its `mean` and `rstd` (the affine parameters'
+/// gradients are left to the caller: Σ_rows dy·x̂ and Σ_rows dy).
+void layer_norm_backward(ElementType type, const void* grad_y, const void* x, const float* weight,
+                         const float* mean, const float* rstd, int64_t rows, int64_t dim, void* grad_x,
+                         cudaStream_t stream);
 
 }  // namespace sd::kernels
