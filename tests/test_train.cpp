@@ -114,7 +114,7 @@ TEST(Train, LeanFlagNamesEveryLeverAndRefusesFusedKernelsWhereTheyCannotRun) {
   }
   if (sd::fused::available() && torch::cuda::is_available()) {
     const auto fused = common::parse_lean_activations("norm-dtype,fused", torch::Device(torch::kCUDA, 0));
-    EXPECT_EQ(common::to_string(fused), "norm-dtype,fused-norm-silu,fused-geglu");
+    EXPECT_EQ(common::to_string(fused), "norm-dtype,fused-norm-silu,fused-geglu,fused-layer-norm");
     EXPECT_EQ(common::to_string(common::parse_lean_activations("default", torch::Device(torch::kCUDA, 0))),
               common::to_string(fused));
   }

@@ -101,7 +101,7 @@ struct MethodOptions {
 /// (GroupNorm + SiLU keeping only its input), `geglu` (GEGLU keeping only its projection),
 /// `norm-dtype` (norms in the activation dtype under autocast), `ff-recompute` (feed-forwards
 /// recomputed in the backward pass), `all` (those four), the fused CUDA kernels
-/// `fused-norm-silu`, `fused-geglu`, `fused` (those two), `fused-layer-norm`, `default` (`norm-dtype`, plus `fused`
+/// `fused-norm-silu`, `fused-geglu`, `fused-layer-norm` and `fused` (all three), `default` (`norm-dtype`, plus `fused`
 /// where this build and `device` run the kernels: the fastest measured, bench/RESULTS.md v0.5)
 /// or `none`. See sd/lean_ops.hpp. The fused ones named alone are refused, saying why, where the
 /// build or the device cannot run them.
@@ -123,7 +123,7 @@ inline sd::LeanActivations parse_lean_activations(const std::string& list, const
     lean.recompute_feed_forward |= all || part == "ff-recompute";
     lean.fused_norm_silu |= fused || fused_by_default || part == "fused-norm-silu";
     lean.fused_geglu |= fused || fused_by_default || part == "fused-geglu";
-    lean.fused_layer_norm |= part == "fused-layer-norm";
+    lean.fused_layer_norm |= fused || fused_by_default || part == "fused-layer-norm";
     if (fused || part.rfind("fused-", 0) == 0) sd::fused::check_usable(device, "--lean " + part);
   }
   return lean;

@@ -433,7 +433,7 @@ int main(int argc, char** argv) {
   app.add_flag("--gradient-checkpointing", flags.gradient_checkpointing, "Recompute the decoder in the backward pass: less memory, more compute");
   app.add_flag("--channels-last", flags.channels_last, "UNet convolutions in channels-last (NHWC) memory order (measured 7% slower on an H200 at SD 1.5 size: bench/RESULTS.md)");
   app.add_flag("--cuda-graph", flags.cuda_graph, "Capture the whole step (noise, forward, backward, AdamW) as a CUDA graph after two eager steps and replay it: faster at small batches; bf16/fp32, no --grad-accum, fixed batch shape");
-  app.add_option("--lean", flags.lean, "Lean activations (less memory, same result in fp32), comma-separated: norm-silu, geglu, norm-dtype, ff-recompute, all (those four), fused-norm-silu, fused-geglu, fused (those two), fused-layer-norm (the fused CUDA kernels; CUDA builds), default (norm-dtype, plus fused where they run), none");
+  app.add_option("--lean", flags.lean, "Lean activations (less memory, same result in fp32), comma-separated: norm-silu, geglu, norm-dtype, ff-recompute, all (those four), fused-norm-silu, fused-geglu, fused-layer-norm, fused (all three; the fused CUDA kernels, CUDA builds), default (norm-dtype, plus fused where they run), none");
   app.add_option("--precision", flags.precision, "fp32 | bf16 | fp16 (frozen weights in half precision, trainable in fp32)");
   app.add_option("--device", flags.device, "auto | cpu | cuda[:N]");
   app.add_option("--lr", flags.optim.lr, "AdamW learning rate (0: SCEdit's 1e-4; 1e-3 on the tiny default, whose random weights learn slowly)");
