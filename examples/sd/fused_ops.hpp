@@ -98,6 +98,21 @@ inline c10::optional<torch::Tensor> optional_of(const torch::Tensor& t) {
 /// The float32 data of `t`, or null for an undefined tensor (no affine parameter).
 inline const float* data_or_null(const torch::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
+/// Saves what a norm's backward needs (x, the float32 affine parameters, the statistics) and the
+/// dtype its affine gradients take: that of `weight`, else `bias`.
+inline void save_norm(torch::autograd::AutogradContext* ctx, const torch::Tensor& input, const torch::Tensor& weight,
+                      const torch::Tensor& bias, const torch::Tensor& weight_f, const torch::Tensor& bias_f,
+                      const torch::Tensor& mean, const torch::Tensor& rstd) {
+  ctx->save_for_backward({input, weight_f, bias_f, mean, rstd});
+  const auto& affine = weight.defined() ? weight : bias;
+  if (affine.defined()) ctx->saved_data["affine_dtype"] = static_cast<int64_t>(affine.scalar_type());
+}
+
+/// The dtype `save_norm` recorded for the affine gradients.
+inline torch::ScalarType affine_dtype(torch::autograd::AutogradContext* ctx) {
+  return static_cast<torch::ScalarType>(ctx->saved_data["affine_dtype"].toInt());
+}
+
 /// The kernels' view of a GroupNorm of `groups` groups over x [N, C, *spatial].
 inline kernels::GroupNormShape norm_shape(const torch::Tensor& x, int64_t groups) {
   return {x.size(0), x.size(1), c10::multiply_integers(x.sizes().slice(2)), groups};
@@ -124,10 +139,8 @@ struct GroupNormSiLUFunction : public torch::autograd::Function<GroupNormSiLUFun
                                      data_or_null(bias_f), shape, static_cast<float>(eps), y.data_ptr(),
                                      mean.data_ptr<float>(), rstd.data_ptr<float>(), workspace.data_ptr<float>(),
                                      current_stream(input));
-    ctx->save_for_backward({input, weight_f, bias_f, mean, rstd});
+    save_norm(ctx, input, weight, bias, weight_f, bias_f, mean, rstd);
     ctx->saved_data["groups"] = groups;
-    const auto& affine = weight.defined() ? weight : bias;  // the dtype their gradients take
-    if (affine.defined()) ctx->saved_data["affine_dtype"] = static_cast<int64_t>(affine.scalar_type());
     return y;
   }
 
@@ -151,9 +164,6 @@ struct GroupNormSiLUFunction : public torch::autograd::Function<GroupNormSiLUFun
                                       row_sums[1].data_ptr<float>(), workspace.data_ptr<float>(),
                                       current_stream(input));
     torch::Tensor grad_weight, grad_bias;
-    const auto affine_dtype = [&] {
-      return static_cast<torch::ScalarType>(ctx->saved_data["affine_dtype"].toInt());
-    };
     if (weight_f.defined() && ctx->needs_input_grad(1)) {
       // Σ_n Σ_hw dz·x̂ = Σ_n rstd·(Σ dz·x − mean·Σ dz), the group's statistics per channel: [N, C].
       const int64_t per_group = shape.channels / groups;
@@ -161,9 +171,9 @@ struct GroupNormSiLUFunction : public torch::autograd::Function<GroupNormSiLUFun
         return stat.unsqueeze(2).expand({shape.batch, groups, per_group}).reshape({shape.batch, shape.channels});
       };
       const auto per_row = (row_sums[1] - per_channel(mean) * row_sums[0]) * per_channel(rstd);
-      grad_weight = per_row.sum(0).to(affine_dtype());
+      grad_weight = per_row.sum(0).to(affine_dtype(ctx));
     }
-    if (bias_f.defined() && ctx->needs_input_grad(2)) grad_bias = row_sums[0].sum(0).to(affine_dtype());
+    if (bias_f.defined() && ctx->needs_input_grad(2)) grad_bias = row_sums[0].sum(0).to(affine_dtype(ctx));
     return {grad_x, grad_weight, grad_bias, torch::Tensor(), torch::Tensor()};
   }
 };
@@ -218,10 +228,8 @@ struct LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
     kernels::layer_norm_forward(element_type(input, "layer_norm"), input.data_ptr(), data_or_null(weight_f),
                                 data_or_null(bias_f), rows, dim, static_cast<float>(eps), y.data_ptr(),
                                 mean.data_ptr<float>(), rstd.data_ptr<float>(), current_stream(input));
-    ctx->save_for_backward({input, weight_f, bias_f, mean, rstd});
+    save_norm(ctx, input, weight, bias, weight_f, bias_f, mean, rstd);
     ctx->saved_data["dim"] = dim;
-    const auto& affine = weight.defined() ? weight : bias;  // the dtype their gradients take
-    if (affine.defined()) ctx->saved_data["affine_dtype"] = static_cast<int64_t>(affine.scalar_type());
     return y;
   }
 
@@ -242,13 +250,13 @@ struct LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
     const bool weight_grad = weight_f.defined() && ctx->needs_input_grad(1);
     const bool bias_grad = bias_f.defined() && ctx->needs_input_grad(2);
     if (weight_grad || bias_grad) {
-      const auto affine_dtype = static_cast<torch::ScalarType>(ctx->saved_data["affine_dtype"].toInt());
+      const auto dtype = affine_dtype(ctx);
       const auto dy = grad_y.reshape({rows, dim}).to(torch::kFloat32);  // [rows, dim]
       if (weight_grad) {
         const auto normalized = (input.reshape({rows, dim}).to(torch::kFloat32) - mean.unsqueeze(1)) * rstd.unsqueeze(1);
-        grad_weight = (dy * normalized).sum(0).reshape(weight_f.sizes()).to(affine_dtype);
+        grad_weight = (dy * normalized).sum(0).reshape(weight_f.sizes()).to(dtype);
       }
-      if (bias_grad) grad_bias = dy.sum(0).reshape(bias_f.sizes()).to(affine_dtype);
+      if (bias_grad) grad_bias = dy.sum(0).reshape(bias_f.sizes()).to(dtype);
     }
     return {grad_x, grad_weight, grad_bias, torch::Tensor(), torch::Tensor()};
   }
