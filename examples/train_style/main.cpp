@@ -49,7 +49,7 @@ struct Flags {
   bool gradient_checkpointing = false;
   bool cuda_graph = false;
   bool channels_last = false;
-  std::string lean = "default";  // norm-dtype (+ fused kernels on CUDA): fastest and leanest measured (bench/RESULTS.md v0.5)
+  std::string lean = "default";  // norm-dtype (+ fused kernels on CUDA): fastest and leanest measured (bench/RESULTS.md v0.5, v0.6)
   std::string precision = "fp32";
   std::string device = "auto";
   common::OptimOptions optim = [] {
