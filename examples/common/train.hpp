@@ -97,34 +97,55 @@ struct MethodOptions {
                                            "ff.net.2"};  ///< peft-style module names
 };
 
-/// Parses the `--lean` flag for a run on `device`: a comma-separated subset of `norm-silu`
-/// (GroupNorm + SiLU keeping only its input), `geglu` (GEGLU keeping only its projection),
-/// `norm-dtype` (norms in the activation dtype under autocast), `ff-recompute` (feed-forwards
-/// recomputed in the backward pass), `all` (those four), the fused CUDA kernels
-/// `fused-norm-silu`, `fused-geglu`, `fused-layer-norm` and `fused` (all three), `default` (`norm-dtype`, plus `fused`
-/// where this build and `device` run the kernels: the fastest measured, bench/RESULTS.md v0.5)
-/// or `none`. See sd/lean_ops.hpp. The fused ones named alone are refused, saying why, where the
-/// build or the device cannot run them.
+/// One `--lean` lever: its flag name and the `sd::LeanActivations` switch it sets.
+struct LeanLever {
+  const char* name;               ///< spelling in `--lean`
+  bool sd::LeanActivations::*on;  ///< the switch
+  bool fused;                     ///< runs on the fused CUDA kernels
+};
+
+/// Every lever, in the order `to_string` prints them. `all` names the first four, `fused` the
+/// fused ones.
+inline const std::vector<LeanLever>& lean_levers() {
+  static const std::vector<LeanLever> levers = {
+      {"norm-silu", &sd::LeanActivations::group_norm_silu, false},
+      {"geglu", &sd::LeanActivations::geglu, false},
+      {"norm-dtype", &sd::LeanActivations::norms_in_activation_dtype, false},
+      {"ff-recompute", &sd::LeanActivations::recompute_feed_forward, false},
+      {"fused-norm-silu", &sd::LeanActivations::fused_norm_silu, true},
+      {"fused-geglu", &sd::LeanActivations::fused_geglu, true},
+      {"fused-layer-norm", &sd::LeanActivations::fused_layer_norm, true},
+  };
+  return levers;
+}
+
+/// Parses the `--lean` flag for a run on `device`: a comma-separated list of the levers of
+/// `lean_levers` (`norm-silu`: GroupNorm + SiLU keeping only its input; `geglu`: GEGLU keeping
+/// only its projection; `norm-dtype`: norms in the activation dtype under autocast;
+/// `ff-recompute`: feed-forwards recomputed in the backward pass; `fused-norm-silu`,
+/// `fused-geglu`, `fused-layer-norm`: the fused CUDA kernels) and of the groups `all` (the four
+/// portable ones), `fused` (the three fused ones), `default` (`norm-dtype`, plus `fused` where
+/// this build and `device` run the kernels: the fastest measured, bench/RESULTS.md v0.5, v0.6)
+/// and `none`. See sd/lean_ops.hpp. Fused levers named explicitly are refused, saying why, where
+/// the build or the device cannot run them.
 inline sd::LeanActivations parse_lean_activations(const std::string& list, const torch::Device& device) {
   sd::LeanActivations lean;
   std::stringstream stream(list);
   for (std::string part; std::getline(stream, part, ',');) {
     if (part == "none") continue;
-    const bool all = part == "all", fused = part == "fused", by_default = part == "default";
-    const bool fused_by_default = by_default && sd::fused::usable(device);
-    TORCH_CHECK(all || fused || by_default || part == "norm-silu" || part == "geglu" || part == "norm-dtype" ||
-                    part == "ff-recompute" || part == "fused-norm-silu" || part == "fused-geglu" ||
-                    part == "fused-layer-norm",
-                "--lean: '", part, "' is not norm-silu, geglu, norm-dtype, ff-recompute, all, fused-norm-silu, "
-                "fused-geglu, fused-layer-norm, fused, default or none");
-    lean.group_norm_silu |= all || part == "norm-silu";
-    lean.geglu |= all || part == "geglu";
-    lean.norms_in_activation_dtype |= all || by_default || part == "norm-dtype";
-    lean.recompute_feed_forward |= all || part == "ff-recompute";
-    lean.fused_norm_silu |= fused || fused_by_default || part == "fused-norm-silu";
-    lean.fused_geglu |= fused || fused_by_default || part == "fused-geglu";
-    lean.fused_layer_norm |= fused || fused_by_default || part == "fused-layer-norm";
-    if (fused || part.rfind("fused-", 0) == 0) sd::fused::check_usable(device, "--lean " + part);
+    const bool by_default = part == "default", all = part == "all";
+    const bool fused = part == "fused" || (by_default && sd::fused::usable(device));
+    lean.norms_in_activation_dtype |= by_default;
+    bool known = by_default || all || fused;
+    std::string names;
+    for (const auto& lever : lean_levers()) {
+      const bool named = part == lever.name;
+      known |= named;
+      lean.*lever.on |= named || (lever.fused ? fused : all);
+      names += std::string(lever.name) + ", ";
+    }
+    TORCH_CHECK(known, "--lean: '", part, "' is not ", names, "all, fused, default or none");
+    if (part == "fused" || part.rfind("fused-", 0) == 0) sd::fused::check_usable(device, "--lean " + part);
   }
   return lean;
 }
@@ -132,16 +153,9 @@ inline sd::LeanActivations parse_lean_activations(const std::string& list, const
 /// The `--lean` spelling of `lean` (`none` when all are off).
 inline std::string to_string(const sd::LeanActivations& lean) {
   std::string names;
-  auto add = [&](bool on, const char* name) {
-    if (on) names += (names.empty() ? "" : ",") + std::string(name);
-  };
-  add(lean.group_norm_silu, "norm-silu");
-  add(lean.geglu, "geglu");
-  add(lean.norms_in_activation_dtype, "norm-dtype");
-  add(lean.recompute_feed_forward, "ff-recompute");
-  add(lean.fused_norm_silu, "fused-norm-silu");
-  add(lean.fused_geglu, "fused-geglu");
-  add(lean.fused_layer_norm, "fused-layer-norm");
+  for (const auto& lever : lean_levers()) {
+    if (lean.*lever.on) names += (names.empty() ? "" : ",") + std::string(lever.name);
+  }
   return names.empty() ? "none" : names;
 }
 
