@@ -169,6 +169,12 @@ inline torch::Tensor layer_norm_in_input_dtype(const torch::Tensor& x, const tor
                            detail::affine_as(norm.bias, x), o.eps());
 }
 
+/// `norm(x)` for a GroupNorm without an activation after it, the way `lean` asks: in x's dtype,
+/// or the plain op.
+inline torch::Tensor group_norm(const torch::Tensor& x, torch::nn::GroupNormImpl& norm, const LeanActivations& lean) {
+  return lean.norms_in_activation_dtype ? group_norm_in_input_dtype(x, norm) : norm.forward(x);
+}
+
 /// `norm(x)` for a LayerNorm, the way `lean` asks: the fused kernel, in x's dtype, or the plain op.
 inline torch::Tensor layer_norm(const torch::Tensor& x, torch::nn::LayerNormImpl& norm, const LeanActivations& lean) {
   if (lean.fused_layer_norm) return fused::layer_norm(x, norm);

@@ -283,7 +283,7 @@ class Transformer2DModelImpl : public detail::BoundCloneable<Transformer2DModelI
   /// x [B, C, H, W], context [B, Lc, cross_attention_dim] -> [B, C, H, W].
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& context) {
     const int64_t b = x.size(0), c = x.size(1), height = x.size(2), width = x.size(3);
-    auto normed = norms_in_activation_dtype ? group_norm_in_input_dtype(x, *norm) : norm(x);
+    auto normed = group_norm(x, *norm, lean);
     torch::Tensor h;
     if (options.use_linear_projection()) {
       h = linear(proj_in_linear, normed.permute({0, 2, 3, 1}).reshape({b, height * width, c}));
@@ -329,8 +329,8 @@ class Transformer2DModelImpl : public detail::BoundCloneable<Transformer2DModelI
   torch::nn::Conv2d proj_out_conv{nullptr};
   /// ... or as a Linear (SD 2.x).
   torch::nn::Linear proj_out_linear{nullptr};
-  /// The input GroupNorm in the activation dtype under autocast (`sd::group_norm_in_input_dtype`).
-  bool norms_in_activation_dtype = false;
+  /// Which variant the input GroupNorm uses (`norms_in_activation_dtype`; see lean_ops.hpp).
+  LeanActivations lean;
 };
 
 /// Holder of `Transformer2DModelImpl`.

@@ -279,7 +279,7 @@ class UNet2DConditionModelImpl : public detail::BoundCloneable<UNet2DConditionMo
       } else if (auto* block = dynamic_cast<BasicTransformerBlockImpl*>(module.get())) {
         block->lean = options;
       } else if (auto* transformer = dynamic_cast<Transformer2DModelImpl*>(module.get())) {
-        transformer->norms_in_activation_dtype = options.norms_in_activation_dtype;
+        transformer->lean = options;
       }
     }
   }
