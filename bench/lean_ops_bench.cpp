@@ -47,64 +47,61 @@ void add_sd_shapes(benchmark::internal::Benchmark* b, std::initializer_list<int6
 void plain_lean_and_fused(benchmark::internal::Benchmark* b) { add_sd_shapes(b, {0, 1, 2}); }
 void plain_and_fused(benchmark::internal::Benchmark* b) { add_sd_shapes(b, {0, 2}); }
 
+/// The levers of `variant`: 0 the plain ops (norms in bf16), 1 the lean nodes, 2 the fused kernels.
+sd::LeanActivations levers(int64_t variant) {
+  sd::LeanActivations lean;
+  lean.norms_in_activation_dtype = variant == 0;
+  lean.group_norm_silu = lean.geglu = variant == 1;
+  lean.fused_norm_silu = lean.fused_geglu = lean.fused_layer_norm = variant == 2;
+  return lean;
+}
+
+/// Times `op(input)` forward and backward (to `input`, with `grad` from above), counting `items`
+/// per iteration.
+template <typename Op>
+void time_forward_backward(benchmark::State& state, const torch::Tensor& input, const torch::Tensor& grad,
+                           int64_t items, Op op) {
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(torch::autograd::grad({op(input)}, {input}, {grad}));
+    torch::cuda::synchronize();
+  }
+  state.SetItemsProcessed(state.iterations() * items);
+}
+
+/// bf16 on the GPU, with or without gradients.
+torch::TensorOptions gpu_bf16() { return torch::TensorOptions(torch::kCUDA).dtype(torch::kBFloat16); }
+
 void GroupNormSiLUForwardBackward(benchmark::State& state) {
   const int64_t variant = state.range(0), c = state.range(1), side = state.range(2);
   if (!runnable(state, variant)) return;
-  const torch::Device gpu(torch::kCUDA);
   torch::nn::GroupNorm norm(torch::nn::GroupNormOptions(32, c).eps(1e-5));
-  norm->to(gpu, torch::kBFloat16);
+  norm->to(torch::kCUDA, torch::kBFloat16);
   for (auto& p : norm->parameters()) p.requires_grad_(false);  // frozen, as in SCEdit training
-  sd::LeanActivations lean;
-  lean.norms_in_activation_dtype = variant == 0;
-  lean.group_norm_silu = variant == 1;
-  lean.fused_norm_silu = variant == 2;
-  const auto options = torch::TensorOptions(gpu).dtype(torch::kBFloat16);
-  const auto x = torch::randn({kBatch, c, side, side}, options).requires_grad_(true);
-  const auto grad = torch::randn_like(x);
-  for (auto _ : state) {
-    benchmark::DoNotOptimize(torch::autograd::grad({sd::norm_silu(x, *norm, lean)}, {x}, {grad}));
-    torch::cuda::synchronize();
-  }
-  state.SetItemsProcessed(state.iterations() * x.numel());
+  const auto x = torch::randn({kBatch, c, side, side}, gpu_bf16()).requires_grad_(true);
+  time_forward_backward(state, x, torch::randn_like(x), x.numel(),
+                        [&, lean = levers(variant)](const torch::Tensor& in) { return sd::norm_silu(in, *norm, lean); });
 }
 BENCHMARK(GroupNormSiLUForwardBackward)->Apply(plain_lean_and_fused)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 void GEGLUForwardBackward(benchmark::State& state) {
   const int64_t variant = state.range(0), c = state.range(1), side = state.range(2);
   if (!runnable(state, variant)) return;
-  const torch::Device gpu(torch::kCUDA);
-  sd::LeanActivations lean;
-  lean.geglu = variant == 1;
-  lean.fused_geglu = variant == 2;
-  const auto options = torch::TensorOptions(gpu).dtype(torch::kBFloat16);
-  const auto projected = torch::randn({kBatch, side * side, 2 * 4 * c}, options).requires_grad_(true);
-  const auto grad = torch::randn({kBatch, side * side, 4 * c}, options);
-  for (auto _ : state) {
-    benchmark::DoNotOptimize(torch::autograd::grad({sd::geglu_gate(projected, lean)}, {projected}, {grad}));
-    torch::cuda::synchronize();
-  }
-  state.SetItemsProcessed(state.iterations() * grad.numel());
+  const auto projected = torch::randn({kBatch, side * side, 2 * 4 * c}, gpu_bf16()).requires_grad_(true);
+  const auto grad = torch::randn({kBatch, side * side, 4 * c}, gpu_bf16());
+  time_forward_backward(state, projected, grad, grad.numel(),
+                        [lean = levers(variant)](const torch::Tensor& in) { return sd::geglu_gate(in, lean); });
 }
 BENCHMARK(GEGLUForwardBackward)->Apply(plain_lean_and_fused)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 void LayerNormForwardBackward(benchmark::State& state) {
   const int64_t variant = state.range(0), c = state.range(1), side = state.range(2);
   if (!runnable(state, variant)) return;
-  const torch::Device gpu(torch::kCUDA);
   torch::nn::LayerNorm norm(torch::nn::LayerNormOptions({c}).eps(1e-5));
-  norm->to(gpu, torch::kBFloat16);
+  norm->to(torch::kCUDA, torch::kBFloat16);
   for (auto& p : norm->parameters()) p.requires_grad_(false);
-  sd::LeanActivations lean;
-  lean.norms_in_activation_dtype = variant == 0;
-  lean.fused_layer_norm = variant == 2;
-  const auto options = torch::TensorOptions(gpu).dtype(torch::kBFloat16);
-  const auto x = torch::randn({kBatch, side * side, c}, options).requires_grad_(true);
-  const auto grad = torch::randn_like(x);
-  for (auto _ : state) {
-    benchmark::DoNotOptimize(torch::autograd::grad({sd::layer_norm(x, *norm, lean)}, {x}, {grad}));
-    torch::cuda::synchronize();
-  }
-  state.SetItemsProcessed(state.iterations() * x.numel());
+  const auto x = torch::randn({kBatch, side * side, c}, gpu_bf16()).requires_grad_(true);
+  time_forward_backward(state, x, torch::randn_like(x), x.numel(),
+                        [&, lean = levers(variant)](const torch::Tensor& in) { return sd::layer_norm(in, *norm, lean); });
 }
 BENCHMARK(LayerNormForwardBackward)->Apply(plain_and_fused)->Unit(benchmark::kMillisecond)->UseRealTime();
 
