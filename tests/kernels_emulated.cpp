@@ -29,6 +29,8 @@ namespace k = sd::kernels;
 
 using scedit_test::rel_err;
 using scedit_test::fused_tolerance;
+using scedit_test::float64_leaf;
+using scedit_test::randomize_affine;
 
 k::ElementType element_type(torch::Dtype dtype) {
   return dtype == torch::kFloat32 ? k::ElementType::kFloat32
@@ -65,14 +67,12 @@ void group_norm_silu_matches_float64(torch::Dtype dtype) {
                                       << " affine " << c.affine << " " << dtype);
     const auto x = (torch::randn({c.n, c.c, c.spatial}) * 3 + 1.5).to(dtype);
     const auto grad_y = torch::randn({c.n, c.c, c.spatial}).to(dtype);
-    torch::Tensor weight, bias, w64, b64;
+    torch::Tensor weight, bias;
     if (c.affine) {
       weight = torch::randn({c.c}) * 0.5 + 1;
       bias = torch::randn({c.c}) * 0.5;
-      w64 = weight.to(torch::kFloat64).requires_grad_(true);
-      b64 = bias.to(torch::kFloat64).requires_grad_(true);
     }
-    auto x64 = x.to(torch::kFloat64).requires_grad_(true);
+    auto x64 = float64_leaf(x), w64 = float64_leaf(weight), b64 = float64_leaf(bias);
     const auto expected = torch::silu(torch::group_norm(x64, c.groups, w64, b64, 1e-5));
     expected.backward(grad_y.to(torch::kFloat64));
     const auto grouped = x64.detach().reshape({c.n, c.groups, -1});
@@ -113,7 +113,7 @@ void geglu_matches_float64(torch::Dtype dtype) {
     SCOPED_TRACE(::testing::Message() << rows << " rows of " << dim << ", " << dtype);
     const auto projected = (torch::randn({rows, 2 * dim}) * 2).to(dtype);
     const auto grad_out = torch::randn({rows, dim}).to(dtype);
-    auto p64 = projected.to(torch::kFloat64).requires_grad_(true);
+    auto p64 = float64_leaf(projected);
     const auto parts = p64.chunk(2, -1);
     const auto expected = parts[0] * torch::gelu(parts[1]);
     expected.backward(grad_out.to(torch::kFloat64));
@@ -147,7 +147,7 @@ void layer_norm_matches_float64(torch::Dtype dtype) {
       w64 = weight.to(torch::kFloat64);
       b64 = bias.to(torch::kFloat64);
     }
-    auto x64 = x.to(torch::kFloat64).requires_grad_(true);
+    auto x64 = float64_leaf(x);
     const auto expected = torch::layer_norm(x64, {c.dim}, w64, b64, 1e-5);
     expected.backward(grad_y.to(torch::kFloat64));
     const auto expected_rstd = (x64.detach().var(-1, /*unbiased=*/false) + 1e-5).rsqrt();
@@ -211,18 +211,12 @@ TEST(EmulatedFusedOps, GroupNormSiLUAutogradMatchesFloat64) {
   for (const auto dtype : {torch::kFloat32, torch::kBFloat16}) {
     SCOPED_TRACE(::testing::Message() << dtype);
     torch::nn::GroupNorm norm(torch::nn::GroupNormOptions(4, 8).eps(1e-5));
-    {
-      torch::NoGradGuard no_grad;
-      norm->weight.normal_(1.0, 0.5);
-      norm->bias.normal_(0.0, 0.5);
-    }
+    randomize_affine(*norm);
     norm->to(dtype);
     // A non-contiguous input (copied by the function) with two spatial dimensions.
     const auto x = (torch::randn({2, 8, 4, 6}) * 2 + 1).to(dtype).transpose(2, 3);
     const auto grad_y = torch::randn({2, 8, 6, 4}).to(dtype);
-    auto x64 = x.to(torch::kFloat64).requires_grad_(true);
-    auto w64 = norm->weight.detach().to(torch::kFloat64).requires_grad_(true);
-    auto b64 = norm->bias.detach().to(torch::kFloat64).requires_grad_(true);
+    auto x64 = float64_leaf(x), w64 = float64_leaf(norm->weight), b64 = float64_leaf(norm->bias);
     torch::silu(torch::group_norm(x64, 4, w64, b64, 1e-5)).backward(grad_y.to(torch::kFloat64));
     const auto expected = torch::silu(torch::group_norm(x64.detach(), 4, w64.detach(), b64.detach(), 1e-5));
 
@@ -244,7 +238,7 @@ TEST(EmulatedFusedOps, GEGLUAutogradMatchesFloat64) {
     SCOPED_TRACE(::testing::Message() << dtype);
     const auto projected = (torch::randn({5, 3, 32}) * 2).to(dtype).transpose(0, 1);  // [3, 5, 32], strided
     const auto grad_out = torch::randn({3, 5, 16}).to(dtype);
-    auto p64 = projected.to(torch::kFloat64).requires_grad_(true);
+    auto p64 = float64_leaf(projected);
     const auto parts = p64.chunk(2, -1);
     (parts[0] * torch::gelu(parts[1])).backward(grad_out.to(torch::kFloat64));
     const auto input = projected.detach().requires_grad_(true);
@@ -262,17 +256,11 @@ TEST(EmulatedFusedOps, LayerNormAutogradMatchesFloat64) {
   for (const auto dtype : {torch::kFloat32, torch::kBFloat16}) {
     SCOPED_TRACE(::testing::Message() << dtype);
     torch::nn::LayerNorm norm(torch::nn::LayerNormOptions({4, 8}).eps(1e-5));  // two normalized dimensions
-    {
-      torch::NoGradGuard no_grad;
-      norm->weight.normal_(1.0, 0.5);
-      norm->bias.normal_(0.0, 0.5);
-    }
+    randomize_affine(*norm);
     norm->to(dtype);
     const auto x = (torch::randn({3, 4, 5, 8}) * 2 + 1).to(dtype).transpose(1, 2);  // [3, 5, 4, 8], strided
     const auto grad_y = torch::randn({3, 5, 4, 8}).to(dtype);
-    auto x64 = x.to(torch::kFloat64).requires_grad_(true);
-    auto w64 = norm->weight.detach().to(torch::kFloat64).requires_grad_(true);
-    auto b64 = norm->bias.detach().to(torch::kFloat64).requires_grad_(true);
+    auto x64 = float64_leaf(x), w64 = float64_leaf(norm->weight), b64 = float64_leaf(norm->bias);
     const auto expected = torch::layer_norm(x64, {4, 8}, w64, b64, 1e-5);
     expected.backward(grad_y.to(torch::kFloat64));
 

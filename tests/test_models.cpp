@@ -72,7 +72,9 @@ torch::Tensor other_case(const std::string& key) {
   return fixture_tensor("other_cases.safetensors", key);
 }
 
+using scedit_test::float64_leaf;
 using scedit_test::fused_tolerance;
+using scedit_test::randomize_affine;
 using scedit_test::rel_err;
 
 sd::UNetConfig tiny_unet_config() { return sd::UNetConfig::from_json(config_json("unet_tiny")); }
@@ -718,22 +720,13 @@ TEST_F(Models, FusedGroupNormSiLUMatchesFloat64_CUDA) {
       SCOPED_TRACE(::testing::Message() << k.n << "x" << k.c << "x" << k.h << "x" << k.w << " groups " << k.groups
                                         << " affine " << k.affine << " " << dtype);
       torch::nn::GroupNorm norm(torch::nn::GroupNormOptions(k.groups, k.c).eps(1e-5).affine(k.affine));
-      if (k.affine) {
-        torch::NoGradGuard no_grad;
-        norm->weight.normal_(1.0, 0.5);
-        norm->bias.normal_(0.0, 0.5);
-      }
+      if (k.affine) randomize_affine(*norm);
       norm->to(gpu, dtype);
       // An offset mean checks the statistics' cancellation; inputs rounded to dtype once, for both.
       const auto x = (torch::randn({k.n, k.c, k.h, k.w}) * 3 + 1.5).to(gpu, dtype);
       const auto grad_out = torch::randn({k.n, k.c, k.h, k.w}).to(gpu, dtype);
 
-      auto x64 = x.to(torch::kFloat64).requires_grad_(true);
-      torch::Tensor w64, b64;
-      if (k.affine) {
-        w64 = norm->weight.detach().to(torch::kFloat64).requires_grad_(true);
-        b64 = norm->bias.detach().to(torch::kFloat64).requires_grad_(true);
-      }
+      auto x64 = float64_leaf(x), w64 = float64_leaf(norm->weight), b64 = float64_leaf(norm->bias);
       const auto expected = torch::silu(torch::group_norm(x64, k.groups, w64, b64, 1e-5));
       expected.backward(grad_out.to(torch::kFloat64));
 
@@ -763,7 +756,7 @@ TEST_F(Models, FusedGEGLUMatchesFloat64_CUDA) {
       auto out_sizes = sizes;
       out_sizes.back() /= 2;
       const auto grad_out = torch::randn(out_sizes).to(gpu, dtype);
-      auto p64 = projected.to(torch::kFloat64).requires_grad_(true);
+      auto p64 = float64_leaf(projected);
       const auto parts = p64.chunk(2, -1);
       const auto expected = parts[0] * torch::gelu(parts[1]);
       expected.backward(grad_out.to(torch::kFloat64));
@@ -792,17 +785,11 @@ TEST_F(Models, FusedLayerNormMatchesFloat64_CUDA) {
     for (const auto dtype : {torch::kFloat32, torch::kBFloat16, torch::kFloat16}) {
       SCOPED_TRACE(::testing::Message() << c.sizes.back() << " wide, " << dtype);
       torch::nn::LayerNorm norm(torch::nn::LayerNormOptions(c.normalized).eps(1e-5));
-      {
-        torch::NoGradGuard no_grad;
-        norm->weight.normal_(1.0, 0.5);
-        norm->bias.normal_(0.0, 0.5);
-      }
+      randomize_affine(*norm);
       norm->to(gpu, dtype);
       const auto x = (torch::randn(c.sizes) * 3 + 1.5).to(gpu, dtype);
       const auto grad_out = torch::randn(c.sizes).to(gpu, dtype);
-      auto x64 = x.to(torch::kFloat64).requires_grad_(true);
-      auto w64 = norm->weight.detach().to(torch::kFloat64).requires_grad_(true);
-      auto b64 = norm->bias.detach().to(torch::kFloat64).requires_grad_(true);
+      auto x64 = float64_leaf(x), w64 = float64_leaf(norm->weight), b64 = float64_leaf(norm->bias);
       const auto expected = torch::layer_norm(x64, c.normalized, w64, b64, 1e-5);
       expected.backward(grad_out.to(torch::kFloat64));
 
