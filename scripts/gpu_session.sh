@@ -102,15 +102,14 @@ stage_bench() {
   }
   : > "$OUT/bench.md"
   # Most telling first: rows past the deadline are skipped, and what ran is kept. (The v0.3 to
-  # v0.5 rows of bench/RESULTS.md came from this stage at commits b4576d5, 342a860 and ce1b1ce,
-  # with the rows listed there.)
-  # v0.6: the default levers as a plain run gets them (norm-dtype + fused where they run), then
-  # with the fused LayerNorm kernel, alone, with ff-recompute (both methods) and under a CUDA graph.
+  # v0.6 rows of bench/RESULTS.md came from this stage at commits b4576d5, 342a860, ce1b1ce and
+  # 86bb28a, with the rows listed there.)
+  # The default levers as a plain run gets them (norm-dtype + the fused kernels where they run),
+  # with ff-recompute (both methods), under a CUDA graph, and LoRA's row for the memory ratio.
   run_bench default --methods scedit --batch-sizes 30,1
-  run_bench layer-norm --methods scedit --batch-sizes 30,1 --lean default,fused-layer-norm
-  run_bench layer-norm-ff --batch-sizes 30 --lean default,fused-layer-norm,ff-recompute
-  run_bench layer-norm-graph --methods scedit --batch-sizes 1 --lean default,fused-layer-norm --cuda-graph
-  run_bench layer-norm-lora --methods lora --batch-sizes 30 --lean default,fused-layer-norm
+  run_bench default-ff --batch-sizes 30 --lean default,ff-recompute
+  run_bench default-graph --methods scedit --batch-sizes 1 --cuda-graph
+  run_bench default-lora --methods lora --batch-sizes 30
   python3 - "$OUT/bench.json" "${rows[@]}" <<'EOF'
 import json, sys
 rows = []
@@ -127,8 +126,8 @@ EOF
 stage_profile() {
   local flags=(--precisions bf16w --methods scedit --batch-sizes 30 --steps 3 --op-profile 45)
   {
-    echo "== memory_vs_lora ${flags[*]} --lean default,fused-layer-norm"
-    "$BUILD/bin/memory_vs_lora" "${flags[@]}" --lean default,fused-layer-norm
+    echo "== memory_vs_lora ${flags[*]} (default levers)"
+    "$BUILD/bin/memory_vs_lora" "${flags[@]}"
   } > "$OUT/profile.md" 2>&1
   tail -60 "$OUT/profile.md"
 }
