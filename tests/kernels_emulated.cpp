@@ -17,8 +17,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "test_numerics.hpp"
-#include "test_paths.hpp"
+#include "test_util.hpp"
 
 #include <fstream>
 #include <vector>

@@ -19,7 +19,7 @@
 
 #include <fstream>
 
-#include "test_paths.hpp"
+#include "test_util.hpp"
 
 namespace {
 

@@ -22,7 +22,7 @@
 #include <utility>
 #include <vector>
 
-#include "test_paths.hpp"
+#include "test_util.hpp"
 
 namespace fs = std::filesystem;
 

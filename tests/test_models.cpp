@@ -16,8 +16,7 @@
 #include <sd/vae.hpp>
 
 #include "../bench/counting_allocator.hpp"
-#include "test_numerics.hpp"
-#include "test_paths.hpp"
+#include "test_util.hpp"
 
 #include <ATen/CPUGeneratorImpl.h>
 

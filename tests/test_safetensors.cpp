@@ -21,7 +21,7 @@
 #include <string>
 #include <vector>
 
-#include "test_paths.hpp"
+#include "test_util.hpp"
 
 namespace {
 

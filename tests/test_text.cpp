@@ -14,8 +14,7 @@
 #include <sd/scheduler.hpp>
 #include <sd/tokenizer.hpp>
 
-#include "test_numerics.hpp"
-#include "test_paths.hpp"
+#include "test_util.hpp"
 
 #include <cmath>
 #include <filesystem>

@@ -15,7 +15,7 @@
 #include <fstream>
 #include <sstream>
 
-#include "test_paths.hpp"
+#include "test_util.hpp"
 
 namespace fs = std::filesystem;
 using ::testing::HasSubstr;

@@ -12,8 +12,7 @@
 #include <sd/ldm_keys.hpp>
 #include <sd/weights.hpp>
 
-#include "test_numerics.hpp"
-#include "test_paths.hpp"
+#include "test_util.hpp"
 
 #include <cstdlib>
 #include <filesystem>

@@ -1,0 +1,124 @@
+#pragma once
+/// @file test_util.hpp
+/// @brief What every test file shares: where the reference data is, the message of an error, a
+/// scratch folder, and how tensors are compared.
+
+#include <torch/torch.h>
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <exception>
+#include <filesystem>
+#include <string>
+#include <system_error>
+#include <utility>
+#include <vector>
+
+namespace scedit_test {
+
+// ---- reference data ----------------------------------------------------------------------------
+
+/// `$variable` when set (relative paths are taken from the repository root), else `fallback`
+/// under the repository root.
+inline std::filesystem::path env_or(const char* variable, const char* fallback) {
+  if (const char* value = std::getenv(variable); value != nullptr && *value != '\0') {
+    std::filesystem::path path(value);
+    return path.is_absolute() ? path : std::filesystem::path(SCEDIT_SOURCE_DIR) / path;
+  }
+  return std::filesystem::path(SCEDIT_SOURCE_DIR) / fallback;
+}
+
+/// Folder of the reference fixtures (manifest.json, *.safetensors, controlnet/, odd_size/):
+/// `$SCEDIT_FIXTURES`, else the repository's copy in tests/data/fixtures.
+inline std::filesystem::path fixtures_dir() { return env_or("SCEDIT_FIXTURES", "tests/data/fixtures"); }
+
+/// Folder of the other test data (clip/, images/): `$SCEDIT_DATA`, else tests/data.
+inline std::filesystem::path data_dir() { return env_or("SCEDIT_DATA", "tests/data"); }
+
+// ---- errors ------------------------------------------------------------------------------------
+
+/// The message of what `f` throws (a `c10::Error` without its backtrace, or any
+/// `std::exception`), or "" when it throws nothing.
+template <typename F>
+std::string error_of(F&& f) {
+  try {
+    std::forward<F>(f)();
+  } catch (const c10::Error& e) {
+    return e.what_without_backtrace();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "";
+}
+
+// ---- files -------------------------------------------------------------------------------------
+
+/// A fresh, empty folder under the system's temporary folder, removed with its contents when the
+/// object goes away. Unique per process and object, so tests can run in parallel.
+class TempDir {
+ public:
+  /// `name` appears in the folder's name, to tell the folders of different tests apart.
+  explicit TempDir(const std::string& name = "test") {
+    static std::atomic<int> counter{0};
+    path_ = std::filesystem::temp_directory_path() /
+            ("scedit_" + name + "_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
+    std::filesystem::remove_all(path_);
+    std::filesystem::create_directories(path_);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  ~TempDir() {
+    std::error_code ignored;
+    std::filesystem::remove_all(path_, ignored);
+  }
+
+  /// The folder.
+  const std::filesystem::path& path() const { return path_; }
+  /// The path of `name` inside the folder, as a string.
+  std::string file(const std::string& name) const { return (path_ / name).string(); }
+  /// The names of the folder's entries, sorted.
+  std::vector<std::string> entries() const {
+    std::vector<std::string> names;
+    for (const auto& entry : std::filesystem::directory_iterator(path_)) {
+      names.push_back(entry.path().filename().string());
+    }
+    std::sort(names.begin(), names.end());
+    return names;
+  }
+
+ private:
+  std::filesystem::path path_;
+};
+
+// ---- numerics ----------------------------------------------------------------------------------
+
+/// ||out - ref|| / ||ref||, in float64.
+inline double rel_err(const torch::Tensor& out, const torch::Tensor& ref) {
+  const auto o = out.to(torch::kFloat64), r = ref.to(torch::kFloat64);
+  return (o - r).norm().item<double>() / r.norm().item<double>();
+}
+
+/// Tolerance of a fused kernel's result in `dtype` against float64 on the same rounded inputs:
+/// float32 arithmetic, one rounding to the element type.
+inline double fused_tolerance(torch::Dtype dtype) {
+  return dtype == torch::kFloat32 ? 1e-5 : dtype == torch::kFloat16 ? 3e-3 : 2e-2;
+}
+
+/// `t` in float64, detached, as a leaf that records its gradient: the reference side of a
+/// comparison (undefined stays undefined).
+inline torch::Tensor float64_leaf(const torch::Tensor& t) {
+  return t.defined() ? t.detach().to(torch::kFloat64).requires_grad_(true) : t;
+}
+
+/// Draws a norm's affine parameters around weight 1 and bias 0, so that both matter in a test.
+template <typename NormImpl>
+void randomize_affine(NormImpl& norm) {
+  torch::NoGradGuard no_grad;
+  norm.weight.normal_(1.0, 0.5);
+  norm.bias.normal_(0.0, 0.5);
+}
+
+}  // namespace scedit_test
