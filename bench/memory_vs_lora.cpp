@@ -1,7 +1,8 @@
 // memory_vs_lora: the seed's table — training memory and speed of SCEdit against LoRA on the
 // Stable Diffusion 1.5 UNet — measured with this project's own model and training step.
 //
-// One step = forward, MSE on ε, backward, AdamW step (common::TrainStep, what train_style runs).
+// One step = forward, MSE on ε, backward, AdamW step (common::TrainStep on the tuners'
+// Trainable, what train_style runs).
 // Peak memory: on CUDA the caching allocator's peak allocated bytes (PEERS.md's metric), on the
 // CPU an exact count of tensor bytes (bench/counting_allocator.hpp); weights included.
 // Without a GPU it runs a reduced model of the same layout by default (see --config).
@@ -10,8 +11,13 @@
 #include "op_profile.hpp"
 
 #include <common/graphed_step.hpp>
+#include <common/lean.hpp>
 #include <common/memory.hpp>
-#include <common/train.hpp>
+#include <common/model.hpp>
+#include <common/sample_order.hpp>
+#include <common/strings.hpp>
+#include <common/train_step.hpp>
+#include <common/tuners.hpp>
 #include <sd/clip.hpp>
 #include <sd/tiny.hpp>
 #include <sd/unet.hpp>
@@ -119,8 +125,8 @@ void synchronize(const torch::Device& device) {
 Row measure(sd::UNet& unet, const Shapes& shapes, const std::string& method,
             const std::string& precision_name, int64_t batch, const Run& run) {
   const auto& device = run.device;
-  const auto precision = common::parse_precision(precision_name == "bf16w" ? "bf16" : precision_name);
-  const auto dtype = common::compute_dtype(precision);
+  const auto precision = sd::parse_precision(precision_name == "bf16w" ? "bf16" : precision_name);
+  const auto dtype = sd::compute_dtype(precision);
   PeakMeter meter{device};
   meter.reset();
 
@@ -130,17 +136,20 @@ Row measure(sd::UNet& unet, const Shapes& shapes, const std::string& method,
   auto tuners = common::attach_tuners(unet, options, device);
   unet->train();
   const auto count = scedit::count_parameters(*unet);
-  common::TrainStep step(unet, tuners, sd::NoiseSchedule(), run.optim, precision, device);
+  const auto trainable = common::tuner_trainable(unet, tuners, options);
+  common::TrainStep step(trainable.denoiser, trainable.tensors(), sd::NoiseSchedule(), run.optim,
+                         precision, device);
   // Captured in the last warm-up step, so the timed steps are replays.
   std::optional<common::GraphedTrainStep> graphed;
   if (run.cuda_graph) graphed.emplace(step, /*seed=*/0, /*eager_steps=*/std::max<int64_t>(1, run.warmup - 1));
 
-  auto latents = torch::randn({batch, 4, shapes.latent, shapes.latent}).to(device);
-  auto text = torch::randn({batch, 77, shapes.unet.cross_attention_dim}).to(device, dtype);
+  common::TrainBatch inputs;
+  inputs.latents = torch::randn({batch, 4, shapes.latent, shapes.latent}).to(device);
+  inputs.text = torch::randn({batch, 77, shapes.unet.cross_attention_dim}).to(device, dtype);
   // Step i without a graph: its noise from the i-th generator, then AdamW.
   auto eager_step = [&](int64_t i) {
     auto generator = common::step_generator(0, i);
-    step.forward_backward(latents, text, generator);
+    step.forward_backward(inputs, generator);
     step.optimizer_step(1e-4);
   };
   std::vector<double> times;
@@ -148,7 +157,7 @@ Row measure(sd::UNet& unet, const Shapes& shapes, const std::string& method,
     synchronize(device);
     const auto begin = std::chrono::steady_clock::now();
     if (graphed) {
-      graphed->run(latents, text, 1e-4);
+      graphed->run(inputs, 1e-4);
     } else {
       eager_step(i);
     }
@@ -179,8 +188,7 @@ Row measure(sd::UNet& unet, const Shapes& shapes, const std::string& method,
 
 std::vector<int64_t> parse_ints(const std::string& text, const char* flag) {
   std::vector<int64_t> values;
-  std::stringstream stream(text);
-  for (std::string part; std::getline(stream, part, ',');) {
+  for (const auto& part : common::split_list(text)) {
     try {
       values.push_back(std::stoll(part));
     } catch (const std::exception&) {
@@ -192,12 +200,6 @@ std::vector<int64_t> parse_ints(const std::string& text, const char* flag) {
   return values;
 }
 
-std::vector<std::string> parse_words(const std::string& text) {
-  std::vector<std::string> words;
-  std::stringstream stream(text);
-  for (std::string part; std::getline(stream, part, ',');) words.push_back(part);
-  return words;
-}
 
 }  // namespace
 
@@ -242,8 +244,8 @@ int main(int argc, char** argv) {
     if (latent > 0) shapes.latent = latent;
     if (batches == "auto") batches = config == "sd15" ? "1,10,30" : "1,4";
     const auto batch_sizes = parse_ints(batches, "--batch-sizes");
-    const auto precision_list = parse_words(precisions);
-    const auto method_list = parse_words(methods);
+    const auto precision_list = common::split_list(precisions);
+    const auto method_list = common::split_list(methods);
     const auto lean = common::parse_lean_activations(lean_flag, device);
     run.optim.foreach = optimizer == "foreach";  // otherwise SCEdit's recipe, as train_style
     TORCH_CHECK(!run.cuda_graph || run.warmup >= 2, "--cuda-graph needs --warmup 2 or more (one eager "

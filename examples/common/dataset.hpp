@@ -1,6 +1,7 @@
 #pragma once
 /// @file
-/// A captioned image folder for the training programs, and a generated demo style dataset.
+/// A captioned image folder for the training programs (the generated demo data: demo_data.hpp),
+/// and the interface through which the training run reads any dataset (`ImageSource`).
 ///
 /// Three layouts are recognised (checked in this order):
 /// 1. `metadata.jsonl` — one JSON object per line with `file_name` and `text` (the diffusers /
@@ -16,7 +17,10 @@
 /// The path may also name the `.jsonl` / `.csv` file itself. Image paths in a CSV / JSONL are
 /// relative to the folder that holds it.
 
+#include <common/csv.hpp>
+#include <common/files.hpp>
 #include <common/image.hpp>
+#include <sd/stable_diffusion.hpp>
 
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
@@ -33,71 +37,6 @@
 #include <vector>
 
 namespace common {
-
-// ---- CSV -------------------------------------------------------------------------------------
-
-/// One record of a CSV file: its fields and the line on which it starts (1-based).
-struct CsvRow {
-  std::vector<std::string> fields;  ///< the unquoted field values
-  int64_t line = 0;                 ///< line of the file where the record starts
-};
-
-/// Parses CSV text per RFC 4180: comma-separated fields, `"quoted"` fields that may contain
-/// commas, line breaks and doubled quotes (`""` -> `"`), LF or CRLF record ends. A leading UTF-8
-/// byte-order mark and blank lines are skipped. Lenient like Python's csv module: a quote inside
-/// an unquoted field is kept literally. Throws naming `name` and the line of an unterminated
-/// quoted field.
-inline std::vector<CsvRow> parse_csv(const std::string& text, const std::string& name = "CSV") {
-  std::vector<CsvRow> rows;
-  CsvRow row;
-  std::string field;
-  bool quoted = false, in_quotes = false;
-  int64_t line = 1, quote_line = 1;
-  row.line = 1;
-  size_t i = text.compare(0, 3, "\xEF\xBB\xBF") == 0 ? 3 : 0;
-  auto end_field = [&] {
-    row.fields.push_back(field);
-    field.clear();
-    quoted = false;
-  };
-  auto end_row = [&] {
-    end_field();
-    const bool blank = row.fields.size() == 1 && row.fields[0].empty();
-    if (!blank) rows.push_back(row);
-    row = CsvRow{};
-    row.line = line;
-  };
-  for (; i < text.size(); ++i) {
-    const char c = text[i];
-    if (in_quotes) {
-      if (c == '"') {
-        if (i + 1 < text.size() && text[i + 1] == '"') {
-          field.push_back('"');
-          ++i;
-        } else {
-          in_quotes = false;
-        }
-      } else {
-        if (c == '\n') ++line;
-        field.push_back(c);
-      }
-    } else if (c == '"' && field.empty() && !quoted) {
-      in_quotes = quoted = true;
-      quote_line = line;
-    } else if (c == ',') {
-      end_field();
-    } else if (c == '\n' || c == '\r') {
-      if (c == '\r' && i + 1 < text.size() && text[i + 1] == '\n') ++i;
-      ++line;
-      end_row();
-    } else {
-      field.push_back(c);
-    }
-  }
-  TORCH_CHECK(!in_quotes, name, ": unterminated quoted field starting on line ", quote_line);
-  if (!field.empty() || quoted || !row.fields.empty()) end_row();
-  return rows;
-}
 
 // ---- options and samples ---------------------------------------------------------------------
 
@@ -129,8 +68,7 @@ inline std::string to_string(DatasetLayout layout) {
 ///
 /// Example:
 /// ```
-/// common::CaptionedImageDataset data("my_style/",
-///     common::DatasetOptions(512).random_flip(true).caption_dropout(0.1));
+/// common::CaptionedImageDataset data("my_style/", common::DatasetOptions(512).random_flip(true));
 /// ```
 struct DatasetOptions {
   /// `resolution`: side of the square training images.
@@ -142,8 +80,6 @@ struct DatasetOptions {
   TORCH_ARG(bool, center_crop) = false;
   /// Mirror left-right with probability 1/2.
   TORCH_ARG(bool, random_flip) = false;
-  /// Probability of replacing the caption by "" (for classifier-free guidance training).
-  TORCH_ARG(double, caption_dropout) = 0.0;
   /// Skip bad items (counting them) or throw on the first.
   TORCH_ARG(BadDataPolicy, bad_data) = BadDataPolicy::skip;
   /// Enlarge images whose short side is below `resolution` instead of treating them as bad data.
@@ -154,18 +90,26 @@ struct DatasetOptions {
   TORCH_ARG(bool, cache_images) = false;
 };
 
-/// One training sample.
+/// One training sample, before the frozen encoders.
 struct CaptionedImage {
   torch::Tensor image;  ///< float [3, R, R] in [-1, 1]
-  std::string caption;  ///< the caption, "" when dropped
+  std::string caption;  ///< the caption
   std::string file;     ///< the image file it came from
+  /// The condition images that go with it (controllable generation), each float [3, R, R] in
+  /// [0, 1] and cropped and flipped as the image; none for a plain captioned dataset.
+  std::vector<torch::Tensor> conditions;
 };
 
-/// A batch of training samples.
-struct CaptionedBatch {
-  torch::Tensor images;               ///< float [B, 3, R, R] in [-1, 1]
-  std::vector<std::string> captions;  ///< B captions ("" where dropped)
-  std::vector<std::string> files;     ///< B image files
+/// What the training run reads samples from: `size()` samples, sample `i` with all its randomness
+/// (crop, flip, ...) drawn from the caller's CPU generator, so that a sample is a pure function of
+/// its index and the generator's seed.
+class ImageSource {
+ public:
+  virtual ~ImageSource() = default;
+  /// Number of samples.
+  virtual int64_t size() const = 0;
+  /// Sample `index` (0 <= index < size()); random choices from `generator` (a CPU generator).
+  virtual CaptionedImage get(int64_t index, torch::Generator& generator) const = 0;
 };
 
 /// One usable item of a dataset: an image file and its caption.
@@ -239,10 +183,9 @@ inline std::string join_names(const std::vector<std::string>& names) {
 /// file name and then skipped or fatal, per `DatasetOptions::bad_data`.
 ///
 /// `get` applies: resize the short side to R (antialiased) -> R x R crop (centred or random) ->
-/// random horizontal flip -> [-1, 1] float -> caption dropout. Random draws come from the
-/// caller's CPU generator, in that order (crop top, crop left, flip, dropout), each only when the
-/// option is on.
-class CaptionedImageDataset {
+/// random horizontal flip -> [-1, 1] float. Random draws come from the caller's CPU generator, in
+/// that order (crop top, crop left, flip), each only when the option is on.
+class CaptionedImageDataset : public ImageSource {
  public:
   /// Scans `root` (a folder, or a .csv / .jsonl file). Throws when it does not exist, has no
   /// recognised layout, has no usable item, or (fatal policy) holds a bad item.
@@ -250,9 +193,6 @@ class CaptionedImageDataset {
       : root_(root), options_(std::move(options)) {
     TORCH_CHECK(options_.resolution() > 0, "DatasetOptions::resolution must be positive, got ",
                 options_.resolution());
-    TORCH_CHECK(options_.caption_dropout() >= 0.0 && options_.caption_dropout() <= 1.0,
-                "DatasetOptions::caption_dropout must be in [0, 1], got ",
-                options_.caption_dropout());
     validate(list_candidates());
     TORCH_CHECK(!items_.empty(), "dataset '", root_.string(), "' (", to_string(layout_),
                 "): no usable images", problems_.empty() ? "" : "; first problem: ",
@@ -260,7 +200,7 @@ class CaptionedImageDataset {
   }
 
   /// Number of usable items.
-  int64_t size() const { return static_cast<int64_t>(items_.size()); }
+  int64_t size() const override { return static_cast<int64_t>(items_.size()); }
   /// Number of bad items left out.
   int64_t skipped() const { return static_cast<int64_t>(problems_.size()); }
   /// One message per bad item, each naming its file and what is wrong.
@@ -272,9 +212,9 @@ class CaptionedImageDataset {
   /// The options it was built with.
   const DatasetOptions& options() const { return options_; }
 
-  /// Sample `index` (0 <= index < size()): image float [3, R, R] in [-1, 1], caption (or "" when
-  /// dropped), file. Random choices come from `generator` (a CPU generator).
-  CaptionedImage get(int64_t index, torch::Generator& generator) const {
+  /// Sample `index` (0 <= index < size()): image float [3, R, R] in [-1, 1], caption, file.
+  /// Random choices come from `generator` (a CPU generator).
+  CaptionedImage get(int64_t index, torch::Generator& generator) const override {
     TORCH_CHECK(index >= 0 && index < size(), "CaptionedImageDataset::get: index ", index,
                 " out of range for ", size(), " items");
     const auto& item = items_[static_cast<size_t>(index)];
@@ -288,28 +228,7 @@ class CaptionedImageDataset {
     if (options_.random_flip() && torch::rand({1}, generator).item<double>() < 0.5) {
       image = hflip(image);
     }
-    std::string caption = item.caption;
-    if (options_.caption_dropout() > 0.0 &&
-        torch::rand({1}, generator).item<double>() < options_.caption_dropout()) {
-      caption.clear();
-    }
-    return CaptionedImage{to_float(image), std::move(caption), item.file};  // [3, R, R]
-  }
-
-  /// The samples at `indices`, stacked: images [B, 3, R, R].
-  CaptionedBatch get_batch(const std::vector<int64_t>& indices,
-                           torch::Generator& generator) const {
-    TORCH_CHECK(!indices.empty(), "CaptionedImageDataset::get_batch: no indices");
-    CaptionedBatch batch;
-    std::vector<torch::Tensor> images;
-    for (int64_t index : indices) {
-      auto sample = get(index, generator);
-      images.push_back(sample.image);
-      batch.captions.push_back(std::move(sample.caption));
-      batch.files.push_back(std::move(sample.file));
-    }
-    batch.images = torch::stack(images);  // B x [3, R, R] -> [B, 3, R, R]
-    return batch;
+    return CaptionedImage{sd::to_float(image), item.caption, item.file, {}};  // [3, R, R]
   }
 
  private:
@@ -503,141 +422,5 @@ class CaptionedImageDataset {
   std::vector<torch::Tensor> cache_;  // [h, w, 3] uint8, short side R, when cache_images
   std::vector<std::string> problems_;
 };
-
-// ---- the demo style dataset ------------------------------------------------------------------
-
-namespace detail {
-
-/// SplitMix64: a tiny generator whose sequence is fixed by its definition (std's distributions
-/// are not portable across standard libraries).
-struct SplitMix64 {
-  uint64_t state;
-  uint64_t next() {
-    uint64_t z = (state += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-  }
-  double uniform(double lo, double hi) {  // [lo, hi)
-    return lo + (hi - lo) * static_cast<double>(next() >> 11) * 0x1.0p-53;
-  }
-  size_t index(size_t n) { return static_cast<size_t>(next() % n); }
-};
-
-struct DemoColour {
-  const char* name;
-  std::array<double, 3> rgb;
-};
-
-inline const std::vector<DemoColour>& demo_palette() {
-  static const std::vector<DemoColour> palette{
-      {"red", {214, 48, 49}},     {"orange", {243, 139, 33}}, {"yellow", {246, 206, 58}},
-      {"green", {67, 160, 71}},   {"teal", {38, 166, 154}},   {"blue", {41, 98, 205}},
-      {"purple", {126, 68, 178}}, {"pink", {240, 128, 170}},  {"white", {246, 244, 236}},
-      {"grey", {140, 140, 146}}};
-  return palette;
-}
-
-/// Signed distance from (x, y) to a closed polygon: negative inside (even-odd rule).
-inline double polygon_distance(const std::vector<std::array<double, 2>>& v, double x, double y) {
-  double best = 1e30;
-  bool inside = false;
-  for (size_t i = 0, j = v.size() - 1; i < v.size(); j = i++) {
-    const double ax = v[j][0], ay = v[j][1], bx = v[i][0], by = v[i][1];
-    const double ex = bx - ax, ey = by - ay;
-    const double t = std::clamp(((x - ax) * ex + (y - ay) * ey) / (ex * ex + ey * ey), 0.0, 1.0);
-    const double dx = x - (ax + t * ex), dy = y - (ay + t * ey);
-    best = std::min(best, dx * dx + dy * dy);
-    if ((ay > y) != (by > y) && x < ax + (y - ay) * ex / ey) inside = !inside;
-  }
-  return inside ? -std::sqrt(best) : std::sqrt(best);
-}
-
-}  // namespace detail
-
-/// Generates a small synthetic style dataset in the metadata.jsonl layout: `n` square PNGs of
-/// side `resolution` under `folder/images/`, each one flat-coloured shape (circle, square,
-/// triangle, diamond, hexagon, star) with a thick dark outline and a hard drop shadow on a flat
-/// background — a consistent "flat style" — captioned like "a red circle on an orange
-/// background, flat style". The same seed gives the same files. Returns `folder`.
-inline std::filesystem::path make_demo_dataset(const std::filesystem::path& folder, int64_t n,
-                                               int64_t resolution, uint64_t seed) {
-  TORCH_CHECK(n > 0, "make_demo_dataset: n must be positive, got ", n);
-  TORCH_CHECK(resolution >= 16, "make_demo_dataset: resolution must be >= 16, got ", resolution);
-  std::filesystem::create_directories(folder / "images");
-  constexpr double pi = 3.14159265358979323846;
-  static const std::array<const char*, 6> shapes{"circle", "square",  "triangle",
-                                                 "diamond", "hexagon", "star"};
-  const auto& palette = detail::demo_palette();
-  detail::SplitMix64 rng{seed};
-  const double size = static_cast<double>(resolution);
-  const double outline = std::max(2.0, 0.035 * size);  // outline width, pixels
-  const double shadow = std::max(2.0, 0.045 * size);   // drop shadow offset, pixels
-  const std::array<double, 3> ink{28, 28, 36};         // outline colour
-  std::string metadata;
-  for (int64_t k = 0; k < n; ++k) {
-    const size_t shape = rng.index(shapes.size());
-    const size_t fg = rng.index(palette.size());
-    size_t bg = rng.index(palette.size() - 1);
-    if (bg >= fg) ++bg;  // never the shape's colour
-    const double cx = size * rng.uniform(0.38, 0.62), cy = size * rng.uniform(0.38, 0.62);
-    const double radius = size * rng.uniform(0.20, 0.30);
-    const double tilt = rng.uniform(-0.2, 0.2);  // radians
-    // The polygon (all shapes but the circle), counter-clockwise, pointing up.
-    std::vector<std::array<double, 2>> poly;
-    auto regular = [&](int sides, double phase, double r_outer, double r_inner) {
-      const int count = r_inner > 0 ? 2 * sides : sides;
-      for (int i = 0; i < count; ++i) {
-        const double r = (r_inner > 0 && i % 2 == 1) ? r_inner : r_outer;
-        const double a = phase + tilt - pi / 2 + 2 * pi * i / count;
-        poly.push_back({cx + r * std::cos(a), cy + r * std::sin(a)});
-      }
-    };
-    const std::string shape_name = shapes[shape];
-    if (shape_name == "square") regular(4, pi / 4, radius * 1.1, 0);
-    if (shape_name == "triangle") regular(3, 0, radius * 1.2, 0);
-    if (shape_name == "diamond") regular(4, 0, radius * 1.2, 0);
-    if (shape_name == "hexagon") regular(6, pi / 6, radius, 0);
-    if (shape_name == "star") regular(5, 0, radius * 1.2, radius * 0.5);
-    auto distance = [&](double x, double y) {
-      if (poly.empty()) return std::hypot(x - cx, y - cy) - radius;
-      return detail::polygon_distance(poly, x, y);
-    };
-    const auto& fill = palette[fg].rgb;
-    const auto& back = palette[bg].rgb;
-    std::vector<uint8_t> pixels(static_cast<size_t>(resolution * resolution * 3));
-    for (int64_t y = 0; y < resolution; ++y) {
-      for (int64_t x = 0; x < resolution; ++x) {
-        const double px = x + 0.5, py = y + 0.5;
-        const double d = distance(px, py);
-        const double d_shadow = distance(px - shadow, py - shadow) - outline / 2;
-        // coverage with a one-pixel antialiased edge
-        const double shadow_cover = std::clamp(0.5 - d_shadow, 0.0, 1.0);
-        const double fill_cover = std::clamp(0.5 - d, 0.0, 1.0);
-        const double ink_cover = std::clamp(outline / 2 + 0.5 - std::abs(d), 0.0, 1.0);
-        for (int ch = 0; ch < 3; ++ch) {
-          double v = back[static_cast<size_t>(ch)];
-          v += shadow_cover * (0.62 * back[static_cast<size_t>(ch)] - v);
-          v += fill_cover * (fill[static_cast<size_t>(ch)] - v);
-          v += ink_cover * (ink[static_cast<size_t>(ch)] - v);
-          pixels[static_cast<size_t>((y * resolution + x) * 3 + ch)] =
-              static_cast<uint8_t>(std::clamp(std::lround(v), 0L, 255L));
-        }
-      }
-    }
-    auto article = [](const char* word) {
-      return std::string(std::strchr("aeiou", word[0]) != nullptr ? "an " : "a ") + word;
-    };
-    const std::string caption = article(palette[fg].name) + " " + shape_name + " on " +
-                                article(palette[bg].name) + " background, flat style";
-    char file[48];
-    std::snprintf(file, sizeof(file), "images/demo_%04lld.png", static_cast<long long>(k));
-    auto image = torch::from_blob(pixels.data(), {resolution, resolution, 3}, torch::kUInt8);
-    write_png((folder / file).string(), image, {{"caption", caption}});
-    metadata += nlohmann::json{{"file_name", file}, {"text", caption}}.dump() + "\n";
-  }
-  write_file_atomic(folder / "metadata.jsonl", metadata);
-  return folder;
-}
 
 }  // namespace common

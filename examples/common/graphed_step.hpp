@@ -5,8 +5,8 @@
 /// of small kernels, and a replay launches them all at once.
 ///
 /// What makes the step capturable: noise and timesteps are drawn on the device from a generator
-/// the graph advances on each replay; the inputs are copied into fixed ("static") tensors the
-/// graph reads; AdamW keeps its step count and learning rate on the device
+/// the graph advances on each replay; the batch (latents, text, conditions) is copied into fixed
+/// ("static") tensors the graph reads; AdamW keeps its step count and learning rate on the device
 /// (`scedit::CapturableAdamW`); gradient clipping reads no norm on the host; the gradients are
 /// allocated by the captured backward pass itself. fp16 (whose loss scaling reads the gradients
 /// on the host) and gradient accumulation are not captured.
@@ -14,7 +14,7 @@
 /// On the CPU, and on builds of LibTorch without CUDA, the same step runs uncaptured, which is
 /// how the tests check its arithmetic against `TrainStep`.
 
-#include <common/train.hpp>
+#include <common/train_step.hpp>
 #include <scedit/foreach_adamw.hpp>
 
 #include <torch/torch.h>
@@ -46,7 +46,7 @@ namespace common {
 /// @code
 /// common::GraphedTrainStep graphed(step, seed);
 /// for (int64_t i = 0; i < steps; ++i) {
-///   auto loss = graphed.run(latents, text, common::learning_rate(options, i, steps));
+///   auto loss = graphed.run(batch, common::learning_rate(options, i, steps));
 ///   if (i % 10 == 0) std::cout << loss.item<double>() << "\n";  // waits for the GPU
 /// }
 /// graphed.sync_optimizer_state();  // before saving step.optimizer()
@@ -79,16 +79,16 @@ class GraphedTrainStep {
 
   /// Refuses fp16, whose loss scaling reads the gradients on the host every step (programs call
   /// it before loading a model, to fail early).
-  static void check_precision(Precision precision) {
-    TORCH_CHECK(precision != Precision::kFP16, "--cuda-graph: fp16 is not supported (its loss "
+  static void check_precision(sd::Precision precision) {
+    TORCH_CHECK(precision != sd::Precision::kFP16, "--cuda-graph: fp16 is not supported (its loss "
                 "scaling reads the gradients on the host every step); use bf16 or fp32");
   }
 
-  /// One optimizer step on this micro-batch at learning rate `lr`: `latents` [B, 4, h, w] (already
-  /// × scaling factor) and `text` [B, 77, D], every call the same shapes. Returns the loss, 0-dim
-  /// float32 on the device; reading it waits for the GPU, and the next call overwrites it.
-  torch::Tensor run(const torch::Tensor& latents, const torch::Tensor& text, double lr) {
-    set_inputs(latents, text);
+  /// One optimizer step on this micro-batch at learning rate `lr`, every call with the shapes of
+  /// the first. Returns the loss, 0-dim float32 on the device; reading it waits for the GPU, and
+  /// the next call overwrites it.
+  torch::Tensor run(const TrainBatch& batch, double lr) {
+    set_inputs(batch);
     adamw_.set_lr(lr);
     ++calls_;
     if (!capture_) return body();
@@ -121,37 +121,47 @@ class GraphedTrainStep {
   bool captures() const { return capture_; }
 
  private:
-  // The step the graph records: reads only static_latents_ / static_text_ and device tensors.
+  // The step the graph records: reads only static_ (the batch) and device tensors.
   // Returns the loss, 0-dim on the device.
   torch::Tensor body() {
     // No gradients when the backward pass starts: it allocates them, which during a capture puts
     // them in the graph's memory pool, where every replay rewrites them. (A handle: same parameter.)
     for (auto p : step_.parameters()) p.mutable_grad().reset();
     const auto device = step_.device();
-    auto noise = torch::randn(static_latents_.sizes(), generator_,
+    auto noise = torch::randn(static_.latents.sizes(), generator_,
                               torch::TensorOptions().dtype(torch::kFloat32).device(device));
-    auto t = torch::randint(0, step_.num_train_timesteps(), {static_latents_.size(0)}, generator_,
+    auto t = torch::randint(0, step_.num_train_timesteps(), {static_.latents.size(0)}, generator_,
                             torch::TensorOptions().dtype(torch::kLong).device(device));
-    auto loss = step_.loss(static_latents_, static_text_, noise, t);
+    auto loss = step_.loss(static_, noise, t);
     loss.backward();
+    step_.reduce_gradients();
     if (step_.options().max_grad_norm > 0) adamw_.clip_grad_norm(step_.options().max_grad_norm);
     adamw_.step();
     return loss.detach();
   }
 
   // Copies the batch into the tensors the graph reads (allocated on the first call).
-  void set_inputs(const torch::Tensor& latents, const torch::Tensor& text) {
-    if (!static_latents_.defined()) {
-      static_latents_ = latents.to(step_.device()).clone();
-      static_text_ = text.to(step_.device()).clone();
+  void set_inputs(const TrainBatch& batch) {
+    auto all = [](const TrainBatch& b) {
+      std::vector<torch::Tensor> tensors{b.latents, b.text};
+      tensors.insert(tensors.end(), b.conditions.begin(), b.conditions.end());
+      return tensors;
+    };
+    if (!static_.latents.defined()) {
+      static_.latents = batch.latents.to(step_.device()).clone();
+      static_.text = batch.text.to(step_.device()).clone();
+      for (const auto& c : batch.conditions) static_.conditions.push_back(c.to(step_.device()).clone());
       return;
     }
-    TORCH_CHECK(latents.sizes() == static_latents_.sizes() && text.sizes() == static_text_.sizes(),
-                "--cuda-graph: every batch must have the shape of the first (latents ",
-                static_latents_.sizes(), ", text ", static_text_.sizes(), "), got latents ",
-                latents.sizes(), ", text ", text.sizes(), "; drop the last partial batch or the flag");
-    static_latents_.copy_(latents);
-    static_text_.copy_(text);
+    const auto fixed = all(static_), given = all(batch);
+    bool same = fixed.size() == given.size();
+    for (size_t i = 0; same && i < fixed.size(); ++i) same = fixed[i].sizes() == given[i].sizes();
+    TORCH_CHECK(same, "--cuda-graph: every batch must have the shapes of the first (latents ",
+                static_.latents.sizes(), ", text ", static_.text.sizes(), ", ",
+                static_.conditions.size(), " conditions), got latents ", batch.latents.sizes(),
+                ", text ", batch.text.sizes(), ", ", batch.conditions.size(),
+                " conditions; drop the last partial batch or the flag");
+    for (size_t i = 0; i < fixed.size(); ++i) fixed[i].copy_(given[i]);
   }
 
   TrainStep& step_;
@@ -160,7 +170,8 @@ class GraphedTrainStep {
   bool capture_;
   int64_t calls_ = 0;
   torch::Generator generator_;
-  torch::Tensor static_latents_, static_text_, loss_;
+  TrainBatch static_;
+  torch::Tensor loss_;
 #if SCEDIT_CUDA_GRAPHS
   // Made at the first capture: both touch CUDA, which a CPU run of a CUDA build must not need.
   std::unique_ptr<at::cuda::CUDAGraph> graph_;

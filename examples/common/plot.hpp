@@ -5,7 +5,8 @@
 /// The plot is rasterised here (no plotting library): axes with "nice" ticks labelled with
 /// stb_easy_font's bitmap digits, the raw loss as a faint line and a smoothed loss on top.
 
-#include <common/image.hpp>
+#include <common/csv.hpp>
+#include <common/png.hpp>
 
 #include <torch/torch.h>
 
@@ -29,39 +30,7 @@
 
 namespace common {
 
-// ---- CSV -------------------------------------------------------------------------------------
-
-/// A CSV field, quoted per RFC 4180 when it holds a comma, a quote or a line break.
-inline std::string csv_escape(const std::string& field) {
-  if (field.find_first_of(",\"\r\n") == std::string::npos) return field;
-  std::string out = "\"";
-  for (char c : field) {
-    if (c == '"') out += '"';
-    out += c;
-  }
-  return out + "\"";
-}
-
-/// Writes a numeric table as CSV (a header row, then one row per record; numbers with up to 10
-/// significant digits, so integer steps print as integers), atomically. Throws naming the file
-/// when a row's width differs from the header's.
-inline void write_csv(const std::string& path, const std::vector<std::string>& header,
-                      const std::vector<std::vector<double>>& rows) {
-  std::string text;
-  for (size_t j = 0; j < header.size(); ++j) text += (j ? "," : "") + csv_escape(header[j]);
-  text += "\n";
-  char number[64];
-  for (size_t i = 0; i < rows.size(); ++i) {
-    TORCH_CHECK(rows[i].size() == header.size(), "write_csv '", path, "': row ", i, " has ",
-                rows[i].size(), " values for ", header.size(), " columns");
-    for (size_t j = 0; j < rows[i].size(); ++j) {
-      std::snprintf(number, sizeof(number), "%.10g", rows[i][j]);
-      text += (j ? "," : "") + std::string(number);
-    }
-    text += "\n";
-  }
-  write_file_atomic(path, text);
-}
+// ---- the loss table ------------------------------------------------------------------------
 
 /// One line of a training log.
 struct LossRecord {

@@ -4,12 +4,12 @@
 // With no --model it runs the built-in tiny model (SD 1.5 layout, random weights), so the whole
 // path can be tried in seconds without a download. See README.md for the flags and examples.
 
-#include <sd/pipeline.hpp>
-#include <sd/tiny.hpp>
-#include <sd/weights.hpp>
+#include <sd/sampler.hpp>
+#include <sd/tuner_files.hpp>
 
 #include <common/image.hpp>
-#include <common/train.hpp>
+#include <common/model.hpp>
+#include <common/png.hpp>
 
 #include <CLI/CLI.hpp>
 #include <torch/torch.h>
@@ -35,8 +35,7 @@ namespace {
 
 /// The command line.
 struct Flags {
-  std::string model;                  // diffusers folder or single-file .safetensors; "" = tiny
-  std::string tokenizer;              // tokenizer folder for single-file checkpoints
+  common::ModelFlags model;           // --model, --tokenizer
   std::vector<std::string> prompts;   // --prompt, repeatable
   std::string prompts_file;           // one prompt per line
   std::string negative_prompt;        // "" (SCEdit's recipe)
@@ -53,7 +52,7 @@ struct Flags {
   std::string precision = "fp32";
   std::string device = "auto";
   std::vector<std::string> tuners;    // FILE[:SCALE], repeatable
-  std::string condition;              // condition image for CSC-Tuners
+  std::vector<std::string> conditions;  // condition images, one per CSC-Tuner in --tuner order
   std::string init_image;             // image-to-image start
   double strength = 0.8;
   std::string output = "out/generate";
@@ -121,9 +120,11 @@ std::string parameters_text(const Flags& flags, const std::string& prompt, uint6
       << ", CFG scale: " << number(options.guidance_scale)
       << ", Guidance rescale: " << number(options.guidance_rescale)
       << ", Eta: " << number(options.eta) << ", Seed: " << seed << ", Size: " << options.width
-      << "x" << options.height << ", Model: " << model << ", Precision: " << options.precision;
+      << "x" << options.height << ", Model: " << model << ", Precision: " << sd::to_string(options.precision);
   if (!tuners.tuners.empty()) out << ", Tuners: [" << tuners.describe() << "]";
-  if (!flags.condition.empty()) out << ", Condition: " << fs::path(flags.condition).filename().string();
+  for (const auto& condition : flags.conditions) {
+    out << ", Condition: " << fs::path(condition).filename().string();
+  }
   if (!flags.init_image.empty()) {
     out << ", Init image: " << fs::path(flags.init_image).filename().string()
         << ", Strength: " << number(options.strength);
@@ -150,16 +151,13 @@ void check_flags(const Flags& flags) {
               "give a prompt: --prompt TEXT (repeatable) or --prompts-file FILE");
   TORCH_CHECK(flags.prompts.empty() || flags.prompts_file.empty(),
               "give either --prompt or --prompts-file, not both");
-  TORCH_CHECK(flags.model.empty() || fs::exists(flags.model), "--model: '", flags.model,
-              "' does not exist");
-  TORCH_CHECK(flags.tokenizer.empty() || !flags.model.empty(),
-              "--tokenizer needs --model (the built-in model has its own tokenizer)");
-  TORCH_CHECK(flags.tokenizer.empty() || fs::is_directory(flags.tokenizer), "--tokenizer: '",
-              flags.tokenizer, "' is not a folder");
+  common::check_model_flags(flags.model);
   for (const auto& [flag, path] : {std::make_pair("--prompts-file", flags.prompts_file),
-                                   std::make_pair("--condition", flags.condition),
                                    std::make_pair("--init-image", flags.init_image)}) {
     TORCH_CHECK(path.empty() || fs::is_regular_file(path), flag, ": '", path, "' does not exist");
+  }
+  for (const auto& path : flags.conditions) {
+    TORCH_CHECK(fs::is_regular_file(path), "--condition: '", path, "' does not exist");
   }
   for (const auto& text : flags.tuners) {
     const auto tuner = parse_tuner_flag(text);
@@ -167,56 +165,48 @@ void check_flags(const Flags& flags) {
   }
 }
 
+/// An image file as uint8 [height, width, 3]; resized, saying so, when it has another size.
+torch::Tensor read_image_sized(const std::string& flag, const std::string& path, int64_t height,
+                               int64_t width) {
+  auto image = common::read_image(path);
+  if (image.size(0) == height && image.size(1) == width) return image;
+  std::printf("%s %s: %lldx%lld, resized to the output size %lldx%lld\n", flag.c_str(), path.c_str(),
+              static_cast<long long>(image.size(1)), static_cast<long long>(image.size(0)),
+              static_cast<long long>(width), static_cast<long long>(height));
+  return common::resize(image, height, width);
+}
+
 int run(Flags flags) {
   check_flags(flags);
   const auto prompts = flags.prompts_file.empty() ? flags.prompts : read_prompts_file(flags.prompts_file);
   const auto device = common::resolve_device(flags.device);
-  const auto precision = common::parse_precision(flags.precision);
-  common::check_precision(precision, device);
-  // Weights in the compute dtype (as train_style), and autocast for what mixes dtypes (tuners).
-  const auto weights_dtype = common::compute_dtype(precision);
+  const auto precision = sd::parse_precision(flags.precision);
+  sd::check_precision(precision, device);
 
-  // The model.
-  sd::StableDiffusion pipe;
-  std::string model_name;
-  const auto load_start = std::chrono::steady_clock::now();
-  if (flags.model.empty()) {
-    model_name = "built-in tiny (seed 0)";
-    std::printf("no --model given: using the built-in tiny model (SD 1.5 layout, random weights; "
-                "its images are noise patterns, for trying the program out)\n");
-    pipe = sd::tiny_pipeline(0, weights_dtype);
-    pipe.unet->to(device);
-    pipe.vae->to(device);
-    pipe.text_encoder->to(device);
-  } else {
-    model_name = fs::path(flags.model).filename().string();
-    sd::WeightsOptions options;
-    options.dtype(weights_dtype).device(device);
-    if (!flags.tokenizer.empty()) options.tokenizer(flags.tokenizer);
-    pipe = sd::load_pipeline(flags.model, options);
-    std::printf("model: %s (%.1f s)\n", flags.model.c_str(),
-                std::chrono::duration<double>(std::chrono::steady_clock::now() - load_start).count());
-  }
-  if (weights_dtype == torch::kFloat16 && pipe.vae_config.force_upcast) {
+  // The model: weights in the compute dtype (as the training programs), autocast for what mixes
+  // dtypes (tuners).
+  auto pipe = common::load_model(flags.model, device, precision, /*seed=*/0);
+  const std::string model_name = flags.model.model.empty() ? "built-in tiny (seed 0)"
+                                                           : fs::path(flags.model.model).filename().string();
+  if (precision == sd::Precision::kFP16 && pipe.vae_config.force_upcast) {
     pipe.vae->to(torch::kFloat32);  // SD's VAE overflows in fp16 (diffusers: force_upcast)
   }
 
-  // The tuners.
+  // The tuners. Each CSC-Tuner takes the next --condition image, in --tuner order.
   sd::AttachedTuners tuners;
-  bool has_csc = false;
+  std::vector<std::string> csc_names;
   for (const auto& text : flags.tuners) {
     const auto flag = parse_tuner_flag(text);
     const auto tuner = sd::attach_tuner_file(pipe, flag.path, flag.scale, tuners);
-    has_csc = has_csc || tuner.kind == scedit::TunerKind::kCSC;
+    if (tuner.kind == scedit::TunerKind::kCSC) csc_names.push_back(tuner.name);
     std::printf("tuner: %s (%s on %lld %s, scale %s)\n", flag.path.c_str(),
                 sd::tuner_kind_name(tuner.kind), static_cast<long long>(tuner.count),
                 tuner.kind == scedit::TunerKind::kLoRA ? "layers" : "skips",
                 number(tuner.scale).c_str());
   }
-  TORCH_CHECK(!has_csc || !flags.condition.empty(),
-              "a --tuner is a CSC-Tuner: give its condition image with --condition FILE");
-  TORCH_CHECK(flags.condition.empty() || has_csc,
-              "--condition is given but no --tuner is a CSC-Tuner");
+  TORCH_CHECK(flags.conditions.size() == csc_names.size(), "give one --condition image per "
+              "CSC-Tuner, in --tuner order: ", csc_names.size(), " CSC-Tuner",
+              csc_names.size() == 1 ? "" : "s", " and ", flags.conditions.size(), " --condition");
 
   // The settings.
   sd::GenerateOptions options;
@@ -232,11 +222,16 @@ int run(Flags flags) {
   options.eta = flags.eta;
   options.negative_prompt = flags.negative_prompt;
   options.timestep_spacing = flags.spacing;
-  options.precision = flags.precision;
+  options.precision = precision;
   options.device = device;
   options.strength = flags.strength;
-  if (!flags.condition.empty()) options.condition = common::read_image(flags.condition);
-  if (!flags.init_image.empty()) options.init_image = common::read_image(flags.init_image);
+  for (size_t i = 0; i < csc_names.size(); ++i) {
+    options.conditions.push_back(
+        {csc_names[i], read_image_sized("--condition", flags.conditions[i], options.height, options.width)});
+  }
+  if (!flags.init_image.empty()) {
+    options.init_image = read_image_sized("--init-image", flags.init_image, options.height, options.width);
+  }
   options.validate();
 
   // The images: jobs in prompt-major order, image i seeded with seed + i, written as they come.
@@ -296,10 +291,7 @@ int main(int argc, char** argv) {
                "With no --model: the built-in tiny model (random weights), for trying it out."};
   app.option_defaults()->always_capture_default();
   Flags flags;
-  app.add_option("--model", flags.model,
-                 "Diffusers folder or single-file .safetensors checkpoint (absent: the built-in tiny model)");
-  app.add_option("--tokenizer", flags.tokenizer,
-                 "Tokenizer folder (vocab.json, merges.txt) for a single-file checkpoint");
+  common::add_model_flags(app, flags.model);
   app.add_option("--prompt", flags.prompts, "Prompt (repeatable)")->allow_extra_args(false);
   app.add_option("--prompts-file", flags.prompts_file, "File with one prompt per line");
   app.add_option("--negative-prompt", flags.negative_prompt, "Negative (unconditional) prompt");
@@ -322,7 +314,9 @@ int main(int argc, char** argv) {
   app.add_option("--tuner", flags.tuners,
                  "Tuner file FILE[:SCALE] (SC-Tuners, CSC-Tuner or LoRA; repeatable; scale 1 if absent)")
       ->allow_extra_args(false);
-  app.add_option("--condition", flags.condition, "Condition image for a CSC-Tuner");
+  app.add_option("--condition", flags.conditions,
+                 "Condition image of a CSC-Tuner (repeatable: one per CSC-Tuner, in --tuner order; "
+                 "resized to the output size when it differs)")->allow_extra_args(false);
   app.add_option("--init-image", flags.init_image, "Start image for image-to-image");
   app.add_option("--strength", flags.strength,
                  "Image-to-image strength in [0, 1] (1: from noise, 0: the init image)");

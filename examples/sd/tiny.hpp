@@ -13,15 +13,15 @@
 /// Example:
 /// @code
 /// sd::StableDiffusion pipe = sd::tiny_pipeline(/*seed=*/0);
-/// auto images = sd::generate(pipe, {"a red circle"}, options);  // see pipeline.hpp
+/// auto images = sd::generate(pipe, {"a red circle"}, options);  // see sampler.hpp
 /// @endcode
 
 #include <sd/clip.hpp>
 #include <sd/config.hpp>
+#include <sd/stable_diffusion.hpp>
 #include <sd/tokenizer.hpp>
 #include <sd/unet.hpp>
 #include <sd/vae.hpp>
-#include <sd/weights.hpp>
 
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
@@ -175,7 +175,6 @@ inline StableDiffusion random_pipeline(const UNetConfig& unet_config, const VAEC
   sd.unet_config = unet_config;
   sd.vae_config = vae_config;
   sd.text_config = text_config;
-  sd.scaling_factor = sd.vae_config.scaling_factor;
   {
     // Module constructors draw from the default CPU generator: seed it for the build only.
     // (Not under the generator's mutex: the initialisers lock it themselves.)

@@ -19,6 +19,7 @@
 #include <sd/lean_ops.hpp>
 #include <sd/unet_blocks.hpp>
 
+#include <scedit/csctuner.hpp>
 #include <scedit/sites.hpp>
 
 #include <torch/torch.h>
@@ -98,19 +99,46 @@ class TimestepEmbeddingImpl : public torch::nn::Cloneable<TimestepEmbeddingImpl>
 /// Holder of `TimestepEmbeddingImpl`.
 TORCH_MODULE(TimestepEmbedding);
 
+/// What the UNet's encoder hands its decoder (`UNet2DConditionModel::encode`): the middle
+/// block's output, the skip features and the conditioning both halves use.
+struct UNetFeatures {
+  /// The middle block's output [B, C_last, H/f, W/f] (f = 2^(levels-1)).
+  torch::Tensor mid_output;
+  /// The skip features in the order the encoder made them (`conv_in`'s output first; 12 for SD).
+  std::vector<torch::Tensor> skips;
+  /// The time embedding [B, 4·C0].
+  torch::Tensor time_embedding;
+  /// The text context (encoder_hidden_states) [B, L, cross_attention_dim].
+  torch::Tensor context;
+};
+
+/// Additive residuals for the skips and the middle block's output, as diffusers' UNet takes them
+/// from a ControlNet (`down_block_additional_residuals`, `mid_block_additional_residual`).
+struct UNetResiduals {
+  /// One per skip, in encoder order, each shaped like its skip; empty: none.
+  std::vector<torch::Tensor> down;
+  /// Shaped like the middle block's output; undefined: none.
+  torch::Tensor mid;
+};
+
 /// diffusers' `UNet2DConditionModel` for SD 1.x / 2.x: predicts the noise (or v) of a latent.
 ///
 /// The 12 skip connections of SD (conv_in, each resnet/transformer output and each downsampler of
 /// the encoder) pass through `lsc_identity[i]`, one `scedit::SkipSite` per skip in decoder order
 /// (i = 0 is the deepest skip, the last one the encoder produced). The sites are the identity
-/// until tuners are attached, and have no parameters, so the state dict is diffusers'.
+/// until tuners are attached, and have no parameters, so the state dict is diffusers'. Attached
+/// CSC-Tuners live in `csc_tuners` (empty without) and are cloned with the model.
+///
+/// `forward` runs both halves; `encode` (time embedding, encoder, middle block) and `decode` (the
+/// decoder, which takes the skips back through their sites) run them apart, and residuals from a
+/// ControlNet are added to the skips and the middle output in between.
 class UNet2DConditionModelImpl : public detail::BoundCloneable<UNet2DConditionModelImpl> {
  public:
   /// Builds the model (random init) from `config`; load weights with `scedit::load_state_dict`.
   explicit UNet2DConditionModelImpl(UNetConfig config) : config(std::move(config)) { reset(); }
 
   /// Registers conv_in, time_embedding, down_blocks, up_blocks, mid_block, conv_norm_out,
-  /// conv_out (diffusers' order) and lsc_identity.
+  /// conv_out (diffusers' order), lsc_identity and an empty csc_tuners.
   void reset() override {
     const auto& c = config;
     c.validate();
@@ -180,6 +208,7 @@ class UNet2DConditionModelImpl : public detail::BoundCloneable<UNet2DConditionMo
     for (auto it = channels.rbegin(); it != channels.rend(); ++it) {
       lsc_identity->push_back(scedit::SkipSite(scedit::SkipSiteOptions(*it)));
     }
+    csc_tuners = register_module(scedit::kCSCTunersKey, torch::nn::ModuleDict());
     bind();
 
     // diffusers sizes each up-block resnet for the skip it expects; check that these are the
@@ -197,45 +226,88 @@ class UNet2DConditionModelImpl : public detail::BoundCloneable<UNet2DConditionMo
                 " skips but the encoder produces ", sites.size());
   }
 
-  /// Re-reads the typed holders of the module lists (see `detail::BoundCloneable`).
+  /// Re-reads the typed holders of the module lists and points the sites at this model's own
+  /// CSC-Tuners (see `detail::BoundCloneable`: a clone's sites still point at the original's).
   void bind() {
     downs = detail::typed_items<DownBlock2D>(down_blocks);
     ups = detail::typed_items<UpBlock2D>(up_blocks);
     sites = detail::typed_items<scedit::SkipSite>(lsc_identity);
+    scedit::relink_csc_tuners(*this);
   }
 
   /// Predicts the noise: sample [B, in_channels, H, W] (H and W multiples of
   /// 2^(levels-1) = 8 for SD), timestep [B], [1] or a scalar (int or float),
-  /// encoder_hidden_states [B, L, cross_attention_dim] -> [B, out_channels, H, W].
+  /// encoder_hidden_states [B, L, cross_attention_dim] -> [B, out_channels, H, W]. `residuals`
+  /// (a ControlNet's) are added to the skips and the middle output between the halves.
   torch::Tensor forward(const torch::Tensor& sample, const torch::Tensor& timestep,
-                        const torch::Tensor& encoder_hidden_states) {
+                        const torch::Tensor& encoder_hidden_states,
+                        const UNetResiduals& residuals = {}) {
+    auto features = encode(sample, timestep, encoder_hidden_states);
+    add_residuals(features, residuals);
+    return decode(std::move(features));
+  }
+
+  /// The first half: time embedding, encoder and middle block (arguments as `forward`).
+  UNetFeatures encode(const torch::Tensor& sample, const torch::Tensor& timestep,
+                      const torch::Tensor& encoder_hidden_states) {
     check_inputs(sample, timestep, encoder_hidden_states);
     const int64_t b = sample.size(0);
-    const auto& context = encoder_hidden_states;
+    UNetFeatures features;
+    features.context = encoder_hidden_states;
 
     // 1. Time: sinusoidal embedding in float32, then the sample's dtype (as diffusers).
     auto timesteps = timestep.reshape({-1}).to(sample.device()).expand({b});
     auto t_emb = functional::timestep_embedding(timesteps, config.block_out_channels[0],
                                                 config.flip_sin_to_cos,
                                                 static_cast<double>(config.freq_shift));
-    auto emb = time_embedding(t_emb.to(sample.scalar_type()));  // [B, C0] -> [B, 4·C0]
+    const auto& emb = features.time_embedding =
+        time_embedding(t_emb.to(sample.scalar_type()));  // [B, C0] -> [B, 4·C0]
 
     // 2. Encoder: every feature it keeps for the decoder goes onto the skip stack.
     auto input = config.center_input_sample ? 2.0 * sample - 1.0 : sample;
     if (channels_last) input = input.contiguous(torch::MemoryFormat::ChannelsLast);
     auto h = conv_in(input);
-    std::vector<torch::Tensor> skips{h};
+    auto& skips = features.skips;
     skips.reserve(sites.size());
-    for (auto& block : downs) h = block(h, emb, context, skips);
+    skips.push_back(h);
+    for (auto& block : downs) h = block(h, emb, features.context, skips);
 
     // 3. Middle.
-    h = mid_block(h, emb, context);
+    features.mid_output = mid_block(h, emb, features.context);
+    return features;
+  }
 
-    // 4. Decoder: each up block pops its skips, deepest first, through their sites.
+  /// Adds `residuals` to the skips and the middle output of `features` (diffusers adds
+  /// residual i to skip i, encoder order). Either part may be absent.
+  void add_residuals(UNetFeatures& features, const UNetResiduals& residuals) const {
+    if (!residuals.down.empty()) {
+      TORCH_CHECK(residuals.down.size() == features.skips.size(), "UNet2DConditionModel: ",
+                  residuals.down.size(), " skip residuals for ", features.skips.size(), " skips");
+      for (size_t i = 0; i < features.skips.size(); ++i) {
+        TORCH_CHECK(residuals.down[i].sizes() == features.skips[i].sizes(),
+                    "UNet2DConditionModel: skip residual ", i, " has shape ",
+                    residuals.down[i].sizes(), ", skip ", i, " has ", features.skips[i].sizes());
+        features.skips[i] = features.skips[i] + residuals.down[i];
+      }
+    }
+    if (residuals.mid.defined()) {
+      TORCH_CHECK(residuals.mid.sizes() == features.mid_output.sizes(),
+                  "UNet2DConditionModel: the middle residual has shape ", residuals.mid.sizes(),
+                  ", the middle block's output ", features.mid_output.sizes());
+      features.mid_output = features.mid_output + residuals.mid;
+    }
+  }
+
+  /// The second half: the decoder takes the skips back, deepest first, each through its site,
+  /// then the output norm and conv -> [B, out_channels, H, W].
+  torch::Tensor decode(UNetFeatures features) {
+    TORCH_CHECK(features.skips.size() == sites.size(), "UNet2DConditionModel::decode: ",
+                features.skips.size(), " skip features for ", sites.size(), " skip sites");
+    auto h = std::move(features.mid_output);
     size_t next_site = 0;
-    for (auto& block : ups) h = block(h, emb, context, skips, sites, next_site);
-
-    // 5. Output.
+    for (auto& block : ups) {
+      h = block(h, features.time_embedding, features.context, features.skips, sites, next_site);
+    }
     return conv_out(norm_silu(h, *conv_norm_out, lean));
   }
 
@@ -328,6 +400,8 @@ class UNet2DConditionModelImpl : public detail::BoundCloneable<UNet2DConditionMo
   torch::nn::Conv2d conv_out{nullptr};
   /// Skip sites in decoder order.
   torch::nn::ModuleList lsc_identity{nullptr};
+  /// The attached CSC-Tuners by name (`scedit::attach_csc_tuner`; empty without).
+  torch::nn::ModuleDict csc_tuners{nullptr};
   /// Typed holders of `down_blocks`.
   std::vector<DownBlock2D> downs;
   /// Typed holders of `up_blocks`.

@@ -38,6 +38,7 @@
 #include <sd/clip.hpp>
 #include <sd/config.hpp>
 #include <sd/ldm_keys.hpp>
+#include <sd/stable_diffusion.hpp>
 #include <sd/tokenizer.hpp>
 #include <sd/unet.hpp>
 #include <sd/vae.hpp>
@@ -56,22 +57,6 @@
 
 namespace sd {
 
-/// The floating dtype a model is loaded in (`torch::kFloat32`, `kFloat16`, `kBFloat16`,
-/// `kFloat64`).
-using DType = torch::Dtype;
-
-/// Parses a dtype flag: `fp32|float32|float`, `fp16|float16|half`, `bf16|bfloat16`,
-/// `fp64|float64|double` (case-insensitive).
-inline DType parse_dtype(const std::string& name) {
-  std::string n = name;
-  std::transform(n.begin(), n.end(), n.begin(), [](unsigned char c) { return std::tolower(c); });
-  if (n == "fp32" || n == "float32" || n == "float") return torch::kFloat32;
-  if (n == "fp16" || n == "float16" || n == "half") return torch::kFloat16;
-  if (n == "bf16" || n == "bfloat16") return torch::kBFloat16;
-  if (n == "fp64" || n == "float64" || n == "double") return torch::kFloat64;
-  TORCH_CHECK(false, "unknown dtype '", name, "' (expected fp32, fp16, bf16 or fp64)");
-}
-
 /// How to load weights.
 ///
 /// Example:
@@ -80,7 +65,7 @@ inline DType parse_dtype(const std::string& name) {
 /// @endcode
 struct WeightsOptions {
   /// Dtype of the loaded modules' parameters.
-  TORCH_ARG(DType, dtype) = torch::kFloat32;
+  TORCH_ARG(torch::Dtype, dtype) = torch::kFloat32;
   /// Device of the loaded modules.
   TORCH_ARG(torch::Device, device) = torch::kCPU;
   /// Weights file to prefer in a diffusers folder: "" (`<name>.safetensors`) or e.g. "fp16"
@@ -317,7 +302,7 @@ inline UNet load_unet(const std::filesystem::path& path, const WeightsOptions& o
 }
 
 /// `load_unet` in `dtype` on `device`.
-inline UNet load_unet(const std::filesystem::path& path, DType dtype,
+inline UNet load_unet(const std::filesystem::path& path, torch::Dtype dtype,
                       torch::Device device = torch::kCPU) {
   return load_unet(path, WeightsOptions().dtype(dtype).device(device));
 }
@@ -341,7 +326,7 @@ inline VAE load_vae(const std::filesystem::path& path, const WeightsOptions& opt
 }
 
 /// `load_vae` in `dtype` on `device`.
-inline VAE load_vae(const std::filesystem::path& path, DType dtype,
+inline VAE load_vae(const std::filesystem::path& path, torch::Dtype dtype,
                     torch::Device device = torch::kCPU) {
   return load_vae(path, WeightsOptions().dtype(dtype).device(device));
 }
@@ -357,7 +342,7 @@ inline CLIPTextModel load_text_encoder(const std::filesystem::path& path,
 }
 
 /// `load_text_encoder` in `dtype` on `device`.
-inline CLIPTextModel load_text_encoder(const std::filesystem::path& path, DType dtype,
+inline CLIPTextModel load_text_encoder(const std::filesystem::path& path, torch::Dtype dtype,
                                        torch::Device device = torch::kCPU) {
   return load_text_encoder(path, WeightsOptions().dtype(dtype).device(device));
 }
@@ -386,23 +371,6 @@ inline CLIPTokenizer load_tokenizer(const std::filesystem::path& folder) {
   }
   return CLIPTokenizer(folder.string(), options);
 }
-
-/// A loaded Stable Diffusion: the three models, the tokenizer and their configurations.
-struct StableDiffusion {
-  UNet unet{nullptr};                   ///< The denoiser.
-  VAE vae{nullptr};                     ///< Image <-> latent autoencoder.
-  CLIPTextModel text_encoder{nullptr};  ///< Prompt encoder.
-  std::optional<CLIPTokenizer> tokenizer;  ///< Prompt tokenizer (always set by load_pipeline).
-  UNetConfig unet_config;               ///< The UNet's configuration.
-  VAEConfig vae_config;                 ///< The VAE's configuration.
-  CLIPTextConfig text_config;           ///< The text encoder's configuration.
-  /// Latent scaling factor (`vae_config.scaling_factor`; 0.18215 for SD 1.x).
-  double scaling_factor = 0.18215;
-  /// `scheduler/scheduler_config.json` when the folder has one, else null.
-  nlohmann::json scheduler_config;
-  /// Where each part came from: "unet", "vae", "text_encoder" (weights files), "tokenizer".
-  std::map<std::string, std::filesystem::path> files;
-};
 
 /// Loads a whole Stable Diffusion from a diffusers folder or a single-file LDM checkpoint
 /// (see the file comment). Every file is read and checked before the next model is built; an
@@ -454,7 +422,6 @@ inline StableDiffusion load_pipeline(const std::filesystem::path& path,
     text = part(ldm_clip_keys(sd.text_config), kLdmTextPrefix);
   }
   sd.tokenizer = load_tokenizer(tokenizer);
-  sd.scaling_factor = sd.vae_config.scaling_factor;
   sd.unet = detail::build<UNet>(sd.unet_config, unet, options);
   sd.vae = detail::build<VAE>(sd.vae_config, vae, options);
   sd.text_encoder = detail::build<CLIPTextModel>(sd.text_config, text, options);

@@ -9,12 +9,19 @@
 /// `s + control_scale · Σ_k scale_k · (c_k + MLP_k(s + c_k)) + tuner_scale · (T(s) − s)`.
 /// Reference: scepter `scepter/modules/model/tuner/sce/` and SCEdit (CVPR 2024), section 3.3.
 ///
+/// Conditions are explicit: a `ConditionScope` gives each CSC-Tuner its condition image for one
+/// forward pass (or one sampling call) and takes the hint features away again when it ends, so
+/// no condition, and no autograd graph, outlives the call it was meant for.
+///
 /// Example:
 /// @code
 /// scedit::CSCTuner csc(scedit::CSCTunerOptions(unet->skip_channels(), unet->skip_down_flags()));
 /// scedit::attach_csc_tuner(*unet, csc, "canny");
-/// csc->set_condition(edges);            // [N, 3, 8h, 8w] in [0, 1]
-/// auto eps = unet(latents, t, text);    // every skip edited with its hint
+/// {
+///   scedit::ConditionScope conditions;
+///   conditions.set(csc, edges);           // [N, 3, 8h, 8w] in [0, 1]
+///   auto eps = unet(latents, t, text);    // every skip edited with its hint
+/// }                                       // the hint features are gone
 /// @endcode
 
 #include <scedit/sctuner.hpp>
@@ -27,6 +34,8 @@
 #include <vector>
 
 namespace scedit {
+
+class ConditionScope;
 
 /// Options of a `CSCTuner`.
 struct CSCTunerOptions {
@@ -148,20 +157,13 @@ class CSCTunerImpl : public torch::nn::Cloneable<CSCTunerImpl>, public Tuner {
     return features;
   }
 
-  /// Computes and keeps the hint features of `condition` for the next forward passes of the
-  /// model (under classifier-free guidance the same hint serves both halves of the batch).
-  void set_condition(const torch::Tensor& condition) { features_ = hint_features(condition); }
-
-  /// Drops the kept hint features (and their autograd graph).
-  void clear_condition() { features_.clear(); }
-
-  /// Whether a condition is set.
+  /// Whether a `ConditionScope` has given this tuner a condition.
   bool has_condition() const { return !features_.empty(); }
 
   /// The edit of decoder skip `k`: `control_scale·scale·(c_k + MLP_k(s + c_k))`.
   torch::Tensor delta(int64_t k, const torch::Tensor& skip) {
-    TORCH_CHECK(has_condition(), "CSCTuner: no condition set; call set_condition(image) before "
-                                 "running the model");
+    TORCH_CHECK(has_condition(), "CSCTuner: no condition for this forward pass; give it one "
+                "through a scedit::ConditionScope around the model call");
     TORCH_CHECK(k >= 0 && k < num_skips(), "CSCTuner: skip index ", k, " out of range [0, ",
                 num_skips(), ")");
     auto c = features_[k];
@@ -205,7 +207,8 @@ class CSCTunerImpl : public torch::nn::Cloneable<CSCTunerImpl>, public Tuner {
  private:
   std::vector<torch::nn::Sequential> dense_blocks_;
   std::vector<SCTuner> tuner_blocks_;
-  std::vector<torch::Tensor> features_;  // decoder order, set by set_condition
+  friend class ConditionScope;
+  std::vector<torch::Tensor> features_;  // decoder order, while a ConditionScope lives
 };
 
 /// Holder of `CSCTunerImpl`.
@@ -224,15 +227,50 @@ class CSCSkipEditor : public SkipEditor {
   void set_scale(double scale) override { tuner_->options.scale(scale); }
   /// The tuner this view belongs to.
   const CSCTuner& tuner() const { return tuner_; }
+  /// The decoder skip this view edits.
+  int64_t skip_index() const { return k_; }
 
  private:
   CSCTuner tuner_;
   int64_t k_;
 };
 
+/// Name of the `torch::nn::ModuleDict` child of a model that holds its attached CSC-Tuners. A
+/// model that is to be cloned with CSC-Tuners attached registers an empty one in its `reset()`
+/// (and calls `relink_csc_tuners` after cloning); otherwise `attach_csc_tuner` adds it.
+inline constexpr const char* kCSCTunersKey = "csc_tuners";
+
+namespace detail {
+/// The `csc_tuners` dictionary of `model`, or null.
+inline torch::nn::ModuleDict csc_tuner_dict(const torch::nn::Module& model) {
+  for (const auto& child : model.named_children()) {
+    if (child.key() != kCSCTunersKey) continue;
+    auto dict = std::dynamic_pointer_cast<torch::nn::ModuleDictImpl>(child.value());
+    TORCH_CHECK(dict != nullptr, "the child '", kCSCTunersKey, "' of this model is a ",
+                child.value()->name(), ", not the ModuleDict of its CSC-Tuners");
+    return torch::nn::ModuleDict(dict);
+  }
+  return torch::nn::ModuleDict(nullptr);
+}
+}  // namespace detail
+
+/// The CSC-Tuners attached to `model`, by name, in attachment order.
+inline torch::OrderedDict<std::string, CSCTuner> csc_tuners(const torch::nn::Module& model) {
+  torch::OrderedDict<std::string, CSCTuner> tuners;
+  const auto dict = detail::csc_tuner_dict(model);
+  if (dict.is_empty()) return tuners;
+  for (const auto& item : dict->items()) {
+    auto tuner = std::dynamic_pointer_cast<CSCTunerImpl>(item.second);
+    TORCH_CHECK(tuner != nullptr, "csc_tuners: '", item.first, "' is a ", item.second->name(),
+                ", not a CSC-Tuner");
+    tuners.insert(item.first, CSCTuner(tuner));
+  }
+  return tuners;
+}
+
 /// Attaches `tuner` to the sites of `model` matching `pattern` (site k, in `find_sites` order,
-/// gets decoder skip k) and registers the tuner as child `name` of `model`, so the model's
-/// `parameters()`, `to()` and `state_dict` include it once.
+/// gets decoder skip k) and registers it under `name` in the model's `csc_tuners` dictionary, so
+/// the model's `parameters()`, `to()` and `state_dict` include it once.
 inline void attach_csc_tuner(torch::nn::Module& model, const CSCTuner& tuner,
                              const std::string& name = "csc", const std::string& pattern = "") {
   auto sites = find_sites(model, pattern);
@@ -243,24 +281,91 @@ inline void attach_csc_tuner(torch::nn::Module& model, const CSCTuner& tuner,
     TORCH_CHECK(sites[k].site->skip_channels() == tuner->decoder_channels(k), "attach_csc_tuner: "
                 "site ", sites[k].path, " has ", sites[k].site->skip_channels(),
                 " channels but the tuner's decoder skip ", k, " has ", tuner->decoder_channels(k));
+    TORCH_CHECK(sites[k].site->find(name) == nullptr, "attach_csc_tuner: site ", sites[k].path,
+                " already has a tuner named '", name, "'");
   }
-  model.register_module(name, tuner.ptr());
+  auto dict = detail::csc_tuner_dict(model);
+  if (dict.is_empty()) dict = model.register_module(kCSCTunersKey, torch::nn::ModuleDict());
+  TORCH_CHECK(!dict->contains(name), "attach_csc_tuner: a CSC-Tuner named '", name,
+              "' is attached already");
+  dict->update(std::vector<std::pair<std::string, std::shared_ptr<torch::nn::Module>>>{
+      {name, tuner.ptr()}});
   for (size_t k = 0; k < sites.size(); ++k) {
     sites[k].site->attach(name, std::make_shared<CSCSkipEditor>(tuner, static_cast<int64_t>(k)));
   }
 }
 
-/// Detaches the CSC-Tuner `name` from every site and unregisters it from `model`.
+/// Detaches the CSC-Tuner `name` from every site and from the model.
 inline void detach_csc_tuner(torch::nn::Module& model, const std::string& name) {
+  auto dict = detail::csc_tuner_dict(model);
+  TORCH_CHECK(!dict.is_empty() && dict->contains(name), "detach_csc_tuner: no CSC-Tuner named '",
+              name, "' is attached");
   detach_tuners(model, name);
-  model.unregister_module(name);
+  dict->pop(name);
+  dict->unregister_module(name);  // pop keeps the registration (as Python's ModuleDict does)
 }
 
-/// Sets the global `control_scale` of every CSC-Tuner inside `model`.
-inline void set_control_scale(torch::nn::Module& model, double control_scale) {
-  for (auto& module : model.modules()) {
-    if (auto* csc = dynamic_cast<CSCTunerImpl*>(module.get())) csc->options.control_scale(control_scale);
+/// Points the sites of `model` at the CSC-Tuners its `csc_tuners` dictionary holds, by name. A
+/// model's `clone()` calls it on the copy, whose sites still refer to the original's tuners.
+inline void relink_csc_tuners(torch::nn::Module& model) {
+  const auto tuners = csc_tuners(model);
+  for (auto& ref : find_sites(model)) {
+    for (const auto& name : ref.site->editor_names()) {
+      const auto* editor = dynamic_cast<const CSCSkipEditor*>(ref.site->find(name));
+      if (editor == nullptr) continue;
+      const auto* tuner = tuners.find(name);
+      TORCH_CHECK(tuner != nullptr, "relink_csc_tuners: site ", ref.path, " edits with CSC-Tuner '",
+                  name, "', which the model does not hold");
+      ref.site->replace(name, std::make_shared<CSCSkipEditor>(*tuner, editor->skip_index()));
+    }
   }
 }
+
+/// Sets the global `control_scale` of every CSC-Tuner attached to `model`.
+inline void set_control_scale(torch::nn::Module& model, double control_scale) {
+  for (auto& item : csc_tuners(model)) item.value()->options.control_scale(control_scale);
+}
+
+/// The conditions of the CSC-Tuners for one forward pass, or one sampling call.
+///
+/// Each tuner gets its own condition image: `set` computes its hint features (recording autograd
+/// when it is on, so a training step's backward reaches the hint encoder) and the tuner edits its
+/// skips with them while the scope lives. When the scope ends the features, and their graph, are
+/// gone; a tuner that must edit outside a scope refuses, naming the fix. A tuner set to scale 0
+/// or disabled on its sites needs no condition.
+///
+/// Example:
+/// @code
+/// scedit::ConditionScope conditions;
+/// conditions.set(canny, edges).set(depth, depth_map);  // each [N, 3, 8h, 8w] in [0, 1]
+/// auto eps = unet(latents, t, text);
+/// @endcode
+class ConditionScope {
+ public:
+  /// A scope that has set no condition yet.
+  ConditionScope() = default;
+  ConditionScope(const ConditionScope&) = delete;
+  ConditionScope& operator=(const ConditionScope&) = delete;
+  /// Takes the hint features away from every tuner it set.
+  ~ConditionScope() {
+    for (auto& tuner : tuners_) tuner->features_.clear();
+  }
+
+  /// Gives `tuner` the condition image `condition` [N, in_channels, 8h, 8w] in [0, 1] (N divides
+  /// the model's batch: a batch of one serves every sample and both halves of classifier-free
+  /// guidance). Throws when the tuner already has a condition (set twice, or in another live
+  /// scope).
+  ConditionScope& set(const CSCTuner& tuner, const torch::Tensor& condition) {
+    const auto impl = tuner.ptr();
+    TORCH_CHECK(!impl->has_condition(), "ConditionScope: this CSC-Tuner has a condition already "
+                "(set twice, or by another live scope)");
+    impl->features_ = impl->hint_features(condition);
+    tuners_.push_back(tuner);
+    return *this;
+  }
+
+ private:
+  std::vector<CSCTuner> tuners_;
+};
 
 }  // namespace scedit

@@ -75,6 +75,15 @@ class SkipEditing {
     entries_.erase(it);
   }
 
+  /// Puts `editor` in the place of the referenced (not owned) editor `name`, keeping its order
+  /// and whether it is enabled: how a model's clone points its sites at its own tuners.
+  void replace(const std::string& name, std::shared_ptr<SkipEditor> editor) {
+    TORCH_CHECK(editor != nullptr, "replace: editor '", name, "' is null");
+    auto& e = entry(name);
+    TORCH_CHECK(!e.owned, "replace: tuner '", name, "' belongs to this site; detach it instead");
+    e.editor = std::move(editor);
+  }
+
   /// Removes every editor.
   void detach_all() {
     while (!entries_.empty()) detach(entries_.back().name);
@@ -120,7 +129,8 @@ class SkipEditing {
   virtual torch::nn::Module& site_module() = 0;
 
   /// Re-registers deep copies of owned editors; called from the site's `reset()`, which is what
-  /// `clone()` runs on the copy. Referenced (non-owned) editors stay shared with the original.
+  /// `clone()` runs on the copy. Referenced (non-owned) editors stay shared with the original
+  /// until the model that owns them relinks its copy (`relink_csc_tuners`).
   void reregister_owned_editors() {
     for (auto& e : entries_) {
       if (!e.owned) continue;

@@ -1,0 +1,136 @@
+#pragma once
+/// @file batches.hpp
+/// @brief Training micro-batches from a dataset: images through the frozen VAE (a draw from its
+/// posterior), captions through the frozen text encoder, condition images as they come — the
+/// frozen half of a training step's data path, done without a graph and, with `cache`, once.
+
+#include <common/dataset.hpp>
+#include <common/train_step.hpp>
+
+#include <sd/stable_diffusion.hpp>
+
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace common {
+
+/// Options of a `BatchSource`.
+struct BatchOptions {
+  /// Encode every sample once, up front (with the dataset's centre crop and no flip: the cache
+  /// holds one view of each image), then train on the cache.
+  TORCH_ARG(bool, cache) = false;
+  /// Probability of training a sample on the empty caption (for classifier-free guidance).
+  TORCH_ARG(double, caption_dropout) = 0.0;
+};
+
+/// Micro-batches of a dataset as `TrainBatch`es on the device.
+///
+/// All randomness of a batch comes from the caller's CPU generator, in this order: each sample's
+/// own draws (crop, flip; `ImageSource::get`), the posterior noise, the caption dropout.
+class BatchSource {
+ public:
+  /// Batches of `data` through `pipe`'s VAE and text encoder (frozen, on `device` in `dtype`).
+  /// With `options.cache` this encodes the whole dataset.
+  BatchSource(sd::StableDiffusion& pipe, const ImageSource& data, BatchOptions options,
+              torch::Device device, torch::Dtype dtype)
+      : pipe_(pipe), data_(data), options_(options), device_(device), dtype_(dtype) {
+    TORCH_CHECK(options_.caption_dropout() >= 0 && options_.caption_dropout() <= 1,
+                "--caption-dropout must be in [0, 1], got ", options_.caption_dropout());
+    torch::NoGradGuard no_grad;
+    empty_text_ = encode({""});
+    if (!options_.cache()) return;
+    std::map<std::string, torch::Tensor> by_caption;
+    for (int64_t i = 0; i < data_.size(); ++i) {
+      auto generator = make_cpu_generator(0);  // one view of each sample
+      auto sample = data_.get(i, generator);
+      auto posterior = pipe_.vae->encode(sample.image.unsqueeze(0).to(device_, dtype_));
+      means_.push_back(posterior.mean);
+      logvars_.push_back(posterior.logvar);
+      auto it = by_caption.find(sample.caption);
+      if (it == by_caption.end()) it = by_caption.emplace(sample.caption, encode({sample.caption})).first;
+      texts_.push_back(it->second);
+      conditions_.push_back(sample.conditions);
+    }
+    std::printf("cached %lld latents and %zu caption embeddings\n",
+                static_cast<long long>(data_.size()), by_caption.size());
+  }
+
+  /// The micro-batch of the samples at `indices`, drawing from `generator`.
+  TrainBatch get(const std::vector<int64_t>& indices, torch::Generator& generator) {
+    torch::NoGradGuard no_grad;
+    sd::LatentDistribution posterior;
+    TrainBatch batch;
+    std::vector<std::vector<torch::Tensor>> conditions;  // per sample
+    if (options_.cache()) {
+      std::vector<torch::Tensor> means, logvars, texts;
+      for (int64_t i : indices) {
+        means.push_back(means_[i]);
+        logvars.push_back(logvars_[i]);
+        texts.push_back(texts_[i]);
+        conditions.push_back(conditions_[i]);
+      }
+      posterior = {torch::cat(means), torch::cat(logvars)};
+      batch.text = torch::cat(texts);
+    } else {
+      // One VAE and one text-encoder call for the whole batch.
+      std::vector<torch::Tensor> images;
+      std::vector<std::string> captions;
+      for (int64_t i : indices) {
+        auto sample = data_.get(i, generator);
+        images.push_back(sample.image);
+        captions.push_back(sample.caption);
+        conditions.push_back(sample.conditions);
+      }
+      posterior = pipe_.vae->encode(torch::stack(images).to(device_, dtype_));  // [B, 3, R, R]
+      batch.text = encode(captions);
+    }
+    // z ~ N(mean, exp(logvar)), noise drawn on the CPU (diffusers train_text_to_image.py).
+    const auto noise = torch::randn(posterior.mean.sizes(), generator, torch::kFloat32);
+    batch.latents = sd::posterior_latents(pipe_, posterior, noise.to(device_));
+    if (options_.caption_dropout() > 0) {
+      auto drop = torch::rand({static_cast<int64_t>(indices.size())}, generator) < options_.caption_dropout();
+      for (int64_t b = 0; b < drop.size(0); ++b) {
+        if (drop[b].item<bool>()) batch.text[b].copy_(empty_text_[0]);
+      }
+    }
+    batch.conditions = stack_conditions(conditions);
+    return batch;
+  }
+
+ private:
+  torch::Tensor encode(const std::vector<std::string>& captions) {
+    return sd::encode_prompts(pipe_, captions).to(device_);
+  }
+
+  // Per-sample lists of conditions -> one [B, 3, R, R] tensor per condition, on the device.
+  std::vector<torch::Tensor> stack_conditions(const std::vector<std::vector<torch::Tensor>>& samples) const {
+    std::vector<torch::Tensor> out;
+    const size_t count = samples.front().size();
+    for (size_t k = 0; k < count; ++k) {
+      std::vector<torch::Tensor> column;
+      for (const auto& sample : samples) {
+        TORCH_CHECK(sample.size() == count, "BatchSource: the samples of a batch carry ",
+                    count, " and ", sample.size(), " condition images");
+        column.push_back(sample[k]);
+      }
+      out.push_back(torch::stack(column).to(device_));  // B x [3, R, R] -> [B, 3, R, R]
+    }
+    return out;
+  }
+
+  sd::StableDiffusion& pipe_;
+  const ImageSource& data_;
+  BatchOptions options_;
+  torch::Device device_;
+  torch::Dtype dtype_;
+  torch::Tensor empty_text_;
+  std::vector<torch::Tensor> means_, logvars_, texts_;      // the cache
+  std::vector<std::vector<torch::Tensor>> conditions_;      // the cache's condition images
+};
+
+}  // namespace common

@@ -1,0 +1,105 @@
+#pragma once
+/// @file model.hpp
+/// @brief Bringing up the model a program's flags name — real weights (a diffusers folder or a
+/// single file), the built-in tiny model, or SD 1.5's architecture with random weights — on the
+/// device and in the precision asked, the same way in every program.
+
+#include <sd/precision.hpp>
+#include <sd/stable_diffusion.hpp>
+#include <sd/tiny.hpp>
+#include <sd/weights.hpp>
+
+#include <CLI/CLI.hpp>
+#include <torch/torch.h>
+
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <filesystem>
+#include <initializer_list>
+#include <string>
+
+namespace common {
+
+/// The `--model` and `--tokenizer` flags.
+struct ModelFlags {
+  /// A diffusers folder or a single-file checkpoint; empty: the built-in tiny model;
+  /// `random:sd15`: SD 1.5's architecture with random weights.
+  std::string model;
+  /// A tokenizer folder (vocab.json, merges.txt), which a single-file checkpoint lacks.
+  std::string tokenizer;
+
+  /// Whether the model has random weights (the built-in tiny model or `random:sd15`): such a
+  /// model can train on generated demo data, but its images are noise.
+  bool random_weights() const { return model.empty() || model == kRandomSD15; }
+  /// The `--model` value of SD 1.5's architecture with random weights.
+  static constexpr const char* kRandomSD15 = "random:sd15";
+};
+
+/// Adds `--model` and `--tokenizer` to `app`.
+inline void add_model_flags(CLI::App& app, ModelFlags& flags) {
+  app.add_option("--model", flags.model, "Diffusers folder or single-file .safetensors checkpoint "
+                 "(empty: the built-in tiny model; random:sd15: SD 1.5's architecture with random "
+                 "weights, for speed and memory measurements)")->group("Model");
+  app.add_option("--tokenizer", flags.tokenizer, "Tokenizer folder (vocab.json, merges.txt) for "
+                 "a single-file checkpoint")->group("Model");
+}
+
+/// Checks the model flags without loading anything: the paths exist.
+inline void check_model_flags(const ModelFlags& flags) {
+  TORCH_CHECK(flags.random_weights() || std::filesystem::exists(flags.model), "--model: '",
+              flags.model, "' does not exist");
+  TORCH_CHECK(flags.tokenizer.empty() || !flags.model.empty(),
+              "--tokenizer needs --model (the built-in model has its own tokenizer)");
+  TORCH_CHECK(flags.tokenizer.empty() || std::filesystem::is_directory(flags.tokenizer),
+              "--tokenizer: '", flags.tokenizer, "' is not a folder");
+}
+
+/// Resolves `--device auto|cpu|cuda|cuda:N`; `auto` picks CUDA when there is one.
+inline torch::Device resolve_device(const std::string& flag) {
+  if (flag == "auto") return torch::cuda::is_available() ? torch::Device(torch::kCUDA) : torch::kCPU;
+  torch::Device device(torch::kCPU);
+  try {
+    device = torch::Device(flag);
+  } catch (const c10::Error&) {
+    TORCH_CHECK(false, "--device must be auto, cpu or cuda[:N], got '", flag, "'");
+  }
+  TORCH_CHECK(!device.is_cuda() || torch::cuda::is_available(),
+              "--device ", flag, ": this build or machine has no CUDA device");
+  return device;
+}
+
+/// The model `flags` name, with its weights in `precision`'s dtype on `device`; the random
+/// weights of the built-in models are drawn from `seed`. The VAE and the text encoder are
+/// frozen (eval mode, no gradients); the UNet is as loaded.
+inline sd::StableDiffusion load_model(const ModelFlags& flags, const torch::Device& device,
+                                      sd::Precision precision, uint64_t seed) {
+  check_model_flags(flags);
+  const auto dtype = sd::compute_dtype(precision);
+  sd::StableDiffusion pipe;
+  if (flags.random_weights()) {
+    const bool tiny = flags.model.empty();
+    std::printf("%s\n", tiny ? "no --model given: the built-in tiny model (SD 1.5's layout, random "
+                               "weights): it runs the whole path in seconds, but its images are noise"
+                             : "--model random:sd15: SD 1.5's architecture with random weights, for "
+                               "measuring speed and memory at real size");
+    pipe = tiny ? sd::tiny_pipeline(seed) : sd::random_sd15_pipeline(seed);
+    pipe.unet->to(device, dtype);
+    pipe.vae->to(device, dtype);
+    pipe.text_encoder->to(device, dtype);
+  } else {
+    const auto start = std::chrono::steady_clock::now();
+    auto options = sd::WeightsOptions().dtype(dtype).device(device);
+    if (!flags.tokenizer.empty()) options.tokenizer(flags.tokenizer);
+    pipe = sd::load_pipeline(flags.model, options);
+    std::printf("model: %s (%.1f s)\n", flags.model.c_str(),
+                std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  }
+  for (auto* module : std::initializer_list<torch::nn::Module*>{pipe.vae.get(), pipe.text_encoder.get()}) {
+    module->eval();
+    for (auto& p : module->parameters()) p.set_requires_grad(false);
+  }
+  return pipe;
+}
+
+}  // namespace common

@@ -1,0 +1,298 @@
+#pragma once
+/// @file run.hpp
+/// @brief A training run as every training program runs it: flags checked before anything
+/// expensive, the model brought up, the data found (or generated), then the loop — the sample
+/// order, micro-batches, the step (eager or as a CUDA graph), progress lines, checkpoints and
+/// exact resume, validation grids — and at the end the weights, `loss.csv`, `loss.png` and a
+/// last grid. A program says what it trains (a `Trainable`) and what a sample holds (an
+/// `ImageSource`); the rest is here, once. The layers and the data path: docs/ARCHITECTURE.md.
+///
+/// Example (examples/train_style/main.cpp reads the same):
+/// @code
+/// common::TrainingRun run("train_style", flags);
+/// auto pipe = run.load_model();
+/// common::CaptionedImageDataset data(run.data_folder(make_demo), run.dataset_options());
+/// torch::manual_seed(flags.optim.seed);
+/// auto tuners = common::attach_tuners(pipe.unet, method, run.device());
+/// run.train(pipe, data, common::tuner_trainable(pipe.unet, tuners, method), validation);
+/// @endcode
+
+#include <common/batches.hpp>
+#include <common/checkpoint.hpp>
+#include <common/dataset.hpp>
+#include <common/flags.hpp>
+#include <common/graphed_step.hpp>
+#include <common/lean.hpp>
+#include <common/memory.hpp>
+#include <common/model.hpp>
+#include <common/plot.hpp>
+#include <common/sample_order.hpp>
+#include <common/strings.hpp>
+#include <common/train_step.hpp>
+
+#include <sd/sampler.hpp>
+
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <functional>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace common {
+
+/// Writes a validation sample grid of the model being trained to the given file (the UNet is in
+/// eval mode and no graph is recorded meanwhile).
+using Validation = std::function<void(const std::filesystem::path& grid)>;
+
+/// One training run of a program (see the file comment).
+class TrainingRun {
+ public:
+  /// Checks every flag that needs neither model nor data, so that a mistake is reported before
+  /// anything expensive; resolves the device, the precision and the lean levers; fills in the
+  /// defaults that depend on the model (resolution, learning rate); creates the output folder.
+  TrainingRun(std::string program, RunFlags flags) : program_(std::move(program)), flags_(std::move(flags)) {
+    auto& f = flags_;
+    device_ = resolve_device(f.compute.device);
+    precision_ = sd::parse_precision(f.compute.precision);
+    lean_ = parse_lean_activations(f.compute.lean, device_);
+    sd::check_precision(precision_, device_);
+    const bool tiny = f.model.model.empty();
+    if (f.data.resolution == 0) f.data.resolution = tiny ? 64 : 512;
+    if (f.optim.optim.lr == 0) f.optim.optim.lr = tiny ? 1e-3 : 1e-4;
+    TORCH_CHECK(f.data.resolution % 8 == 0, "--resolution must be a multiple of 8, got ", f.data.resolution);
+    TORCH_CHECK(f.optim.batch_size > 0, "--batch-size must be positive, got ", f.optim.batch_size);
+    TORCH_CHECK(f.optim.grad_accum > 0, "--grad-accum must be positive, got ", f.optim.grad_accum);
+    TORCH_CHECK(!f.compute.cuda_graph || f.optim.grad_accum == 1, "--cuda-graph captures one "
+                "micro-batch per step: it cannot be combined with --grad-accum ", f.optim.grad_accum);
+    if (f.compute.cuda_graph) GraphedTrainStep::check_precision(precision_);
+    TORCH_CHECK(f.optim.max_steps >= 0 && f.optim.epochs >= 0, "--max-steps and --epochs must not be negative");
+    TORCH_CHECK(f.checkpoints.every >= 0 && f.checkpoints.keep_last >= 0,
+                "--checkpoint-every and --keep-last must not be negative");
+    TORCH_CHECK(f.data.bad_data == "skip" || f.data.bad_data == "fatal",
+                "--bad-data must be skip or fatal, got '", f.data.bad_data, "'");
+    TORCH_CHECK(f.data.data.empty() || std::filesystem::exists(f.data.data), "--data: '",
+                f.data.data, "' does not exist");
+    check_model_flags(f.model);
+    if (f.data.cache && (f.data.random_crop || f.data.random_flip)) {
+      std::printf("--cache encodes each image once (centre crop, no flip): ignoring --random-crop "
+                  "and --random-flip\n");
+      f.data.random_crop = f.data.random_flip = false;
+    }
+    std::filesystem::create_directories(f.output.output);
+  }
+
+  /// The flags, with the model-dependent defaults filled in.
+  const RunFlags& flags() const { return flags_; }
+  /// The device the run trains on.
+  const torch::Device& device() const { return device_; }
+  /// The precision it trains in.
+  sd::Precision precision() const { return precision_; }
+  /// The output folder.
+  std::filesystem::path output() const { return flags_.output.output; }
+
+  /// The model the flags name (model.hpp's `load_model`), its random weights, if any, from the
+  /// run's seed.
+  sd::StableDiffusion load_model() const {
+    return common::load_model(flags_.model, device_, precision_, flags_.optim.seed);
+  }
+
+  /// The folder of training data: `--data`, or, for a model with random weights and no `--data`,
+  /// demo data that `make_demo(folder, resolution, seed)` writes into `output/demo_data`; then
+  /// `demo_prompts` become the validation prompts unless some were given.
+  std::filesystem::path data_folder(
+      const std::function<std::filesystem::path(const std::filesystem::path&, int64_t, uint64_t)>& make_demo,
+      const std::vector<std::string>& demo_prompts) {
+    if (!flags_.data.data.empty()) return flags_.data.data;
+    TORCH_CHECK(flags_.model.random_weights(), "--data is required with --model (a folder of images with captions)");
+    if (flags_.output.validation_prompts.empty()) flags_.output.validation_prompts = demo_prompts;
+    return make_demo(output() / "demo_data", flags_.data.resolution, flags_.optim.seed);
+  }
+
+  /// How the dataset prepares images: resolution, crops, flips, bad-data policy.
+  DatasetOptions dataset_options() const {
+    return DatasetOptions(flags_.data.resolution)
+        .center_crop(!flags_.data.random_crop)
+        .random_flip(flags_.data.random_flip)
+        .bad_data(flags_.data.bad_data == "skip" ? BadDataPolicy::skip : BadDataPolicy::fatal);
+  }
+
+  /// Prints what a dataset holds and what it left out.
+  static void describe(const CaptionedImageDataset& data, const std::string& folder) {
+    std::printf("data: %lld images from %s (%s layout)", static_cast<long long>(data.size()),
+                folder.c_str(), to_string(data.layout()).c_str());
+    if (data.skipped() == 0) {
+      std::printf("\n");
+      return;
+    }
+    std::printf(", %lld skipped:\n", static_cast<long long>(data.skipped()));
+    for (const auto& problem : data.problems()) std::printf("  %s\n", problem.c_str());
+  }
+
+  /// The settings of a validation grid: the training resolution, `--validation-steps` DDIM
+  /// steps, the run's seed and precision.
+  sd::GenerateOptions sample_options() const {
+    sd::GenerateOptions options;
+    options.width = options.height = flags_.data.resolution;
+    options.steps = flags_.output.validation_steps;
+    options.seed = flags_.optim.seed;
+    options.device = device_;
+    options.precision = precision_;
+    return options;
+  }
+
+  /// The validation prompts (`--validation-prompt`, the demo data's, or one of SCEdit's).
+  std::vector<std::string> validation_prompts() const {
+    if (!flags_.output.validation_prompts.empty()) return flags_.output.validation_prompts;
+    return {"A boy in a camouflage jacket with a scarf"};
+  }
+
+  /// Trains `trainable` on `data` with `pipe`'s frozen encoders: resumes if asked, runs the loop
+  /// to the last step with progress lines, checkpoints and validation grids, then writes the
+  /// final checkpoint, the weights (`Trainable::save`), `loss.csv`, `loss.png` and
+  /// `samples.png`. The UNet is put in train mode with the run's levers.
+  void train(sd::StableDiffusion& pipe, const ImageSource& data, const Trainable& trainable,
+             const Validation& validation) {
+    const auto& f = flags_;
+    auto& unet = pipe.unet;
+    unet->train();
+    unet->set_gradient_checkpointing(f.compute.gradient_checkpointing);
+    unet->set_lean_activations(lean_);
+    unet->set_channels_last(f.compute.channels_last);
+    BatchSource batches(pipe, data, BatchOptions().cache(f.data.cache).caption_dropout(f.data.caption_dropout),
+                        device_, sd::compute_dtype(precision_));
+    TrainStep step(trainable.denoiser, trainable.tensors(), sd::NoiseSchedule(), f.optim.optim,
+                   precision_, device_, f.optim.prediction);
+
+    const int64_t images_per_step = f.optim.batch_size * f.optim.grad_accum;
+    int64_t total = f.optim.max_steps;
+    if (total == 0 && f.optim.epochs > 0) {
+      total = static_cast<int64_t>(std::ceil(f.optim.epochs * data.size() / images_per_step));
+    }
+    if (total == 0) {
+      TORCH_CHECK(f.model.random_weights(), "give --max-steps or --epochs");
+      total = 300;
+    }
+
+    // Checkpoints hold the trainable tensors by name; the run's settings must match on resume.
+    const auto tensors = trainable.by_name();
+    nlohmann::json settings = {{"precision", f.compute.precision}, {"batch_size", f.optim.batch_size},
+                               {"grad_accum", f.optim.grad_accum}, {"model", f.model.model}};
+    settings.update(trainable.settings);
+    const auto checkpoints = output() / "checkpoints";
+    int64_t start = 0;
+    if (!f.checkpoints.resume.empty()) {
+      const auto folder = resolve_checkpoint(checkpoints, f.checkpoints.resume);
+      auto state = load_checkpoint(folder, tensors, step.optimizer());
+      TORCH_CHECK(state.seed == f.optim.seed, "checkpoint '", folder.string(), "' was trained with --seed ",
+                  state.seed, ", this run has ", f.optim.seed);
+      TORCH_CHECK(state.run == settings, "checkpoint '", folder.string(), "' comes from a run with ",
+                  state.run.dump(), ", this run has ", settings.dump());
+      step.set_loss_scale(state.loss_scale);
+      start = state.step;
+      std::printf("resumed from %s at step %lld\n", folder.string().c_str(), static_cast<long long>(start));
+      if (f.compute.cuda_graph) {
+        std::printf("--cuda-graph: the noise after a resume is not the uninterrupted run's (the device "
+                    "generator is seeded from --seed and the step, not restored)\n");
+      }
+    }
+    // With --cuda-graph the whole step is captured after two eager ones and replayed. Its noise
+    // comes from the device generator (seeded from the seed and the first step), not from the
+    // per-micro-step CPU generators; the batches still come from them.
+    std::optional<GraphedTrainStep> graphed;
+    if (f.compute.cuda_graph) {
+      graphed.emplace(step, step_generator(f.optim.seed, start, /*stream=*/1).current_seed());
+      if (!device_.is_cuda()) std::printf("--cuda-graph: no CUDA device, the step runs uncaptured\n");
+    }
+    auto save_checkpoint_at = [&](int64_t at) {
+      if (graphed) graphed->sync_optimizer_state();
+      return save_checkpoint(checkpoints, tensors, step.optimizer(),
+                             TrainState{at, f.optim.seed, step.loss_scale(), settings}, f.checkpoints.keep_last);
+    };
+    auto validate = [&](const std::filesystem::path& grid) {
+      unet->eval();
+      torch::NoGradGuard no_grad;
+      validation(grid);
+      unet->train();
+    };
+
+    // The loop.
+    SampleOrder order(data.size(), f.optim.batch_size, f.optim.seed);
+    std::vector<LossRecord> records;
+    const auto began = std::chrono::steady_clock::now();
+    double smoothed = 0;
+    for (int64_t s = start; s < total; ++s) {
+      const double lr = learning_rate(f.optim.optim, s, total);
+      torch::Tensor loss_sum;  // on the device: read once the whole step is queued
+      for (int64_t a = 0; a < f.optim.grad_accum; ++a) {
+        const int64_t m = s * f.optim.grad_accum + a;
+        auto generator = step_generator(f.optim.seed, m);
+        const auto batch = batches.get(order.indices(m), generator);
+        if (graphed) {  // the whole step, optimizer included (--grad-accum is 1)
+          loss_sum = graphed->run(batch, lr);
+        } else {
+          auto micro = step.forward_backward(batch, generator, f.optim.grad_accum);
+          loss_sum = a == 0 ? micro : loss_sum + micro;
+        }
+      }
+      if (!graphed) step.optimizer_step(lr);
+      const double loss = loss_sum.item<double>() / f.optim.grad_accum;
+      const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();
+      records.push_back({s + 1, loss, lr, seconds});
+      smoothed = s == start ? loss : 0.9 * smoothed + 0.1 * loss;
+      if ((s + 1) % f.output.log_every == 0 || s + 1 == total) {
+        const double rate = (s + 1 - start) * images_per_step / std::max(seconds, 1e-9);
+        const double eta = (total - s - 1) * images_per_step / std::max(rate, 1e-9);
+        std::printf("step %lld/%lld  loss %.4f (avg %.4f)  lr %.2e  %.1f img/s  ETA %s  peak %s\n",
+                    static_cast<long long>(s + 1), static_cast<long long>(total), loss, smoothed, lr,
+                    rate, format_duration(eta).c_str(), peak_memory_string(device_).c_str());
+        std::fflush(stdout);
+      }
+      if (f.checkpoints.every > 0 && (s + 1) % f.checkpoints.every == 0 && s + 1 < total) {
+        std::printf("checkpoint: %s\n", save_checkpoint_at(s + 1).string().c_str());
+      }
+      if (f.output.validation_every > 0 && (s + 1) % f.output.validation_every == 0 && s + 1 < total) {
+        validate(output() / "samples" / ("step-" + std::to_string(s + 1) + ".png"));
+      }
+    }
+
+    // What a person wants to look at: the weights, the loss curve, samples.
+    if (start < total) save_checkpoint_at(total);
+    for (const auto& path : trainable.save(output())) std::printf("weights: %s\n", path.c_str());
+    if (!records.empty()) {
+      write_loss_csv((output() / "loss.csv").string(), records);
+      std::vector<int64_t> steps;
+      std::vector<double> losses;
+      for (const auto& r : records) {
+        steps.push_back(r.step);
+        losses.push_back(r.loss);
+      }
+      write_loss_plot((output() / "loss.png").string(), steps, losses, program_ + " " + title(trainable));
+      std::printf("loss: %s, %s\n", (output() / "loss.csv").string().c_str(),
+                  (output() / "loss.png").string().c_str());
+    }
+    validate(output() / "samples.png");
+  }
+
+ private:
+  // The plot's title: what is trained ("scedit", "lora", ...).
+  static std::string title(const Trainable& trainable) {
+    const auto method = trainable.settings.find("method");
+    return method != trainable.settings.end() && method->is_string() ? method->get<std::string>() : "";
+  }
+
+  std::string program_;
+  RunFlags flags_;
+  torch::Device device_ = torch::kCPU;
+  sd::Precision precision_ = sd::Precision::kFP32;
+  sd::LeanActivations lean_;
+};
+
+}  // namespace common

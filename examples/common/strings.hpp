@@ -1,0 +1,32 @@
+#pragma once
+/// @file strings.hpp
+/// @brief The little text handling the programs share: comma-separated flag values and the
+/// h:mm:ss of a progress line.
+
+#include <cstdint>
+#include <cstdio>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace common {
+
+/// The non-empty parts of `text` between `separator`s: `"a,,b"` -> {"a", "b"}.
+inline std::vector<std::string> split_list(const std::string& text, char separator = ',') {
+  std::vector<std::string> parts;
+  std::stringstream stream(text);
+  for (std::string part; std::getline(stream, part, separator);) {
+    if (!part.empty()) parts.push_back(part);
+  }
+  return parts;
+}
+
+/// `seconds` as h:mm:ss.
+inline std::string format_duration(double seconds) {
+  const auto s = static_cast<long long>(seconds);
+  char text[32];
+  std::snprintf(text, sizeof(text), "%lld:%02lld:%02lld", s / 3600, (s / 60) % 60, s % 60);
+  return text;
+}
+
+}  // namespace common

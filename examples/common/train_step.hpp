@@ -1,0 +1,238 @@
+#pragma once
+/// @file train_step.hpp
+/// @brief One training step, shared by the programs and the benches: a micro-batch, the noise at
+/// a random timestep, one call of the program's denoiser under autocast, the loss, the backward
+/// pass, then AdamW on the trainable parameters (with fp16 loss scaling and clipping).
+///
+/// The step knows nothing of what it trains: a program hands it the parameters and the model
+/// call that reaches them (`Trainable`), so SC-Tuners, CSC-Tuners with their conditions, LoRA or
+/// a ControlNet all train through the same code. The data path is docs/ARCHITECTURE.md's.
+
+#include <sd/precision.hpp>
+#include <sd/scheduler.hpp>
+
+#include <scedit/compat.hpp>
+#include <scedit/foreach_adamw.hpp>
+#include <scedit/safetensors.hpp>
+
+#include <common/optim.hpp>
+
+#include <torch/torch.h>
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <filesystem>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace common {
+
+/// One micro-batch as the step sees it, every tensor on the step's device.
+struct TrainBatch {
+  /// The UNet's latents [B, 4, h, w] (a VAE posterior draw, × scaling factor), float32.
+  torch::Tensor latents;
+  /// Text embeddings [B, 77, D].
+  torch::Tensor text;
+  /// Condition images, one tensor per condition, each [B, 3, 8h, 8w] in [0, 1] (none for style).
+  std::vector<torch::Tensor> conditions;
+};
+
+/// The model call of a training step: noisy latents [B, 4, h, w] and text embeddings [B, 77, D]
+/// (both in the frozen weights' dtype), timesteps [B] int64 and the batch's conditions -> the
+/// prediction [B, 4, h, w]. It runs under the step's autocast; every trainable parameter must be
+/// reached from it.
+using Denoiser = std::function<torch::Tensor(const torch::Tensor& noisy, const torch::Tensor& timesteps,
+                                             const torch::Tensor& text,
+                                             const std::vector<torch::Tensor>& conditions)>;
+
+/// What a program trains: the parameters, the model call that reaches them, and how its final
+/// weights are written.
+struct Trainable {
+  /// The trainable tensors with their names (the keys of a checkpoint), in optimizer order.
+  std::vector<std::pair<std::string, torch::Tensor>> parameters;
+  /// The model call of a step.
+  Denoiser denoiser;
+  /// What is trained (e.g. `{"method": "scedit"}`): recorded in checkpoints, checked on resume.
+  nlohmann::json settings = nlohmann::json::object();
+  /// Writes the final weights into a folder and returns the files it wrote.
+  std::function<std::vector<std::string>(const std::filesystem::path&)> save;
+
+  /// The tensors alone, in optimizer order.
+  std::vector<torch::Tensor> tensors() const {
+    std::vector<torch::Tensor> out;
+    for (const auto& named : parameters) out.push_back(named.second);
+    return out;
+  }
+  /// The tensors by name, as checkpoints hold them.
+  scedit::TensorMap by_name() const {
+    scedit::TensorMap out;
+    for (const auto& named : parameters) out[named.first] = named.second;
+    return out;
+  }
+};
+
+/// Called with the trainable parameters once their gradients for the step are complete, before
+/// the fp16 unscale, the finite check and clipping: where gradients are reduced across processes.
+using GradientHook = std::function<void(const std::vector<torch::Tensor>& parameters)>;
+
+/// One training step (shared by the programs and the benches).
+class TrainStep {
+ public:
+  /// Trains `parameters` (float32, on `device`) through `denoiser`; `prediction_type` is the
+  /// target of the loss: `epsilon` or `v_prediction`.
+  TrainStep(Denoiser denoiser, std::vector<torch::Tensor> parameters, sd::NoiseSchedule schedule,
+            OptimOptions options, sd::Precision precision, torch::Device device,
+            std::string prediction_type = "epsilon")
+      : denoiser_(std::move(denoiser)),
+        schedule_(std::move(schedule)),
+        options_(std::move(options)),
+        precision_(precision),
+        device_(device),
+        prediction_type_(std::move(prediction_type)),
+        params_(std::move(parameters)),
+        optimizer_(params_, torch::optim::AdamWOptions(options_.lr)
+                                .betas({options_.beta1, options_.beta2})
+                                .eps(options_.eps)
+                                .weight_decay(options_.weight_decay)) {
+    TORCH_CHECK(!params_.empty(), "TrainStep: nothing to train (no trainable parameters)");
+    TORCH_CHECK(denoiser_ != nullptr, "TrainStep: no denoiser");
+    TORCH_CHECK(prediction_type_ == "epsilon" || prediction_type_ == "v_prediction",
+                "--prediction must be epsilon or v_prediction, got '", prediction_type_, "'");
+    sd::check_precision(precision_, device_);
+  }
+
+  /// Forward and backward of one micro-batch: draws noise and timesteps from `generator`, adds
+  /// the gradients of `loss / accumulation` to the parameters, returns the (unscaled) loss as a
+  /// 0-dim float32 tensor on the device: reading it (`item`) waits for the GPU, so callers do
+  /// that once the step is queued, not in between.
+  torch::Tensor forward_backward(const TrainBatch& batch, torch::Generator& generator,
+                                 int64_t accumulation = 1) {
+    const auto size = batch.latents.size(0);
+    auto noise = draw_noise(batch.latents.sizes(), generator);
+    auto t = torch::randint(0, num_train_timesteps(), {size}, generator, torch::kLong).to(device_);
+    auto loss = this->loss(batch, noise, t);
+    (loss * (loss_scale_ / static_cast<double>(accumulation))).backward();
+    return loss.detach();
+  }
+
+  /// The training loss (0-dim float32, with its autograd graph) of one micro-batch for the given
+  /// noise ε [B, 4, h, w] float32 and timesteps t [B] int64, all on the device: the denoiser
+  /// under autocast, MSE against the prediction target. Reads nothing on the host.
+  torch::Tensor loss(const TrainBatch& batch, const torch::Tensor& noise, const torch::Tensor& t) {
+    auto x0 = batch.latents.to(torch::kFloat32);
+    auto noisy = schedule_.add_noise(x0, noise, t);  // q(x_t | x_0)
+    auto target = schedule_.prediction_target(prediction_type_, x0, noise, t);
+    scedit::compat::AutocastGuard autocast(device_.type(), frozen_dtype());
+    auto prediction = denoiser_(noisy.to(frozen_dtype()), t, batch.text.to(frozen_dtype()),
+                                batch.conditions);
+    return torch::mse_loss(prediction.to(torch::kFloat32), target);
+  }
+
+  /// Applies the accumulated gradients at learning rate `lr`: reduce (the gradient hook),
+  /// unscale (fp16), skip the step on overflow, clip, AdamW, zero the gradients. Returns false
+  /// when an fp16 overflow skipped it.
+  bool optimizer_step(double lr) {
+    reduce_gradients();
+    bool finite = true;
+    if (loss_scale_ != 1.0) {
+      torch::NoGradGuard no_grad;
+      for (auto& p : params_) {
+        if (!p.grad().defined()) continue;
+        p.grad().div_(loss_scale_);
+        finite = finite && torch::isfinite(p.grad()).all().item<bool>();
+      }
+    }
+    if (finite) {
+      if (options_.max_grad_norm > 0) torch::nn::utils::clip_grad_norm_(params_, options_.max_grad_norm);
+      for (auto& group : optimizer_.param_groups()) {
+        static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
+      }
+      if (options_.foreach) {
+        scedit::foreach_adamw_step(optimizer_);
+      } else {
+        optimizer_.step();
+      }
+    }
+    optimizer_.zero_grad();
+    update_loss_scale(finite);
+    return finite;
+  }
+
+  /// Sets the hook that reduces the gradients before each optimizer step (none by default).
+  void set_gradient_hook(GradientHook hook) { gradient_hook_ = std::move(hook); }
+  /// Runs the gradient hook, if any, on the parameters (the graphed step calls it too).
+  void reduce_gradients() {
+    if (gradient_hook_) gradient_hook_(params_);
+  }
+
+  /// The optimizer (its state goes into checkpoints).
+  torch::optim::AdamW& optimizer() { return optimizer_; }
+  /// The trainable parameters, in optimizer order.
+  const std::vector<torch::Tensor>& parameters() const { return params_; }
+  /// Current fp16 loss scale (1 unless fp16).
+  double loss_scale() const { return loss_scale_; }
+  /// Restores the fp16 loss scale from a checkpoint.
+  void set_loss_scale(double scale) { loss_scale_ = scale; }
+  /// The dtype frozen weights and model inputs use.
+  torch::Dtype frozen_dtype() const { return sd::compute_dtype(precision_); }
+  /// The optimizer options the step was built with.
+  const OptimOptions& options() const { return options_; }
+  /// The precision the step trains in.
+  sd::Precision precision() const { return precision_; }
+  /// The device the model and the trainable parameters sit on.
+  const torch::Device& device() const { return device_; }
+  /// T of the noise schedule: timesteps are drawn from [0, T).
+  int64_t num_train_timesteps() const { return schedule_.num_train_timesteps(); }
+
+ private:
+  // ε ~ N(0, I) [B, 4, h, w] float32 on the device. On the CPU it comes from `generator` itself;
+  // elsewhere from a device generator seeded by one draw of `generator`, so a micro-step's noise
+  // is still a pure function of (seed, index) on a given device (resume stays exact) and no
+  // host-side draw and copy (~7 ms at batch 30) holds up the GPU.
+  torch::Tensor draw_noise(at::IntArrayRef sizes, torch::Generator& generator) const {
+    const auto options = torch::TensorOptions().dtype(torch::kFloat32).device(device_);
+    if (device_.is_cpu()) return torch::randn(sizes, generator, options);
+    uint64_t seed;
+    {
+      std::lock_guard<std::mutex> lock(generator.mutex());
+      seed = at::check_generator<at::CPUGeneratorImpl>(generator)->random64();
+    }
+    auto on_device = at::globalContext().defaultGenerator(device_).clone();
+    {
+      std::lock_guard<std::mutex> lock(on_device.mutex());
+      on_device.set_current_seed(seed);
+    }
+    return torch::randn(sizes, on_device, options);
+  }
+
+  // Dynamic loss scaling (as torch.cuda.amp.GradScaler): halve on overflow, double after 2000
+  // clean steps.
+  void update_loss_scale(bool finite) {
+    if (precision_ != sd::Precision::kFP16) return;
+    if (!finite) {
+      loss_scale_ = std::max(1.0, loss_scale_ / 2);
+      clean_steps_ = 0;
+    } else if (++clean_steps_ % 2000 == 0) {
+      loss_scale_ *= 2;
+    }
+  }
+
+  Denoiser denoiser_;
+  sd::NoiseSchedule schedule_;
+  OptimOptions options_;
+  sd::Precision precision_;
+  torch::Device device_;
+  std::string prediction_type_;
+  std::vector<torch::Tensor> params_;
+  torch::optim::AdamW optimizer_;
+  GradientHook gradient_hook_;
+  double loss_scale_ = precision_ == sd::Precision::kFP16 ? 65536.0 : 1.0;
+  int64_t clean_steps_ = 0;
+};
+
+}  // namespace common

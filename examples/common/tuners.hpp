@@ -1,0 +1,131 @@
+#pragma once
+/// @file tuners.hpp
+/// @brief The tuners a training program attaches to the UNet (`--method`): SC-Tuners on the
+/// skips, LoRA in the attention and feed-forward layers, or both; what they train as a
+/// `Trainable`, and the files they are saved in.
+
+#include <common/strings.hpp>
+#include <common/train_step.hpp>
+
+#include <sd/unet.hpp>
+
+#include <scedit/lora.hpp>
+#include <scedit/lora_io.hpp>
+#include <scedit/sctuner.hpp>
+#include <scedit/trainable.hpp>
+#include <scedit/tuner_io.hpp>
+
+#include <torch/torch.h>
+
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <unordered_set>
+#include <utility>
+#include <vector>
+
+namespace common {
+
+/// The modules LoRA adapts unless told otherwise: the attention projections and the
+/// feed-forwards of SD's transformers (peft-style names; the seed's table uses these).
+inline const char* const kDefaultLoRATargets = "to_q,to_k,to_v,to_out.0,ff.net.0.proj,ff.net.2";
+
+/// Which tuners a run trains (the `--method` family of flags).
+struct MethodOptions {
+  std::string method = "scedit";  ///< scedit | lora | scedit+lora
+  double sc_down_ratio = 1.0;     ///< SC-Tuner hidden width as a fraction of the skip channels
+  std::string sc_pattern;         ///< regex over site paths (`lsc_identity\.[0-9]+`); empty = all 12
+  int64_t lora_rank = 64;         ///< LoRA rank r (the seed's table uses 64)
+  double lora_alpha = 8;          ///< LoRA alpha; scale alpha / r (the seed's table uses 8)
+  std::string lora_targets = kDefaultLoRATargets;  ///< comma-separated peft-style module names
+};
+
+/// The tuners attached to a UNet for training.
+struct TrainedTuners {
+  std::vector<scedit::SCTuner> sc;            ///< SC-Tuners in decoder order (empty without SCEdit)
+  std::optional<scedit::LoRAInjection> lora;  ///< LoRA layers (absent without LoRA)
+
+  /// LoRA is injected weight-side: rebind the effective weights before each forward.
+  void refresh() {
+    if (lora) lora->refresh();
+  }
+
+  /// Writes the final weights in the library's formats into `folder`: `sc_tuners.safetensors`
+  /// (+ `.json`) and `lora/` (peft) + `lora_diffusers.safetensors` + `lora_kohya.safetensors`.
+  std::vector<std::string> save(const std::filesystem::path& folder) const {
+    std::filesystem::create_directories(folder);
+    std::vector<std::string> written;
+    if (!sc.empty()) {
+      const auto path = (folder / "sc_tuners.safetensors").string();
+      scedit::save_sc_tuners(path, sc);
+      written.push_back(path);
+    }
+    if (lora) {
+      scedit::save_lora_peft((folder / "lora").string(), *lora);
+      scedit::export_lora_diffusers((folder / "lora_diffusers.safetensors").string(), *lora);
+      scedit::export_lora_kohya((folder / "lora_kohya.safetensors").string(), *lora);
+      written.push_back((folder / "lora").string());
+      written.push_back((folder / "lora_diffusers.safetensors").string());
+      written.push_back((folder / "lora_kohya.safetensors").string());
+    }
+    return written;
+  }
+};
+
+/// Attaches the tuners `options` asks for to `unet`, freezes everything else, and keeps the
+/// trainable weights in float32 on `device` whatever dtype the frozen weights have.
+inline TrainedTuners attach_tuners(sd::UNet& unet, const MethodOptions& options,
+                                   const torch::Device& device) {
+  const bool sc = options.method == "scedit" || options.method == "scedit+lora";
+  const bool lora = options.method == "lora" || options.method == "scedit+lora";
+  TORCH_CHECK(sc || lora, "--method must be scedit, lora or scedit+lora, got '", options.method, "'");
+  TrainedTuners tuners;
+  if (sc) {
+    tuners.sc = scedit::attach_sc_tuners(
+        *unet, scedit::SCAttachOptions().pattern(options.sc_pattern).down_ratio(options.sc_down_ratio));
+  }
+  if (lora) {
+    TORCH_CHECK(options.lora_rank > 0, "--lora-rank must be positive, got ", options.lora_rank);
+    tuners.lora = scedit::inject_lora(
+        *unet, scedit::LoRAConfig(scedit::LoRAOptions(options.lora_rank).alpha(options.lora_alpha))
+                   .target_modules(split_list(options.lora_targets)));
+  }
+  scedit::freeze_except_tuners(*unet);
+  torch::NoGradGuard no_grad;
+  for (auto& p : scedit::tuner_parameters(*unet)) p.set_data(p.data().to(device, torch::kFloat32));
+  return tuners;
+}
+
+/// The parameters of `module` that train (a UNet's tuners after `attach_tuners`), each once,
+/// with its name, in module order.
+inline std::vector<std::pair<std::string, torch::Tensor>> trainable_parameters(const torch::nn::Module& module) {
+  std::vector<std::pair<std::string, torch::Tensor>> named;
+  std::unordered_set<const void*> seen;
+  for (const auto& p : module.named_parameters()) {
+    if (p.value().requires_grad() && seen.insert(p.value().unsafeGetTensorImpl()).second) {
+      named.emplace_back(p.key(), p.value());
+    }
+  }
+  return named;
+}
+
+/// What training `tuners` on `unet` is: their parameters, the UNet as the denoiser (LoRA's
+/// weights rebound before each forward), `sc_tuners.safetensors` and the LoRA files at the end.
+/// `tuners` must outlive the result.
+inline Trainable tuner_trainable(sd::UNet unet, TrainedTuners& tuners, const MethodOptions& options) {
+  Trainable trainable;
+  trainable.parameters = trainable_parameters(*unet);
+  trainable.denoiser = [unet, &tuners](const torch::Tensor& noisy, const torch::Tensor& t,
+                                       const torch::Tensor& text,
+                                       const std::vector<torch::Tensor>& conditions) mutable {
+    TORCH_CHECK(conditions.empty(), "SC-Tuners and LoRA take no condition images, got ",
+                conditions.size());
+    tuners.refresh();
+    return unet->forward(noisy, t, text);
+  };
+  trainable.settings = {{"method", options.method}};
+  trainable.save = [&tuners](const std::filesystem::path& folder) { return tuners.save(folder); };
+  return trainable;
+}
+
+}  // namespace common

@@ -1,0 +1,348 @@
+#pragma once
+/// @file sampler.hpp
+/// @brief Sampling with Stable Diffusion: prompts → text embeddings → DDIM with classifier-free
+/// guidance → VAE decode → uint8 images; image-to-image; CSC-Tuners' conditions. Shared by the
+/// `generate` program, the training programs' validation samples and the benches.
+///
+/// The sampler follows diffusers' `StableDiffusionPipeline` / `StableDiffusionImg2ImgPipeline`
+/// (`__call__`): one batched UNet call over [uncond; cond] per step when guidance > 1, then
+/// `classifier_free_guidance` with diffusers' `rescale_noise_cfg` (scheduler.hpp), the DDIM
+/// step, and `vae.decode(latents / scaling_factor + shift)`. The defaults are SCEdit's sampling
+/// recipe (DDIM, eta 0, 50 steps, trailing timesteps, guidance 7.5, guidance rescale 0.5, empty
+/// negative prompt).
+///
+/// Determinism: image `i` of a call (prompt-major: prompt p, copy k → i = p·images_per_prompt
+/// + k) draws all its noise — the initial latents, then each step's DDIM noise when eta > 0 —
+/// from its own CPU generator seeded with `seed + i`, in float32, then moved to the model's
+/// device. So an image depends on its seed only, not on the batch it ran in, and CPU and CUDA
+/// runs start from the same latents.
+///
+/// Example:
+/// @code
+/// auto pipe = sd::load_pipeline("stable-diffusion-v1-5");
+/// sd::AttachedTuners tuners;
+/// sd::attach_tuner_file(pipe, "style.safetensors", /*scale=*/1.0, tuners);  // tuner_files.hpp
+/// sd::GenerateOptions options;
+/// options.seed = 42;
+/// std::vector<torch::Tensor> images = sd::generate(pipe, {"a cat in a hat"}, options);
+/// // images[0]: uint8 [512, 512, 3]
+/// @endcode
+
+#include <sd/precision.hpp>
+#include <sd/scheduler.hpp>
+#include <sd/stable_diffusion.hpp>
+
+#include <scedit/compat.hpp>
+#include <scedit/csctuner.hpp>
+
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace sd {
+
+/// Where a `generate` call is, for progress displays.
+struct GenerateProgress {
+  int64_t step = 0;     ///< Denoising steps done in this batch (1..steps).
+  int64_t steps = 0;    ///< Denoising steps per batch (fewer than `GenerateOptions::steps` for img2img).
+  int64_t batch = 0;    ///< Batch index (0-based).
+  int64_t batches = 0;  ///< Number of batches.
+};
+
+/// The condition image of one CSC-Tuner for a `generate` call.
+struct GenerateCondition {
+  std::string tuner;    ///< The CSC-Tuner's name on the UNet (`scedit::csc_tuners`).
+  torch::Tensor image;  ///< uint8 [height, width, 3], RGB.
+};
+
+/// Settings of one `generate` call (diffusers' pipeline arguments). The defaults are SCEdit's
+/// sampling recipe except the size, which callers set from the model (`default_image_size`).
+struct GenerateOptions {
+  int64_t width = 512;             ///< Image width: a multiple of 8 (of 64 for SD's UNet).
+  int64_t height = 512;            ///< Image height: a multiple of 8 (of 64 for SD's UNet).
+  int64_t steps = 50;              ///< DDIM steps (> 0); img2img runs the last strength·steps.
+  double guidance_scale = 7.5;     ///< Classifier-free guidance; <= 1 runs the conditional pass only.
+  double guidance_rescale = 0.5;   ///< diffusers' rescale_noise_cfg φ in [0, 1] (0: off).
+  double eta = 0.0;                ///< DDIM η (0: deterministic DDIM).
+  uint64_t seed = 0;               ///< Image i uses a CPU generator seeded with seed + i.
+  std::string negative_prompt;     ///< The unconditional prompt ("" as in the recipe).
+  std::string timestep_spacing = "trailing";  ///< "trailing" (recipe), "leading" or "linspace".
+  int64_t batch_size = 1;          ///< Images per UNet batch (the UNet sees 2× that with guidance).
+  int64_t images_per_prompt = 1;   ///< Images made from each prompt.
+  Precision precision = Precision::kFP32;  ///< Autocast of text encoder + UNet (fp16: CUDA only).
+  /// Where to run; unset: where the UNet is. The models must already be there.
+  std::optional<torch::Device> device;
+  /// Image-to-image: uint8 [height, width, 3] starting image, or undefined.
+  torch::Tensor init_image;
+  /// Image-to-image strength in [0, 1]: 1 starts from noise, 0 returns the init image's VAE
+  /// round trip (diffusers: the last int(steps · strength) timesteps run).
+  double strength = 0.8;
+  /// The condition image of each attached CSC-Tuner that takes part (every one whose scale is not
+  /// 0), by the tuner's name; one CSC-Tuner, one condition.
+  std::vector<GenerateCondition> conditions;
+  /// Called after every denoising step (e.g. to print progress); may be empty.
+  std::function<void(const GenerateProgress&)> progress;
+
+  /// Throws naming the field and the value when a setting is out of range.
+  void validate() const {
+    TORCH_CHECK(width > 0 && width % 8 == 0, "generate: width must be a positive multiple of 8, got ",
+                width);
+    TORCH_CHECK(height > 0 && height % 8 == 0,
+                "generate: height must be a positive multiple of 8, got ", height);
+    TORCH_CHECK(steps > 0, "generate: steps must be > 0, got ", steps);
+    TORCH_CHECK(std::isfinite(guidance_scale), "generate: guidance_scale must be finite, got ",
+                guidance_scale);
+    TORCH_CHECK(guidance_rescale >= 0 && guidance_rescale <= 1,
+                "generate: guidance_rescale must be in [0, 1], got ", guidance_rescale);
+    TORCH_CHECK(eta >= 0 && std::isfinite(eta), "generate: eta must be >= 0, got ", eta);
+    TORCH_CHECK(timestep_spacing == "trailing" || timestep_spacing == "leading" ||
+                    timestep_spacing == "linspace",
+                "generate: timestep spacing must be trailing, leading or linspace, got '",
+                timestep_spacing, "'");
+    TORCH_CHECK(batch_size > 0, "generate: batch_size must be > 0, got ", batch_size);
+    TORCH_CHECK(images_per_prompt > 0, "generate: images_per_prompt must be > 0, got ",
+                images_per_prompt);
+    TORCH_CHECK(strength >= 0 && strength <= 1, "generate: strength must be in [0, 1], got ",
+                strength);
+    auto check_image = [&](const torch::Tensor& image, const std::string& what) {
+      TORCH_CHECK(image.defined() && image.scalar_type() == torch::kUInt8 && image.dim() == 3 &&
+                      image.size(2) == 3,
+                  "generate: ", what, " must be a uint8 [H, W, 3] image, got ",
+                  image.defined() ? image.sizes() : torch::IntArrayRef{}, " ",
+                  image.defined() ? image.scalar_type() : torch::kUInt8);
+      TORCH_CHECK(image.size(0) == height && image.size(1) == width, "generate: ", what, " is ",
+                  image.size(1), "x", image.size(0), " but the images are ", width, "x", height,
+                  ": resize it first (a condition must line up with the image pixel for pixel)");
+    };
+    if (init_image.defined()) check_image(init_image, "init_image");
+    for (const auto& condition : conditions) {
+      check_image(condition.image, "the condition of CSC-Tuner '" + condition.tuner + "'");
+    }
+  }
+};
+
+/// The seed of image `index` of a call (see the file comment).
+inline uint64_t image_seed(const GenerateOptions& options, int64_t index) {
+  return options.seed + static_cast<uint64_t>(index);
+}
+
+/// The DDIM sampler of `sd`: its `scheduler_config.json` when it has one (SD 1.5: scaled_linear
+/// 0.00085 → 0.012, steps_offset 1, set_alpha_to_one false), else SD 1.5's settings; with
+/// `spacing` as timestep spacing.
+inline DDIMScheduler make_scheduler(const StableDiffusion& sd, const std::string& spacing) {
+  DDIMSchedulerOptions options = sd.scheduler_config.is_object()
+                                     ? DDIMSchedulerOptions::from_json(sd.scheduler_config)
+                                     : DDIMSchedulerOptions();
+  options.timestep_spacing(spacing);
+  return DDIMScheduler(options);
+}
+
+/// The noise prediction of one step. With `uncond` defined: one UNet call over the batch
+/// [uncond; cond] ([2B, …]) and classifier-free guidance with rescale; without: the
+/// conditional prediction alone. `latents` [B, C, h, w], `cond` / `uncond` [B, 77, D]; the
+/// result is in the latents' dtype.
+inline torch::Tensor predict_noise(UNet& unet, const torch::Tensor& latents, int64_t t,
+                                   const torch::Tensor& cond, const torch::Tensor& uncond,
+                                   double guidance_scale, double guidance_rescale) {
+  const auto dtype = detail::first_parameter(*unet, "UNet").scalar_type();
+  const torch::Tensor timestep = torch::full({1}, t, torch::kInt64);
+  if (!uncond.defined()) {
+    return unet(latents.to(dtype), timestep, cond.to(dtype)).to(latents.scalar_type());
+  }
+  const auto input = torch::cat({latents, latents}).to(dtype);      // [2B, C, h, w]
+  const auto context = torch::cat({uncond, cond}).to(dtype);        // [2B, 77, D]
+  const auto eps = unet(input, timestep, context).to(latents.scalar_type()).chunk(2);
+  return classifier_free_guidance(eps[0], eps[1], guidance_scale, guidance_rescale);
+}
+
+namespace detail {
+
+/// Gives each attached CSC-Tuner its condition image of `options` for one call, and checks that
+/// every CSC-Tuner that takes part has one and every condition names an attached tuner.
+inline void set_conditions(StableDiffusion& sd, const GenerateOptions& options,
+                           scedit::ConditionScope& scope) {
+  const auto tuners = scedit::csc_tuners(*sd.unet);
+  std::string names;
+  for (const auto& item : tuners) names += (names.empty() ? "'" : ", '") + item.key() + "'";
+  for (const auto& condition : options.conditions) {
+    const auto* tuner = tuners.find(condition.tuner);
+    TORCH_CHECK(tuner != nullptr, "generate: a condition is given for CSC-Tuner '",
+                condition.tuner, "', but the UNet has ",
+                names.empty() ? "no CSC-Tuner" : "only " + names);
+    const auto reference = first_parameter(**tuner, "CSC-Tuner");
+    // uint8 [H, W, 3] -> float [1, 3, H, W] in [0, 1] (scepter's condition range)
+    const auto image = condition.image.permute({2, 0, 1}).unsqueeze(0).to(torch::kFloat32) / 255.0;
+    scope.set(*tuner, image.to(reference.device(), reference.scalar_type()));
+  }
+  for (const auto& item : tuners) {
+    const auto& options_k = item.value()->options;
+    const bool active = options_k.scale() != 0 && options_k.control_scale() != 0;
+    TORCH_CHECK(!active || item.value()->has_condition(), "generate: CSC-Tuner '", item.key(),
+                "' is attached but has no condition image (GenerateOptions::conditions)");
+  }
+}
+
+/// Runs the sampler batch by batch and hands each batch's final latents to `consume`.
+inline void sample_batches(StableDiffusion& sd, const std::vector<std::string>& prompts,
+                           const GenerateOptions& options,
+                           const std::function<void(const torch::Tensor&)>& consume) {
+  options.validate();
+  TORCH_CHECK(!prompts.empty(), "generate: no prompts");
+  TORCH_CHECK(!sd.unet.is_empty() && !sd.vae.is_empty(), "generate: the pipeline has no UNet or VAE");
+  const int64_t multiple = image_size_multiple(sd);
+  TORCH_CHECK(options.width % multiple == 0 && options.height % multiple == 0, "generate: size ",
+              options.width, "x", options.height, " is not a multiple of ", multiple,
+              " in both sides, which this model needs (VAE factor ", vae_scale_factor(sd),
+              " × the UNet's downsampling ", multiple / vae_scale_factor(sd), ")");
+  const auto unet_param = detail::first_parameter(*sd.unet, "UNet");
+  const torch::Device device = unet_param.device();
+  if (options.device) {
+    const auto& want = *options.device;
+    TORCH_CHECK(want.type() == device.type() && (!want.has_index() || !device.has_index() ||
+                                                 want.index() == device.index()),
+                "generate: asked to run on ", want, " but the UNet is on ", device,
+                "; move the models there first");
+  }
+  for (const auto& [module, name] :
+       {std::make_pair(static_cast<torch::nn::Module*>(sd.vae.get()), "VAE"),
+        std::make_pair(static_cast<torch::nn::Module*>(sd.text_encoder.get()), "text encoder")}) {
+    TORCH_CHECK(detail::first_parameter(*module, name).device() == device, "generate: the ", name,
+                " is on ", detail::first_parameter(*module, name).device(), " but the UNet on ", device);
+  }
+  check_precision(options.precision, device);
+  const torch::Dtype compute = compute_dtype(options.precision);
+#if !SCEDIT_TORCH_2
+  // LibTorch 1.13's CPU autocast leaves GroupNorm out of its float32 list: a bf16 activation then
+  // meets float32 GroupNorm weights and the kernel throws. Half weights avoid that.
+  TORCH_CHECK(!(device.is_cpu() && compute != torch::kFloat32 &&
+                unet_param.scalar_type() == torch::kFloat32),
+              "generate: precision ", to_string(options.precision), " on the CPU needs the model's "
+              "weights in ", to_string(options.precision), " (LibTorch 1.13's CPU autocast runs GroupNorm in its input's "
+              "dtype): load the model in that dtype");
+#endif
+  const auto latent_dtype =
+      unet_param.scalar_type() == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;
+  const int64_t factor = vae_scale_factor(sd);
+  const int64_t channels = sd.unet_config.in_channels;
+  const int64_t h = options.height / factor, w = options.width / factor;
+
+  torch::NoGradGuard no_grad;
+  auto scheduler = make_scheduler(sd, options.timestep_spacing);
+  scheduler.set_timesteps(options.steps);
+  const auto& schedule_timesteps = scheduler.timesteps();  // int64 [steps], descending
+  std::vector<int64_t> timesteps(schedule_timesteps.data_ptr<int64_t>(),
+                                 schedule_timesteps.data_ptr<int64_t>() + schedule_timesteps.numel());
+  const auto all_steps = static_cast<int64_t>(timesteps.size());
+
+  // Image-to-image (diffusers StableDiffusionImg2ImgPipeline.get_timesteps): keep the last
+  // int(steps · strength) timesteps and start from the init latents noised to the first.
+  torch::Tensor init_latents;
+  if (options.init_image.defined()) {
+    const auto keep = std::min<int64_t>(
+        static_cast<int64_t>(static_cast<double>(all_steps) * options.strength), all_steps);
+    timesteps.erase(timesteps.begin(), timesteps.begin() + (all_steps - keep));
+    init_latents = encode_images(sd, to_float(options.init_image).unsqueeze(0))
+                       .to(device, latent_dtype);  // [1, C, h, w]
+  }
+
+  // The CSC-Tuners' hint features, once for the whole call (the same for every image).
+  scedit::ConditionScope conditions;
+  {
+    scedit::compat::AutocastGuard autocast(device.type(), compute);
+    set_conditions(sd, options, conditions);
+  }
+  const bool guided = options.guidance_scale > 1.0;  // diffusers: do_classifier_free_guidance
+  torch::Tensor negative;                            // [1, 77, D]
+  if (guided) {
+    scedit::compat::AutocastGuard autocast(device.type(), compute);
+    negative = encode_prompts(sd, {options.negative_prompt});
+  }
+
+  const int64_t total = static_cast<int64_t>(prompts.size()) * options.images_per_prompt;
+  const int64_t batches = (total + options.batch_size - 1) / options.batch_size;
+  for (int64_t batch = 0; batch < batches; ++batch) {
+    const int64_t start = batch * options.batch_size;
+    const int64_t n = std::min(options.batch_size, total - start);
+    std::vector<std::string> batch_prompts;
+    std::vector<torch::Generator> generators;
+    std::vector<torch::Tensor> noise;
+    for (int64_t k = 0; k < n; ++k) {
+      batch_prompts.push_back(prompts[static_cast<size_t>((start + k) / options.images_per_prompt)]);
+      generators.push_back(at::detail::createCPUGenerator(image_seed(options, start + k)));
+      noise.push_back(torch::randn({1, channels, h, w}, generators.back(), torch::kFloat32));
+    }
+    // [n, C, h, w], drawn on the CPU, then moved: the same start on every device.
+    const auto initial = torch::cat(noise).to(device, latent_dtype);
+
+    torch::Tensor latents;
+    {
+      scedit::compat::AutocastGuard autocast(device.type(), compute);
+      const auto cond = encode_prompts(sd, batch_prompts);                     // [n, 77, D]
+      const auto uncond = guided ? negative.expand({n, -1, -1}) : torch::Tensor();
+      if (!init_latents.defined()) {
+        latents = initial * scheduler.init_noise_sigma();
+      } else if (timesteps.empty()) {
+        latents = init_latents.expand({n, -1, -1, -1}).clone();  // strength 0: nothing to denoise
+      } else {
+        latents = scheduler.schedule().add_noise(init_latents.expand({n, -1, -1, -1}), initial,
+                                                 torch::full({1}, timesteps.front(), torch::kInt64));
+      }
+      for (size_t i = 0; i < timesteps.size(); ++i) {
+        const int64_t t = timesteps[i];
+        const auto input = scheduler.scale_model_input(latents, t);
+        const auto eps = predict_noise(sd.unet, input, t, cond, uncond, options.guidance_scale,
+                                       options.guidance_rescale);
+        torch::Tensor variance_noise;
+        if (options.eta > 0) {
+          std::vector<torch::Tensor> z;
+          for (auto& generator : generators) {
+            z.push_back(torch::randn({1, channels, h, w}, generator, torch::kFloat32));
+          }
+          variance_noise = torch::cat(z).to(device, latent_dtype);
+        }
+        latents = scheduler.step(eps, t, latents, options.eta, variance_noise);
+        if (options.progress) {
+          options.progress({static_cast<int64_t>(i) + 1, static_cast<int64_t>(timesteps.size()),
+                            batch, batches});
+        }
+      }
+    }
+    consume(latents);
+  }
+}
+
+}  // namespace detail
+
+/// Final latents [N, C, H/8, W/8] of every image (N = prompts × images_per_prompt, prompt-major),
+/// before the VAE: the sampler of `generate` without the decode.
+inline torch::Tensor sample_latents(StableDiffusion& sd, const std::vector<std::string>& prompts,
+                                    const GenerateOptions& options) {
+  std::vector<torch::Tensor> parts;
+  detail::sample_batches(sd, prompts, options, [&](const torch::Tensor& latents) {
+    parts.push_back(latents);
+  });
+  return torch::cat(parts);
+}
+
+/// Generates `images_per_prompt` images per prompt (prompt-major order) as uint8 [H, W, 3] CPU
+/// tensors: text-to-image, or image-to-image when `options.init_image` is set. Deterministic for
+/// a seed (see the file comment). Tuners attached to the UNet take part; CSC-Tuners get their
+/// images of `options.conditions`.
+inline std::vector<torch::Tensor> generate(StableDiffusion& sd, const std::vector<std::string>& prompts,
+                                           const GenerateOptions& options) {
+  std::vector<torch::Tensor> images;
+  detail::sample_batches(sd, prompts, options, [&](const torch::Tensor& latents) {
+    const auto decoded = decode_latents(sd, latents);  // [B, H, W, 3]
+    for (int64_t i = 0; i < decoded.size(0); ++i) images.push_back(decoded[i].clone());
+  });
+  return images;
+}
+
+}  // namespace sd

@@ -1,0 +1,158 @@
+#pragma once
+/// @file tuner_files.hpp
+/// @brief Attaching tuner files — SC-Tuners, CSC-Tuners, LoRA in any of the layouts the library
+/// reads — to a Stable Diffusion's UNet, each at its own strength, as `generate` does.
+///
+/// Example:
+/// @code
+/// sd::AttachedTuners tuners;
+/// sd::attach_tuner_file(pipe, "style.safetensors", /*scale=*/0.8, tuners);
+/// auto canny = sd::attach_tuner_file(pipe, "canny.safetensors", 1.0, tuners);
+/// options.conditions.push_back({canny.name, edges});  // sampler.hpp
+/// @endcode
+
+#include <sd/stable_diffusion.hpp>
+
+#include <scedit/csctuner.hpp>
+#include <scedit/lora_io.hpp>
+#include <scedit/sctuner.hpp>
+#include <scedit/tuner_io.hpp>
+
+#include <torch/torch.h>
+
+#include <cmath>
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace sd {
+
+/// One tuner file attached by `attach_tuner_file`.
+struct AttachedTuner {
+  scedit::TunerKind kind = scedit::TunerKind::kUnknown;  ///< What the file held.
+  std::string name;    ///< Its name on the skip sites / its LoRA adapter / its CSC module.
+  std::string path;    ///< The file.
+  double scale = 1.0;  ///< Its strength (LoRA: the adapter weight).
+  int64_t count = 0;   ///< Skip sites (SC, CSC) or layers (LoRA) it edits.
+};
+
+/// The tuner files attached to one pipeline, and the LoRA injection they share (LoRA layers of
+/// a model belong to one `scedit::LoRAInjection`). Keep it alive while generating.
+struct AttachedTuners {
+  std::vector<AttachedTuner> tuners;              ///< In attachment order.
+  std::shared_ptr<scedit::LoRAInjection> lora;    ///< Created by the first LoRA file.
+
+  /// `file:scale` of each tuner, comma-separated ("" when none).
+  std::string describe() const {
+    std::ostringstream out;
+    for (size_t i = 0; i < tuners.size(); ++i) {
+      out << (i ? ", " : "") << std::filesystem::path(tuners[i].path).filename().string() << ":"
+          << tuners[i].scale;
+    }
+    return out.str();
+  }
+};
+
+/// "SC-Tuners", "CSC-Tuner", "LoRA" or "unknown".
+inline const char* tuner_kind_name(scedit::TunerKind kind) {
+  switch (kind) {
+    case scedit::TunerKind::kSC: return "SC-Tuners";
+    case scedit::TunerKind::kCSC: return "CSC-Tuner";
+    case scedit::TunerKind::kLoRA: return "LoRA";
+    case scedit::TunerKind::kUnknown: break;
+  }
+  return "unknown";
+}
+
+/// What a tuner path holds: `scedit::detect_tuner_file` for a file; a folder with
+/// `adapter_model.safetensors` is a peft LoRA. Throws naming the path when it does not exist.
+inline scedit::TunerKind detect_tuner_path(const std::string& path) {
+  TORCH_CHECK(std::filesystem::exists(path), "tuner file '", path, "' does not exist");
+  if (std::filesystem::is_directory(path)) {
+    return std::filesystem::is_regular_file(std::filesystem::path(path) / "adapter_model.safetensors")
+               ? scedit::TunerKind::kLoRA
+               : scedit::TunerKind::kUnknown;
+  }
+  return scedit::detect_tuner_file(path);
+}
+
+/// Attaches the tuners of the file at `path` to `sd`'s UNet with strength `scale`, under a name
+/// unique within `attached` (`sc0`, `csc1`, `lora2`, ...), on the UNet's device and dtype:
+///  - SC-Tuners (`lsc_identity.*`): one per skip site, as `attach_sc_tuners` + `load_sc_tuners`
+///    would (options from the file), scale `s + scale·(T(s) − s)`;
+///  - a CSC-Tuner (`pre_hint_blocks.*`): `read_csc_tuner` + `attach_csc_tuner`; its condition
+///    image comes with each `generate` call (`GenerateOptions::conditions`, by the tuner's name);
+///  - LoRA (peft, diffusers or Kohya layout; a peft folder too): `scedit::load_lora` into the
+///    shared injection, adapter weight = `scale`. UNet keys only (text-encoder keys are ignored).
+/// A tuner at scale 0 is attached but disabled: the images are exactly those without it.
+/// Throws naming the file for a missing file, an unknown kind or a mismatch with the model;
+/// the model is left unchanged then.
+inline AttachedTuner attach_tuner_file(StableDiffusion& sd, const std::string& path, double scale,
+                                       AttachedTuners& attached) {
+  TORCH_CHECK(std::isfinite(scale), "tuner file '", path, "': scale must be finite, got ", scale);
+  AttachedTuner tuner;
+  tuner.kind = detect_tuner_path(path);
+  tuner.path = path;
+  tuner.scale = scale;
+  const auto index = std::to_string(attached.tuners.size());
+  const auto reference = detail::first_parameter(*sd.unet, "UNet");
+  auto& unet = *sd.unet;
+  switch (tuner.kind) {
+    case scedit::TunerKind::kSC: {
+      tuner.name = "sc" + index;
+      auto tuners = scedit::read_sc_tuners(path);
+      auto sites = unet.skip_sites();
+      TORCH_CHECK(tuners.size() == sites.size(), "tuner file '", path, "' holds ", tuners.size(),
+                  " SC-Tuners but the UNet has ", sites.size(), " skip sites");
+      for (size_t i = 0; i < sites.size(); ++i) {
+        TORCH_CHECK(tuners[i]->options.channels() == sites[i]->skip_channels(), "tuner file '",
+                    path, "': SC-Tuner ", i, " has ", tuners[i]->options.channels(),
+                    " channels but skip site ", i, " of the UNet has ", sites[i]->skip_channels());
+      }
+      for (size_t i = 0; i < sites.size(); ++i) {
+        tuners[i]->to(reference.device(), reference.scalar_type());
+        tuners[i]->set_scale(scale);
+        sites[i]->attach(tuner.name, tuners[i].ptr(), tuners[i].ptr());
+        if (scale == 0) sites[i]->set_enabled(tuner.name, false);
+      }
+      tuner.count = static_cast<int64_t>(sites.size());
+      break;
+    }
+    case scedit::TunerKind::kCSC: {
+      tuner.name = "csc" + index;
+      auto csc = scedit::read_csc_tuner(path, "", unet.skip_down_flags());
+      csc->to(reference.device(), reference.scalar_type());
+      csc->options.scale(scale);
+      try {
+        scedit::attach_csc_tuner(unet, csc, tuner.name);
+      } catch (const c10::Error& e) {
+        TORCH_CHECK(false, "tuner file '", path, "': ", e.what_without_backtrace());
+      }
+      if (scale == 0) scedit::set_tuner_enabled(unet, tuner.name, false);
+      tuner.count = csc->num_skips();
+      break;
+    }
+    case scedit::TunerKind::kLoRA: {
+      tuner.name = "lora" + index;
+      if (!attached.lora) attached.lora = std::make_shared<scedit::LoRAInjection>();
+      const auto result = scedit::load_lora(path, *attached.lora, unet,
+                                            scedit::LoRALoadOptions().adapter_name(tuner.name));
+      TORCH_CHECK(!result.paths.empty(), "tuner file '", path, "' holds no LoRA weights for the UNet");
+      attached.lora->set_adapter_weight(tuner.name, scale);
+      if (scale == 0) attached.lora->set_adapter_enabled(tuner.name, false);
+      tuner.count = static_cast<int64_t>(result.paths.size());
+      break;
+    }
+    case scedit::TunerKind::kUnknown:
+      TORCH_CHECK(false, "tuner file '", path, "' holds neither SC-Tuners (lsc_identity.* keys), "
+                  "a CSC-Tuner (pre_hint_blocks.*) nor LoRA weights (lora_A / lora.down / "
+                  "lora_down keys)");
+  }
+  attached.tuners.push_back(tuner);
+  return tuner;
+}
+
+}  // namespace sd
