@@ -1,10 +1,12 @@
-// Tests of the built-in tiny model (sd/tiny.hpp), the sampling pipeline and tuner files
-// (sd/pipeline.hpp) and the `generate` program, all on the tiny model at 64×64 with few steps.
+// Tests of the built-in tiny model (sd/tiny.hpp), the sampler (sd/sampler.hpp), tuner files
+// (sd/tuner_files.hpp) and the `generate` program, all on the tiny model at 64×64 with few steps.
 
-#include <sd/pipeline.hpp>
+#include <sd/sampler.hpp>
 #include <sd/tiny.hpp>
+#include <sd/tuner_files.hpp>
 
 #include <common/image.hpp>
+#include <common/png.hpp>
 
 #include <scedit/csctuner.hpp>
 #include <scedit/lora.hpp>
@@ -18,8 +20,9 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include "test_util.hpp"
+
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -46,19 +49,12 @@ sd::GenerateOptions small_options(uint64_t seed = 1) {
   return options;
 }
 
+using scedit_test::error_of;
+
 /// A per-process scratch folder, removed at exit.
 const fs::path& scratch() {
-  static const fs::path dir = [] {
-    auto path = fs::temp_directory_path() / ("scedit_test_generate_" + std::to_string(::getpid()));
-    fs::create_directories(path);
-    std::atexit([] {
-      std::error_code ignored;
-      fs::remove_all(fs::temp_directory_path() / ("scedit_test_generate_" + std::to_string(::getpid())),
-                     ignored);
-    });
-    return path;
-  }();
-  return dir;
+  static const scedit_test::TempDir dir("generate");
+  return dir.path();
 }
 
 /// Fills every parameter of `module` with N(0, std²) from a seeded generator.
@@ -121,17 +117,6 @@ int64_t max_pixel_difference(const torch::Tensor& a, const torch::Tensor& b) {
   return (a.to(torch::kInt32) - b.to(torch::kInt32)).abs().max().item<int64_t>();
 }
 
-/// The message of the c10::Error `f` throws ("" if none).
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const c10::Error& e) {
-    return e.what_without_backtrace();
-  }
-  return "";
-}
-
 }  // namespace
 
 // ---- the tiny model ------------------------------------------------------------------------------
@@ -179,34 +164,6 @@ TEST(TinyPipeline, TokenizerIsByteLevelWithClipIds) {
   EXPECT_EQ(tokenizer.decode(tokenizer.encode("Hello, world! 123")), "hello , world ! 1 2 3");
   const auto embeddings = sd::encode_prompts(pipe, {"a cat", ""});
   EXPECT_EQ(embeddings.sizes(), (std::vector<int64_t>{2, 77, 32}));
-}
-
-TEST(TinyPipeline, TrainingStepTakesWellUnderASecond) {
-  // One SC-Tuner training step on 64-px images (8×8 latents) at batch 4: UNet forward with the
-  // base frozen, MSE, backward into the tuners, AdamW.
-  auto pipe = sd::tiny_pipeline();
-  auto tuners = scedit::attach_sc_tuners(*pipe.unet);
-  scedit::freeze_except_tuners(*pipe.unet);
-  pipe.unet->train();
-  torch::optim::AdamW optimizer(scedit::tuner_parameters(*pipe.unet), 1e-4);
-  auto generator = at::detail::createCPUGenerator(1);
-  const auto latents = torch::randn({4, 4, 8, 8}, generator);
-  const auto noise = torch::randn({4, 4, 8, 8}, generator);
-  const auto text = sd::encode_prompts(pipe, {"a", "b", "c", "d"});
-  const auto t = torch::randint(0, 1000, {4}, generator, torch::kInt64);
-  sd::NoiseSchedule schedule;
-  std::vector<double> seconds;
-  for (int i = 0; i < 4; ++i) {
-    const auto start = std::chrono::steady_clock::now();
-    optimizer.zero_grad();
-    const auto loss = torch::mse_loss(pipe.unet(schedule.add_noise(latents, noise, t), t, text), noise);
-    loss.backward();
-    optimizer.step();
-    seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
-  }
-  std::sort(seconds.begin() + 1, seconds.end());  // the first step warms up
-  std::printf("tiny training step (batch 4, 8x8 latents): median %.3f s\n", seconds[2]);
-  EXPECT_LT(seconds[2], 1.0);
 }
 
 // ---- sampling ----------------------------------------------------------------------------------
@@ -276,7 +233,7 @@ TEST(Generate, MatchesAHandWrittenDDIMLoopWithoutGuidance) {
     x = scheduler.step(pipe.unet(x, torch::full({1}, t, torch::kInt64), text), t, x);
   }
   EXPECT_TRUE(torch::allclose(latents, x, 1e-5, 1e-6));
-  const auto reference = common::to_uint8(pipe.vae->decode(x / pipe.scaling_factor))[0];
+  const auto reference = sd::to_uint8(pipe.vae->decode(x / pipe.vae_config.scaling_factor))[0];
   EXPECT_LE(max_pixel_difference(image, reference), 1);
 }
 
@@ -289,7 +246,7 @@ TEST(Generate, ImageToImageStrengthZeroIsTheVAERoundTrip) {
   const auto image = sd::generate(pipe, {"anything"}, options)[0];
   torch::NoGradGuard no_grad;
   const auto round_trip =
-      common::to_uint8(pipe.vae->decode(pipe.vae->encode(common::to_float(init).unsqueeze(0)).mean))[0];
+      sd::to_uint8(pipe.vae->decode(pipe.vae->encode(sd::to_float(init).unsqueeze(0)).mean))[0];
   EXPECT_LE(max_pixel_difference(image, round_trip), 1);
   // With strength > 0 the image is denoised, so it changes.
   options.strength = 0.7;
@@ -330,7 +287,7 @@ TEST(Generate, RunsInBF16OnTheCPU) {
   auto half = sd::tiny_pipeline(0, torch::kBFloat16);
   sd::AttachedTuners tuners;
   sd::attach_tuner_file(half, sc_tuner_file(), 0.0, tuners);
-  options.precision = "bf16";
+  options.precision = sd::Precision::kBF16;
   const auto bf16 = sd::sample_latents(half, {"a cat"}, options);
   EXPECT_EQ(bf16.scalar_type(), torch::kFloat32);
   // bf16 weights and activations keep ~3 significant digits: the same latents within ~10%.
@@ -338,7 +295,7 @@ TEST(Generate, RunsInBF16OnTheCPU) {
   EXPECT_LT(error, 0.1);
   std::printf("bf16 vs fp32 latents: relative error %.4f\n", error);
   EXPECT_EQ(sd::generate(half, {"a cat"}, options)[0].sizes(), (std::vector<int64_t>{64, 64, 3}));
-  options.precision = "fp16";
+  options.precision = sd::Precision::kFP16;
   EXPECT_NE(error_of([&] { sd::generate(pipe, {"a cat"}, options); }).find("fp16 needs a CUDA device"),
             std::string::npos);
 }
@@ -403,9 +360,9 @@ TEST(TunerFiles, CSCTunerNeedsItsConditionAndIsExactAtScaleZero) {
   const auto base = sd::sample_latents(plain, {"a cat"}, small_options());
   EXPECT_NE(error_of([&] {
               auto options = small_options();
-              options.condition = condition;
+              options.conditions = {{"csc0", condition}};
               sd::generate(plain, {"a cat"}, options);
-            }).find("no CSC-Tuner is attached"),
+            }).find("a condition is given for CSC-Tuner 'csc0', but the UNet has no CSC-Tuner"),
             std::string::npos);
   for (double scale : {0.0, 1.0}) {
     auto pipe = sd::tiny_pipeline();
@@ -415,18 +372,41 @@ TEST(TunerFiles, CSCTunerNeedsItsConditionAndIsExactAtScaleZero) {
     auto options = small_options();
     if (scale == 1.0) {
       EXPECT_NE(error_of([&] { sd::generate(pipe, {"a cat"}, options); })
-                    .find("no condition image was given"),
+                    .find("CSC-Tuner '" + tuner.name + "' is attached but has no condition image"),
                 std::string::npos);
     }
-    options.condition = condition;
+    options.conditions = {{tuner.name, condition}};
     const auto latents = sd::sample_latents(pipe, {"a cat"}, options);
     if (scale == 0.0) {
       EXPECT_TRUE(torch::equal(latents, base));
     } else {
       EXPECT_FALSE(torch::allclose(latents, base, 1e-3, 1e-3));
-      EXPECT_FALSE(sd::csc_tuners(pipe.unet)[0]->has_condition()) << "the condition outlived the call";
+      EXPECT_FALSE(scedit::csc_tuners(*pipe.unet)[tuner.name]->has_condition())
+          << "the condition outlived the call";
     }
   }
+}
+
+TEST(TunerFiles, EachCSCTunerTakesItsOwnCondition) {
+  auto pipe = sd::tiny_pipeline();
+  sd::AttachedTuners tuners;
+  const auto first = sd::attach_tuner_file(pipe, csc_tuner_file(), 1.0, tuners);
+  const auto second = sd::attach_tuner_file(pipe, csc_tuner_file(), 0.5, tuners);
+  const auto a = random_image(8), b = random_image(9);
+  auto with = [&](const torch::Tensor& for_first, const torch::Tensor& for_second) {
+    auto options = small_options();
+    options.conditions = {{first.name, for_first}, {second.name, for_second}};
+    return sd::sample_latents(pipe, {"a cat"}, options);
+  };
+  const auto ab = with(a, b);
+  EXPECT_TRUE(torch::equal(with(a, b), ab));
+  EXPECT_FALSE(torch::allclose(with(b, a), ab, 1e-3, 1e-3)) << "the tuners' conditions are not their own";
+  // A condition must line up with the image pixel for pixel: another size is refused.
+  auto options = small_options();
+  options.conditions = {{first.name, a}, {second.name, torch::zeros({32, 64, 3}, torch::kUInt8)}};
+  EXPECT_NE(error_of([&] { sd::generate(pipe, {"a cat"}, options); })
+                .find("the condition of CSC-Tuner '" + second.name + "' is 64x32 but the images are 64x64"),
+            std::string::npos);
 }
 
 TEST(TunerFiles, RefusesMissingAndUnknownFiles) {
@@ -508,6 +488,8 @@ TEST(GenerateProgram, BadInputsEndWithOneClearLine) {
   SKIP_WITHOUT_PROGRAM();
   const auto unknown = (scratch() / "unknown_kind.safetensors").string();
   scedit::safetensors::save(unknown, {{"foo.weight", torch::zeros({2})}});
+  const auto image = (scratch() / "condition.png").string();
+  common::write_png(image, random_image(3));
   const std::vector<std::pair<std::string, std::string>> cases = {
       {"--prompt x --width 65", "--width must be a multiple of 8, got 65"},
       {"--prompt x --height 12", "--height must be a multiple of 8, got 12"},
@@ -519,6 +501,8 @@ TEST(GenerateProgram, BadInputsEndWithOneClearLine) {
       {"--prompt x --tuner /nonexistent/t.safetensors:0.5", "'/nonexistent/t.safetensors' does not exist"},
       {"--prompt x --steps 1 --tuner '" + unknown + "'", "holds neither"},
       {"--prompt x --precision fp8", "--precision"},
+      {"--prompt x --steps 1 --condition '" + image + "'", "give one --condition image per CSC-Tuner"},
+      {"--prompt x --steps 1 --tuner '" + csc_tuner_file() + "'", "give one --condition image per CSC-Tuner"},
   };
   for (const auto& [arguments, expected] : cases) {
     const auto result = run_generate(arguments + " --output '" + (scratch() / "bad").string() + "'");
@@ -555,4 +539,14 @@ TEST(GenerateProgram, WritesPngsWithTheirParametersMatchingTheLibrary) {
   const auto images = sd::generate(pipe, {"a red circle"}, options);
   EXPECT_TRUE(torch::equal(common::read_image(first.string()), images[0]));
   EXPECT_TRUE(torch::equal(common::read_image(second.string()), images[1]));
+}
+
+TEST(GenerateProgram, ConditionOfAnotherSizeIsResizedSayingSo) {
+  SKIP_WITHOUT_PROGRAM();
+  const auto image = (scratch() / "small_condition.png").string();
+  common::write_png(image, torch::randint(0, 256, {32, 48, 3}, torch::kInt64).to(torch::kUInt8));
+  const auto result = run_generate("--prompt x --steps 1 --tuner '" + csc_tuner_file() + "' --condition '" +
+                                   image + "' --output '" + (scratch() / "resized").string() + "'");
+  ASSERT_EQ(result.code, 0) << result.err;
+  EXPECT_NE(result.out.find("48x32, resized to the output size 64x64"), std::string::npos) << result.out;
 }

@@ -1,11 +1,18 @@
 // The shared training step and checkpoints (examples/common): schedules, a short seeded run on
-// the tiny model lowers the loss, checkpoints are complete or absent and corrupt ones are refused.
+// the tiny model lowers the loss, the gradient hook, the sample order of one or several
+// processes, batches with conditions, checkpoints that are complete or absent, corrupt ones
+// refused.
 
+#include <common/batches.hpp>
 #include <common/checkpoint.hpp>
 #include <common/graphed_step.hpp>
-#include <common/train.hpp>
+#include <common/lean.hpp>
+#include <common/sample_order.hpp>
+#include <common/train_step.hpp>
+#include <common/tuners.hpp>
+#include <scedit/csctuner.hpp>
 #include <scedit/foreach_adamw.hpp>
-#include <sd/pipeline.hpp>
+#include <sd/stable_diffusion.hpp>
 #include <sd/tiny.hpp>
 
 #include <gtest/gtest.h>
@@ -14,39 +21,29 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <vector>
+
+#include "test_util.hpp"
 
 namespace fs = std::filesystem;
 
 namespace {
 
-std::string error_of(const std::function<void()>& run) {
-  try {
-    run();
-  } catch (const c10::Error& e) {
-    return e.what_without_backtrace();
-  }
-  return "(no error)";
-}
-
-fs::path temp_dir(const std::string& name) {
-  auto dir = fs::temp_directory_path() / ("scedit_train_" + std::to_string(::getpid()) + "_" + name);
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir;
-}
+using scedit_test::error_of;
 
 /// The tiny model with tuners and a TrainStep on `device`, and a fixed batch of four "images"
 /// (latents) and captions: the tuners learn to denoise them.
 struct TinyTraining {
   sd::StableDiffusion pipe;
   common::TrainedTuners tuners;
+  common::Trainable trainable;
   std::unique_ptr<common::TrainStep> step;
-  torch::Tensor latents, text;
+  common::TrainBatch batch;
 
-  TinyTraining(const std::string& method, common::Precision precision, torch::Device device,
+  TinyTraining(const std::string& method, sd::Precision precision, torch::Device device,
                const common::OptimOptions& optim)
-      : pipe(sd::tiny_pipeline(0, common::compute_dtype(precision))) {
+      : pipe(sd::tiny_pipeline(0, sd::compute_dtype(precision))) {
     pipe.unet->to(device);
     torch::manual_seed(0);
     common::MethodOptions options;
@@ -54,15 +51,17 @@ struct TinyTraining {
     options.lora_rank = 4;
     tuners = common::attach_tuners(pipe.unet, options, device);
     pipe.unet->train();
-    step = std::make_unique<common::TrainStep>(pipe.unet, tuners, sd::NoiseSchedule(), optim, precision, device);
+    trainable = common::tuner_trainable(pipe.unet, tuners, options);
+    step = std::make_unique<common::TrainStep>(trainable.denoiser, trainable.tensors(), sd::NoiseSchedule(),
+                                               optim, precision, device);
     torch::NoGradGuard no_grad;
-    latents = (torch::randn({4, 4, 8, 8}, common::step_generator(7, 0)) * 0.5).to(device);
-    text = sd::encode_prompts(pipe, {"a red circle", "a blue square", "a green star", "a cat"}).to(device);
+    batch.latents = (torch::randn({4, 4, 8, 8}, common::step_generator(7, 0)) * 0.5).to(device);
+    batch.text = sd::encode_prompts(pipe, {"a red circle", "a blue square", "a green star", "a cat"}).to(device);
   }
 };
 
 /// Mean loss of the first and the last `window` steps of a seeded run on the tiny model.
-std::pair<double, double> short_run(const std::string& method, common::Precision precision,
+std::pair<double, double> short_run(const std::string& method, sd::Precision precision,
                                     int64_t steps, int64_t window) {
   common::OptimOptions optim;
   optim.lr = 1e-3;
@@ -70,7 +69,7 @@ std::pair<double, double> short_run(const std::string& method, common::Precision
   double first = 0, last = 0;
   for (int64_t s = 0; s < steps; ++s) {
     auto generator = common::step_generator(0, s);
-    const double loss = t.step->forward_backward(t.latents, t.text, generator).item<double>();
+    const double loss = t.step->forward_backward(t.batch, generator).item<double>();
     EXPECT_TRUE(std::isfinite(loss)) << "step " << s;
     t.step->optimizer_step(optim.lr);
     if (s < window) first += loss / window;
@@ -121,21 +120,21 @@ TEST(Train, LeanFlagNamesEveryLeverAndRefusesFusedKernelsWhereTheyCannotRun) {
 }
 
 TEST(Train, SeededSCEditRunLowersTheLoss) {
-  const auto [first, last] = short_run("scedit", common::Precision::kFP32, 60, 10);
+  const auto [first, last] = short_run("scedit", sd::Precision::kFP32, 60, 10);
   std::printf("SCEdit, tiny model, 60 steps: mean loss %.4f -> %.4f (%.1f%% lower)\n", first, last,
               100 * (1 - last / first));
   EXPECT_LT(last, 0.9 * first);
 }
 
 TEST(Train, SeededLoRARunLowersTheLoss) {
-  const auto [first, last] = short_run("lora", common::Precision::kFP32, 60, 10);
+  const auto [first, last] = short_run("lora", sd::Precision::kFP32, 60, 10);
   std::printf("LoRA r=4, tiny model, 60 steps: mean loss %.4f -> %.4f (%.1f%% lower)\n", first, last,
               100 * (1 - last / first));
   EXPECT_LT(last, first);
 }
 
 TEST(Train, BF16StepsStayFinite) {
-  const auto [first, last] = short_run("scedit+lora", common::Precision::kBF16, 6, 3);
+  const auto [first, last] = short_run("scedit+lora", sd::Precision::kBF16, 6, 3);
   EXPECT_TRUE(std::isfinite(first) && std::isfinite(last));
 }
 
@@ -146,11 +145,11 @@ TEST(Train, StepsOnTheGpuAreSeededAndLowerTheLoss_CUDA) {
   auto run = [&] {
     common::OptimOptions optim;
     optim.lr = 1e-3;
-    TinyTraining t("scedit", common::Precision::kBF16, device, optim);
+    TinyTraining t("scedit", sd::Precision::kBF16, device, optim);
     std::vector<double> losses;
     for (int64_t s = 0; s < 40; ++s) {
       auto generator = common::step_generator(0, s);
-      auto loss = t.step->forward_backward(t.latents, t.text, generator);
+      auto loss = t.step->forward_backward(t.batch, generator);
       EXPECT_TRUE(loss.device().is_cuda());
       t.step->optimizer_step(optim.lr);
       losses.push_back(loss.item<double>());
@@ -274,16 +273,16 @@ TEST(Train, GraphedStepIsTrainStepWhenUncaptured) {
   common::OptimOptions optim;
   optim.lr = 1e-3;
   optim.max_grad_norm = 0.05;
-  TinyTraining plain("scedit+lora", common::Precision::kFP32, torch::kCPU, optim);
-  TinyTraining graphed("scedit+lora", common::Precision::kFP32, torch::kCPU, optim);
+  TinyTraining plain("scedit+lora", sd::Precision::kFP32, torch::kCPU, optim);
+  TinyTraining graphed("scedit+lora", sd::Precision::kFP32, torch::kCPU, optim);
   common::GraphedTrainStep graphed_step(*graphed.step, /*seed=*/5);
   EXPECT_FALSE(graphed_step.captures());
   auto generator = torch::make_generator<at::CPUGeneratorImpl>(5);  // what the graphed step draws from
   for (int s = 0; s < 5; ++s) {
     const double lr = optim.lr / (1 + s);
-    const double expected = plain.step->forward_backward(plain.latents, plain.text, generator).item<double>();
+    const double expected = plain.step->forward_backward(plain.batch, generator).item<double>();
     plain.step->optimizer_step(lr);
-    const double loss = graphed_step.run(graphed.latents, graphed.text, lr).item<double>();
+    const double loss = graphed_step.run(graphed.batch, lr).item<double>();
     EXPECT_NEAR(loss, expected, 1e-6 * expected) << "step " << s;
   }
   graphed_step.sync_optimizer_state();
@@ -298,7 +297,8 @@ TEST(Train, GraphedStepIsTrainStepWhenUncaptured) {
     EXPECT_EQ(state.step(), 5);
   }
   // CUDA graphs replay fixed shapes: another batch size is refused, naming both.
-  const auto message = error_of([&] { graphed_step.run(graphed.latents.slice(0, 0, 2), graphed.text.slice(0, 0, 2), 1e-3); });
+  common::TrainBatch half{graphed.batch.latents.slice(0, 0, 2), graphed.batch.text.slice(0, 0, 2), {}};
+  const auto message = error_of([&] { graphed_step.run(half, 1e-3); });
   EXPECT_NE(message.find("[2, 4, 8, 8]"), std::string::npos) << message;
   EXPECT_NE(message.find("[4, 4, 8, 8]"), std::string::npos) << message;
 }
@@ -312,11 +312,11 @@ TEST(Train, GraphedStepReplaysTheEagerStep_CUDA) {
   optim.lr = 1e-3;
   optim.max_grad_norm = 1.0;
   auto run = [&](bool capture) {
-    TinyTraining t("scedit+lora", common::Precision::kBF16, device, optim);
+    TinyTraining t("scedit+lora", sd::Precision::kBF16, device, optim);
     common::GraphedTrainStep graphed(*t.step, /*seed=*/5, /*eager_steps=*/2, capture);
     EXPECT_EQ(graphed.captures(), capture);
     std::vector<double> losses;
-    for (int s = 0; s < 30; ++s) losses.push_back(graphed.run(t.latents, t.text, optim.lr).item<double>());
+    for (int s = 0; s < 30; ++s) losses.push_back(graphed.run(t.batch, optim.lr).item<double>());
     graphed.sync_optimizer_state();
     std::vector<torch::Tensor> params;
     for (const auto& p : t.step->parameters()) params.push_back(p.detach().cpu());
@@ -355,13 +355,14 @@ class Checkpoints : public ::testing::Test {
     layer(torch::randn({4, 3})).sum().backward();
     optimizer->step();  // give AdamW some state
     tensors = {{"weight", layer->weight}, {"bias", layer->bias}};
-    root = temp_dir(::testing::UnitTest::GetInstance()->current_test_info()->name());
+    root = scratch.path();
   }
   common::TrainState state(int64_t step) { return {step, 7, 1.0, {{"method", "scedit"}}}; }
 
   torch::nn::Linear layer{nullptr};
   std::unique_ptr<torch::optim::AdamW> optimizer;
   scedit::TensorMap tensors;
+  scedit_test::TempDir scratch{"checkpoints"};
   fs::path root;
 };
 
@@ -448,4 +449,174 @@ TEST(Train, GradientCheckpointingGivesTheSameGradients) {
     ASSERT_TRUE(recomputed[i].defined()) << "parameter " << i;
     EXPECT_TRUE(torch::allclose(plain[i], recomputed[i], 1e-10, 1e-12)) << "parameter " << i;
   }
+}
+
+TEST(Train, TunerTrainableIsWhatTheOptimizerAndCheckpointsSee) {
+  auto pipe = sd::tiny_pipeline();
+  common::MethodOptions options;
+  options.method = "scedit+lora";
+  options.lora_rank = 4;
+  auto tuners = common::attach_tuners(pipe.unet, options, torch::kCPU);
+  const auto trainable = common::tuner_trainable(pipe.unet, tuners, options);
+  const auto expected = scedit::tuner_parameters(*pipe.unet);
+  const auto tensors = trainable.tensors();
+  ASSERT_EQ(tensors.size(), expected.size());
+  for (size_t i = 0; i < tensors.size(); ++i) EXPECT_TRUE(tensors[i].is_same(expected[i])) << i;
+  EXPECT_EQ(trainable.by_name().size(), tensors.size());
+  EXPECT_EQ(trainable.settings, nlohmann::json({{"method", "scedit+lora"}}));
+  // SC-Tuners and LoRA take no condition.
+  auto x = torch::randn({1, 4, 8, 8});
+  EXPECT_NE(error_of([&] {
+              trainable.denoiser(x, torch::tensor({1}), torch::randn({1, 77, 32}), {torch::rand({1, 3, 64, 64})});
+            }).find("take no condition images"),
+            std::string::npos);
+}
+
+TEST(Train, GradientHookSeesTheGradientsBeforeTheOptimizer) {
+  // A hook that zeroes every gradient (as an all-reduce with nothing but zeros would): AdamW
+  // without weight decay then leaves the parameters as they were, eager and graphed.
+  common::OptimOptions optim;
+  optim.lr = 1e-2;
+  optim.weight_decay = 0;
+  for (const bool graphed : {false, true}) {
+    TinyTraining t("scedit", sd::Precision::kFP32, torch::kCPU, optim);
+    int64_t calls = 0;
+    t.step->set_gradient_hook([&](const std::vector<torch::Tensor>& params) {
+      ++calls;
+      EXPECT_EQ(params.size(), t.trainable.parameters.size());
+      torch::NoGradGuard no_grad;
+      for (const auto& p : params) {
+        ASSERT_TRUE(p.grad().defined()) << "the hook runs after the backward pass";
+        p.grad().zero_();
+      }
+    });
+    std::vector<torch::Tensor> before;
+    for (const auto& p : t.step->parameters()) before.push_back(p.detach().clone());
+    if (graphed) {
+      common::GraphedTrainStep step(*t.step, /*seed=*/3);
+      step.run(t.batch, optim.lr);
+      step.run(t.batch, optim.lr);
+    } else {
+      for (int s = 0; s < 2; ++s) {
+        auto generator = common::step_generator(0, s);
+        t.step->forward_backward(t.batch, generator);
+        t.step->optimizer_step(optim.lr);
+      }
+    }
+    EXPECT_EQ(calls, 2) << (graphed ? "graphed" : "eager");
+    for (size_t i = 0; i < before.size(); ++i) {
+      EXPECT_TRUE(torch::equal(t.step->parameters()[i], before[i])) << "parameter " << i;
+    }
+  }
+}
+
+TEST(Train, SampleOrderIsAPureFunctionAndShardsEveryEpochAcrossProcesses) {
+  const int64_t n = 10, batch = 2;
+  common::SampleOrder a(n, batch, /*seed=*/4), b(n, batch, 4), other(n, batch, 5);
+  EXPECT_EQ(a.indices(7), b.indices(7));
+  EXPECT_EQ(a.indices(3), b.indices(3)) << "steps can be asked in any order after a resume";
+  bool differs = false;
+  for (int64_t m = 0; m < 5; ++m) differs |= a.indices(m) != other.indices(m);
+  EXPECT_TRUE(differs) << "seeds 4 and 5 gave the same order";
+  // One process: each epoch (5 micro-steps of 2) is a permutation.
+  for (int64_t epoch = 0; epoch < 3; ++epoch) {
+    std::multiset<int64_t> seen;
+    common::SampleOrder order(n, batch, 4);
+    for (int64_t m = 5 * epoch; m < 5 * (epoch + 1); ++m) {
+      for (auto i : order.indices(m)) seen.insert(i);
+    }
+    EXPECT_EQ(seen, (std::multiset<int64_t>{0, 1, 2, 3, 4, 5, 6, 7, 8, 9})) << "epoch " << epoch;
+  }
+  // Two processes: micro-step m of both together is micro-steps 2m and 2m+1 of one process, so
+  // every sample is seen once per epoch across them and no two processes see the same one.
+  common::SampleOrder single(n, batch, 4), rank0(n, batch, 4, 0, 2), rank1(n, batch, 4, 1, 2);
+  std::multiset<int64_t> seen;
+  for (int64_t m = 0; m < 6; ++m) {
+    EXPECT_EQ(rank0.indices(m), single.indices(2 * m)) << m;
+    EXPECT_EQ(rank1.indices(m), single.indices(2 * m + 1)) << m;
+  }
+  EXPECT_NE(error_of([] { common::SampleOrder(n, batch, 4, 2, 2); }).find("rank 2 is not in a world of 2"),
+            std::string::npos);
+}
+
+namespace {
+
+/// Four samples, each with a condition image that is a function of its index, cropped and
+/// flipped with its image (the one draw: flip).
+class ConditionedSamples : public common::ImageSource {
+ public:
+  int64_t size() const override { return 4; }
+  common::CaptionedImage get(int64_t index, torch::Generator& generator) const override {
+    auto image = torch::linspace(-1, 1, 64).view({1, 1, 64}).expand({3, 64, 64}).clone() * (index + 1) / 4.0;
+    auto condition = (image + 1) / 2;
+    if (torch::rand({1}, generator).item<double>() < 0.5) {
+      image = image.flip({2});
+      condition = condition.flip({2});
+    }
+    return {image, "sample " + std::to_string(index), "", {condition}};
+  }
+};
+
+}  // namespace
+
+TEST(Train, BatchesCarryConditionsAndACSCTunerTrainsOnThem) {
+  auto pipe = sd::tiny_pipeline();
+  ConditionedSamples data;
+  common::BatchSource uncached(pipe, data, common::BatchOptions(), torch::kCPU, torch::kFloat32);
+  auto generator = common::step_generator(0, 0);
+  const auto batch = uncached.get({2, 0, 3}, generator);
+  EXPECT_EQ(batch.latents.sizes(), (std::vector<int64_t>{3, 4, 8, 8}));
+  EXPECT_EQ(batch.text.sizes(), (std::vector<int64_t>{3, 77, 32}));
+  ASSERT_EQ(batch.conditions.size(), 1u);
+  EXPECT_EQ(batch.conditions[0].sizes(), (std::vector<int64_t>{3, 3, 64, 64}));
+  for (int64_t b = 0; b < 3; ++b) {  // each condition belongs to its own sample: max (i + 1)/4 ... in [0, 1]
+    const int64_t index = std::vector<int64_t>{2, 0, 3}[b];
+    EXPECT_NEAR(batch.conditions[0][b].max().item<double>(), (1 + (index + 1) / 4.0) / 2, 1e-6) << b;
+  }
+  common::BatchSource cached(pipe, data, common::BatchOptions().cache(true), torch::kCPU, torch::kFloat32);
+  auto again = common::step_generator(0, 0);
+  EXPECT_EQ(cached.get({2, 0, 3}, again).conditions[0].sizes(), batch.conditions[0].sizes());
+
+  // A CSC-Tuner whose denoiser gives each batch its conditions through a ConditionScope: its
+  // parameters (the hint encoder too) get gradients, and no condition outlives the step.
+  torch::manual_seed(0);
+  scedit::freeze_except_tuners(*pipe.unet);
+  for (auto& p : pipe.unet->parameters()) p.set_requires_grad(false);
+  scedit::CSCTuner csc(scedit::CSCTunerOptions(pipe.unet->skip_channels(), pipe.unet->skip_down_flags())
+                           .hint_channels(16));
+  scedit::attach_csc_tuner(*pipe.unet, csc, "canny");
+  auto unet = pipe.unet;
+  common::Denoiser denoiser = [unet, csc](const torch::Tensor& noisy, const torch::Tensor& t,
+                                          const torch::Tensor& text,
+                                          const std::vector<torch::Tensor>& conditions) mutable {
+    scedit::ConditionScope scope;
+    scope.set(csc, conditions.at(0));
+    return unet->forward(noisy, t, text);
+  };
+  common::TrainStep step(denoiser, csc->parameters(), sd::NoiseSchedule(), common::OptimOptions(),
+                         sd::Precision::kFP32, torch::kCPU);
+  auto draw = common::step_generator(0, 1);
+  EXPECT_TRUE(std::isfinite(step.forward_backward(batch, draw).item<double>()));
+  EXPECT_FALSE(csc->has_condition());
+  for (const auto& p : csc->named_parameters()) {
+    EXPECT_TRUE(p.value().grad().defined()) << p.key();
+  }
+}
+
+TEST(Train, CaptionDropoutOfOneTrainsEveryCaptionEmptyAndZeroNone) {
+  auto pipe = sd::tiny_pipeline();
+  ConditionedSamples data;
+  const auto empty = sd::encode_prompts(pipe, {""});
+  for (const double dropout : {0.0, 1.0}) {
+    common::BatchSource batches(pipe, data, common::BatchOptions().caption_dropout(dropout), torch::kCPU,
+                                torch::kFloat32);
+    auto generator = common::step_generator(0, 0);
+    const auto text = batches.get({0, 1, 2, 3}, generator).text;
+    for (int64_t b = 0; b < 4; ++b) EXPECT_EQ(torch::equal(text[b], empty[0]), dropout == 1.0) << b;
+  }
+  EXPECT_NE(error_of([&] {
+              common::BatchSource(pipe, data, common::BatchOptions().caption_dropout(1.5), torch::kCPU,
+                                  torch::kFloat32);
+            }).find("--caption-dropout must be in [0, 1], got 1.5"),
+            std::string::npos);
 }

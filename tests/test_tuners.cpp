@@ -22,19 +22,8 @@ using ::testing::HasSubstr;
 
 namespace {
 
-double relative_error(const torch::Tensor& out, const torch::Tensor& ref) {
-  return (out.to(torch::kFloat64) - ref.to(torch::kFloat64)).norm().item<double>() /
-         ref.to(torch::kFloat64).norm().item<double>();
-}
-
-std::string error_of(const std::function<void()>& run) {
-  try {
-    run();
-  } catch (const c10::Error& e) {
-    return e.what_without_backtrace();
-  }
-  return "(no error)";
-}
+using scedit_test::error_of;
+using scedit_test::rel_err;
 
 /// Gives every parameter of `module` random values (so zero-initialised parts test something).
 void randomize(torch::nn::Module& module) {
@@ -81,13 +70,10 @@ TORCH_MODULE(ToyUNet);
 class Tuners : public ::testing::Test {
  protected:
   void SetUp() override { torch::manual_seed(0); }
-  fs::path temp_dir() {
-    auto dir = fs::temp_directory_path() /
-               ("scedit_tuners_" + std::to_string(::getpid()) + "_" +
-                ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::create_directories(dir);
-    return dir;
-  }
+  const fs::path& temp_dir() const { return scratch_.path(); }
+
+ private:
+  scedit_test::TempDir scratch_{"tuners"};
 };
 
 /// The MLP by hand: ln2(GELU(ln1(x))) over channels of NCHW.
@@ -117,16 +103,16 @@ TEST_F(Tuners, SCTunerMatchesHandComputation) {
   auto x = torch::randn({2, 6, 3, 5}, torch::kFloat64);
   tuner->to(torch::kFloat64);
   auto expected = x + mlp_by_hand(x, tuner->tuner_op);
-  EXPECT_LT(relative_error(tuner(x), expected), 1e-12);
+  EXPECT_LT(rel_err(tuner(x), expected), 1e-12);
   // [N, L, C] input runs the MLP over the last dimension.
   auto tokens = x.flatten(2).transpose(1, 2);
-  EXPECT_LT(relative_error(tuner(tokens), expected.flatten(2).transpose(1, 2)), 1e-12);
+  EXPECT_LT(rel_err(tuner(tokens), expected.flatten(2).transpose(1, 2)), 1e-12);
   // Scale s + 0.6·(T(s) − s), and the two-argument form shortcut + MLP(x).
   tuner->set_scale(0.6);
-  EXPECT_LT(relative_error(tuner(x), x + 0.6 * mlp_by_hand(x, tuner->tuner_op)), 1e-12);
+  EXPECT_LT(rel_err(tuner(x), x + 0.6 * mlp_by_hand(x, tuner->tuner_op)), 1e-12);
   tuner->set_scale(1.0);
   auto shortcut = torch::randn_like(x);
-  EXPECT_LT(relative_error(tuner(x, shortcut), shortcut + mlp_by_hand(x, tuner->tuner_op)), 1e-12);
+  EXPECT_LT(rel_err(tuner(x, shortcut), shortcut + mlp_by_hand(x, tuner->tuner_op)), 1e-12);
 }
 
 TEST_F(Tuners, SCTunerCloneIsDeep) {
@@ -245,18 +231,83 @@ TEST_F(Tuners, CSCTunerIsIdentityAtInitAndNeedsACondition) {
   auto base = model(x);
   scedit::CSCTuner csc(scedit::CSCTunerOptions(model->skip_channels(), model->skip_down_flags()).hint_channels(16));
   scedit::attach_csc_tuner(*model, csc, "canny");
-  EXPECT_THAT(error_of([&] { model(x); }), HasSubstr("no condition set"));
-  csc->set_condition(torch::rand({2, 3, 64, 64}));
-  EXPECT_TRUE(torch::allclose(model(x), base));
-  // The hint serves both halves of a classifier-free-guidance batch.
-  auto doubled = torch::cat({x, x});
-  EXPECT_TRUE(torch::allclose(model(doubled), torch::cat({base, base}), 1e-5, 1e-6));
-  EXPECT_THAT(error_of([&] { csc->set_condition(torch::rand({2, 3, 32, 32})); model(x); }),
+  EXPECT_THAT(error_of([&] { model(x); }), HasSubstr("no condition for this forward pass"));
+  {
+    scedit::ConditionScope conditions;
+    conditions.set(csc, torch::rand({2, 3, 64, 64}));
+    EXPECT_TRUE(torch::allclose(model(x), base));
+    // The hint serves both halves of a classifier-free-guidance batch.
+    auto doubled = torch::cat({x, x});
+    EXPECT_TRUE(torch::allclose(model(doubled), torch::cat({base, base}), 1e-5, 1e-6));
+  }
+  EXPECT_THAT(error_of([&] {
+                scedit::ConditionScope conditions;
+                conditions.set(csc, torch::rand({2, 3, 32, 32}));
+                model(x);
+              }),
               HasSubstr("must be 8× the latent size"));
-  // Registered once on the model.
-  EXPECT_TRUE(scedit::tuner_parameter_names(*model).count("canny.pre_hint_blocks.0.weight"));
+  // Registered once on the model, in its csc_tuners dictionary.
+  EXPECT_TRUE(scedit::tuner_parameter_names(*model).count("csc_tuners.canny.pre_hint_blocks.0.weight"));
+  ASSERT_EQ(scedit::csc_tuners(*model).size(), 1u);
+  EXPECT_EQ(scedit::csc_tuners(*model)["canny"].ptr(), csc.ptr());
   scedit::detach_csc_tuner(*model, "canny");
   EXPECT_TRUE(scedit::tuner_parameters(*model).empty());
+  EXPECT_TRUE(scedit::csc_tuners(*model).is_empty());
+  EXPECT_TRUE(torch::equal(model(x), base));
+}
+
+TEST_F(Tuners, ConditionScopeGivesEachTunerItsOwnConditionForItsLifetimeOnly) {
+  ToyUNet model;
+  auto make = [&] {
+    scedit::CSCTuner csc(scedit::CSCTunerOptions(model->skip_channels(), model->skip_down_flags()).hint_channels(16));
+    randomize(*csc);
+    return csc;
+  };
+  auto a = make(), b = make();
+  scedit::attach_csc_tuner(*model, a, "a");
+  scedit::attach_csc_tuner(*model, b, "b");
+  auto x = torch::randn({1, 4, 8, 8});
+  auto hint_a = torch::rand({1, 3, 64, 64}), hint_b = torch::rand({1, 3, 64, 64});
+  auto run = [&](const torch::Tensor& for_a, const torch::Tensor& for_b) {
+    scedit::ConditionScope conditions;
+    conditions.set(a, for_a).set(b, for_b);
+    EXPECT_TRUE(a->has_condition() && b->has_condition());
+    return model(x);
+  };
+  const auto ab = run(hint_a, hint_b);
+  EXPECT_FALSE(a->has_condition() || b->has_condition()) << "a condition outlived its scope";
+  EXPECT_TRUE(torch::equal(run(hint_a, hint_b), ab));
+  EXPECT_FALSE(torch::allclose(run(hint_b, hint_a), ab)) << "the two tuners got the same condition";
+  // One condition per tuner and scope; nested scopes cannot set it again.
+  scedit::ConditionScope outer;
+  outer.set(a, hint_a);
+  EXPECT_THAT(error_of([&] { outer.set(a, hint_b); }), HasSubstr("has a condition already"));
+  EXPECT_THAT(error_of([&] {
+                scedit::ConditionScope inner;
+                inner.set(a, hint_b);
+              }),
+              HasSubstr("has a condition already"));
+  EXPECT_THAT(error_of([&] { model(x); }), HasSubstr("no condition for this forward pass"));  // b has none
+  EXPECT_THAT(error_of([&] { scedit::attach_csc_tuner(*model, make(), "a"); }),
+              HasSubstr("already has a tuner named 'a'"));
+}
+
+TEST_F(Tuners, CSCTunerCloneIsDeep) {
+  scedit::CSCTuner csc(scedit::CSCTunerOptions({8, 16}, {false, true}).hint_channels(16).scale(0.5));
+  randomize(*csc);
+  auto copy = std::dynamic_pointer_cast<scedit::CSCTunerImpl>(csc->clone());
+  ASSERT_TRUE(copy);
+  EXPECT_EQ(copy->options.scale(), 0.5);
+  const auto hint = torch::rand({1, 3, 64, 64});
+  auto features = csc->hint_features(hint), copied = copy->hint_features(hint);
+  ASSERT_EQ(features.size(), copied.size());
+  for (size_t k = 0; k < features.size(); ++k) EXPECT_TRUE(torch::equal(features[k], copied[k])) << k;
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : copy->parameters()) p.zero_();
+  }
+  EXPECT_TRUE(torch::equal(csc->hint_features(hint)[0], features[0])) << "the copy shares weights";
+  EXPECT_EQ(copy->hint_features(hint)[0].abs().sum().item<double>(), 0.0) << "the copy runs stale modules";
 }
 
 TEST_F(Tuners, CSCAndSCComposeAsTheFormula) {
@@ -272,8 +323,8 @@ TEST_F(Tuners, CSCAndSCComposeAsTheFormula) {
   };
   auto a = make(1.0), b = make(0.5);
   auto hint_a = torch::rand({2, 3, 64, 64}, torch::kFloat64), hint_b = torch::rand({2, 3, 64, 64}, torch::kFloat64);
-  a->set_condition(hint_a);
-  b->set_condition(hint_b);
+  scedit::ConditionScope conditions;
+  conditions.set(a, hint_a).set(b, hint_b);
   auto sc = scedit::attach_sc_tuners(*model);
   for (auto& t : sc) { randomize(*t); t->to(torch::kFloat64); }
   scedit::attach_csc_tuner(*model, a, "a");
@@ -301,7 +352,7 @@ TEST_F(Tuners, CSCAndSCComposeAsTheFormula) {
   h = model_copy->up0(torch::cat({h, edit(s1, 0)}, 1));
   h = torch::upsample_nearest2d(h, {8, 8});
   auto expected = model_copy->up1(torch::cat({h, edit(s0, 1)}, 1));
-  EXPECT_LT(relative_error(model(x), expected), 1e-12);
+  EXPECT_LT(rel_err(model(x), expected), 1e-12);
 }
 
 TEST_F(Tuners, CSCHintFeaturesMatchTheReference) {
@@ -319,7 +370,7 @@ TEST_F(Tuners, CSCHintFeaturesMatchTheReference) {
     for (size_t k = 0; k < features.size(); ++k) {
       auto ref = cases.get("hint_features_a." + std::to_string(k));
       ASSERT_EQ(features[k].sizes(), ref.sizes()) << "hint feature " << k;
-      EXPECT_LT(relative_error(features[k], ref), dtype == torch::kFloat32 ? 1e-5 : 1e-12)
+      EXPECT_LT(rel_err(features[k], ref), dtype == torch::kFloat32 ? 1e-5 : 1e-12)
           << "hint feature " << k;
     }
   }

@@ -12,6 +12,8 @@
 #include <cstdlib>
 #include <exception>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <string>
 #include <system_error>
 #include <utility>
@@ -54,7 +56,27 @@ std::string error_of(F&& f) {
   return "";
 }
 
+/// Expects `statement` to throw an error whose message contains `text`.
+#define EXPECT_ERROR_MENTIONS(statement, text)                                             \
+  do {                                                                                     \
+    const std::string message_ = scedit_test::error_of([&] { (void)(statement); });        \
+    EXPECT_FALSE(message_.empty()) << #statement " did not throw";                         \
+    EXPECT_NE(message_.find(text), std::string::npos) << "message: " << message_;          \
+  } while (0)
+
 // ---- files -------------------------------------------------------------------------------------
+
+/// The bytes of a file ("" when it cannot be read).
+inline std::string read_file(const std::filesystem::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+/// Writes `bytes` to a file, replacing it.
+inline void write_file(const std::filesystem::path& path, const std::string& bytes) {
+  std::ofstream out(path, std::ios::binary);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
 
 /// A fresh, empty folder under the system's temporary folder, removed with its contents when the
 /// object goes away. Unique per process and object, so tests can run in parallel.
@@ -111,6 +133,12 @@ inline double fused_tolerance(torch::Dtype dtype) {
 /// comparison (undefined stays undefined).
 inline torch::Tensor float64_leaf(const torch::Tensor& t) {
   return t.defined() ? t.detach().to(torch::kFloat64).requires_grad_(true) : t;
+}
+
+/// A seeded random uint8 image [h, w, 3].
+inline torch::Tensor random_image(int64_t h, int64_t w, uint64_t seed = 1) {
+  auto generator = at::detail::createCPUGenerator(seed);
+  return torch::randint(0, 256, {h, w, 3}, generator, torch::kLong).to(torch::kUInt8);
 }
 
 /// Draws a norm's affine parameters around weight 1 and bias 0, so that both matter in a test.

@@ -100,7 +100,6 @@ class CSCTunerImpl : public torch::nn::Cloneable<CSCTunerImpl>, public Tuner {
 
     // dense_hint_blocks: SiLU -> zero-initialised conv per encoder skip, each from the previous.
     dense_hint_blocks = register_module("dense_hint_blocks", torch::nn::ModuleList());
-    dense_blocks_.clear();
     int64_t previous = options.hint_channels();
     for (size_t i = 0; i < channels.size(); ++i) {
       torch::nn::Sequential block(
@@ -109,20 +108,27 @@ class CSCTunerImpl : public torch::nn::Cloneable<CSCTunerImpl>, public Tuner {
                                 .stride(options.down_flags()[i] ? 2 : 1)
                                 .padding(options.kernel_size() / 2)));
       dense_hint_blocks->push_back(block);
-      dense_blocks_.push_back(block);
       previous = channels[i];
     }
 
     // lsc_tuner_blocks: one MLP per skip in DECODER order (the reverse of the encoder's).
     lsc_tuner_blocks = register_module("lsc_tuner_blocks", torch::nn::ModuleList());
-    tuner_blocks_.clear();
     for (size_t k = 0; k < channels.size(); ++k) {
-      SCTuner block(SCTunerOptions(channels[channels.size() - 1 - k]).down_ratio(options.down_ratio()));
-      lsc_tuner_blocks->push_back(block);
-      tuner_blocks_.push_back(block);
+      lsc_tuner_blocks->push_back(
+          SCTuner(SCTunerOptions(channels[channels.size() - 1 - k]).down_ratio(options.down_ratio())));
     }
+    bind();
     reset_parameters();
     features_.clear();
+  }
+
+  /// A deep copy. (Cloneable's copy replaces the module lists' contents after `reset`, so the
+  /// copy's typed views of them are read again.)
+  std::shared_ptr<torch::nn::Module> clone(
+      const torch::optional<torch::Device>& device = torch::nullopt) const override {
+    auto copy = torch::nn::Cloneable<CSCTunerImpl>::clone(device);
+    std::dynamic_pointer_cast<CSCTunerImpl>(copy)->bind();  // Module is a virtual base
+    return copy;
   }
 
   /// Zero-initialises the dense hint convs (weight and bias) and the MLPs' ln2, as the reference.
@@ -205,6 +211,18 @@ class CSCTunerImpl : public torch::nn::Cloneable<CSCTunerImpl>, public Tuner {
   torch::nn::ModuleList lsc_tuner_blocks{nullptr};
 
  private:
+  // Typed views of dense_hint_blocks and lsc_tuner_blocks, for the forward passes.
+  void bind() {
+    dense_blocks_.clear();
+    for (size_t i = 0; i < dense_hint_blocks->size(); ++i) {
+      dense_blocks_.emplace_back(dense_hint_blocks->ptr<torch::nn::SequentialImpl>(i));
+    }
+    tuner_blocks_.clear();
+    for (size_t k = 0; k < lsc_tuner_blocks->size(); ++k) {
+      tuner_blocks_.emplace_back(lsc_tuner_blocks->ptr<SCTunerImpl>(k));
+    }
+  }
+
   std::vector<torch::nn::Sequential> dense_blocks_;
   std::vector<SCTuner> tuner_blocks_;
   friend class ConditionScope;
