@@ -3,8 +3,9 @@
 //
 // One step = forward, MSE on ε, backward, AdamW step (common::TrainStep on the tuners'
 // Trainable, what train_style runs).
-// Peak memory: on CUDA the caching allocator's peak allocated bytes (PEERS.md's metric), on the
-// CPU an exact count of tensor bytes (bench/counting_allocator.hpp); weights included.
+// Peak memory: on CUDA the caching allocator's peak allocated bytes (what the Python peer reports
+// too: bench/RESULTS.md), on the CPU an exact count of tensor bytes
+// (examples/common/counting_allocator.hpp); weights included.
 // Without a GPU it runs a reduced model of the same layout by default (see --config).
 
 #include "counting_allocator.hpp"

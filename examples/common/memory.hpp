@@ -1,6 +1,7 @@
 #pragma once
 // Peak memory, as a person reading the progress line wants it: the CUDA caching allocator's peak
-// allocated bytes on a GPU (PEERS.md's metric), the process's peak resident set on the CPU.
+// allocated bytes on a GPU (what the Python peer reports too: bench/RESULTS.md), the process's
+// peak resident set on the CPU.
 
 #include <torch/torch.h>
 
