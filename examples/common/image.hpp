@@ -14,7 +14,7 @@
 /// translation unit that includes it: an earlier `#include <stb/stb_image.h>` (without the
 /// static macros) would make the implementation external again; the header refuses that case.
 
-#include <scedit/safetensors.hpp>
+#include <scedit/atomic_file.hpp>
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -90,8 +90,8 @@ inline std::string read_file_bytes(const std::filesystem::path& path) {
 /// Writes `bytes` to `path` atomically: into a temporary file beside it, then renamed over `path`,
 /// so a reader (or a crash) never sees a half-written file. Throws naming the file on failure.
 inline void write_file_atomic(const std::filesystem::path& path, const std::string& bytes) {
-  scedit::safetensors::write_file_atomically(path.string(), {{bytes.data(), bytes.size()}},
-                                             "writing '" + path.string() + "': ");
+  scedit::write_file_atomically(path.string(), {{bytes.data(), bytes.size()}},
+                                "writing '" + path.string() + "': ");
 }
 
 /// A CPU random generator seeded with `seed`, for the random transforms (`random_crop`, the
