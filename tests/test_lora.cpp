@@ -1,104 +1,31 @@
-// LoRA: options, wrappers (activation side), injection into LibTorch-style models (weight side),
-// merging, several adapters, and the peft / diffusers / Kohya files.
+// LoRA layers and injection: options, wrappers (activation side), injection into LibTorch-style
+// models (weight side), merging, several adapters, enabling, clone and printing. The files are
+// in test_lora_io.cpp.
 
 #include <scedit/lora.hpp>
-#include <scedit/lora_io.hpp>
-#include <scedit/safetensors.hpp>
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
-#include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
-#include <unistd.h>
-
 #include <cmath>
-#include <filesystem>
-#include <fstream>
-#include <functional>
+#include <memory>
 #include <set>
 #include <sstream>
+#include <string>
+#include <vector>
 
-namespace fs = std::filesystem;
+#include "lora_models.hpp"
+#include "test_util.hpp"
+
 using ::testing::HasSubstr;
+using scedit_test::error_of;
+using scedit_test::max_diff;
+using scedit_test::randomize_B;
+using scedit_test::registered;
+using scedit_test::TinyNet;
 
 namespace {
-
-std::string error_of(const std::function<void()>& run) {
-  try {
-    run();
-  } catch (const c10::Error& e) {
-    return e.what_without_backtrace();
-  }
-  return "(no error)";
-}
-
-/// max |a − b| / max(1, max |b|).
-double max_diff(const torch::Tensor& a, const torch::Tensor& b) {
-  const auto a64 = a.to(torch::kFloat64), b64 = b.to(torch::kFloat64);
-  return (a64 - b64).abs().max().item<double>() / std::max(1.0, b64.abs().max().item<double>());
-}
-
-/// Gives B of adapter `name` on every layer random values (B starts at zero), then refreshes.
-void randomize_B(const scedit::LoRALayers& layers, const std::string& name = "default") {
-  {
-    torch::NoGradGuard no_grad;
-    for (const auto& e : layers.entries()) {
-      if (e.second->has_adapter(name)) e.second->lora_B_weight(name).normal_(0.0, 0.5);
-    }
-  }
-  for (const auto& e : layers.entries()) e.second->refresh();
-}
-
-/// The registered (not the member) parameter `name` of `module`.
-torch::Tensor registered(const torch::nn::Module& module, const std::string& name) {
-  return module.named_parameters(/*recurse=*/false)[name];
-}
-
-// ---- a small model written the LibTorch way: typed members called in forward ----------------
-
-struct GegluImpl : torch::nn::Module {
-  GegluImpl(int64_t dim, int64_t hidden) {
-    proj = register_module("proj", torch::nn::Linear(dim, 2 * hidden));
-  }
-  torch::Tensor forward(const torch::Tensor& x) {
-    auto h = proj(x).chunk(2, -1);  // [B, L, 2·hidden] -> 2 × [B, L, hidden]
-    return h[0] * torch::gelu(h[1]);
-  }
-  torch::nn::Linear proj{nullptr};
-};
-TORCH_MODULE(Geglu);
-
-struct FeedForwardImpl : torch::nn::Module {
-  FeedForwardImpl(int64_t dim, int64_t hidden) : geglu(dim, hidden), out(hidden, dim) {
-    net = register_module("net", torch::nn::ModuleList(geglu, torch::nn::Dropout(0.0), out));
-  }
-  torch::Tensor forward(const torch::Tensor& x) { return out(geglu(x)); }
-  Geglu geglu;
-  torch::nn::Linear out;
-  torch::nn::ModuleList net{nullptr};
-};
-TORCH_MODULE(FeedForward);
-
-struct TinyNetImpl : torch::nn::Module {
-  TinyNetImpl() {
-    conv = register_module(
-        "conv", torch::nn::Conv2d(torch::nn::Conv2dOptions(3, 8, 3).stride(2).padding(1)));
-    to_q = register_module("to_q", torch::nn::Linear(8, 8));
-    to_k = register_module("to_k", torch::nn::Linear(8, 8));
-    to_q_extra = register_module("to_q_extra", torch::nn::Linear(8, 8));
-    ff = register_module("ff", FeedForward(8, 12));
-  }
-  torch::Tensor forward(const torch::Tensor& x) {
-    auto h = conv(x);                  // [B, 3, H, W] -> [B, 8, H/2, W/2]
-    h = h.flatten(2).transpose(1, 2);  // -> [B, L, 8]
-    return ff(to_q(h) + to_k(h) + to_q_extra(h));
-  }
-  torch::nn::Conv2d conv{nullptr};
-  torch::nn::Linear to_q{nullptr}, to_k{nullptr}, to_q_extra{nullptr};
-  FeedForward ff{nullptr};
-};
-TORCH_MODULE(TinyNet);
 
 /// Activation-side reference for one adapted Linear, by hand: W0 x + b + Σ w·s·B(A x).
 torch::Tensor linear_ref(const torch::Tensor& x, const torch::nn::Linear& layer,
@@ -150,23 +77,6 @@ struct HostImpl : torch::nn::Cloneable<HostImpl> {
 };
 TORCH_MODULE(Host);
 
-/// The same model with wrappers, for loading into existing LoRA layers.
-struct WrappedImpl : torch::nn::Module {
-  WrappedImpl() {
-    to_q = register_module(
-        "to_q", scedit::LoRALinear(torch::nn::LinearOptions(6, 6), scedit::LoRAOptions(2)));
-    conv = register_module("conv", scedit::LoRAConv2d(torch::nn::Conv2dOptions(6, 6, 3).padding(1),
-                                                      scedit::LoRAOptions(3).alpha(6)));
-  }
-  torch::Tensor forward(const torch::Tensor& x) {  // [B, 6, H, W]
-    auto h = conv(x).permute({0, 2, 3, 1});        // -> [B, H, W, 6]
-    return to_q(h);
-  }
-  scedit::LoRALinear to_q{nullptr};
-  scedit::LoRAConv2d conv{nullptr};
-};
-TORCH_MODULE(Wrapped);
-
 }  // namespace
 
 class LoRA : public ::testing::Test {
@@ -174,13 +84,7 @@ class LoRA : public ::testing::Test {
   void SetUp() override {
     torch::manual_seed(0);
     x_ = torch::randn({2, 3, 6, 6});
-    dir_ = fs::temp_directory_path() /
-           ("scedit_lora_" + std::to_string(::getpid()) + "_" +
-            ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::create_directories(dir_);
   }
-  void TearDown() override { fs::remove_all(dir_); }
-  fs::path dir_;
   torch::Tensor x_;  // [2, 3, 6, 6]
 };
 
@@ -588,177 +492,8 @@ TEST_F(LoRA, PrettyPrint) {
             "style(r=2, alpha=4, use_rslora=true, weight=0.5))");
 }
 
-TEST_F(LoRA, PeftRoundTrip) {
-  torch::manual_seed(1);
+TEST_F(LoRA, ClearErrorsOnBadOptionsAndTargets) {
   TinyNet net;
-  torch::manual_seed(1);
-  TinyNet fresh;  // same base weights
-  scedit::LoRAInjection lora;
-  lora.inject(
-      *net,
-      scedit::LoRAConfig(scedit::LoRAOptions(2).alpha(6)).target_modules({"to_q", "to_k", "conv"}));
-  lora.inject_at(*net, "ff.net.0.proj", scedit::LoRAOptions(4).alpha(2));
-  randomize_B(lora);
-  const auto folder = (dir_ / "adapter").string();
-  scedit::save_lora_peft(folder, lora);
-
-  const auto keys = scedit::safetensors::load(folder + "/adapter_model.safetensors");
-  EXPECT_TRUE(keys.count("base_model.model.to_q.lora_A.weight"));
-  EXPECT_TRUE(keys.count("base_model.model.ff.net.0.proj.lora_B.weight"));
-  EXPECT_EQ(keys.size(), 8u);
-  std::ifstream in(folder + "/adapter_config.json");
-  const auto config = nlohmann::json::parse(in);
-  EXPECT_EQ(config["peft_type"], "LORA");
-  EXPECT_EQ(config["r"], 2);
-  EXPECT_EQ(config["lora_alpha"], 6.0);
-  EXPECT_EQ(config["use_rslora"], false);
-  EXPECT_EQ(config["rank_pattern"]["ff.net.0.proj"], 4);
-  EXPECT_EQ(config["alpha_pattern"]["ff.net.0.proj"], 2.0);
-  EXPECT_EQ(config["target_modules"].get<std::set<std::string>>(),
-            (std::set<std::string>{"to_q", "to_k", "conv", "ff.net.0.proj"}));
-
-  scedit::LoRAInjection loaded;
-  const auto result = scedit::load_lora_peft(folder, loaded, *fresh);
-  EXPECT_EQ(result.layout, scedit::LoRALayout::peft);
-  EXPECT_EQ(result.created.size(), 4u);
-  EXPECT_EQ(loaded.at("ff.net.0.proj").adapter("default").options.alpha(), 2.0);
-  EXPECT_LT(max_diff(fresh(x_), net(x_)), 1e-6);
-
-  // Into existing layers (wrappers), detected by load_lora from the folder.
-  torch::manual_seed(2);
-  Wrapped a;
-  torch::manual_seed(2);
-  Wrapped b;
-  randomize_B(scedit::find_lora_layers(*a));
-  scedit::save_lora_peft((dir_ / "wrapped").string(), scedit::find_lora_layers(*a));
-  const auto xw = torch::randn({2, 6, 5, 5});
-  EXPECT_GT(max_diff(b(xw), a(xw)), 1e-3);
-  const auto r2 = scedit::load_lora((dir_ / "wrapped").string(), scedit::find_lora_layers(*b));
-  EXPECT_TRUE(r2.created.empty());
-  EXPECT_LT(max_diff(b(xw), a(xw)), 1e-6);
-}
-
-TEST_F(LoRA, DiffusersRoundTrip) {
-  torch::manual_seed(1);
-  TinyNet net;
-  torch::manual_seed(1);
-  TinyNet fresh;
-  auto lora = scedit::inject_lora(*net, scedit::LoRAConfig(scedit::LoRAOptions(3).alpha(12))
-                                            .target_modules({"to_q", "ff.net.0.proj", "conv"}));
-  randomize_B(lora);
-  const auto file = (dir_ / "diffusers.safetensors").string();
-  scedit::export_lora_diffusers(file, lora);
-  const auto keys = scedit::safetensors::load(file);
-  EXPECT_TRUE(keys.count("unet.to_q.lora.down.weight"));
-  EXPECT_TRUE(keys.count("unet.ff.net.0.proj.lora.up.weight"));
-  EXPECT_TRUE(torch::allclose(keys.at("unet.to_q.lora.up.weight"),
-                              4.0 * lora.at("to_q").lora_B_weight("default")));
-
-  scedit::LoRAInjection loaded;
-  const auto result = scedit::load_lora(file, loaded, *fresh);
-  EXPECT_EQ(result.layout, scedit::LoRALayout::diffusers);
-  EXPECT_DOUBLE_EQ(loaded.at("to_q").adapter("default").options.scale(), 1.0);
-  EXPECT_LT(max_diff(fresh(x_), net(x_)), 1e-5);
-}
-
-TEST_F(LoRA, KohyaRoundTrip) {
-  torch::manual_seed(1);
-  TinyNet net;
-  torch::manual_seed(1);
-  TinyNet fresh;
-  auto lora =
-      scedit::inject_lora(*net, scedit::LoRAConfig(scedit::LoRAOptions(4).alpha(3).use_rslora(true))
-                                    .target_modules({"to_q", "ff.net.0.proj", "conv"}));
-  randomize_B(lora);
-  const auto file = (dir_ / "kohya.safetensors").string();
-  scedit::export_lora_kohya(file, lora);
-  const auto keys = scedit::safetensors::load(file);
-  EXPECT_TRUE(keys.count("lora_unet_ff_net_0_proj.lora_down.weight"));
-  EXPECT_TRUE(keys.count("lora_unet_conv.lora_up.weight"));
-  ASSERT_TRUE(keys.count("lora_unet_to_q.alpha"));
-  EXPECT_EQ(keys.at("lora_unet_to_q.alpha").dim(), 0);
-  EXPECT_FLOAT_EQ(keys.at("lora_unet_to_q.alpha").item<float>(), 6.0f);  // 3·√4: alpha/r = 3/√4
-
-  scedit::LoRAInjection loaded;
-  const auto result = scedit::load_lora(file, loaded, *fresh);
-  EXPECT_EQ(result.layout, scedit::LoRALayout::kohya);
-  EXPECT_EQ(std::set<std::string>(result.paths.begin(), result.paths.end()),
-            (std::set<std::string>{"to_q", "ff.net.0.proj", "conv"}));
-  EXPECT_NEAR(loaded.at("ff.net.0.proj").adapter("default").options.scale(), 1.5, 1e-6);
-  EXPECT_LT(max_diff(fresh(x_), net(x_)), 1e-5);
-}
-
-TEST_F(LoRA, LoadsPrefixedPeftTensorsAlone) {
-  // The fixture's layout: `lora.<path>.lora_{A,B}.weight` beside other tuners' keys, no config.
-  TinyNet net;
-  const auto A = torch::randn({4, 8}), B = torch::randn({8, 4});
-  const auto file = (dir_ / "mixed.safetensors").string();
-  scedit::safetensors::save(file, {{"lora.to_q.lora_A.weight", A},
-                                   {"lora.to_q.lora_B.weight", B},
-                                   {"sc.0.weight", torch::randn({3})}});
-  scedit::LoRAInjection lora;
-  EXPECT_THAT(error_of([&] {
-                scedit::load_lora_peft(file, lora, *net, scedit::LoRALoadOptions().prefix("lora"));
-              }),
-              HasSubstr("adapter_config.json"));
-  scedit::load_lora_peft(file, lora, *net, scedit::LoRALoadOptions().prefix("lora").alpha(8));
-  EXPECT_TRUE(torch::equal(lora.at("to_q").lora_A_weight("default"), A));
-  EXPECT_TRUE(
-      torch::allclose(net->to_q->weight, registered(*net->to_q, "weight") + 2.0 * B.matmul(A)));
-}
-
-TEST_F(LoRA, ClearErrors) {
-  TinyNet net;
-  scedit::LoRAInjection lora;
-  const auto opts = scedit::LoRALoadOptions().alpha(8);
-
-  const auto unknown = (dir_ / "unknown.safetensors").string();
-  scedit::safetensors::save(unknown,
-                            {{"base_model.model.nope.lora_A.weight", torch::randn({2, 8})},
-                             {"base_model.model.nope.lora_B.weight", torch::randn({8, 2})}});
-  auto e = error_of([&] { scedit::load_lora_peft(unknown, lora, *net, opts); });
-  EXPECT_THAT(e, HasSubstr(unknown));
-  EXPECT_THAT(e, HasSubstr("base_model.model.nope.lora_A.weight"));
-  EXPECT_THAT(error_of([&] { scedit::load_lora(unknown, lora, opts); }),
-              HasSubstr("not a LoRA layer here"));
-
-  const auto shape = (dir_ / "shape.safetensors").string();
-  scedit::safetensors::save(shape, {{"to_q.lora_A.weight", torch::randn({2, 7})},
-                                    {"to_q.lora_B.weight", torch::randn({8, 2})}});
-  e = error_of([&] { scedit::load_lora(shape, lora, *net, opts); });
-  EXPECT_THAT(e, HasSubstr(shape));
-  EXPECT_THAT(e, HasSubstr("'to_q.lora_A.weight'"));
-  EXPECT_THAT(e, HasSubstr("[2, 7]"));
-  EXPECT_THAT(e, HasSubstr("[2, 8]"));
-  EXPECT_TRUE(lora.empty());  // nothing injected on error
-
-  // A layer owned by another injection is refused before anything changes.
-  const auto other = (dir_ / "other.safetensors").string();
-  scedit::safetensors::save(other, {{"to_k.lora_A.weight", torch::randn({2, 8})},
-                                    {"to_k.lora_B.weight", torch::randn({8, 2})},
-                                    {"to_q.lora_A.weight", torch::randn({2, 8})},
-                                    {"to_q.lora_B.weight", torch::randn({8, 2})}});
-  auto owner = scedit::inject_lora(*net, scedit::LoRAConfig(2).target_modules({"to_q"}));
-  e = error_of([&] { scedit::load_lora(other, lora, *net, opts); });
-  EXPECT_THAT(e, HasSubstr("'to_q.lora_A.weight'"));
-  EXPECT_THAT(e, HasSubstr("another injection"));
-  EXPECT_TRUE(lora.empty());
-  owner.unload();
-
-  const auto folder = dir_ / "no_config";
-  fs::create_directories(folder);
-  scedit::safetensors::save(
-      (folder / "adapter_model.safetensors").string(),
-      {{"to_q.lora_A.weight", torch::randn({2, 8})}, {"to_q.lora_B.weight", torch::randn({8, 2})}});
-  EXPECT_THAT(error_of([&] { scedit::load_lora_peft(folder.string(), lora, *net); }),
-              HasSubstr((folder / "adapter_config.json").string()));
-
-  const auto half = (dir_ / "half.safetensors").string();
-  scedit::safetensors::save(half, {{"lora_unet_to_q.lora_down.weight", torch::randn({2, 8})}});
-  e = error_of([&] { scedit::load_lora(half, lora, *net); });
-  EXPECT_THAT(e, HasSubstr("lora_unet_to_q.lora_down.weight"));
-  EXPECT_THAT(e, HasSubstr("no up/B key"));
-
   EXPECT_THAT(
       error_of([&] {
         scedit::inject_lora(

@@ -3,7 +3,7 @@
 /// @brief Whole files as bytes: reading one with an error that names it, and writing one
 /// atomically, so that a reader (or a crash) never sees half of it.
 
-#include <scedit/safetensors.hpp>
+#include <scedit/atomic_file.hpp>
 #include <torch/torch.h>
 
 #include <filesystem>
@@ -28,8 +28,8 @@ inline std::string read_file_bytes(const std::filesystem::path& path) {
 /// Writes `bytes` to `path` atomically: into a temporary file beside it, then renamed over `path`,
 /// so a reader (or a crash) never sees a half-written file. Throws naming the file on failure.
 inline void write_file_atomic(const std::filesystem::path& path, const std::string& bytes) {
-  scedit::safetensors::write_file_atomically(path.string(), {{bytes.data(), bytes.size()}},
-                                             "writing '" + path.string() + "': ");
+  scedit::write_file_atomically(path.string(), {{bytes.data(), bytes.size()}},
+                                "writing '" + path.string() + "': ");
 }
 
 }  // namespace common

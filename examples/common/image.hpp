@@ -76,7 +76,7 @@
 namespace common {
 
 /// A CPU random generator seeded with `seed`, for the random transforms (`random_crop`, the
-/// dataset's crop / flip / caption dropout): they draw on the CPU, so they need a CPU generator.
+/// dataset's crops and flips): they draw on the CPU, so they need a CPU generator.
 inline torch::Generator make_cpu_generator(uint64_t seed) {
   return at::detail::createCPUGenerator(seed);
 }

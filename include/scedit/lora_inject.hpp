@@ -1,23 +1,144 @@
 #pragma once
 /// @file lora_inject.hpp
-/// @brief Sets of LoRA layers across a model, and injection of LoRA into models whose members are
-/// plain `torch::nn::Linear` / `torch::nn::Conv2d` (weight side; see lora.hpp for the design).
+/// @brief Weight-side LoRA: injection into models whose members are plain `torch::nn::Linear` /
+/// `torch::nn::Conv2d` (`inject_lora`, `LoRAInjection`, `InjectedLoRA`), and sets of LoRA layers
+/// across a model (`LoRALayers`, `find_lora_layers`, `lora_parameters`).
 ///
-/// Included by lora.hpp; include either.
+/// A LibTorch parent calls its *typed member holders* (`to_q(x)` on a `torch::nn::Linear to_q`),
+/// so `replace_module` alone changes the registry but not what `forward` runs. Injection
+/// therefore leaves the layer in place and reparametrises its weight: the adapters are registered
+/// on the layer itself, the base weight `W0` stays the layer's registered (frozen) `weight`
+/// parameter, and `LoRAInjection::refresh()` rebinds the layer's public `weight` member — which
+/// `LinearImpl::forward` and `Conv2dImpl::forward` read — to the differentiable tensor
+/// `W0 + Σ_a w_a · s_a · B_a · A_a`. The registered parameter is never touched, so `state_dict`,
+/// `named_parameters` and `torch::save` still show `W0` under `<path>.weight`, and the effective
+/// tensor is never written into `W0` (only `merge` adds to it, on request).
+///
+/// The contract: **call `refresh()` before each training forward** (after `optimizer.step()`),
+/// and after `model->to(...)`. Forgetting it fails loudly rather than silently: the stale
+/// effective weight's graph was freed by the previous backward, so the next backward throws.
+/// Every change made through the API (weights, enable/disable, merge, load) refreshes by itself,
+/// so inference needs no call. `refresh()` records the graph only when grad mode is on: refresh
+/// outside `NoGradGuard` before training. Trade-off against the activation side (`LoRALinear`,
+/// lora.hpp): each step materialises one weight-sized tensor per adapted layer and one
+/// `[out, r] × [r, in]` product, instead of the `[tokens, r]` activations; dropout, which acts on
+/// each call's input, is impossible weight-side and is refused. Clone a model before injecting
+/// (an injected layer's extra children make `clone()` refuse it), or `unload()` first.
+///
+/// lora.hpp includes this file; either include works.
+///
+/// Example:
+/// @code
+/// auto lora = scedit::inject_lora(*unet, scedit::LoRAConfig(scedit::LoRAOptions(64).alpha(8))
+///                                            .target_modules({"to_q", "to_k", "to_v",
+///                                            "to_out.0"}));
+/// torch::optim::AdamW optimizer(lora.parameters(), 1e-4);
+/// for (...) { lora.refresh(); auto loss = step(unet); loss.backward(); optimizer.step(); }
+/// @endcode
 
-#include <scedit/lora.hpp>
+#include <scedit/lora_layer.hpp>
 
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <map>
 #include <memory>
 #include <regex>
+#include <sstream>
 #include <string>
 #include <unordered_set>
 #include <utility>
 #include <vector>
 
 namespace scedit {
+
+/// A LoRA layer placed by injection; it can be taken off the layer again.
+class InjectedLoRALayer : public LoRALayer {
+ public:
+  /// Unregisters the adapters from the layer, rebinds its `weight` to W0 and restores the
+  /// base parameters' `requires_grad`. W0 keeps whatever was merged into it.
+  virtual void remove() = 0;
+  /// The adapted layer.
+  virtual std::shared_ptr<torch::nn::Module> module() const = 0;
+};
+
+/// Weight-side LoRA on a plain LibTorch layer (see the file comment). Made by `LoRAInjection`.
+template <typename BaseImpl>
+class InjectedLoRA final : public BasicLoRALayer<BaseImpl, InjectedLoRALayer> {
+ public:
+  /// Attaches empty `lora_A` / `lora_B` dicts to `layer` (at `path`); freezes its weight and
+  /// bias when `freeze_base`.
+  InjectedLoRA(std::shared_ptr<BaseImpl> layer, const std::string& path, bool freeze_base)
+      : layer_(std::move(layer)) {
+    this->label_ = "LoRA on " + std::string(LoRATraits<BaseImpl>::kind) + " '" + path + "'";
+    LoRATraits<BaseImpl>::check(LoRATraits<BaseImpl>::options_of(*layer_), this->label_);
+    const auto children = layer_->named_children();
+    TORCH_CHECK(!children.contains("lora_A") && !children.contains("lora_B"), this->label_,
+                ": the layer already carries LoRA adapters (from another injection); add adapters "
+                "through that LoRAInjection instead");
+    const auto params = layer_->named_parameters(/*recurse=*/false);
+    const torch::Tensor* w0 = params.find("weight");
+    TORCH_CHECK(w0 != nullptr, this->label_, ": the layer has no registered 'weight'");
+    TORCH_CHECK(
+        layer_->weight.unsafeGetTensorImpl() == w0->unsafeGetTensorImpl(), this->label_,
+        ": the layer's weight member is not its registered parameter (reparametrised already?)");
+    w0_ = *w0;
+    if (const torch::Tensor* b = params.find("bias")) bias_ = *b;
+    weight_requires_grad_ = w0_.requires_grad();
+    bias_requires_grad_ = bias_.defined() && bias_.requires_grad();
+    if (freeze_base) {
+      w0_.set_requires_grad(false);
+      if (bias_.defined()) bias_.set_requires_grad(false);
+    }
+    this->lora_A = layer_->register_module("lora_A", torch::nn::ModuleDict());
+    this->lora_B = layer_->register_module("lora_B", torch::nn::ModuleDict());
+  }
+
+  /// Rebinds the layer's `weight` member to `effective_weight()` (differentiable in A and B).
+  void refresh() override {
+    TORCH_CHECK(!removed_, this->label_, ": refresh after remove()");
+    layer_->weight = this->effective_weight();
+  }
+  /// Takes the adapters off the layer (see `InjectedLoRALayer::remove`).
+  void remove() override {
+    if (removed_) return;
+    layer_->unregister_module("lora_A");
+    layer_->unregister_module("lora_B");
+    layer_->weight = w0_;
+    w0_.set_requires_grad(weight_requires_grad_);
+    if (bias_.defined()) bias_.set_requires_grad(bias_requires_grad_);
+    removed_ = true;
+  }
+  /// The adapted layer.
+  std::shared_ptr<torch::nn::Module> module() const override { return layer_; }
+  /// The base weight W0 (the registered parameter).
+  torch::Tensor base_weight() const override { return w0_; }
+  /// Whether adapters here may use dropout.
+  bool supports_dropout() const override { return false; }
+
+ protected:
+  typename LoRATraits<BaseImpl>::Options base_options_() const override {
+    return LoRATraits<BaseImpl>::options_of(*layer_);
+  }
+  void changed_() override {
+    if (!removed_) refresh();
+  }
+  void check_options_(const std::string& name, const LoRAOptions& options) const override {
+    TORCH_CHECK(!removed_, this->label_, ": the adapters were removed from this layer");
+    TORCH_CHECK(options.dropout() == 0, this->label_, ": adapter '", name, "' asks for dropout ",
+                options.dropout(),
+                ", which weight-side injection cannot apply (dropout acts on "
+                "each call's input); use scedit::LoRALinear / LoRAConv2d for LoRA with dropout");
+  }
+
+ private:
+  std::shared_ptr<BaseImpl> layer_;
+  torch::Tensor w0_;
+  torch::Tensor bias_;
+  bool weight_requires_grad_ = true;
+  bool bias_requires_grad_ = true;
+  bool removed_ = false;
+};
 
 /// The LoRA layers of a model by module path: the wrappers `find_lora_layers` finds, or the
 /// layers a `LoRAInjection` adapted. Operations by adapter name apply to every layer holding it.
@@ -122,7 +243,8 @@ class LoRALayers {
   void delete_adapter(const std::string& name) {
     each_with_(name, "", false, [&](LoRALayer& l) { l.delete_adapter(name); });
   }
-  /// Refreshes every layer: call before each training forward when injected (see lora.hpp).
+  /// Refreshes every layer: call before each training forward when injected (see the file
+  /// comment).
   void refresh() {
     for (auto& e : entries_) e.second->refresh();
   }
@@ -260,9 +382,9 @@ inline bool lora_target_matches(const std::string& path, const LoRAConfig& confi
   return false;
 }
 
-/// Weight-side LoRA on the plain Linear / Conv2d layers of a model (see lora.hpp): the layers
-/// it adapted, by path, plus injection and removal. Keep it alive while the model runs with
-/// adapters; call `refresh()` before each training forward.
+/// Weight-side LoRA on the plain Linear / Conv2d layers of a model (see the file comment): the
+/// layers it adapted, by path, plus injection and removal. Keep it alive while the model runs
+/// with adapters; call `refresh()` before each training forward.
 class LoRAInjection : public LoRALayers {
  public:
   /// Adds adapter `config.adapter_name` to every Linear / Conv2d of `model` the config targets.

@@ -24,6 +24,7 @@
 /// scedit::load_lora("out/style.safetensors", loaded, *unet);           // injects where named
 /// @endcode
 
+#include <scedit/atomic_file.hpp>
 #include <scedit/lora.hpp>
 #include <scedit/safetensors.hpp>
 
@@ -501,7 +502,7 @@ inline void save_lora_peft(const std::string& dir, const LoRALayers& layers,
   TORCH_CHECK(!error, "save_lora_peft: cannot create folder '", dir, "': ", error.message());
   const std::filesystem::path folder(dir);
   safetensors::save((folder / "adapter_model.safetensors").string(), tensors, {{"format", "pt"}});
-  safetensors::write_text_file((folder / "adapter_config.json").string(), config.dump(2) + "\n");
+  write_text_file((folder / "adapter_config.json").string(), config.dump(2) + "\n");
 }
 
 /// Exports adapter `adapter` in diffusers' layout: `{prefix}.{path}.lora.down.weight` (= A) and

@@ -13,6 +13,8 @@
 /// and the problem; nothing is read out of bounds and no allocation is sized by the file beyond
 /// the (capped) header. Linux / POSIX only; assumes a little-endian host, as the format does.
 
+#include <scedit/atomic_file.hpp>
+
 #include <torch/torch.h>
 
 #include <nlohmann/json.hpp>
@@ -26,7 +28,6 @@
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
-#include <filesystem>
 #include <map>
 #include <memory>
 #include <optional>
@@ -108,31 +109,6 @@ inline std::string shape_str(const std::vector<int64_t>& shape) {
   return out.str();
 }
 
-/// The text of errno `error`.
-inline std::string errno_str(int error) { return std::strerror(error); }
-
-/// An open file descriptor, closed on destruction.
-class Fd {
- public:
-  /// Takes ownership of `fd` (-1: none).
-  explicit Fd(int fd = -1) : fd_(fd) {}
-  Fd(const Fd&) = delete;
-  Fd& operator=(const Fd&) = delete;
-  ~Fd() { close(); }
-  /// The descriptor, or -1.
-  int get() const { return fd_; }
-  /// Closes now; returns 0 or the errno of a failed close.
-  int close() {
-    if (fd_ < 0) return 0;
-    const int rc = ::close(fd_);
-    fd_ = -1;
-    return rc == 0 ? 0 : errno;
-  }
-
- private:
-  int fd_;
-};
-
 /// A private (copy-on-write) mapping of a whole file; unmapped when the last user lets go.
 class Mapping {
  public:
@@ -210,13 +186,14 @@ class File {
  public:
   /// Maps and validates `path`; throws c10::Error naming the file and the problem.
   explicit File(const std::string& path) : path_(path) {
-    detail::Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));  // no hang on a FIFO
+    // O_NONBLOCK: opening a FIFO must not hang.
+    scedit::detail::Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));
     const int open_error = errno;
-    TORCH_CHECK(fd.get() >= 0, where(), "cannot open: ", detail::errno_str(open_error));
+    TORCH_CHECK(fd.get() >= 0, where(), "cannot open: ", scedit::detail::errno_str(open_error));
     struct stat st {};
     const int stat_rc = ::fstat(fd.get(), &st);
     const int stat_error = errno;
-    TORCH_CHECK(stat_rc == 0, where(), "cannot stat: ", detail::errno_str(stat_error));
+    TORCH_CHECK(stat_rc == 0, where(), "cannot stat: ", scedit::detail::errno_str(stat_error));
     TORCH_CHECK(S_ISREG(st.st_mode), where(), "not a regular file");
     const uint64_t file_size = static_cast<uint64_t>(st.st_size);
     TORCH_CHECK(file_size >= 8, where(), "file is shorter than 8 bytes (", file_size,
@@ -226,7 +203,7 @@ class File {
     void* data = ::mmap(nullptr, static_cast<size_t>(file_size), PROT_READ | PROT_WRITE,
                         MAP_PRIVATE | MAP_NORESERVE, fd.get(), 0);
     const int map_error = errno;
-    TORCH_CHECK(data != MAP_FAILED, where(), "cannot map: ", detail::errno_str(map_error));
+    TORCH_CHECK(data != MAP_FAILED, where(), "cannot map: ", scedit::detail::errno_str(map_error));
     mapping_ = std::make_shared<detail::Mapping>(data, static_cast<size_t>(file_size));
     fd.close();
 
@@ -428,112 +405,6 @@ inline TensorMap load(const std::string& path) { return File(path).all(); }
 /// The `__metadata__` of the file at `path` (the file is validated as a whole).
 inline std::map<std::string, std::string> load_metadata(const std::string& path) {
   return File(path).metadata();
-}
-
-namespace detail {
-
-/// Writes all of [data, data + size) to fd; returns 0 or the errno.
-inline int write_all(int fd, const uint8_t* data, size_t size) {
-  while (size > 0) {
-    const ssize_t n = ::write(fd, data, std::min<size_t>(size, size_t{1} << 30));
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return errno;
-    }
-    data += n;
-    size -= static_cast<size_t>(n);
-  }
-  return 0;
-}
-
-/// A temporary file beside the destination, removed unless committed.
-class TempFile {
- public:
-  /// Creates `.<name>.tmp.XXXXXX` in the folder of `destination` (check fd() >= 0).
-  explicit TempFile(const std::string& destination) {
-    const std::filesystem::path target(destination);
-    const std::filesystem::path folder = target.has_parent_path() ? target.parent_path() : ".";
-    std::string pattern =
-        (folder / ("." + target.filename().string() + ".tmp.XXXXXX")).string();
-    fd_ = ::mkstemp(pattern.data());
-    error_ = fd_ < 0 ? errno : 0;
-    if (fd_ >= 0) path_ = pattern;
-  }
-  TempFile(const TempFile&) = delete;
-  TempFile& operator=(const TempFile&) = delete;
-  ~TempFile() {
-    if (fd_ >= 0) ::close(fd_);
-    if (!committed_ && !path_.empty()) ::unlink(path_.c_str());
-  }
-  /// The open descriptor, or -1.
-  int fd() const { return fd_; }
-  /// The errno of a failed creation, else 0.
-  int error() const { return error_; }
-  /// The temporary file's path ("" when creation failed).
-  const std::string& path() const { return path_; }
-  /// Closes the descriptor; returns 0 or the errno.
-  int close() {
-    const int rc = ::close(fd_);
-    fd_ = -1;
-    return rc == 0 ? 0 : errno;
-  }
-  /// Keeps the file (it has been renamed into place).
-  void commit() { committed_ = true; }
-
- private:
-  int fd_ = -1;
-  int error_ = 0;
-  bool committed_ = false;
-  std::string path_;
-};
-
-}  // namespace detail
-
-/// Writes `pieces` (pointer, size) one after the other to `path` atomically: into a temporary
-/// file in the same folder, fsync, rename over `path` (keeping an existing file's mode), then
-/// fsync the folder. On any failure the previous file is untouched and the temporary removed.
-/// `where` starts every error message (e.g. "safetensors save 'x': ").
-inline void write_file_atomically(const std::string& path,
-                                  const std::vector<std::pair<const void*, size_t>>& pieces,
-                                  const std::string& where) {
-  detail::TempFile temp(path);
-  TORCH_CHECK(temp.fd() >= 0, where, "cannot create a temporary file beside it: ",
-              detail::errno_str(temp.error()));
-  struct stat old {};
-  const bool replaces = ::stat(path.c_str(), &old) == 0 && S_ISREG(old.st_mode);
-  const mode_t mode = replaces ? (old.st_mode & 07777) : 0644;
-  const int chmod_rc = ::fchmod(temp.fd(), mode);
-  const int chmod_error = errno;
-  TORCH_CHECK(chmod_rc == 0, where, "cannot set the mode of '", temp.path(), "': ",
-              detail::errno_str(chmod_error));
-  int error = 0;
-  for (size_t i = 0; i < pieces.size() && !error; ++i) {
-    error = detail::write_all(temp.fd(), static_cast<const uint8_t*>(pieces[i].first), pieces[i].second);
-  }
-  TORCH_CHECK(!error, where, "cannot write '", temp.path(), "': ", detail::errno_str(error));
-  const int sync_rc = ::fsync(temp.fd());
-  const int sync_error = errno;
-  TORCH_CHECK(sync_rc == 0, where, "cannot fsync '", temp.path(), "': ",
-              detail::errno_str(sync_error));
-  error = temp.close();
-  TORCH_CHECK(!error, where, "cannot close '", temp.path(), "': ", detail::errno_str(error));
-  const int rename_rc = ::rename(temp.path().c_str(), path.c_str());
-  const int rename_error = errno;
-  TORCH_CHECK(rename_rc == 0, where, "cannot rename '", temp.path(), "' over it: ",
-              detail::errno_str(rename_error));
-  temp.commit();
-  // Make the rename itself durable (best effort: some file systems refuse fsync on folders).
-  const std::filesystem::path target(path);
-  const std::string folder = target.has_parent_path() ? target.parent_path().string() : ".";
-  detail::Fd dir(::open(folder.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (dir.get() >= 0 && ::fsync(dir.get()) != 0) {
-    // Ignored: the data itself is already durable.
-  }
-}
-
-/// Writes `text` to `path` atomically (see `write_file_atomically`).
-inline void write_text_file(const std::string& path, const std::string& text) {
-  write_file_atomically(path, {{text.data(), text.size()}}, "writing '" + path + "': ");
 }
 
 /// Writes `tensors` and `metadata` to `path` atomically.

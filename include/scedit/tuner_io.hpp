@@ -10,6 +10,7 @@
 /// Files written by scepter (no metadata, keys perhaps prefixed by `model.`) load too; a
 /// CSC-Tuner's stride flags are then taken from the caller.
 
+#include <scedit/atomic_file.hpp>
 #include <scedit/csctuner.hpp>
 #include <scedit/safetensors.hpp>
 #include <scedit/sctuner.hpp>
@@ -72,7 +73,7 @@ inline void save_with_sidecar(const std::string& path, const TensorMap& tensors,
                               const std::string& kind, const nlohmann::json& options) {
   safetensors::save(path, tensors,
                     {{"format", "pt"}, {"scedit.kind", kind}, {"scedit.options", options.dump()}});
-  safetensors::write_text_file(sidecar_path(path),
+  write_text_file(sidecar_path(path),
                   nlohmann::json{{"kind", kind}, {"options", options}}.dump(2) + "\n");
 }
 
