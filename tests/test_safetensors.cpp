@@ -26,16 +26,14 @@ namespace fs = std::filesystem;
 namespace st = scedit::safetensors;
 using scedit_test::error_of;
 using scedit_test::TempDir;
+using scedit_test::expect_identical;
+using scedit_test::random_tensor;
+using scedit_test::tensor_bytes;
 
 // ---- helpers -----------------------------------------------------------------------------------
 
 bool contains(const std::string& text, const std::string& part) {
   return text.find(part) != std::string::npos;
-}
-
-std::string read_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
 }
 
 void write_bytes(const std::string& path, const std::string& bytes) {
@@ -56,35 +54,10 @@ std::string st_bytes(std::string header, const std::string& data) {
   return le64(header.size()) + header + data;
 }
 
-/// The raw bytes of a tensor, in row-major order.
-std::string tensor_bytes(const torch::Tensor& tensor) {
-  const torch::Tensor dense = tensor.contiguous();
-  const auto* data = static_cast<const char*>(dense.data_ptr());
-  return dense.numel() == 0 ? std::string() : std::string(data, data + dense.nbytes());
-}
-
-/// Bit-exact equality: same dtype, same shape, same bytes.
-void expect_identical(const torch::Tensor& actual, const torch::Tensor& expected,
-                      const std::string& key) {
-  EXPECT_EQ(actual.scalar_type(), expected.scalar_type()) << key;
-  EXPECT_EQ(actual.sizes(), expected.sizes()) << key;
-  EXPECT_EQ(tensor_bytes(actual), tensor_bytes(expected)) << key;
-}
-
 bool points_into(const torch::Tensor& tensor, const st::File& file) {
   const auto* begin = static_cast<const uint8_t*>(file.data());
   const auto* pointer = static_cast<const uint8_t*>(tensor.data_ptr());
   return pointer >= begin && pointer < begin + file.data_size();
-}
-
-/// A random tensor of the given dtype and shape.
-torch::Tensor random_tensor(torch::ScalarType dtype, torch::IntArrayRef shape) {
-  if (dtype == torch::kBool) return torch::randint(0, 2, shape).to(torch::kBool);
-  if (dtype == torch::kUInt8) return torch::randint(0, 256, shape).to(dtype);
-  if (torch::isIntegralType(dtype, /*includeBool=*/false)) {
-    return torch::randint(-100, 100, shape).to(dtype);
-  }
-  return torch::randn(shape, torch::kFloat64).to(dtype);
 }
 
 const std::vector<torch::ScalarType> kAllDtypes = {
@@ -160,7 +133,7 @@ TEST_F(Safetensors, ViewOutlivesTheFileAndWritesNeverReachTheDisk) {
   const torch::Tensor original = random_tensor(torch::kFloat32, {4, 4});
   const std::string path = dir_.file("view.safetensors");
   st::save(path, {{"w", original}});
-  const std::string bytes_before = read_bytes(path);
+  const std::string bytes_before = scedit_test::read_file(path);
   torch::Tensor view;
   {
     const st::File file(path);
@@ -170,7 +143,7 @@ TEST_F(Safetensors, ViewOutlivesTheFileAndWritesNeverReachTheDisk) {
   expect_identical(view, original, "w");
   view.fill_(7.0f);
   EXPECT_TRUE(torch::equal(view, torch::full({4, 4}, 7.0f)));
-  EXPECT_EQ(read_bytes(path), bytes_before);
+  EXPECT_EQ(scedit_test::read_file(path), bytes_before);
   expect_identical(st::load(path).at("w"), original, "w");
 }
 

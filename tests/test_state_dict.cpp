@@ -24,41 +24,14 @@ namespace fs = std::filesystem;
 namespace st = scedit::safetensors;
 using scedit_test::error_of;
 using scedit_test::TempDir;
+using scedit_test::expect_identical;
+using scedit_test::random_tensor;
+using scedit_test::tensor_bytes;
 
 // ---- helpers -----------------------------------------------------------------------------------
 
 bool contains(const std::string& text, const std::string& part) {
   return text.find(part) != std::string::npos;
-}
-
-std::string read_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
-
-/// The raw bytes of a tensor, in row-major order.
-std::string tensor_bytes(const torch::Tensor& tensor) {
-  const torch::Tensor dense = tensor.contiguous();
-  const auto* data = static_cast<const char*>(dense.data_ptr());
-  return dense.numel() == 0 ? std::string() : std::string(data, data + dense.nbytes());
-}
-
-/// Bit-exact equality: same dtype, same shape, same bytes.
-void expect_identical(const torch::Tensor& actual, const torch::Tensor& expected,
-                      const std::string& key) {
-  EXPECT_EQ(actual.scalar_type(), expected.scalar_type()) << key;
-  EXPECT_EQ(actual.sizes(), expected.sizes()) << key;
-  EXPECT_EQ(tensor_bytes(actual), tensor_bytes(expected)) << key;
-}
-
-/// A random tensor of the given dtype and shape.
-torch::Tensor random_tensor(torch::ScalarType dtype, torch::IntArrayRef shape) {
-  if (dtype == torch::kBool) return torch::randint(0, 2, shape).to(torch::kBool);
-  if (dtype == torch::kUInt8) return torch::randint(0, 256, shape).to(dtype);
-  if (torch::isIntegralType(dtype, /*includeBool=*/false)) {
-    return torch::randint(-100, 100, shape).to(dtype);
-  }
-  return torch::randn(shape, torch::kFloat64).to(dtype);
 }
 
 class Safetensors : public ::testing::Test {
@@ -73,14 +46,14 @@ TEST(AtomicFile, WritesThePiecesInOrderAndKeepsTheModeOfTheFileItReplaces) {
   TempDir dir("atomic_file");
   const std::string path = dir.file("notes.txt");
   scedit::write_text_file(path, "first\n");
-  EXPECT_EQ(read_bytes(path), "first\n");
+  EXPECT_EQ(scedit_test::read_file(path), "first\n");
   EXPECT_EQ(fs::status(path).permissions(), fs::perms(0644));  // fchmod: no umask
 
   fs::permissions(path, fs::perms(0600));
   const std::string a = "abc", empty, b = "defg";
   scedit::write_file_atomically(
       path, {{a.data(), a.size()}, {empty.data(), empty.size()}, {b.data(), b.size()}}, "notes: ");
-  EXPECT_EQ(read_bytes(path), "abcdefg");
+  EXPECT_EQ(scedit_test::read_file(path), "abcdefg");
   EXPECT_EQ(fs::status(path).permissions(), fs::perms(0600));
   EXPECT_EQ(dir.entries(), std::vector<std::string>{"notes.txt"});
 }
@@ -104,14 +77,14 @@ TEST(AtomicFile, FailedWriteKeepsWhatWasThereAndLeavesNoTemporary) {
 TEST_F(Safetensors, FailedSaveLeavesThePreviousFileAndNoTemporary) {
   const std::string path = dir_.file("model.safetensors");
   st::save(path, {{"w", torch::randn({3})}});
-  const std::string before = read_bytes(path);
+  const std::string before = scedit_test::read_file(path);
 
   const std::string message = error_of([&] {
     st::save(path, {{"a", torch::randn({2})}, {"z", torch::randn({2}, torch::kComplexFloat)}});
   });
   EXPECT_TRUE(contains(message, path)) << message;
   EXPECT_TRUE(contains(message, "'z'")) << message;
-  EXPECT_EQ(read_bytes(path), before);
+  EXPECT_EQ(scedit_test::read_file(path), before);
   EXPECT_EQ(dir_.entries(), std::vector<std::string>{"model.safetensors"});
 }
 

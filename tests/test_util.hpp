@@ -3,6 +3,7 @@
 /// @brief What every test file shares: where the reference data is, the message of an error, a
 /// scratch folder, and how tensors are compared.
 
+#include <gtest/gtest.h>
 #include <torch/torch.h>
 
 #include <unistd.h>
@@ -133,6 +134,31 @@ inline double fused_tolerance(torch::Dtype dtype) {
 /// comparison (undefined stays undefined).
 inline torch::Tensor float64_leaf(const torch::Tensor& t) {
   return t.defined() ? t.detach().to(torch::kFloat64).requires_grad_(true) : t;
+}
+
+/// The raw bytes of a tensor, in row-major order.
+inline std::string tensor_bytes(const torch::Tensor& tensor) {
+  const torch::Tensor dense = tensor.contiguous();
+  const auto* data = static_cast<const char*>(dense.data_ptr());
+  return dense.numel() == 0 ? std::string() : std::string(data, data + dense.nbytes());
+}
+
+/// Expects bit-exact equality: same dtype, same shape, same bytes (`key` names the tensor).
+inline void expect_identical(const torch::Tensor& actual, const torch::Tensor& expected,
+                             const std::string& key) {
+  EXPECT_EQ(actual.scalar_type(), expected.scalar_type()) << key;
+  EXPECT_EQ(actual.sizes(), expected.sizes()) << key;
+  EXPECT_EQ(tensor_bytes(actual), tensor_bytes(expected)) << key;
+}
+
+/// A random tensor of the given dtype and shape (from the global generator).
+inline torch::Tensor random_tensor(torch::ScalarType dtype, torch::IntArrayRef shape) {
+  if (dtype == torch::kBool) return torch::randint(0, 2, shape).to(torch::kBool);
+  if (dtype == torch::kUInt8) return torch::randint(0, 256, shape).to(dtype);
+  if (torch::isIntegralType(dtype, /*includeBool=*/false)) {
+    return torch::randint(-100, 100, shape).to(dtype);
+  }
+  return torch::randn(shape, torch::kFloat64).to(dtype);
 }
 
 /// A seeded random uint8 image [h, w, 3].

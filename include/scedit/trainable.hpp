@@ -11,7 +11,7 @@
 /// torch::optim::AdamW optimizer(scedit::tuner_parameters(*unet), options);
 /// @endcode
 
-#include <scedit/lora.hpp>
+#include <scedit/lora_layer.hpp>
 #include <scedit/sites.hpp>
 
 #include <torch/torch.h>
