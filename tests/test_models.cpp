@@ -15,7 +15,8 @@
 #include <sd/unet.hpp>
 #include <sd/vae.hpp>
 
-#include "../bench/counting_allocator.hpp"
+#include <common/counting_allocator.hpp>
+
 #include "test_util.hpp"
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -481,7 +482,7 @@ TEST_F(Models, UNetBFloat16AutocastOnCpuStaysClose) {
 /// Runs `fn` (which builds a graph) and returns the CPU bytes it leaves held: the tensors its
 /// autograd graph saved for backward, plus its output.
 int64_t bytes_held_after(const std::function<torch::Tensor()>& fn, torch::Tensor& keep) {
-  auto& counter = bench::CountingCPUAllocator::install();
+  auto& counter = common::CountingCPUAllocator::install();
   const int64_t before = counter.current();
   keep = fn();
   return counter.current() - before;
