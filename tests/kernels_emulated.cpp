@@ -1,4 +1,4 @@
-// The fused CUDA kernels (examples/sd/kernels/fused_kernels.cu) run on the CPU through a host
+// The fused CUDA kernels (examples/sd/kernels/fused_kernels.cuh) run on the CPU through a host
 // emulation of CUDA's threads (kernel_emulation.hpp), on machines without a GPU: the launchers,
 // vector and scalar paths, block reductions and backward formulas against float64; then the
 // autograd functions of sd/fused_ops.hpp on CPU tensors, and a UNet with every fused lever
@@ -7,9 +7,12 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+// The kernels and their launchers, compiled for the host: fused_kernels.cuh includes the
+// emulation that this names before any CUDA header.
 #define SD_KERNELS_HOST_EMULATION "kernel_emulation.hpp"
-#include "../examples/sd/kernels/fused_kernels.cu"
+#include <sd/kernels/fused_kernels.cuh>
 
+// sd/fused_ops.hpp then wraps those launchers, on CPU tensors.
 #define SCEDIT_FUSED_KERNELS 1
 #define SCEDIT_FUSED_KERNELS_EMULATED 1
 #include <sd/config.hpp>
