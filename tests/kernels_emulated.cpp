@@ -2,7 +2,7 @@
 // emulation of CUDA's threads (kernel_emulation.hpp), on machines without a GPU: the launchers,
 // vector and scalar paths, block reductions and backward formulas against float64; then the
 // autograd functions of sd/fused_ops.hpp on CPU tensors, and a UNet with every fused lever
-// against the plain one. On a GPU the same are the *_CUDA tests of test_models.cpp.
+// against the plain one. On a GPU the same are the *_CUDA tests of test_lean_ops.cpp.
 
 #include <gtest/gtest.h>
 #include <torch/torch.h>
