@@ -26,6 +26,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <sstream>
 #include <string>
 #include <utility>
 #include <vector>
@@ -96,6 +97,13 @@ inline int64_t parameter_count(const torch::nn::Module& module) {
   int64_t count = 0;
   for (const auto& p : module.parameters()) count += p.numel();
   return count;
+}
+
+/// "[2, 4, 16, 16]", as LibTorch prints sizes in its error messages.
+inline std::string shape_string(torch::IntArrayRef sizes) {
+  std::ostringstream out;
+  out << sizes;
+  return out.str();
 }
 
 // ---- the tiny models ---------------------------------------------------------------------------

@@ -38,6 +38,7 @@ using scedit_test::parameter_count;
 using scedit_test::ProbeEditor;
 using scedit_test::rel_err;
 using scedit_test::run_base;
+using scedit_test::shape_string;
 using scedit_test::shapes_of;
 using scedit_test::tiny_unet;
 using scedit_test::tiny_unet_config;
@@ -235,7 +236,7 @@ TEST_F(Models, UNetSkipSitesAreIdentityInDecoderOrder) {
   }
 
   // The sites are on the path: a non-zero edit at one site changes the output.
-  probes[5]->value = 0.1;
+  probes[probes.size() / 2]->value = 0.1;
   EXPECT_GT(rel_err(run_base(unet, torch::kFloat32), base), 1e-4);
 }
 
@@ -277,7 +278,10 @@ TEST_F(Models, UNetNonSquareLatentKeepsItsShape) {
   auto unet = tiny_unet(torch::kFloat32);
   torch::NoGradGuard no_grad;
   const auto context = unet_case("input.encoder_hidden_states").to(torch::kFloat32);
-  const auto sample = torch::randn({2, 4, 16, 24});
+  // The case's sample, one downsampling step wider.
+  auto sizes = unet_case("input.sample").sizes().vec();
+  sizes[3] += unet->downsampling_factor();
+  const auto sample = torch::randn(sizes);
   const auto out = unet(sample, unet_case("input.timestep"), context);
   EXPECT_EQ(out.sizes(), sample.sizes());
   EXPECT_TRUE(torch::isfinite(out).all().item<bool>());
@@ -303,8 +307,8 @@ TEST_F(Models, UNetLinearProjectionAndPerBlockHeadsRun) {
   const auto& mid = unet->mid_block->transformers.at(0)->blocks.at(0)->attn1->options;
   EXPECT_EQ(mid.heads(), 4);
   torch::NoGradGuard no_grad;
-  const auto sample = torch::randn({1, 4, 16, 16});
-  const auto out = unet(sample, torch::tensor(10), torch::randn({1, 5, unet->config.cross_attention_dim}));
+  const auto sample = unet_case("input.sample").to(torch::kFloat32);
+  const auto out = unet(sample, torch::tensor(10), unet_case("input.encoder_hidden_states").to(torch::kFloat32));
   EXPECT_EQ(out.sizes(), sample.sizes());
   EXPECT_TRUE(torch::isfinite(out).all().item<bool>());
 }
@@ -326,16 +330,24 @@ TEST_F(Models, UNetBFloat16AutocastOnCpuStaysClose) {
 TEST_F(Models, UNetRejectsBadInputNamingTheShape) {
   auto unet = tiny_unet(torch::kFloat32);
   torch::NoGradGuard no_grad;
+  const auto sample = unet_case("input.sample").to(torch::kFloat32);
   const auto t = unet_case("input.timestep");
   const auto context = unet_case("input.encoder_hidden_states").to(torch::kFloat32);
-  EXPECT_THAT(error_of([&] { unet(torch::randn({2, 5, 16, 16}), t, context); }),
-              AllOf(HasSubstr("sample [B, 4, H, W]"), HasSubstr("[2, 5, 16, 16]")));
-  EXPECT_THAT(error_of([&] { unet(torch::randn({2, 4, 12, 16}), t, context); }),
-              AllOf(HasSubstr("multiples of 8"), HasSubstr("[2, 4, 12, 16]")));
-  EXPECT_THAT(error_of([&] { unet(torch::randn({2, 4, 16, 16}), t, torch::randn({2, 7, 33})); }),
-              AllOf(HasSubstr("encoder_hidden_states"), HasSubstr("[2, 7, 33]")));
-  EXPECT_THAT(error_of([&] { unet(torch::randn({2, 4, 16, 16}), torch::zeros({3}, torch::kInt64), context); }),
-              AllOf(HasSubstr("timestep"), HasSubstr("[3]")));
+  const int64_t batch = sample.size(0), channels = unet->config.in_channels, factor = unet->downsampling_factor();
+  // One channel too many; a height off the downsampling grid; a context wider than the
+  // cross-attention; one timestep more than the batch.
+  const std::vector<int64_t> extra_channel{batch, channels + 1, sample.size(2), sample.size(3)};
+  EXPECT_THAT(error_of([&] { unet(torch::randn(extra_channel), t, context); }),
+              AllOf(HasSubstr("sample [B, " + std::to_string(channels) + ", H, W]"),
+                    HasSubstr(shape_string(extra_channel))));
+  const std::vector<int64_t> off_grid{batch, channels, sample.size(2) - factor / 2, sample.size(3)};
+  EXPECT_THAT(error_of([&] { unet(torch::randn(off_grid), t, context); }),
+              AllOf(HasSubstr("multiples of " + std::to_string(factor)), HasSubstr(shape_string(off_grid))));
+  const std::vector<int64_t> wider{batch, context.size(1), context.size(2) + 1};
+  EXPECT_THAT(error_of([&] { unet(sample, t, torch::randn(wider)); }),
+              AllOf(HasSubstr("encoder_hidden_states"), HasSubstr(shape_string(wider))));
+  EXPECT_THAT(error_of([&] { unet(sample, torch::zeros({batch + 1}, torch::kInt64), context); }),
+              AllOf(HasSubstr("timestep"), HasSubstr(shape_string({batch + 1}))));
 }
 
 TEST_F(Models, UNetCloneIsDeepAndUsesItsOwnWeights) {

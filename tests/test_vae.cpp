@@ -31,6 +31,7 @@ using scedit_test::Models;
 using scedit_test::other_case;
 using scedit_test::parameter_count;
 using scedit_test::rel_err;
+using scedit_test::shape_string;
 using scedit_test::shapes_of;
 using scedit_test::tiny_vae;
 using scedit_test::tiny_vae_config;
@@ -105,11 +106,15 @@ TEST_F(Models, VAESamplesThePosteriorAndClampsLogvar) {
 TEST_F(Models, VAERejectsBadInputAndClones) {
   auto vae = tiny_vae(torch::kFloat32);
   torch::NoGradGuard no_grad;
-  EXPECT_THAT(error_of([&] { vae->encode(torch::randn({1, 4, 32, 32})); }),
-              AllOf(HasSubstr("encode"), HasSubstr("[1, 4, 32, 32]")));
-  EXPECT_THAT(error_of([&] { vae->decode(torch::randn({1, 3, 4, 4})); }),
-              AllOf(HasSubstr("decode"), HasSubstr("[1, 3, 4, 4]")));
   const auto latent = other_case("vae.input.latent").to(torch::kFloat32);
+  // The cases' image and latent sizes with one channel too many.
+  auto image_sizes = other_case("vae.input.image").sizes().vec(), latent_sizes = latent.sizes().vec();
+  image_sizes[1] = vae->config.in_channels + 1;
+  latent_sizes[1] = vae->config.latent_channels + 1;
+  EXPECT_THAT(error_of([&] { vae->encode(torch::randn(image_sizes)); }),
+              AllOf(HasSubstr("encode"), HasSubstr(shape_string(image_sizes))));
+  EXPECT_THAT(error_of([&] { vae->decode(torch::randn(latent_sizes)); }),
+              AllOf(HasSubstr("decode"), HasSubstr(shape_string(latent_sizes))));
   const auto decoded = vae->decode(latent);
   auto copy = std::dynamic_pointer_cast<sd::AutoencoderKLImpl>(vae->clone());
   ASSERT_NE(copy, nullptr);
