@@ -8,9 +8,9 @@
 // (examples/common/counting_allocator.hpp); weights included.
 // Without a GPU it runs a reduced model of the same layout by default (see --config).
 
-#include "counting_allocator.hpp"
 #include "op_profile.hpp"
 
+#include <common/counting_allocator.hpp>
 #include <common/graphed_step.hpp>
 #include <common/lean.hpp>
 #include <common/memory.hpp>
@@ -108,12 +108,12 @@ struct PeakMeter {
     if (device.is_cuda()) {
       common::reset_cuda_peak(device);
     } else {
-      bench::CountingCPUAllocator::install().reset_peak();
+      common::CountingCPUAllocator::install().reset_peak();
     }
   }
   int64_t peak() const {
     return device.is_cuda() ? common::cuda_peak_allocated(device)
-                            : bench::CountingCPUAllocator::install().peak();
+                            : common::CountingCPUAllocator::install().peak();
   }
 };
 
@@ -239,7 +239,7 @@ int main(int argc, char** argv) {
   try {
     run.device = common::resolve_device(device_flag);
     const auto& device = run.device;
-    if (!device.is_cuda()) bench::CountingCPUAllocator::install();
+    if (!device.is_cuda()) common::CountingCPUAllocator::install();
     if (config == "auto") config = device.is_cuda() ? "sd15" : "reduced";
     auto shapes = make_shapes(config);
     if (latent > 0) shapes.latent = latent;

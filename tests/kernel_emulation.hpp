@@ -1,11 +1,11 @@
 #pragma once
-// A host emulation of as much of CUDA's execution model as examples/sd/kernels/fused_kernels.cu
+// A host emulation of as much of CUDA's execution model as examples/sd/kernels/fused_kernels.cuh
 // uses, so that a machine without a GPU runs its kernels and launchers for real: the blocks one
 // after another, each CUDA thread of a block as a coroutine (ucontext) on the calling thread,
 // __syncthreads, __shfl_down_sync and __shfl_sync as barriers over the block and the warp at which a thread
 // yields until all have arrived, __shared__ arrays static (one block at a time).
 //
-// Included by fused_kernels.cu itself when SD_KERNELS_HOST_EMULATION names this file, before
+// Included by fused_kernels.cuh itself when SD_KERNELS_HOST_EMULATION names this file, before
 // it includes any CUDA header. Coroutines, not OS threads: a barrier then costs a few context
 // switches instead of waking hundreds of threads on two cores.
 

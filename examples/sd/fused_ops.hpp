@@ -1,7 +1,7 @@
 #pragma once
 /// @file fused_ops.hpp
 /// @brief GroupNorm + SiLU, GEGLU and LayerNorm on the fused CUDA kernels of
-/// sd/kernels/fused_kernels.cu, as autograd functions.
+/// sd/kernels/fused_kernels.cuh, as autograd functions.
 ///
 /// Why: the lean functions of lean_ops.hpp keep only their inputs but run the same ATen kernels
 /// as the plain ops, one memory pass each, and recompute in the backward pass. These keep the

@@ -1,7 +1,8 @@
 #pragma once
 // An exact count of CPU tensor bytes: a CPU allocator that wraps LibTorch's and keeps the current
 // and peak number of bytes it handed out. The CPU counterpart of the CUDA caching allocator's
-// "peak allocated bytes" (PEERS.md's metric); unlike RSS it sees only tensors.
+// "peak allocated bytes" (common/memory.hpp); unlike RSS it sees only tensors, so a benchmark or
+// a test can compare the memory that two ways of computing the same thing hold.
 
 #include <scedit/compat.hpp>
 
@@ -13,7 +14,7 @@
 #include <atomic>
 #include <cstring>
 
-namespace bench {
+namespace common {
 
 /// Counts the bytes of every CPU tensor allocation while installed (see `install`).
 class CountingCPUAllocator final : public c10::Allocator {
@@ -72,4 +73,4 @@ class CountingCPUAllocator final : public c10::Allocator {
   mutable std::atomic<int64_t> peak_{0};
 };
 
-}  // namespace bench
+}  // namespace common
