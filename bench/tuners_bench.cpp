@@ -57,7 +57,8 @@ void CSCSkipEditForwardBackward(benchmark::State& state) {
   const int64_t c = state.range(0), side = state.range(1);
   scedit::CSCTuner csc(scedit::CSCTunerOptions({c}, {false}).hint_channels(16));
   csc->to(device);
-  csc->set_condition(torch::rand({1, 3, 8 * side, 8 * side}, device));
+  scedit::ConditionScope condition;
+  condition.set(csc, torch::rand({1, 3, 8 * side, 8 * side}, device));
   auto s = torch::randn({1, c, side, side}, device);
   for (auto _ : state) {
     csc->delta(0, s).sum().backward(/*gradient=*/{}, /*retain_graph=*/true);

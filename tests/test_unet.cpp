@@ -17,7 +17,6 @@
 #include "sd_fixtures.hpp"
 #include "test_util.hpp"
 
-#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <memory>
@@ -136,15 +135,11 @@ struct DefaultDtypeGuard {
 };
 
 TEST_F(Models, UNetSd15KeysShapesAndParameterCount) {
-  const auto start = std::chrono::steady_clock::now();
   // Built in bfloat16 (half the memory and page faults of float32): only keys, shapes and
   // counts are checked here.
   DefaultDtypeGuard bf16(caffe2::TypeMeta::Make<at::BFloat16>());
   sd::UNet unet(sd::UNetConfig::from_json(config_json("unet_sd15")));
   EXPECT_EQ(unet->conv_in->weight.scalar_type(), torch::kBFloat16);
-  const double seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  std::printf("[ info     ] SD 1.5 UNet construction: %.1f s\n", seconds);
   EXPECT_EQ(shapes_of(*unet), shapes_of(manifest().at("keys_unet_sd15")));
   EXPECT_EQ(parameter_count(*unet), manifest().at("params_unet_sd15").get<int64_t>());
   EXPECT_EQ(unet->skip_sites().size(), 12u);

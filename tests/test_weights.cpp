@@ -311,7 +311,7 @@ TEST_F(Weights, FolderAndSingleFileMatchEachOtherAndTheFixtures) {
   auto a = sd::load_pipeline(folder);
   auto b = sd::load_pipeline(single, single_file_options());
 
-  EXPECT_DOUBLE_EQ(a.scaling_factor, 0.25);
+  EXPECT_DOUBLE_EQ(a.vae_config.scaling_factor, 0.25);
   EXPECT_EQ(a.scheduler_config.value("num_train_timesteps", 0), 1000);
   EXPECT_EQ(a.files.at("unet").filename(), "diffusion_pytorch_model.safetensors");
   EXPECT_EQ(b.files.at("vae"), single);
