@@ -1,8 +1,7 @@
 #pragma once
 /// @file sd_fixtures.hpp
-/// @brief What the tests of the SD models share: the reference fixtures (manifest.json and the
-/// tensor files of scedit_test::fixtures_dir(), each read once per process), the tiny UNet and
-/// VAE with the fixture weights, a skip-site probe, and the `Models` test fixture.
+/// @brief What the tests of the SD models share: the fixture cases, the tiny UNet and VAE with
+/// the fixture weights, a skip-site probe, and the `Models` test fixture.
 ///
 /// Sizes come from the fixtures, never from constants: a test that needs a batch, a latent size
 /// or a text context of its own derives it from the case it runs next to (`unet_case`), so the
@@ -33,36 +32,7 @@
 
 namespace scedit_test {
 
-// ---- the fixture files -------------------------------------------------------------------------
-
-/// The fixtures' manifest.json: model configurations, key lists, parameter counts, case shapes.
-inline const nlohmann::json& manifest() {
-  static const nlohmann::json m = [] {
-    std::ifstream in(fixtures_dir() / "manifest.json");
-    EXPECT_TRUE(in.good()) << "cannot open manifest.json in " << fixtures_dir();
-    return nlohmann::json::parse(in);
-  }();
-  return m;
-}
-
-/// The manifest's configuration `name` ("unet_tiny", "vae_sd15", "clip_text_tiny", ...).
-inline const nlohmann::json& config_json(const std::string& name) { return manifest().at("configs").at(name); }
-
-/// The tensors of the fixture file `file` ("unet_tiny.safetensors", ...).
-inline const scedit::TensorMap& fixture(const std::string& file) {
-  static std::map<std::string, scedit::TensorMap> cache;
-  auto it = cache.find(file);
-  if (it == cache.end()) it = cache.emplace(file, scedit::safetensors::load((fixtures_dir() / file).string())).first;
-  return it->second;
-}
-
-/// The tensor `key` of the fixture file `file` (an empty tensor, and a failure, where it lacks it).
-inline torch::Tensor fixture_tensor(const std::string& file, const std::string& key) {
-  const auto& tensors = fixture(file);
-  const auto it = tensors.find(key);
-  EXPECT_NE(it, tensors.end()) << key << " not in " << file;
-  return it == tensors.end() ? torch::Tensor() : it->second;
-}
+// ---- the fixture cases ------------------------------------------------------------------------
 
 /// A tensor of the UNet cases ("input.sample", "input.encoder_hidden_states", "output.base", ...).
 inline torch::Tensor unet_case(const std::string& key) { return fixture_tensor("unet_cases.safetensors", key); }

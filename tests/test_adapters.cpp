@@ -25,25 +25,15 @@
 
 namespace {
 
-const nlohmann::json& manifest() {
-  static const nlohmann::json json =
-      nlohmann::json::parse(std::ifstream(scedit_test::fixtures_dir() / "manifest.json"));
-  return json;
-}
+using scedit_test::fixture_path;
+using scedit_test::manifest;
 
-std::string fixture_path(const std::string& name) {
-  return (scedit_test::fixtures_dir() / name).string();
-}
-
-const scedit::TensorMap& cases() {
-  static const scedit::TensorMap tensors = scedit::safetensors::load(fixture_path("unet_cases.safetensors"));
-  return tensors;
-}
+const scedit::TensorMap& cases() { return scedit_test::fixture("unet_cases.safetensors"); }
 
 using scedit_test::rel_err;
 
 /// The float64 bound: 5e-9, not 1e-9, because the reference computes the sinusoidal time
-/// embedding in float32 with its own exp/sin/cos; test_models.cpp (UNetBase float64) shows the
+/// embedding in float32 with its own exp/sin/cos; test_unet.cpp (UNetMatchesReferenceFloat64) shows the
 /// whole difference comes from that one float32 step.
 double tolerance(torch::Dtype dtype) { return dtype == torch::kFloat32 ? 1e-4 : 5e-9; }
 
@@ -208,7 +198,7 @@ TEST_P(Adapters, LoRAMatchesTheReference) {
 /// whose float32 timestep features differ from the UNet fixtures' by an ulp here and there
 /// (tests/data/fixtures/controlnet/README.md): float64 agrees to ~2e-8, not 5e-9.
 TEST_P(Adapters, ControlNetResidualsMatchTheReference) {
-  const auto controlnet = scedit::safetensors::load(fixture_path("controlnet/controlnet_cases.safetensors"));
+  const auto& controlnet = scedit_test::fixture("controlnet/controlnet_cases.safetensors");
   const double tolerance = dtype_ == torch::kFloat32 ? 1e-4 : 1e-7;
   auto at = [&](const std::string& key) { return controlnet.at(key).to(device_, dtype_); };
   auto run_with = [&](const std::string& output) {
@@ -255,7 +245,7 @@ INSTANTIATE_TEST_SUITE_P(Parity, Adapters,
                          });
 
 // fp16 needs CUDA (LibTorch's CPU kernels lack half convolutions); bf16 on the CPU is covered in
-// test_models.cpp. Half-precision weights under autocast stay finite and close to float32.
+// test_unet.cpp. Half-precision weights under autocast stay finite and close to float32.
 TEST(HalfPrecision, UNetWithTunersStaysCloseToFloat32_CUDA) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
   for (auto dtype : {torch::kFloat16, torch::kBFloat16}) {

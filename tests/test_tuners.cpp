@@ -356,7 +356,7 @@ TEST_F(Tuners, CSCAndSCComposeAsTheFormula) {
 }
 
 TEST_F(Tuners, CSCHintFeaturesMatchTheReference) {
-  const auto manifest = nlohmann::json::parse(std::ifstream(scedit_test::fixtures_dir() / "manifest.json"));
+  const auto& manifest = scedit_test::manifest();
   const auto flags = manifest.at("tiny_input_down_flag").get<std::vector<bool>>();
   const auto adapters = (scedit_test::fixtures_dir() / "adapters_tiny.safetensors").string();
   scedit::safetensors::File cases((scedit_test::fixtures_dir() / "unet_cases.safetensors").string());
@@ -409,7 +409,7 @@ TEST_F(Tuners, SCTunersSaveAndLoadRoundTrip) {
 TEST_F(Tuners, SCTunersLoadFromTheReferenceFile) {
   const auto adapters = (scedit_test::fixtures_dir() / "adapters_tiny.safetensors").string();
   auto tuners = scedit::read_sc_tuners(adapters, "sc.");
-  const auto manifest = nlohmann::json::parse(std::ifstream(scedit_test::fixtures_dir() / "manifest.json"));
+  const auto& manifest = scedit_test::manifest();
   auto dims = manifest.at("tiny_skip_dims_encoder_order").get<std::vector<int64_t>>();
   ASSERT_EQ(tuners.size(), dims.size());
   for (size_t k = 0; k < tuners.size(); ++k) EXPECT_EQ(tuners[k]->options.channels(), dims[dims.size() - 1 - k]);

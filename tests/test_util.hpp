@@ -1,9 +1,12 @@
 #pragma once
 /// @file test_util.hpp
-/// @brief What every test file shares: where the reference data is, the message of an error, a
-/// scratch folder, and how tensors are compared.
+/// @brief What every test file shares: where the reference data is and its manifest and tensors,
+/// the message of an error, a scratch folder, and how tensors are compared.
+
+#include <scedit/safetensors.hpp>
 
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
 #include <unistd.h>
@@ -15,6 +18,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <map>
 #include <string>
 #include <system_error>
 #include <utility>
@@ -40,6 +44,38 @@ inline std::filesystem::path fixtures_dir() { return env_or("SCEDIT_FIXTURES", "
 
 /// Folder of the other test data (clip/, images/): `$SCEDIT_DATA`, else tests/data.
 inline std::filesystem::path data_dir() { return env_or("SCEDIT_DATA", "tests/data"); }
+
+/// The fixtures' manifest.json: model configurations, key lists, parameter counts, case shapes.
+inline const nlohmann::json& manifest() {
+  static const nlohmann::json m = [] {
+    std::ifstream in(fixtures_dir() / "manifest.json");
+    EXPECT_TRUE(in.good()) << "cannot open manifest.json in " << fixtures_dir();
+    return nlohmann::json::parse(in);
+  }();
+  return m;
+}
+
+/// The manifest's configuration `name` ("unet_tiny", "vae_sd15", "clip_text_tiny", ...).
+inline const nlohmann::json& config_json(const std::string& name) { return manifest().at("configs").at(name); }
+
+/// The path of the fixture file `file` ("adapters_tiny.safetensors", "controlnet/...", ...).
+inline std::string fixture_path(const std::string& file) { return (fixtures_dir() / file).string(); }
+
+/// The tensors of the fixture file `file` ("unet_tiny.safetensors", ...), read once per process.
+inline const scedit::TensorMap& fixture(const std::string& file) {
+  static std::map<std::string, scedit::TensorMap> cache;
+  auto it = cache.find(file);
+  if (it == cache.end()) it = cache.emplace(file, scedit::safetensors::load(fixture_path(file))).first;
+  return it->second;
+}
+
+/// The tensor `key` of the fixture file `file` (an empty tensor, and a failure, where it lacks it).
+inline torch::Tensor fixture_tensor(const std::string& file, const std::string& key) {
+  const auto& tensors = fixture(file);
+  const auto it = tensors.find(key);
+  EXPECT_NE(it, tensors.end()) << key << " not in " << file;
+  return it == tensors.end() ? torch::Tensor() : it->second;
+}
 
 // ---- errors ------------------------------------------------------------------------------------
 

@@ -159,10 +159,15 @@ void check_flags(const Flags& flags) {
   for (const auto& path : flags.conditions) {
     TORCH_CHECK(fs::is_regular_file(path), "--condition: '", path, "' does not exist");
   }
+  size_t csc_tuners = 0;
   for (const auto& text : flags.tuners) {
     const auto tuner = parse_tuner_flag(text);
     TORCH_CHECK(fs::exists(tuner.path), "--tuner: '", tuner.path, "' does not exist");
+    csc_tuners += sd::detect_tuner_path(tuner.path) == scedit::TunerKind::kCSC;  // reads the header only
   }
+  TORCH_CHECK(flags.conditions.size() == csc_tuners, "give one --condition image per CSC-Tuner, "
+              "in --tuner order: ", csc_tuners, " CSC-Tuner", csc_tuners == 1 ? "" : "s", " and ",
+              flags.conditions.size(), " --condition");
 }
 
 /// An image file as uint8 [height, width, 3]; resized, saying so, when it has another size.
@@ -204,10 +209,6 @@ int run(Flags flags) {
                 tuner.kind == scedit::TunerKind::kLoRA ? "layers" : "skips",
                 number(tuner.scale).c_str());
   }
-  TORCH_CHECK(flags.conditions.size() == csc_names.size(), "give one --condition image per "
-              "CSC-Tuner, in --tuner order: ", csc_names.size(), " CSC-Tuner",
-              csc_names.size() == 1 ? "" : "s", " and ", flags.conditions.size(), " --condition");
-
   // The settings.
   sd::GenerateOptions options;
   options.width = flags.width > 0 ? flags.width : sd::default_image_size(pipe);
