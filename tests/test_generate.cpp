@@ -1,123 +1,27 @@
-// Tests of the built-in tiny model (sd/tiny.hpp), the sampler (sd/sampler.hpp), tuner files
-// (sd/tuner_files.hpp) and the `generate` program, all on the tiny model at 64×64 with few steps.
+// Tests of the built-in tiny model (sd/tiny.hpp), the sampler (sd/sampler.hpp) and tuner files
+// (sd/tuner_files.hpp), all on the tiny model at 64×64 with few steps.
 
 #include <sd/sampler.hpp>
 #include <sd/tiny.hpp>
 #include <sd/tuner_files.hpp>
 
-#include <common/image.hpp>
-#include <common/png.hpp>
-
 #include <scedit/csctuner.hpp>
-#include <scedit/lora.hpp>
-#include <scedit/lora_io.hpp>
 #include <scedit/safetensors.hpp>
-#include <scedit/sctuner.hpp>
 #include <scedit/state_dict.hpp>
-#include <scedit/trainable.hpp>
 #include <scedit/tuner_io.hpp>
 
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
-#include "test_util.hpp"
-
-#include <algorithm>
-#include <cstdio>
-#include <cstdlib>
-#include <filesystem>
-#include <fstream>
 #include <functional>
-#include <sstream>
 #include <string>
 #include <vector>
 
-#include <sys/wait.h>
-#include <unistd.h>
+#include "generate_fixtures.hpp"
+#include "test_util.hpp"
 
-namespace fs = std::filesystem;
-
-namespace {
-
-/// The settings every test starts from: 64×64 (8×8 latents), 3 steps, SCEdit's guidance.
-sd::GenerateOptions small_options(uint64_t seed = 1) {
-  sd::GenerateOptions options;
-  options.width = 64;
-  options.height = 64;
-  options.steps = 3;
-  options.seed = seed;
-  return options;
-}
-
+using namespace scedit_test::generate;
 using scedit_test::error_of;
-
-/// A per-process scratch folder, removed at exit.
-const fs::path& scratch() {
-  static const scedit_test::TempDir dir("generate");
-  return dir.path();
-}
-
-/// Fills every parameter of `module` with N(0, std²) from a seeded generator.
-void randomize(torch::nn::Module& module, double std, uint64_t seed) {
-  torch::NoGradGuard no_grad;
-  auto generator = at::detail::createCPUGenerator(seed);
-  for (auto& p : module.parameters()) p.copy_(torch::randn(p.sizes(), generator) * std);
-}
-
-/// SC-Tuners for the tiny UNet with random weights (ln2 non-zero, so they change the skips).
-std::string sc_tuner_file() {
-  const auto path = (scratch() / "sc.safetensors").string();
-  if (fs::exists(path)) return path;
-  auto pipe = sd::tiny_pipeline(0);
-  auto tuners = scedit::attach_sc_tuners(*pipe.unet);
-  for (auto& tuner : tuners) randomize(*tuner, 0.2, 11);
-  scedit::save_sc_tuners(path, tuners);
-  return path;
-}
-
-/// A Kohya-layout LoRA file for the tiny UNet's attention projections, B non-zero.
-std::string lora_file() {
-  const auto path = (scratch() / "lora_kohya.safetensors").string();
-  if (fs::exists(path)) return path;
-  auto pipe = sd::tiny_pipeline(0);
-  auto lora = scedit::inject_lora(*pipe.unet, scedit::LoRAConfig(scedit::LoRAOptions(4).alpha(4))
-                                                  .target_modules({"to_q", "to_k", "to_v", "to_out.0"}));
-  {
-    torch::NoGradGuard no_grad;
-    auto generator = at::detail::createCPUGenerator(12);
-    for (const auto& [path_in_model, layer] : lora.entries()) {
-      auto b = layer->lora_B_weight("default");
-      b.copy_(torch::randn(b.sizes(), generator) * 0.5);
-    }
-  }
-  scedit::export_lora_kohya(path, lora);
-  return path;
-}
-
-/// A CSC-Tuner for the tiny UNet with random weights everywhere (so its hint is non-zero).
-std::string csc_tuner_file() {
-  const auto path = (scratch() / "csc.safetensors").string();
-  if (fs::exists(path)) return path;
-  auto pipe = sd::tiny_pipeline(0);
-  scedit::CSCTuner csc(scedit::CSCTunerOptions(pipe.unet->skip_channels(), pipe.unet->skip_down_flags())
-                           .hint_channels(32));
-  randomize(*csc, 0.1, 13);
-  scedit::save_csc_tuner(path, csc);
-  return path;
-}
-
-/// A random uint8 [64, 64, 3] image.
-torch::Tensor random_image(uint64_t seed) {
-  auto generator = at::detail::createCPUGenerator(seed);
-  return torch::randint(0, 256, {64, 64, 3}, generator, torch::kInt64).to(torch::kUInt8);
-}
-
-/// Largest absolute difference of two uint8 images.
-int64_t max_pixel_difference(const torch::Tensor& a, const torch::Tensor& b) {
-  return (a.to(torch::kInt32) - b.to(torch::kInt32)).abs().max().item<int64_t>();
-}
-
-}  // namespace
 
 // ---- the tiny model ------------------------------------------------------------------------------
 
@@ -422,131 +326,79 @@ TEST(TunerFiles, RefusesMissingAndUnknownFiles) {
   EXPECT_TRUE(tuners.tuners.empty());
 }
 
-// ---- the generate program ----------------------------------------------------------------------
 
-namespace {
+// ---- conditions and inpainting -------------------------------------------------------------------
 
-/// The `generate` program: <build>/bin/generate beside <build>/tests/test_generate (or
-/// SCEDIT_GENERATE_BIN when the build defines it).
-fs::path generate_program() {
-#ifdef SCEDIT_GENERATE_BIN
-  return SCEDIT_GENERATE_BIN;
-#else
-  std::error_code error;
-  const auto self = fs::read_symlink("/proc/self/exe", error);
-  return error ? fs::path() : self.parent_path().parent_path() / "bin" / "generate";
-#endif
-}
+TEST(Conditions, SeveralCSCTunersAndAnSCTunerSampleAsTheFormula) {
+  // generate with two CSC-Tuners (scales 1 and 0.5, control scale 0.8) and an SC-Tuner equals a
+  // DDIM loop written out whose every UNet call gives each CSC-Tuner its own condition.
+  auto pipe = sd::tiny_pipeline();
+  sd::AttachedTuners tuners;
+  const auto a = sd::attach_tuner_file(pipe, csc_tuner_file(), 1.0, tuners);
+  const auto b = sd::attach_tuner_file(pipe, csc_tuner_file(), 0.5, tuners);
+  sd::attach_tuner_file(pipe, sc_tuner_file(), 1.0, tuners);
+  scedit::set_control_scale(*pipe.unet, 0.8);
+  const auto image_a = random_image(21), image_b = random_image(22);
+  auto options = small_options(9);
+  options.guidance_scale = 1.0;
+  options.conditions = {{a.name, image_a}, {b.name, image_b}};
+  const auto latents = sd::sample_latents(pipe, {"a house"}, options);
 
-/// Exit code, stdout and stderr of one run of the program.
-struct RunResult {
-  int code = -1;
-  std::string out, err;
-};
-
-std::string read_text(const fs::path& path) {
-  std::ifstream in(path);
-  std::stringstream text;
-  text << in.rdbuf();
-  return text.str();
-}
-
-RunResult run_generate(const std::string& arguments) {
-  const auto out = scratch() / "stdout.txt", err = scratch() / "stderr.txt";
-  const std::string command = "'" + generate_program().string() + "' " + arguments + " > '" +
-                              out.string() + "' 2> '" + err.string() + "'";
-  const int status = std::system(command.c_str());
-  RunResult result;
-  result.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  result.out = read_text(out);
-  result.err = read_text(err);
-  return result;
-}
-
-#define SKIP_WITHOUT_PROGRAM()                                                                 \
-  if (!fs::is_regular_file(generate_program()))                                               \
-  GTEST_SKIP() << "the generate program is not built at '" << generate_program().string()    \
-               << "' (configure with -DSCEDIT_BUILD_EXAMPLES=ON and build target 'generate')"
-
-}  // namespace
-
-TEST(GenerateProgram, HelpListsEveryFlag) {
-  SKIP_WITHOUT_PROGRAM();
-  const auto result = run_generate("--help");
-  EXPECT_EQ(result.code, 0);
-  for (const char* flag : {"--model", "--tokenizer", "--prompt", "--prompts-file", "--negative-prompt",
-                           "--width", "--height", "--steps", "--guidance-scale", "--guidance-rescale",
-                           "--eta", "--seed", "--spacing", "--batch-size", "--images-per-prompt",
-                           "--precision", "--device", "--tuner", "--condition", "--init-image",
-                           "--strength", "--output"}) {
-    EXPECT_NE(result.out.find(flag), std::string::npos) << flag;
-  }
-  EXPECT_NE(result.out.find("7.5"), std::string::npos) << "defaults are shown";
-}
-
-TEST(GenerateProgram, BadInputsEndWithOneClearLine) {
-  SKIP_WITHOUT_PROGRAM();
-  const auto unknown = (scratch() / "unknown_kind.safetensors").string();
-  scedit::safetensors::save(unknown, {{"foo.weight", torch::zeros({2})}});
-  const auto image = (scratch() / "condition.png").string();
-  common::write_png(image, random_image(3));
-  const std::vector<std::pair<std::string, std::string>> cases = {
-      {"--prompt x --width 65", "--width must be a multiple of 8, got 65"},
-      {"--prompt x --height 12", "--height must be a multiple of 8, got 12"},
-      {"--prompt x --steps 0", "--steps must be > 0, got 0"},
-      {"--prompt x --steps -3", "--steps must be > 0, got -3"},
-      {"--prompt x --bogus", "--bogus"},
-      {"--steps 2", "give a prompt"},
-      {"--prompt x --model /nonexistent/model", "'/nonexistent/model' does not exist"},
-      {"--prompt x --tuner /nonexistent/t.safetensors:0.5", "'/nonexistent/t.safetensors' does not exist"},
-      {"--prompt x --steps 1 --tuner '" + unknown + "'", "holds neither"},
-      {"--prompt x --precision fp8", "--precision"},
-      {"--prompt x --steps 1 --condition '" + image + "'", "give one --condition image per CSC-Tuner"},
-      {"--prompt x --steps 1 --tuner '" + csc_tuner_file() + "'", "give one --condition image per CSC-Tuner"},
+  torch::NoGradGuard no_grad;
+  const auto csc = scedit::csc_tuners(*pipe.unet);
+  scedit::ConditionScope scope;
+  auto to_condition = [](const torch::Tensor& image) {  // uint8 [H, W, 3] -> [1, 3, H, W] in [0, 1]
+    return image.permute({2, 0, 1}).unsqueeze(0).to(torch::kFloat32) / 255.0;
   };
-  for (const auto& [arguments, expected] : cases) {
-    const auto result = run_generate(arguments + " --output '" + (scratch() / "bad").string() + "'");
-    EXPECT_NE(result.code, 0) << arguments;
-    EXPECT_NE(result.err.find(expected), std::string::npos) << arguments << "\nstderr: " << result.err;
-    EXPECT_EQ(std::count(result.err.begin(), result.err.end(), '\n'), 1) << arguments << "\nstderr: " << result.err;
+  scope.set(csc[a.name], to_condition(image_a)).set(csc[b.name], to_condition(image_b));
+  sd::DDIMScheduler scheduler(sd::DDIMSchedulerOptions().timestep_spacing("trailing"));
+  scheduler.set_timesteps(3);
+  auto generator = at::detail::createCPUGenerator(9);
+  auto x = torch::randn({1, 4, 8, 8}, generator);
+  const auto text = sd::encode_prompts(pipe, {"a house"});
+  for (int64_t i = 0; i < 3; ++i) {
+    const int64_t t = scheduler.timesteps()[i].item<int64_t>();
+    x = scheduler.step(pipe.unet(x, torch::full({1}, t, torch::kInt64), text), t, x);
   }
+  EXPECT_TRUE(torch::allclose(latents, x, 1e-5, 1e-6));
 }
 
-TEST(GenerateProgram, WritesPngsWithTheirParametersMatchingTheLibrary) {
-  SKIP_WITHOUT_PROGRAM();
-  const auto output = scratch() / "run";
-  const auto result = run_generate("--prompt 'a red circle' --steps 2 --seed 11 --images-per-prompt 2 "
-                                   "--batch-size 2 --output '" + output.string() + "'");
-  ASSERT_EQ(result.code, 0) << result.err;
-  EXPECT_NE(result.out.find("built-in tiny model"), std::string::npos);
-  const auto first = output / "00000-11.png", second = output / "00001-12.png";
-  ASSERT_TRUE(fs::exists(first) && fs::exists(second)) << result.out;
-  EXPECT_NE(result.out.find(first.string()), std::string::npos) << "prints where each image went";
-
-  const auto text = common::read_png_text(second.string());
-  ASSERT_FALSE(text.empty());
-  EXPECT_EQ(text[0].first, "parameters");
-  EXPECT_EQ(text[0].second.rfind("a red circle\n", 0), 0u) << text[0].second;
-  EXPECT_NE(text[0].second.find("Seed: 12"), std::string::npos) << text[0].second;
-  EXPECT_NE(text[0].second.find("Steps: 2"), std::string::npos) << text[0].second;
-
-  // The same images as the library with the same settings (PNG is lossless).
-  auto pipe = sd::tiny_pipeline(0);
-  auto options = small_options(11);
-  options.steps = 2;
-  options.images_per_prompt = 2;
-  options.batch_size = 2;  // as the run: batching changes float rounding, not the seeds
-  const auto images = sd::generate(pipe, {"a red circle"}, options);
-  EXPECT_TRUE(torch::equal(common::read_image(first.string()), images[0]));
-  EXPECT_TRUE(torch::equal(common::read_image(second.string()), images[1]));
+TEST(Conditions, AConditionAtScaleZeroIsNoCondition) {
+  auto with_second = [](double scale) {
+    auto pipe = sd::tiny_pipeline();
+    sd::AttachedTuners tuners;
+    const auto a = sd::attach_tuner_file(pipe, csc_tuner_file(), 1.0, tuners);
+    auto options = small_options(4);
+    options.conditions = {{a.name, random_image(31)}};
+    if (scale >= 0) {
+      const auto b = sd::attach_tuner_file(pipe, csc_tuner_file(), scale, tuners);
+      options.conditions.push_back({b.name, random_image(32)});
+    }
+    return sd::sample_latents(pipe, {"a tree"}, options);
+  };
+  const auto alone = with_second(-1);
+  EXPECT_TRUE(torch::equal(with_second(0.0), alone));
+  EXPECT_FALSE(torch::allclose(with_second(1.0), alone, 1e-3, 1e-3));
 }
 
-TEST(GenerateProgram, ConditionOfAnotherSizeIsResizedSayingSo) {
-  SKIP_WITHOUT_PROGRAM();
-  const auto image = (scratch() / "small_condition.png").string();
-  common::write_png(image, torch::randint(0, 256, {32, 48, 3}, torch::kInt64).to(torch::kUInt8));
-  const auto result = run_generate("--prompt x --steps 1 --tuner '" + csc_tuner_file() + "' --condition '" +
-                                   image + "' --output '" + (scratch() / "resized").string() + "'");
-  ASSERT_EQ(result.code, 0) << result.err;
-  EXPECT_NE(result.out.find("48x32, resized to the output size 64x64"), std::string::npos) << result.out;
+TEST(Conditions, InpaintingKeepsTheInitImageOutsideTheMask) {
+  auto pipe = sd::tiny_pipeline();
+  auto options = small_options(6);
+  options.init_image = random_image(5);
+  options.strength = 1.0;
+  auto mask = torch::zeros({64, 64}, torch::kUInt8);
+  mask.narrow(1, 0, 32).fill_(255);  // the left half is made anew: latent columns 0-3
+  options.mask = mask;
+  const auto latents = sd::sample_latents(pipe, {"a cat"}, options);
+  const auto init = sd::encode_images(pipe, sd::to_float(options.init_image).unsqueeze(0));
+  EXPECT_TRUE(torch::equal(latents.narrow(3, 4, 4), init.narrow(3, 4, 4))) << "the kept region changed";
+  EXPECT_FALSE(torch::allclose(latents.narrow(3, 0, 4), init.narrow(3, 0, 4), 1e-2, 1e-2));
+  // Without the mask the kept half changes too.
+  options.mask = torch::Tensor();
+  EXPECT_FALSE(torch::allclose(sd::sample_latents(pipe, {"a cat"}, options).narrow(3, 4, 4),
+                               init.narrow(3, 4, 4), 1e-2, 1e-2));
+  options.mask = mask;
+  options.init_image = torch::Tensor();
+  EXPECT_NE(error_of([&] { sd::generate(pipe, {"a cat"}, options); }).find("a mask needs the init_image"),
+            std::string::npos);
 }

@@ -15,9 +15,36 @@
 #include <cstdio>
 #include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace common {
+
+/// The samples of another source at the given indices, as a source of their own: a held-out
+/// validation slice, or the training samples without it.
+class SubsetSource : public ImageSource {
+ public:
+  /// The samples of `data` (which must outlive this) at `indices`.
+  SubsetSource(const ImageSource& data, std::vector<int64_t> indices)
+      : data_(data), indices_(std::move(indices)) {
+    for (int64_t i : indices_) {
+      TORCH_CHECK(i >= 0 && i < data_.size(), "SubsetSource: index ", i, " out of range for ",
+                  data_.size(), " samples");
+    }
+  }
+  /// Number of samples in the subset.
+  int64_t size() const override { return static_cast<int64_t>(indices_.size()); }
+  /// Sample `index` of the subset: sample `indices[index]` of the source.
+  CaptionedImage get(int64_t index, torch::Generator& generator) const override {
+    TORCH_CHECK(index >= 0 && index < size(), "SubsetSource::get: index ", index,
+                " out of range for ", size(), " samples");
+    return data_.get(indices_[static_cast<size_t>(index)], generator);
+  }
+
+ private:
+  const ImageSource& data_;
+  std::vector<int64_t> indices_;
+};
 
 /// Options of a `BatchSource`.
 struct BatchOptions {

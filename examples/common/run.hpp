@@ -48,9 +48,10 @@
 
 namespace common {
 
-/// Writes a validation sample grid of the model being trained to the given file (the UNet is in
-/// eval mode and no graph is recorded meanwhile).
-using Validation = std::function<void(const std::filesystem::path& grid)>;
+/// Shows the model being trained after `step` optimizer steps: writes a sample grid to the given
+/// file, and whatever else the program measures (the UNet is in eval mode and no graph is
+/// recorded meanwhile).
+using Validation = std::function<void(int64_t step, const std::filesystem::path& grid)>;
 
 /// One training run of a program (see the file comment).
 class TrainingRun {
@@ -148,6 +149,11 @@ class TrainingRun {
     return options;
   }
 
+  /// The loss the run trains with (for measurements beside the training, as validation's).
+  DenoisingLoss loss() const {
+    return DenoisingLoss{sd::NoiseSchedule(), flags_.optim.prediction, precision_};
+  }
+
   /// The validation prompts (`--validation-prompt`, the demo data's, or one of SCEdit's).
   std::vector<std::string> validation_prompts() const {
     if (!flags_.output.validation_prompts.empty()) return flags_.output.validation_prompts;
@@ -216,10 +222,10 @@ class TrainingRun {
       return save_checkpoint(checkpoints, tensors, step.optimizer(),
                              TrainState{at, f.optim.seed, step.loss_scale(), settings}, f.checkpoints.keep_last);
     };
-    auto validate = [&](const std::filesystem::path& grid) {
+    auto validate = [&](int64_t at, const std::filesystem::path& grid) {
       unet->eval();
       torch::NoGradGuard no_grad;
-      validation(grid);
+      validation(at, grid);
       unet->train();
     };
 
@@ -259,7 +265,7 @@ class TrainingRun {
         std::printf("checkpoint: %s\n", save_checkpoint_at(s + 1).string().c_str());
       }
       if (f.output.validation_every > 0 && (s + 1) % f.output.validation_every == 0 && s + 1 < total) {
-        validate(output() / "samples" / ("step-" + std::to_string(s + 1) + ".png"));
+        validate(s + 1, output() / "samples" / ("step-" + std::to_string(s + 1) + ".png"));
       }
     }
 
@@ -278,7 +284,7 @@ class TrainingRun {
       std::printf("loss: %s, %s\n", (output() / "loss.csv").string().c_str(),
                   (output() / "loss.png").string().c_str());
     }
-    validate(output() / "samples.png");
+    validate(total, output() / "samples.png");
   }
 
  private:

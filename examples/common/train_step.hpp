@@ -76,6 +76,27 @@ struct Trainable {
   }
 };
 
+/// The training objective: the latents noised to timestep t, the denoiser under autocast, MSE
+/// against what the model predicts (ε or v). The step trains with it; validation measures with it.
+struct DenoisingLoss {
+  sd::NoiseSchedule schedule;           ///< ᾱ_t, the noising and the v target
+  std::string prediction_type = "epsilon";  ///< epsilon | v_prediction
+  sd::Precision precision = sd::Precision::kFP32;  ///< frozen weights' dtype and autocast
+
+  /// The loss (0-dim float32, with its autograd graph) of `batch` for noise ε [B, 4, h, w]
+  /// float32 and timesteps t [B] int64, all on the batch's device. Reads nothing on the host.
+  torch::Tensor operator()(const Denoiser& denoiser, const TrainBatch& batch, const torch::Tensor& noise,
+                           const torch::Tensor& t) const {
+    const auto frozen = sd::compute_dtype(precision);
+    auto x0 = batch.latents.to(torch::kFloat32);
+    auto noisy = schedule.add_noise(x0, noise, t);  // q(x_t | x_0)
+    auto target = schedule.prediction_target(prediction_type, x0, noise, t);
+    scedit::compat::AutocastGuard autocast(noise.device().type(), frozen);
+    auto prediction = denoiser(noisy.to(frozen), t, batch.text.to(frozen), batch.conditions);
+    return torch::mse_loss(prediction.to(torch::kFloat32), target);
+  }
+};
+
 /// Called with the trainable parameters once their gradients for the step are complete, before
 /// the fp16 unscale, the finite check and clipping: where gradients are reduced across processes.
 using GradientHook = std::function<void(const std::vector<torch::Tensor>& parameters)>;
@@ -89,11 +110,9 @@ class TrainStep {
             OptimOptions options, sd::Precision precision, torch::Device device,
             std::string prediction_type = "epsilon")
       : denoiser_(std::move(denoiser)),
-        schedule_(std::move(schedule)),
+        loss_{std::move(schedule), std::move(prediction_type), precision},
         options_(std::move(options)),
-        precision_(precision),
         device_(device),
-        prediction_type_(std::move(prediction_type)),
         params_(std::move(parameters)),
         optimizer_(params_, torch::optim::AdamWOptions(options_.lr)
                                 .betas({options_.beta1, options_.beta2})
@@ -101,9 +120,9 @@ class TrainStep {
                                 .weight_decay(options_.weight_decay)) {
     TORCH_CHECK(!params_.empty(), "TrainStep: nothing to train (no trainable parameters)");
     TORCH_CHECK(denoiser_ != nullptr, "TrainStep: no denoiser");
-    TORCH_CHECK(prediction_type_ == "epsilon" || prediction_type_ == "v_prediction",
-                "--prediction must be epsilon or v_prediction, got '", prediction_type_, "'");
-    sd::check_precision(precision_, device_);
+    TORCH_CHECK(loss_.prediction_type == "epsilon" || loss_.prediction_type == "v_prediction",
+                "--prediction must be epsilon or v_prediction, got '", loss_.prediction_type, "'");
+    sd::check_precision(loss_.precision, device_);
   }
 
   /// Forward and backward of one micro-batch: draws noise and timesteps from `generator`, adds
@@ -120,17 +139,10 @@ class TrainStep {
     return loss.detach();
   }
 
-  /// The training loss (0-dim float32, with its autograd graph) of one micro-batch for the given
-  /// noise ε [B, 4, h, w] float32 and timesteps t [B] int64, all on the device: the denoiser
-  /// under autocast, MSE against the prediction target. Reads nothing on the host.
+  /// The training loss (`DenoisingLoss`) of one micro-batch for the given noise ε [B, 4, h, w]
+  /// float32 and timesteps t [B] int64, all on the device. Reads nothing on the host.
   torch::Tensor loss(const TrainBatch& batch, const torch::Tensor& noise, const torch::Tensor& t) {
-    auto x0 = batch.latents.to(torch::kFloat32);
-    auto noisy = schedule_.add_noise(x0, noise, t);  // q(x_t | x_0)
-    auto target = schedule_.prediction_target(prediction_type_, x0, noise, t);
-    scedit::compat::AutocastGuard autocast(device_.type(), frozen_dtype());
-    auto prediction = denoiser_(noisy.to(frozen_dtype()), t, batch.text.to(frozen_dtype()),
-                                batch.conditions);
-    return torch::mse_loss(prediction.to(torch::kFloat32), target);
+    return loss_(denoiser_, batch, noise, t);
   }
 
   /// Applies the accumulated gradients at learning rate `lr`: reduce (the gradient hook),
@@ -179,15 +191,15 @@ class TrainStep {
   /// Restores the fp16 loss scale from a checkpoint.
   void set_loss_scale(double scale) { loss_scale_ = scale; }
   /// The dtype frozen weights and model inputs use.
-  torch::Dtype frozen_dtype() const { return sd::compute_dtype(precision_); }
+  torch::Dtype frozen_dtype() const { return sd::compute_dtype(loss_.precision); }
   /// The optimizer options the step was built with.
   const OptimOptions& options() const { return options_; }
   /// The precision the step trains in.
-  sd::Precision precision() const { return precision_; }
+  sd::Precision precision() const { return loss_.precision; }
   /// The device the model and the trainable parameters sit on.
   const torch::Device& device() const { return device_; }
   /// T of the noise schedule: timesteps are drawn from [0, T).
-  int64_t num_train_timesteps() const { return schedule_.num_train_timesteps(); }
+  int64_t num_train_timesteps() const { return loss_.schedule.num_train_timesteps(); }
 
  private:
   // ε ~ N(0, I) [B, 4, h, w] float32 on the device. On the CPU it comes from `generator` itself;
@@ -213,7 +225,7 @@ class TrainStep {
   // Dynamic loss scaling (as torch.cuda.amp.GradScaler): halve on overflow, double after 2000
   // clean steps.
   void update_loss_scale(bool finite) {
-    if (precision_ != sd::Precision::kFP16) return;
+    if (loss_.precision != sd::Precision::kFP16) return;
     if (!finite) {
       loss_scale_ = std::max(1.0, loss_scale_ / 2);
       clean_steps_ = 0;
@@ -223,15 +235,13 @@ class TrainStep {
   }
 
   Denoiser denoiser_;
-  sd::NoiseSchedule schedule_;
+  DenoisingLoss loss_;
   OptimOptions options_;
-  sd::Precision precision_;
   torch::Device device_;
-  std::string prediction_type_;
   std::vector<torch::Tensor> params_;
   torch::optim::AdamW optimizer_;
   GradientHook gradient_hook_;
-  double loss_scale_ = precision_ == sd::Precision::kFP16 ? 65536.0 : 1.0;
+  double loss_scale_ = loss_.precision == sd::Precision::kFP16 ? 65536.0 : 1.0;
   int64_t clean_steps_ = 0;
 };
 

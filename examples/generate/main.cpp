@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -54,6 +55,8 @@ struct Flags {
   std::vector<std::string> tuners;    // FILE[:SCALE], repeatable
   std::vector<std::string> conditions;  // condition images, one per CSC-Tuner in --tuner order
   std::string init_image;             // image-to-image start
+  std::string mask;                   // inpainting: where the init image is made anew
+  double control_scale = 1.0;         // global strength of every CSC-Tuner
   double strength = 0.8;
   std::string output = "out/generate";
 };
@@ -129,6 +132,8 @@ std::string parameters_text(const Flags& flags, const std::string& prompt, uint6
     out << ", Init image: " << fs::path(flags.init_image).filename().string()
         << ", Strength: " << number(options.strength);
   }
+  if (!flags.mask.empty()) out << ", Mask: " << fs::path(flags.mask).filename().string();
+  if (flags.control_scale != 1.0) out << ", Control scale: " << number(flags.control_scale);
   return out.str();
 }
 
@@ -152,8 +157,13 @@ void check_flags(const Flags& flags) {
   TORCH_CHECK(flags.prompts.empty() || flags.prompts_file.empty(),
               "give either --prompt or --prompts-file, not both");
   common::check_model_flags(flags.model);
+  TORCH_CHECK(flags.mask.empty() || !flags.init_image.empty(),
+              "--mask needs --init-image (the image whose masked region is made anew)");
+  TORCH_CHECK(std::isfinite(flags.control_scale), "--control-scale must be finite, got ",
+              flags.control_scale);
   for (const auto& [flag, path] : {std::make_pair("--prompts-file", flags.prompts_file),
-                                   std::make_pair("--init-image", flags.init_image)}) {
+                                   std::make_pair("--init-image", flags.init_image),
+                                   std::make_pair("--mask", flags.mask)}) {
     TORCH_CHECK(path.empty() || fs::is_regular_file(path), flag, ": '", path, "' does not exist");
   }
   for (const auto& path : flags.conditions) {
@@ -209,6 +219,8 @@ int run(Flags flags) {
                 tuner.kind == scedit::TunerKind::kLoRA ? "layers" : "skips",
                 number(tuner.scale).c_str());
   }
+  scedit::set_control_scale(*pipe.unet, flags.control_scale);
+
   // The settings.
   sd::GenerateOptions options;
   options.width = flags.width > 0 ? flags.width : sd::default_image_size(pipe);
@@ -232,6 +244,9 @@ int run(Flags flags) {
   }
   if (!flags.init_image.empty()) {
     options.init_image = read_image_sized("--init-image", flags.init_image, options.height, options.width);
+  }
+  if (!flags.mask.empty()) {  // white (>= 128) where the image is made anew
+    options.mask = read_image_sized("--mask", flags.mask, options.height, options.width).ge(128).to(torch::kUInt8) * 255;
   }
   options.validate();
 
@@ -318,7 +333,11 @@ int main(int argc, char** argv) {
   app.add_option("--condition", flags.conditions,
                  "Condition image of a CSC-Tuner (repeatable: one per CSC-Tuner, in --tuner order; "
                  "resized to the output size when it differs)")->allow_extra_args(false);
+  app.add_option("--control-scale", flags.control_scale,
+                 "Global strength of every CSC-Tuner (SCEdit's control_scale; each --tuner keeps its own scale)");
   app.add_option("--init-image", flags.init_image, "Start image for image-to-image");
+  app.add_option("--mask", flags.mask, "Inpainting: white where --init-image is made anew, black where it "
+                 "is kept (resized to the output size, saying so, when it differs)");
   app.add_option("--strength", flags.strength,
                  "Image-to-image strength in [0, 1] (1: from noise, 0: the init image)");
   app.add_option("--output", flags.output, "Output folder for the PNG files");

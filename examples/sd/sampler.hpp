@@ -84,6 +84,11 @@ struct GenerateOptions {
   /// Image-to-image strength in [0, 1]: 1 starts from noise, 0 returns the init image's VAE
   /// round trip (diffusers: the last int(steps · strength) timesteps run).
   double strength = 0.8;
+  /// Inpainting: uint8 [height, width] (or [height, width, 1 or 3]) mask over `init_image`, non-zero
+  /// where the image is made anew. Outside the mask the init image stays: after every step its
+  /// latents, noised to the next step's level, replace the sample's there (diffusers'
+  /// StableDiffusionInpaintPipeline with a 4-channel UNet). Undefined: no inpainting.
+  torch::Tensor mask;
   /// The condition image of each attached CSC-Tuner that takes part (every one whose scale is not
   /// 0), by the tuner's name; one CSC-Tuner, one condition.
   std::vector<GenerateCondition> conditions;
@@ -122,6 +127,15 @@ struct GenerateOptions {
                   ": resize it first (a condition must line up with the image pixel for pixel)");
     };
     if (init_image.defined()) check_image(init_image, "init_image");
+    if (mask.defined()) {
+      TORCH_CHECK(init_image.defined(), "generate: a mask needs the init_image it masks");
+      TORCH_CHECK(mask.scalar_type() == torch::kUInt8 && (mask.dim() == 2 || mask.dim() == 3),
+                  "generate: mask must be a uint8 [H, W] or [H, W, C] image, got ", mask.sizes(),
+                  " ", mask.scalar_type());
+      TORCH_CHECK(mask.size(0) == height && mask.size(1) == width, "generate: the mask is ",
+                  mask.size(1), "x", mask.size(0), " but the images are ", width, "x", height,
+                  ": resize it first (it must line up with the image pixel for pixel)");
+    }
     for (const auto& condition : conditions) {
       check_image(condition.image, "the condition of CSC-Tuner '" + condition.tuner + "'");
     }
@@ -251,6 +265,15 @@ inline void sample_batches(StableDiffusion& sd, const std::vector<std::string>& 
     init_latents = encode_images(sd, to_float(options.init_image).unsqueeze(0))
                        .to(device, latent_dtype);  // [1, C, h, w]
   }
+  // Inpainting: where the mask is set, in latent cells (nearest, as diffusers' mask processor).
+  torch::Tensor known_region;  // [1, 1, h, w], 1 where the init image stays
+  if (options.mask.defined()) {
+    auto mask = options.mask.dim() == 3 ? options.mask.amax(2) : options.mask;  // [H, W]
+    mask = torch::nn::functional::interpolate(
+        mask.gt(0).to(torch::kFloat32).view({1, 1, mask.size(0), mask.size(1)}),
+        torch::nn::functional::InterpolateFuncOptions().size(std::vector<int64_t>{h, w}).mode(torch::kNearest));
+    known_region = (1 - mask).to(device, latent_dtype);
+  }
 
   // The CSC-Tuners' hint features, once for the whole call (the same for every image).
   scedit::ConditionScope conditions;
@@ -308,6 +331,13 @@ inline void sample_batches(StableDiffusion& sd, const std::vector<std::string>& 
           variance_noise = torch::cat(z).to(device, latent_dtype);
         }
         latents = scheduler.step(eps, t, latents, options.eta, variance_noise);
+        if (known_region.defined()) {  // there: the init latents at the next step's noise level
+          const auto known = i + 1 < timesteps.size()
+                                 ? scheduler.schedule().add_noise(init_latents.expand({n, -1, -1, -1}), initial,
+                                                                  torch::full({1}, timesteps[i + 1], torch::kInt64))
+                                 : init_latents.expand({n, -1, -1, -1});
+          latents = known_region * known + (1 - known_region) * latents;
+        }
         if (options.progress) {
           options.progress({static_cast<int64_t>(i) + 1, static_cast<int64_t>(timesteps.size()),
                             batch, batches});

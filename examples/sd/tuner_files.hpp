@@ -132,7 +132,7 @@ inline AttachedTuner attach_tuner_file(StableDiffusion& sd, const std::string& p
         TORCH_CHECK(false, "tuner file '", path, "': ", e.what_without_backtrace());
       }
       if (scale == 0) scedit::set_tuner_enabled(unet, tuner.name, false);
-      tuner.count = csc->num_skips();
+      for (int64_t k = 0; k < csc->num_skips(); ++k) tuner.count += csc->edits(k);
       break;
     }
     case scedit::TunerKind::kLoRA: {

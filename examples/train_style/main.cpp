@@ -49,7 +49,7 @@ int train(const common::RunFlags& flags, const common::MethodOptions& method) {
   std::printf("method %s: %lld trainable parameters (%.3f%% of the UNet)\n", method.method.c_str(),
               static_cast<long long>(count.trainable), 100.0 * count.trainable / count.total());
 
-  auto validation = [&](const std::filesystem::path& grid) {
+  auto validation = [&](int64_t /*step*/, const std::filesystem::path& grid) {
     tuners.refresh();  // LoRA's effective weights, as trained
     common::write_sample_grid(pipe, run.validation_prompts(), run.sample_options(), grid);
   };

@@ -61,6 +61,9 @@ struct CSCTunerOptions {
   TORCH_ARG(double, scale) = 1.0;
   /// Global strength of all conditions (`control_scale`); see `set_control_scale`.
   TORCH_ARG(double, control_scale) = 1.0;
+  /// Which skips the tuner edits, in DECODER order (`attach_csc_tuner` leaves the others alone);
+  /// empty: all of them. The hint cascade still runs through every encoder skip.
+  TORCH_ARG(std::vector<bool>, edited_skips) = {};
 };
 
 /// CSC-Tuner: hint encoder + one tuner MLP per skip (keys as scepter: `pre_hint_blocks.*`,
@@ -81,6 +84,9 @@ class CSCTunerImpl : public torch::nn::Cloneable<CSCTunerImpl>, public Tuner {
                 "CSCTuner: kernel_size must be 1 or 3, got ", options.kernel_size());
     TORCH_CHECK(options.hint_ratio() > 0 && options.hint_channels() > 0 && options.in_channels() > 0,
                 "CSCTuner: in_channels, hint_ratio and hint_channels must be positive");
+    TORCH_CHECK(options.edited_skips().empty() || options.edited_skips().size() == channels.size(),
+                "CSCTuner: edited_skips has ", options.edited_skips().size(), " entries for ",
+                channels.size(), " skips");
 
     // pre_hint_blocks: 3x3 convs with SiLU between them; three stride-2 convs bring the
     // full-resolution condition down to latent resolution (indices 0, 2, ..., 12 are convs).
@@ -143,6 +149,11 @@ class CSCTunerImpl : public torch::nn::Cloneable<CSCTunerImpl>, public Tuner {
   /// Number of skips this tuner edits.
   int64_t num_skips() const { return static_cast<int64_t>(options.skip_channels().size()); }
 
+  /// Whether the tuner edits decoder skip `k` (`CSCTunerOptions::edited_skips`).
+  bool edits(int64_t k) const {
+    return options.edited_skips().empty() || options.edited_skips()[static_cast<size_t>(k)];
+  }
+
   /// Channels of decoder skip `k` (k = 0 is the deepest).
   int64_t decoder_channels(int64_t k) const {
     return options.skip_channels()[options.skip_channels().size() - 1 - k];
@@ -198,6 +209,10 @@ class CSCTunerImpl : public torch::nn::Cloneable<CSCTunerImpl>, public Tuner {
     if (options.down_ratio() != defaults.down_ratio()) stream << ", down_ratio=" << options.down_ratio();
     if (options.scale() != defaults.scale()) stream << ", scale=" << options.scale();
     if (options.control_scale() != defaults.control_scale()) stream << ", control_scale=" << options.control_scale();
+    if (!options.edited_skips().empty()) {
+      stream << ", edited_skips=";
+      for (bool edited : options.edited_skips()) stream << (edited ? '1' : '0');
+    }
     stream << ")";
   }
 
@@ -287,8 +302,8 @@ inline torch::OrderedDict<std::string, CSCTuner> csc_tuners(const torch::nn::Mod
 }
 
 /// Attaches `tuner` to the sites of `model` matching `pattern` (site k, in `find_sites` order,
-/// gets decoder skip k) and registers it under `name` in the model's `csc_tuners` dictionary, so
-/// the model's `parameters()`, `to()` and `state_dict` include it once.
+/// gets decoder skip k, if the tuner edits it) and registers it under `name` in the model's
+/// `csc_tuners` dictionary, so the model's `parameters()`, `to()` and `state_dict` include it once.
 inline void attach_csc_tuner(torch::nn::Module& model, const CSCTuner& tuner,
                              const std::string& name = "csc", const std::string& pattern = "") {
   auto sites = find_sites(model, pattern);
@@ -309,6 +324,7 @@ inline void attach_csc_tuner(torch::nn::Module& model, const CSCTuner& tuner,
   dict->update(std::vector<std::pair<std::string, std::shared_ptr<torch::nn::Module>>>{
       {name, tuner.ptr()}});
   for (size_t k = 0; k < sites.size(); ++k) {
+    if (!tuner->edits(static_cast<int64_t>(k))) continue;
     sites[k].site->attach(name, std::make_shared<CSCSkipEditor>(tuner, static_cast<int64_t>(k)));
   }
 }

@@ -169,6 +169,7 @@ inline void save_csc_tuner(const std::string& path, const CSCTuner& tuner) {
                             {"hint_channels", o.hint_channels()}, {"kernel_size", o.kernel_size()},
                             {"down_ratio", o.down_ratio()},       {"scale", o.scale()},
                             {"control_scale", o.control_scale()}};
+  if (!o.edited_skips().empty()) options["edited_skips"] = o.edited_skips();
   detail::save_with_sidecar(path, tensors, "csc_tuner", options);
 }
 
@@ -216,6 +217,7 @@ inline CSCTuner read_csc_tuner(const std::string& path, const std::string& prefi
   if (saved.is_object()) {
     o.down_ratio(saved.value("down_ratio", o.down_ratio()));
     o.scale(saved.value("scale", 1.0)).control_scale(saved.value("control_scale", 1.0));
+    if (saved.contains("edited_skips")) o.edited_skips(saved.at("edited_skips").get<std::vector<bool>>());
   }
   CSCTuner tuner(o);
   load_csc_tuner(path, tuner, prefix);

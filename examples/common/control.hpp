@@ -1,0 +1,110 @@
+#pragma once
+/// @file control.hpp
+/// @brief What controllable generation trains (`train_control --method`): a CSC-Tuner on the
+/// skips, optionally with SC-Tuners, as a `Trainable` whose denoiser hands each batch's condition
+/// images to the CSC-Tuner for that forward pass; and the files it is saved in (scepter's CSC
+/// layout with its options in the sidecar, which `generate --tuner` reads).
+
+#include <common/train_step.hpp>
+#include <common/tuners.hpp>
+
+#include <sd/unet.hpp>
+
+#include <scedit/csctuner.hpp>
+#include <scedit/sctuner.hpp>
+#include <scedit/trainable.hpp>
+#include <scedit/tuner_io.hpp>
+
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+namespace common {
+
+/// How a CSC-Tuner is built and which tuners train with it (the `train_control` flags).
+struct ControlOptions {
+  std::string method = "csc";  ///< csc | csc+sc (controlnet: see controlnet_trainable)
+  int64_t kernel_size = 3;     ///< dense hint convs: 3 (the released configurations) or 1 (the paper's count)
+  int64_t hint_ratio = 1;      ///< width multiplier r of the pre-hint convs (1 for SD 1.5)
+  int64_t hint_channels = 256;  ///< output channels P of the pre-hint encoder (256 for SD 1.5)
+  double down_ratio = 1.0;     ///< per-skip MLP hidden width / skip channels
+  std::string skips;  ///< regex over the skip sites the CSC-Tuner edits (lsc_identity.0 … 11); empty = all
+};
+
+/// The tuners of a controllable-generation run.
+struct ControlTuners {
+  scedit::CSCTuner csc{nullptr};  ///< the CSC-Tuner, attached as "csc"
+  std::vector<scedit::SCTuner> sc;  ///< SC-Tuners with it (`csc+sc`), else none
+
+  /// Writes `csc_tuner.safetensors` (+ `.json`) and, with SC-Tuners, `sc_tuners.safetensors`.
+  std::vector<std::string> save(const std::filesystem::path& folder) const {
+    std::filesystem::create_directories(folder);
+    std::vector<std::string> written{(folder / "csc_tuner.safetensors").string()};
+    scedit::save_csc_tuner(written.back(), csc);
+    if (!sc.empty()) {
+      written.push_back((folder / "sc_tuners.safetensors").string());
+      scedit::save_sc_tuners(written.back(), sc);
+    }
+    return written;
+  }
+};
+
+/// Attaches a fresh CSC-Tuner (and SC-Tuners for `csc+sc`) to `unet`, freezes everything else,
+/// and keeps the trainable weights in float32 on `device`.
+inline ControlTuners attach_control_tuners(sd::UNet& unet, const ControlOptions& options,
+                                           const torch::Device& device) {
+  TORCH_CHECK(options.method == "csc" || options.method == "csc+sc",
+              "attach_control_tuners: method must be csc or csc+sc, got '", options.method, "'");
+  ControlTuners tuners;
+  // Which skips it edits, decoder order: the sites (decoder order) whose path matches.
+  std::vector<bool> edited;
+  if (!options.skips.empty()) {
+    const auto all = scedit::find_sites(*unet);
+    const auto chosen = scedit::find_sites(*unet, options.skips);
+    TORCH_CHECK(!chosen.empty(), "--csc-skips: no skip site matches '", options.skips,
+                "' (the sites are lsc_identity.0 … ", all.size() - 1, ", decoder order)");
+    for (const auto& site : all) {
+      edited.push_back(std::any_of(chosen.begin(), chosen.end(),
+                                   [&](const scedit::SiteRef& c) { return c.path == site.path; }));
+    }
+  }
+  tuners.csc = scedit::CSCTuner(scedit::CSCTunerOptions(unet->skip_channels(), unet->skip_down_flags())
+                                    .kernel_size(options.kernel_size)
+                                    .hint_ratio(options.hint_ratio)
+                                    .hint_channels(options.hint_channels)
+                                    .down_ratio(options.down_ratio)
+                                    .edited_skips(edited));
+  scedit::attach_csc_tuner(*unet, tuners.csc, "csc");
+  if (options.method == "csc+sc") tuners.sc = scedit::attach_sc_tuners(*unet);
+  scedit::freeze_except_tuners(*unet);
+  torch::NoGradGuard no_grad;
+  for (auto& p : scedit::tuner_parameters(*unet)) p.set_data(p.data().to(device, torch::kFloat32));
+  return tuners;
+}
+
+/// What training `tuners` on `unet` is: their parameters; the UNet as the denoiser, the CSC-Tuner
+/// given the batch's first condition through a `scedit::ConditionScope` for each forward pass; the
+/// CSC (and SC) files at the end. `tuners` must outlive the result.
+inline Trainable control_trainable(sd::UNet unet, ControlTuners& tuners, const ControlOptions& options) {
+  Trainable trainable;
+  trainable.parameters = trainable_parameters(*unet);
+  trainable.denoiser = [unet, csc = tuners.csc](const torch::Tensor& noisy, const torch::Tensor& t,
+                                                const torch::Tensor& text,
+                                                const std::vector<torch::Tensor>& conditions) mutable {
+    TORCH_CHECK(conditions.size() == 1, "a CSC-Tuner trains on one condition image per sample, got ",
+                conditions.size());
+    scedit::ConditionScope scope;
+    scope.set(csc, conditions.front());
+    return unet->forward(noisy, t, text);
+  };
+  trainable.settings = {{"method", options.method}, {"kernel_size", options.kernel_size},
+                        {"hint_ratio", options.hint_ratio}, {"hint_channels", options.hint_channels},
+                        {"down_ratio", options.down_ratio}, {"skips", options.skips}};
+  trainable.save = [&tuners](const std::filesystem::path& folder) { return tuners.save(folder); };
+  return trainable;
+}
+
+}  // namespace common

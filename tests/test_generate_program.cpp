@@ -1,0 +1,158 @@
+// The `generate` program as a user runs it: its flags, its refusals (one clear line each), the
+// PNGs it writes with their parameters, and the images the library makes with the same settings.
+
+#include <sd/sampler.hpp>
+#include <sd/tiny.hpp>
+
+#include <common/image.hpp>
+#include <common/png.hpp>
+
+#include <scedit/safetensors.hpp>
+
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <sys/wait.h>
+
+#include "generate_fixtures.hpp"
+#include "test_util.hpp"
+
+namespace fs = std::filesystem;
+using namespace scedit_test::generate;
+
+namespace {
+
+/// The `generate` program: <build>/bin/generate beside <build>/tests/test_generate (or
+/// SCEDIT_GENERATE_BIN when the build defines it).
+fs::path generate_program() {
+#ifdef SCEDIT_GENERATE_BIN
+  return SCEDIT_GENERATE_BIN;
+#else
+  std::error_code error;
+  const auto self = fs::read_symlink("/proc/self/exe", error);
+  return error ? fs::path() : self.parent_path().parent_path() / "bin" / "generate";
+#endif
+}
+
+/// Exit code, stdout and stderr of one run of the program.
+struct RunResult {
+  int code = -1;
+  std::string out, err;
+};
+
+std::string read_text(const fs::path& path) {
+  std::ifstream in(path);
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+RunResult run_generate(const std::string& arguments) {
+  const auto out = scratch() / "stdout.txt", err = scratch() / "stderr.txt";
+  const std::string command = "'" + generate_program().string() + "' " + arguments + " > '" +
+                              out.string() + "' 2> '" + err.string() + "'";
+  const int status = std::system(command.c_str());
+  RunResult result;
+  result.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  result.out = read_text(out);
+  result.err = read_text(err);
+  return result;
+}
+
+#define SKIP_WITHOUT_PROGRAM()                                                                 \
+  if (!fs::is_regular_file(generate_program()))                                               \
+  GTEST_SKIP() << "the generate program is not built at '" << generate_program().string()    \
+               << "' (configure with -DSCEDIT_BUILD_EXAMPLES=ON and build target 'generate')"
+
+}  // namespace
+
+TEST(GenerateProgram, HelpListsEveryFlag) {
+  SKIP_WITHOUT_PROGRAM();
+  const auto result = run_generate("--help");
+  EXPECT_EQ(result.code, 0);
+  for (const char* flag : {"--model", "--tokenizer", "--prompt", "--prompts-file", "--negative-prompt",
+                           "--width", "--height", "--steps", "--guidance-scale", "--guidance-rescale",
+                           "--eta", "--seed", "--spacing", "--batch-size", "--images-per-prompt",
+                           "--precision", "--device", "--tuner", "--condition", "--init-image",
+                           "--strength", "--mask", "--control-scale", "--output"}) {
+    EXPECT_NE(result.out.find(flag), std::string::npos) << flag;
+  }
+  EXPECT_NE(result.out.find("7.5"), std::string::npos) << "defaults are shown";
+}
+
+TEST(GenerateProgram, BadInputsEndWithOneClearLine) {
+  SKIP_WITHOUT_PROGRAM();
+  const auto unknown = (scratch() / "unknown_kind.safetensors").string();
+  scedit::safetensors::save(unknown, {{"foo.weight", torch::zeros({2})}});
+  const auto image = (scratch() / "condition.png").string();
+  common::write_png(image, random_image(3));
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"--prompt x --width 65", "--width must be a multiple of 8, got 65"},
+      {"--prompt x --height 12", "--height must be a multiple of 8, got 12"},
+      {"--prompt x --steps 0", "--steps must be > 0, got 0"},
+      {"--prompt x --steps -3", "--steps must be > 0, got -3"},
+      {"--prompt x --bogus", "--bogus"},
+      {"--steps 2", "give a prompt"},
+      {"--prompt x --model /nonexistent/model", "'/nonexistent/model' does not exist"},
+      {"--prompt x --tuner /nonexistent/t.safetensors:0.5", "'/nonexistent/t.safetensors' does not exist"},
+      {"--prompt x --steps 1 --tuner '" + unknown + "'", "holds neither"},
+      {"--prompt x --precision fp8", "--precision"},
+      {"--prompt x --steps 1 --condition '" + image + "'", "give one --condition image per CSC-Tuner"},
+      {"--prompt x --steps 1 --tuner '" + csc_tuner_file() + "'", "give one --condition image per CSC-Tuner"},
+      {"--prompt x --steps 1 --mask '" + image + "'", "--mask needs --init-image"},
+  };
+  for (const auto& [arguments, expected] : cases) {
+    const auto result = run_generate(arguments + " --output '" + (scratch() / "bad").string() + "'");
+    EXPECT_NE(result.code, 0) << arguments;
+    EXPECT_NE(result.err.find(expected), std::string::npos) << arguments << "\nstderr: " << result.err;
+    EXPECT_EQ(std::count(result.err.begin(), result.err.end(), '\n'), 1) << arguments << "\nstderr: " << result.err;
+  }
+}
+
+TEST(GenerateProgram, WritesPngsWithTheirParametersMatchingTheLibrary) {
+  SKIP_WITHOUT_PROGRAM();
+  const auto output = scratch() / "run";
+  const auto result = run_generate("--prompt 'a red circle' --steps 2 --seed 11 --images-per-prompt 2 "
+                                   "--batch-size 2 --output '" + output.string() + "'");
+  ASSERT_EQ(result.code, 0) << result.err;
+  EXPECT_NE(result.out.find("built-in tiny model"), std::string::npos);
+  const auto first = output / "00000-11.png", second = output / "00001-12.png";
+  ASSERT_TRUE(fs::exists(first) && fs::exists(second)) << result.out;
+  EXPECT_NE(result.out.find(first.string()), std::string::npos) << "prints where each image went";
+
+  const auto text = common::read_png_text(second.string());
+  ASSERT_FALSE(text.empty());
+  EXPECT_EQ(text[0].first, "parameters");
+  EXPECT_EQ(text[0].second.rfind("a red circle\n", 0), 0u) << text[0].second;
+  EXPECT_NE(text[0].second.find("Seed: 12"), std::string::npos) << text[0].second;
+  EXPECT_NE(text[0].second.find("Steps: 2"), std::string::npos) << text[0].second;
+
+  // The same images as the library with the same settings (PNG is lossless).
+  auto pipe = sd::tiny_pipeline(0);
+  auto options = small_options(11);
+  options.steps = 2;
+  options.images_per_prompt = 2;
+  options.batch_size = 2;  // as the run: batching changes float rounding, not the seeds
+  const auto images = sd::generate(pipe, {"a red circle"}, options);
+  EXPECT_TRUE(torch::equal(common::read_image(first.string()), images[0]));
+  EXPECT_TRUE(torch::equal(common::read_image(second.string()), images[1]));
+}
+
+TEST(GenerateProgram, ConditionOfAnotherSizeIsResizedSayingSo) {
+  SKIP_WITHOUT_PROGRAM();
+  const auto image = (scratch() / "small_condition.png").string();
+  common::write_png(image, torch::randint(0, 256, {32, 48, 3}, torch::kInt64).to(torch::kUInt8));
+  const auto result = run_generate("--prompt x --steps 1 --tuner '" + csc_tuner_file() + "' --condition '" +
+                                   image + "' --output '" + (scratch() / "resized").string() + "'");
+  ASSERT_EQ(result.code, 0) << result.err;
+  EXPECT_NE(result.out.find("48x32, resized to the output size 64x64"), std::string::npos) << result.out;
+}
