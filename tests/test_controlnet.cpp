@@ -1,4 +1,4 @@
-// Tests of examples/sd/controlnet.hpp and examples/sd/controlnet_weights.hpp: diffusers'
+// Tests of examples/sd/controlnet{,_config,_weights}.hpp: diffusers'
 // ControlNetModel against the reference fixtures in controlnet/ (keys, parameter counts, parity of
 // the residuals in float32 and float64, from_unet, the UNet driven by the residuals), its
 // configuration, clone, training levers, the three weight layouts and errors on bad input. Every
