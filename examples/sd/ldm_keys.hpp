@@ -126,21 +126,16 @@ inline void vae_attention(KeyTable& t, const std::string& ldm, const std::string
   t.wb(ldm + ".proj_out", d + ".to_out.0", KeyTransform::kConv1x1ToLinear);
 }
 
-}  // namespace detail
-
-/// Every UNet tensor: LDM `model.diffusion_model.*` <-> diffusers `UNet2DConditionModel` keys.
-///
-/// LDM numbers the encoder `input_blocks.{k}` (k = 0 is conv_in; then, per level, one block per
-/// resnet (+attention) and one for the downsampler), the decoder `output_blocks.{k}`
-/// (layers_per_block + 1 per level, the last one holding the upsampler) and the middle
-/// `middle_block.{0,1,2}`.
-inline std::vector<KeyPair> ldm_unet_keys(const UNetConfig& config) {
-  const std::string p = kLdmUNetPrefix;
+/// The tensors a UNet and a ControlNet share, LDM (keys under `p`) <-> diffusers: the time
+/// embedding, `input_blocks` (conv_in and the encoder) and `middle_block`. LDM numbers the
+/// encoder `input_blocks.{k}`: k = 0 is conv_in; then, per level, one block per resnet
+/// (+attention) and one for the downsampler.
+inline void ldm_unet_encoder_keys(KeyTable& t, const UNetConfig& config,
+                                  const std::string& p) {
   const auto& channels = config.block_out_channels;
   const int64_t levels = static_cast<int64_t>(channels.size());
   const int64_t layers = config.layers_per_block;
   config.validate();
-  detail::KeyTable t;
 
   t.wb(p + "time_embed.0", "time_embedding.linear_1");
   t.wb(p + "time_embed.2", "time_embedding.linear_2");
@@ -172,6 +167,22 @@ inline std::vector<KeyPair> ldm_unet_keys(const UNetConfig& config) {
   detail::unet_transformer(t, p + "middle_block.1", "mid_block.attentions.0",
                            config.transformer_layers(levels - 1));
   detail::unet_resnet(t, p + "middle_block.2", "mid_block.resnets.1", false);
+}
+
+}  // namespace detail
+
+/// Every UNet tensor: LDM `model.diffusion_model.*` <-> diffusers `UNet2DConditionModel` keys.
+///
+/// LDM numbers the encoder `input_blocks.{k}` (k = 0 is conv_in; then, per level, one block per
+/// resnet (+attention) and one for the downsampler), the decoder `output_blocks.{k}`
+/// (layers_per_block + 1 per level, the last one holding the upsampler) and the middle
+/// `middle_block.{0,1,2}`.
+inline std::vector<KeyPair> ldm_unet_keys(const UNetConfig& config) {
+  const std::string p = kLdmUNetPrefix;
+  const int64_t levels = static_cast<int64_t>(config.block_out_channels.size());
+  const int64_t layers = config.layers_per_block;
+  detail::KeyTable t;
+  detail::ldm_unet_encoder_keys(t, config, p);
 
   // Decoder: level i holds `layers + 1` resnets (+ attentions); the last one of every level but
   // the final carries the upsampler (`.1.conv` without attention, `.2.conv` with).

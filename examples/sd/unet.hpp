@@ -99,6 +99,79 @@ class TimestepEmbeddingImpl : public torch::nn::Cloneable<TimestepEmbeddingImpl>
 /// Holder of `TimestepEmbeddingImpl`.
 TORCH_MODULE(TimestepEmbedding);
 
+namespace detail {
+
+/// The attention settings of UNet level `block` (`has_attention` false: a block without).
+inline UNetAttentionOptions unet_attention_options(const UNetConfig& c, size_t block,
+                                                   bool has_attention) {
+  return UNetAttentionOptions()
+      .heads(has_attention ? c.heads(block) : 0)
+      .cross_attention_dim(c.cross_attention_dim)
+      .transformer_layers(c.transformer_layers(block))
+      .use_linear_projection(c.use_linear_projection)
+      .only_cross_attention(c.only_cross_attention);
+}
+
+/// Encoder level `i` as diffusers builds it from a UNet configuration (the UNet's and a
+/// ControlNet's encoders are the same blocks, so both build them here).
+inline DownBlock2DOptions unet_down_block_options(const UNetConfig& c, size_t i) {
+  const auto& ch = c.block_out_channels;
+  return DownBlock2DOptions(i == 0 ? ch[0] : ch[i - 1], ch[i], c.time_embed_dim())
+      .num_layers(c.layers_per_block)
+      .groups(c.norm_num_groups)
+      .eps(c.norm_eps)
+      .output_scale_factor(c.resnet_out_scale_factor)
+      .add_downsample(i + 1 < c.num_blocks())
+      .downsample_padding(c.downsample_padding)
+      .attention(unet_attention_options(c, i, c.down_block_types[i] == "CrossAttnDownBlock2D"));
+}
+
+/// The middle block as diffusers builds it from a UNet configuration.
+inline UNetMidBlock2DCrossAttnOptions unet_mid_block_options(const UNetConfig& c) {
+  const size_t last = c.num_blocks() - 1;
+  return UNetMidBlock2DCrossAttnOptions(c.block_out_channels[last], c.time_embed_dim())
+      .groups(c.norm_num_groups)
+      .eps(c.norm_eps)
+      .output_scale_factor(c.mid_block_scale_factor)
+      .attention(unet_attention_options(c, last, true));
+}
+
+/// The sinusoidal timestep features of a UNet configuration, one row per sample of `sample`:
+/// timestep [B], [1] or a scalar -> [B, block_out_channels[0]] float32 (diffusers' `time_proj`).
+inline torch::Tensor timestep_features(const UNetConfig& c, const torch::Tensor& timestep,
+                                       const torch::Tensor& sample) {
+  auto timesteps = timestep.reshape({-1}).to(sample.device()).expand({sample.size(0)});
+  return functional::timestep_embedding(timesteps, c.block_out_channels[0], c.flip_sin_to_cos,
+                                        static_cast<double>(c.freq_shift));
+}
+
+/// Sets the lean activation variants (lean_ops.hpp) of every resnet, GEGLU, transformer block
+/// and transformer under `root`.
+inline void set_block_lean_activations(torch::nn::Module& root, const LeanActivations& options) {
+  for (auto& module : root.modules(/*include_self=*/false)) {
+    if (auto* resnet = dynamic_cast<ResnetBlock2DImpl*>(module.get())) {
+      resnet->lean = options;
+    } else if (auto* geglu = dynamic_cast<GEGLUImpl*>(module.get())) {
+      geglu->lean = options;
+    } else if (auto* block = dynamic_cast<BasicTransformerBlockImpl*>(module.get())) {
+      block->lean = options;
+    } else if (auto* transformer = dynamic_cast<Transformer2DModelImpl*>(module.get())) {
+      transformer->lean = options;
+    }
+  }
+}
+
+/// Lays out the 4-d parameters (the convolution weights) of `root` channels-last, or back.
+inline void set_conv_weights_channels_last(torch::nn::Module& root, bool enabled) {
+  torch::NoGradGuard no_grad;
+  const auto format = enabled ? torch::MemoryFormat::ChannelsLast : torch::MemoryFormat::Contiguous;
+  for (auto& p : root.parameters()) {
+    if (p.dim() == 4) p.set_data(p.contiguous(format));
+  }
+}
+
+}  // namespace detail
+
 /// What the UNet's encoder hands its decoder (`UNet2DConditionModel::encode`): the middle
 /// block's output, the skip features and the conditioning both halves use.
 struct UNetFeatures {
@@ -145,15 +218,6 @@ class UNet2DConditionModelImpl : public detail::BoundCloneable<UNet2DConditionMo
     const size_t n = c.num_blocks();
     const auto& ch = c.block_out_channels;
     const int64_t temb = c.time_embed_dim();
-    auto attention = [&](size_t block, bool has_attention) {
-      return UNetAttentionOptions()
-          .heads(has_attention ? c.heads(block) : 0)
-          .cross_attention_dim(c.cross_attention_dim)
-          .transformer_layers(c.transformer_layers(block))
-          .use_linear_projection(c.use_linear_projection)
-          .only_cross_attention(c.only_cross_attention);
-    };
-
     conv_in = register_module(
         "conv_in", torch::nn::Conv2d(torch::nn::Conv2dOptions(c.in_channels, ch[0], c.conv_in_kernel)
                                          .padding((c.conv_in_kernel - 1) / 2)));
@@ -162,15 +226,7 @@ class UNet2DConditionModelImpl : public detail::BoundCloneable<UNet2DConditionMo
 
     down_blocks = register_module("down_blocks", torch::nn::ModuleList());
     for (size_t i = 0; i < n; ++i) {
-      down_blocks->push_back(DownBlock2D(
-          DownBlock2DOptions(i == 0 ? ch[0] : ch[i - 1], ch[i], temb)
-              .num_layers(c.layers_per_block)
-              .groups(c.norm_num_groups)
-              .eps(c.norm_eps)
-              .output_scale_factor(c.resnet_out_scale_factor)
-              .add_downsample(i + 1 < n)
-              .downsample_padding(c.downsample_padding)
-              .attention(attention(i, c.down_block_types[i] == "CrossAttnDownBlock2D"))));
+      down_blocks->push_back(DownBlock2D(detail::unet_down_block_options(c, i)));
     }
 
     up_blocks = register_module("up_blocks", torch::nn::ModuleList());
@@ -185,15 +241,12 @@ class UNet2DConditionModelImpl : public detail::BoundCloneable<UNet2DConditionMo
               .eps(c.norm_eps)
               .output_scale_factor(c.resnet_out_scale_factor)
               .add_upsample(i + 1 < n)
-              .attention(attention(level, c.up_block_types[i] == "CrossAttnUpBlock2D"))));
+              .attention(detail::unet_attention_options(
+                  c, level, c.up_block_types[i] == "CrossAttnUpBlock2D"))));
     }
 
-    mid_block = register_module(
-        "mid_block", UNetMidBlock2DCrossAttn(UNetMidBlock2DCrossAttnOptions(ch[n - 1], temb)
-                                                 .groups(c.norm_num_groups)
-                                                 .eps(c.norm_eps)
-                                                 .output_scale_factor(c.mid_block_scale_factor)
-                                                 .attention(attention(n - 1, true))));
+    mid_block =
+        register_module("mid_block", UNetMidBlock2DCrossAttn(detail::unet_mid_block_options(c)));
     conv_norm_out = register_module(
         "conv_norm_out",
         torch::nn::GroupNorm(torch::nn::GroupNormOptions(c.norm_num_groups, ch[0]).eps(c.norm_eps)));
@@ -251,15 +304,11 @@ class UNet2DConditionModelImpl : public detail::BoundCloneable<UNet2DConditionMo
   UNetFeatures encode(const torch::Tensor& sample, const torch::Tensor& timestep,
                       const torch::Tensor& encoder_hidden_states) {
     check_inputs(sample, timestep, encoder_hidden_states);
-    const int64_t b = sample.size(0);
     UNetFeatures features;
     features.context = encoder_hidden_states;
 
     // 1. Time: sinusoidal embedding in float32, then the sample's dtype (as diffusers).
-    auto timesteps = timestep.reshape({-1}).to(sample.device()).expand({b});
-    auto t_emb = functional::timestep_embedding(timesteps, config.block_out_channels[0],
-                                                config.flip_sin_to_cos,
-                                                static_cast<double>(config.freq_shift));
+    auto t_emb = detail::timestep_features(config, timestep, sample);
     const auto& emb = features.time_embedding =
         time_embedding(t_emb.to(sample.scalar_type()));  // [B, C0] -> [B, 4·C0]
 
@@ -343,28 +392,14 @@ class UNet2DConditionModelImpl : public detail::BoundCloneable<UNet2DConditionMo
   /// speed levers, off by default; exact in float32 but for the fused kernels' own rounding.
   void set_lean_activations(const LeanActivations& options) {
     lean = options;
-    for (auto& module : modules(/*include_self=*/false)) {
-      if (auto* resnet = dynamic_cast<ResnetBlock2DImpl*>(module.get())) {
-        resnet->lean = options;
-      } else if (auto* geglu = dynamic_cast<GEGLUImpl*>(module.get())) {
-        geglu->lean = options;
-      } else if (auto* block = dynamic_cast<BasicTransformerBlockImpl*>(module.get())) {
-        block->lean = options;
-      } else if (auto* transformer = dynamic_cast<Transformer2DModelImpl*>(module.get())) {
-        transformer->lean = options;
-      }
-    }
+    detail::set_block_lean_activations(*this, options);
   }
 
   /// Keeps the convolution weights and the input sample in channels-last memory order (NHWC)
   /// instead of NCHW, or back: a speed lever for tensor-core convolutions (it changes only the
   /// layout, not the values; the state dict reads the same). Call it after `to(device, dtype)`.
   void set_channels_last(bool enabled) {
-    torch::NoGradGuard no_grad;
-    const auto format = enabled ? torch::MemoryFormat::ChannelsLast : torch::MemoryFormat::Contiguous;
-    for (auto& p : parameters()) {
-      if (p.dim() == 4) p.set_data(p.contiguous(format));
-    }
+    detail::set_conv_weights_channels_last(*this, enabled);
     channels_last = enabled;
   }
 

@@ -1,0 +1,656 @@
+// Tests of examples/sd/controlnet{,_config,_weights}.hpp: diffusers'
+// ControlNetModel against the reference fixtures in controlnet/ (keys, parameter counts, parity of
+// the residuals in float32 and float64, from_unet, the UNet driven by the residuals), its
+// configuration, clone, training levers, the three weight layouts and errors on bad input. Every
+// size comes from controlnet/manifest.json and the cases, so the tests hold on any fixture set
+// that $SCEDIT_FIXTURES names.
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <nlohmann/json.hpp>
+
+#include <scedit/safetensors.hpp>
+#include <scedit/state_dict.hpp>
+#include <sd/controlnet.hpp>
+#include <sd/controlnet_weights.hpp>
+#include <sd/ldm_keys.hpp>
+#include <sd/unet.hpp>
+#include <sd/weights.hpp>
+
+#include "sd_fixtures.hpp"
+#include "test_util.hpp"
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <set>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+using ::testing::AllOf;
+using ::testing::HasSubstr;
+using scedit_test::error_of;
+using scedit_test::fixture;
+using scedit_test::parameter_count;
+using scedit_test::rel_err;
+using scedit_test::shape_string;
+using scedit_test::shapes_of;
+using scedit_test::TempDir;
+
+// ---- the fixtures ----------------------------------------------------------------------------
+
+/// controlnet/manifest.json.
+const json& manifest() {
+  static const json m = [] {
+    std::ifstream in(scedit_test::fixtures_dir() / "controlnet" / "manifest.json");
+    EXPECT_TRUE(in.good()) << "cannot open controlnet/manifest.json in " << scedit_test::fixtures_dir();
+    return json::parse(in);
+  }();
+  return m;
+}
+
+const scedit::TensorMap& cases() { return fixture("controlnet/controlnet_cases.safetensors"); }
+const scedit::TensorMap& tiny_weights() { return fixture("controlnet/controlnet_tiny.safetensors"); }
+
+sd::ControlNetConfig tiny_config() {
+  return sd::ControlNetConfig::from_json(manifest().at("configs").at("controlnet_tiny"));
+}
+
+/// The tiny ControlNet with `weights` (default: the fixture's), in `dtype`, eval mode.
+sd::ControlNet tiny_controlnet(torch::Dtype dtype, const scedit::TensorMap& weights = tiny_weights()) {
+  sd::ControlNet controlnet(tiny_config());
+  controlnet->to(dtype);
+  scedit::load_state_dict(*controlnet, weights);
+  controlnet->eval();
+  return controlnet;
+}
+
+/// A case tensor in `dtype` (integer tensors as they are).
+torch::Tensor input(const std::string& key, torch::Dtype dtype = torch::kFloat64) {
+  const auto& t = cases().at(key);
+  return t.is_floating_point() ? t.to(dtype) : t;
+}
+
+/// The number of down residuals of the cases.
+size_t residual_count() { return manifest().at("down_res_channels").size(); }
+
+/// The ControlNet's residuals on the case inputs in `dtype`; with `reference_features`, from the
+/// reference's own float32 timestep features (`debug.timestep_features`).
+sd::UNetResiduals run(sd::ControlNet& controlnet, torch::Dtype dtype, double scale = 1.0,
+                      bool reference_features = false) {
+  torch::NoGradGuard no_grad;
+  const auto sample = input("input.sample", dtype);
+  const auto context = input("input.encoder_hidden_states", dtype);
+  const auto cond = input("input.controlnet_cond", dtype);
+  if (reference_features) {
+    return controlnet->forward_with_time_features(sample, cases().at("debug.timestep_features"),
+                                                  context, cond, scale);
+  }
+  return controlnet->forward(sample, cases().at("input.timestep"), context, cond, scale);
+}
+
+/// The largest relative error of `residuals` against the case outputs `prefix`.down.{i} / .mid.
+double max_error(const sd::UNetResiduals& residuals, const std::string& prefix) {
+  EXPECT_EQ(residuals.down.size(), residual_count());
+  double worst = rel_err(residuals.mid, cases().at(prefix + ".mid"));
+  for (size_t i = 0; i < residuals.down.size(); ++i) {
+    const auto& expected = cases().at(prefix + ".down." + std::to_string(i));
+    EXPECT_EQ(residuals.down[i].sizes(), expected.sizes()) << prefix << ".down." << i;
+    worst = std::max(worst, rel_err(residuals.down[i], expected));
+  }
+  return worst;
+}
+
+/// The float64 bound with this build's own timestep features: the reference computed them in
+/// float32 with an older torch whose exp/sin/cos differ by an ulp in some elements
+/// (controlnet/README.md: ~1e-8); with the reference's features (`debug.timestep_features`)
+/// everything is float64 and agrees to ~1e-12.
+constexpr double kFloat64OwnFeatures = 1e-7;
+constexpr double kFloat64ReferenceFeatures = 1e-10;
+constexpr double kFloat32 = 1e-4;
+
+/// Sets the default dtype for a scope (restored on exit).
+struct DefaultDtypeGuard {
+  explicit DefaultDtypeGuard(caffe2::TypeMeta dtype) : previous(torch::get_default_dtype()) {
+    torch::set_default_dtype(dtype);
+  }
+  ~DefaultDtypeGuard() { torch::set_default_dtype(previous); }
+  caffe2::TypeMeta previous;
+};
+
+/// True when `key` starts with one of `prefixes` followed by a dot.
+bool under(const std::string& key, const json& prefixes) {
+  for (const auto& prefix : prefixes) {
+    if (key.rfind(prefix.get<std::string>() + ".", 0) == 0) return true;
+  }
+  return false;
+}
+
+class ControlNet : public ::testing::Test {
+ protected:
+  void SetUp() override { torch::manual_seed(0); }
+};
+
+// ---- configuration ---------------------------------------------------------------------------
+
+TEST_F(ControlNet, ConfigReadsTheManifestsConfigurations) {
+  for (const char* name : {"controlnet_tiny", "controlnet_sd15"}) {
+    const auto& given = manifest().at("configs").at(name);
+    const auto c = sd::ControlNetConfig::from_json(given);
+    // The constructor arguments and the full resolved config (every default written out, nulls
+    // included) describe the same model.
+    EXPECT_EQ(sd::ControlNetConfig::from_json(manifest().at("configs_full").at(name)).to_json(),
+              c.to_json()) << name;
+    EXPECT_EQ(sd::ControlNetConfig::from_json(c.to_json()).to_json(), c.to_json()) << name;
+    EXPECT_EQ(c.unet.block_out_channels, given.at("block_out_channels").get<std::vector<int64_t>>());
+    EXPECT_EQ(c.conditioning_embedding_out_channels,
+              given.at("conditioning_embedding_out_channels").get<std::vector<int64_t>>());
+    EXPECT_EQ(c.unet.cross_attention_dim, given.at("cross_attention_dim").get<int64_t>());
+  }
+  EXPECT_EQ(sd::ControlNetConfig::from_json(manifest().at("configs").at("controlnet_sd15")).to_json(),
+            sd::ControlNetConfig::sd15().to_json());
+  // The residuals and the condition's size follow from the configuration.
+  const auto c = tiny_config();
+  EXPECT_EQ(c.residual_channels(), manifest().at("down_res_channels").get<std::vector<int64_t>>());
+  EXPECT_EQ(c.conditioning_factor() * cases().at("input.sample").size(2),
+            cases().at("input.controlnet_cond").size(2));
+  // The tiny UNet of the parent fixtures is the one this ControlNet mirrors.
+  EXPECT_EQ(sd::ControlNetConfig::from_unet(scedit_test::tiny_unet_config()).to_json(), c.to_json());
+}
+
+TEST_F(ControlNet, ConfigRefusesWhatItCannotBuildNamingTheKey) {
+  auto with = [](const std::string& key, const json& value) {
+    json j = manifest().at("configs").at("controlnet_tiny");
+    j[key] = value;
+    return j;
+  };
+  auto error = [](const json& j) { return error_of([&] { sd::ControlNetConfig::from_json(j); }); };
+  EXPECT_THAT(error(with("global_pool_conditions", true)), HasSubstr("global_pool_conditions"));
+  EXPECT_THAT(error(with("controlnet_conditioning_channel_order", "rbg")),
+              AllOf(HasSubstr("controlnet_conditioning_channel_order"), HasSubstr("rbg")));
+  EXPECT_THAT(error(with("class_embed_type", "timestep")), AllOf(HasSubstr("ControlNetModel"),
+                                                                  HasSubstr("class_embed_type")));
+  EXPECT_THAT(error(with("mid_block_type", "UNetMidBlock2D")), HasSubstr("UNetMidBlock2D"));
+  // UNet keys that ControlNetModel does not take, and keys nobody knows.
+  EXPECT_THAT(error(with("conv_in_kernel", 5)), AllOf(HasSubstr("unknown key"), HasSubstr("conv_in_kernel")));
+  EXPECT_THAT(error(with("new_feature", 1)), AllOf(HasSubstr("unknown key"), HasSubstr("new_feature")));
+  EXPECT_THAT(error(with("conditioning_embedding_out_channels", json::array())),
+              HasSubstr("conditioning_embedding_out_channels"));
+  // A UNet whose encoder ControlNetModel cannot copy.
+  auto unet = scedit_test::tiny_unet_config();
+  unet.resnet_out_scale_factor = 2.0;
+  EXPECT_THAT(error_of([&] { sd::ControlNetConfig::from_unet(unet); }),
+              HasSubstr("resnet_out_scale_factor"));
+  // bgr is diffusers' flip of the condition's channels.
+  EXPECT_EQ(sd::ControlNetConfig::from_json(with("controlnet_conditioning_channel_order", "bgr"))
+                .controlnet_conditioning_channel_order,
+            "bgr");
+}
+
+// ---- structure -------------------------------------------------------------------------------
+
+TEST_F(ControlNet, TinyKeysShapesAndParameterCountMatchTheManifest) {
+  sd::ControlNet controlnet(tiny_config());
+  EXPECT_EQ(shapes_of(*controlnet), shapes_of(manifest().at("keys_controlnet_tiny")));
+  EXPECT_EQ(shapes_of(tiny_weights()), shapes_of(manifest().at("keys_controlnet_tiny")));
+  EXPECT_EQ(parameter_count(*controlnet), manifest().at("params_controlnet_tiny").get<int64_t>());
+  EXPECT_EQ(controlnet->zero_convs.size(), residual_count());
+}
+
+TEST_F(ControlNet, Sd15KeysShapesAndParameterCountMatchTheManifest) {
+  // Built in bfloat16 (half the memory of float32): only keys, shapes and counts are checked.
+  DefaultDtypeGuard bf16(caffe2::TypeMeta::Make<at::BFloat16>());
+  sd::ControlNet controlnet(sd::ControlNetConfig::from_json(manifest().at("configs").at("controlnet_sd15")));
+  EXPECT_EQ(controlnet->conv_in->weight.scalar_type(), torch::kBFloat16);
+  const auto& keys = manifest().at("keys_controlnet_sd15");
+  EXPECT_EQ(shapes_of(*controlnet), shapes_of(keys));
+  EXPECT_EQ(keys.size(), manifest().at("from_unet").at("keys_total").get<size_t>());
+  EXPECT_EQ(parameter_count(*controlnet), manifest().at("params_controlnet_sd15").get<int64_t>());
+}
+
+TEST_F(ControlNet, FreshModelIsZeroInitialisedWhereDiffusersIs) {
+  sd::ControlNet controlnet(tiny_config());
+  const auto& zero = manifest().at("from_unet").at("zero_initialised_after_from_unet");
+  size_t zeroed = 0;
+  for (const auto& [key, tensor] : scedit::state_dict(*controlnet)) {
+    if (!under(key, zero)) continue;
+    ++zeroed;
+    EXPECT_EQ(tensor.abs().max().item<double>(), 0.0) << key;
+  }
+  EXPECT_EQ(zeroed, 2 * zero.size());  // weight and bias of each
+  // The convolutions before them are not: the residuals are zero because of the zero convs.
+  EXPECT_GT(controlnet->conv_in->weight.abs().max().item<double>(), 0.0);
+  EXPECT_GT(controlnet->controlnet_cond_embedding->conv_in->weight.abs().max().item<double>(), 0.0);
+  const auto residuals = run(controlnet, torch::kFloat32);
+  for (const auto& r : residuals.down) EXPECT_EQ(r.abs().max().item<double>(), 0.0);
+  EXPECT_EQ(residuals.mid.abs().max().item<double>(), 0.0);
+}
+
+// ---- parity ----------------------------------------------------------------------------------
+
+TEST_F(ControlNet, MatchesTheReferenceFloat32) {
+  auto controlnet = tiny_controlnet(torch::kFloat32);
+  const double err = max_error(run(controlnet, torch::kFloat32), "output");
+  std::printf("[ info     ] ControlNet float32 rel err %.3g\n", err);
+  EXPECT_LE(err, kFloat32);
+  EXPECT_LE(max_error(run(controlnet, torch::kFloat32, 0.5), "output_scale0.5"), kFloat32);
+  torch::NoGradGuard no_grad;
+  EXPECT_LE(rel_err(controlnet->controlnet_cond_embedding(input("input.controlnet_cond", torch::kFloat32)),
+                    cases().at("debug.controlnet_cond_embedding")),
+            kFloat32);
+}
+
+TEST_F(ControlNet, MatchesTheReferenceFloat64) {
+  auto controlnet = tiny_controlnet(torch::kFloat64);
+  const double own = max_error(run(controlnet, torch::kFloat64), "output");
+  const double reference = max_error(run(controlnet, torch::kFloat64, 1.0, true), "output");
+  std::printf("[ info     ] ControlNet float64 rel err %.3g (own timestep features), %.3g (the reference's)\n",
+              own, reference);
+  EXPECT_LE(own, kFloat64OwnFeatures);
+  EXPECT_LE(reference, kFloat64ReferenceFeatures);
+  EXPECT_LE(max_error(run(controlnet, torch::kFloat64, 0.5, true), "output_scale0.5"), kFloat64ReferenceFeatures);
+  torch::NoGradGuard no_grad;
+  EXPECT_LE(rel_err(controlnet->controlnet_cond_embedding(input("input.controlnet_cond")),
+                    cases().at("debug.controlnet_cond_embedding")),
+            kFloat64ReferenceFeatures);
+  // The features themselves: float32, within an ulp or so of the reference's.
+  const auto features = controlnet->time_features(cases().at("input.timestep"), input("input.sample"));
+  EXPECT_EQ(features.scalar_type(), torch::kFloat32);
+  EXPECT_LE(rel_err(features, cases().at("debug.timestep_features")), 1e-6);
+}
+
+TEST_F(ControlNet, FromUNetCopiesTheEncoderAndMatchesTheReference) {
+  auto unet = scedit_test::tiny_unet(torch::kFloat32);
+  auto controlnet = sd::controlnet_from_unet(unet);
+  const auto& from_unet = manifest().at("from_unet");
+  const auto unet_tensors = scedit::state_dict(*unet);
+  size_t copied = 0;
+  scedit::TensorMap merged;
+  for (const auto& [key, tensor] : scedit::state_dict(*controlnet)) {
+    if (under(key, from_unet.at("prefixes_copied_from_unet"))) {
+      ASSERT_TRUE(unet_tensors.count(key)) << key;
+      EXPECT_TRUE(torch::equal(tensor, unet_tensors.at(key))) << key;
+      ++copied;
+      merged.emplace(key, tensor);
+    } else {
+      EXPECT_TRUE(under(key, from_unet.at("prefixes_not_in_unet"))) << key;
+      if (under(key, from_unet.at("zero_initialised_after_from_unet"))) {
+        EXPECT_EQ(tensor.abs().sum().item<double>(), 0.0) << key;
+      }
+      merged.emplace(key, tiny_weights().at(key));  // as the reference: controlnet_tiny's values
+    }
+  }
+  EXPECT_EQ(copied, from_unet.at("keys_copied_from_unet").get<size_t>());
+  EXPECT_EQ(controlnet->conv_in->weight.scalar_type(), torch::kFloat32);
+
+  auto f32 = tiny_controlnet(torch::kFloat32, merged);
+  EXPECT_LE(max_error(run(f32, torch::kFloat32), "output.from_unet"), kFloat32);
+  auto f64 = tiny_controlnet(torch::kFloat64, merged);
+  EXPECT_LE(max_error(run(f64, torch::kFloat64, 1.0, true), "output.from_unet"), kFloat64ReferenceFeatures);
+}
+
+TEST_F(ControlNet, DrivesTheUNetAsTheReference) {
+  for (auto dtype : {torch::kFloat32, torch::kFloat64}) {
+    auto unet = scedit_test::tiny_unet(dtype);
+    auto controlnet = tiny_controlnet(dtype);
+    const double tolerance = dtype == torch::kFloat32 ? kFloat32 : kFloat64OwnFeatures;
+    torch::NoGradGuard no_grad;
+    for (const auto& [scale, expected] : {std::pair{1.0, "output.unet_with_controlnet"},
+                                          std::pair{0.5, "output.unet_with_controlnet_scale0.5"}}) {
+      const auto out = unet(input("input.sample", dtype), cases().at("input.timestep"),
+                            input("input.encoder_hidden_states", dtype), run(controlnet, dtype, scale));
+      EXPECT_LE(rel_err(out, cases().at(expected)), tolerance) << expected << " in " << dtype;
+    }
+  }
+}
+
+TEST_F(ControlNet, FromUNetLeavesTheUNetUnchanged) {
+  auto unet = scedit_test::tiny_unet(torch::kFloat32);
+  auto controlnet = sd::controlnet_from_unet(unet);
+  torch::NoGradGuard no_grad;
+  const auto sample = input("input.sample", torch::kFloat32);
+  const auto context = input("input.encoder_hidden_states", torch::kFloat32);
+  const auto t = cases().at("input.timestep");
+  EXPECT_TRUE(torch::equal(unet(sample, t, context, run(controlnet, torch::kFloat32)),
+                           unet(sample, t, context)));
+}
+
+// ---- module behaviour ------------------------------------------------------------------------
+
+TEST_F(ControlNet, CloneIsDeepAndUsesItsOwnWeights) {
+  auto controlnet = tiny_controlnet(torch::kFloat32);
+  const auto base = run(controlnet, torch::kFloat32);
+  auto copy = std::dynamic_pointer_cast<sd::ControlNetModelImpl>(controlnet->clone());
+  ASSERT_NE(copy, nullptr);
+  sd::ControlNet cloned(copy);
+  const auto same = run(cloned, torch::kFloat32);
+  for (size_t i = 0; i < base.down.size(); ++i) EXPECT_TRUE(torch::equal(same.down[i], base.down[i]));
+  EXPECT_NE(cloned->zero_convs[0].get(), controlnet->zero_convs[0].get());
+  EXPECT_NE(cloned->downs[0].get(), controlnet->downs[0].get());
+  {
+    // Weights deep in the clone's lists, through its typed holders: its forward must see them.
+    torch::NoGradGuard no_grad;
+    cloned->zero_convs.back()->bias.add_(1.0);
+    cloned->controlnet_cond_embedding->convs.at(0)->bias.add_(1.0);
+    EXPECT_TRUE(torch::equal(cloned->named_parameters()["controlnet_cond_embedding.blocks.0.bias"],
+                             cloned->controlnet_cond_embedding->convs.at(0)->bias));
+  }
+  const auto changed = run(cloned, torch::kFloat32);
+  EXPECT_FALSE(torch::allclose(changed.down.back(), base.down.back()));
+  EXPECT_FALSE(torch::allclose(changed.down.front(), base.down.front()));
+  const auto original = run(controlnet, torch::kFloat32);
+  EXPECT_TRUE(torch::equal(original.down.back(), base.down.back()));
+  EXPECT_TRUE(torch::equal(original.down.front(), base.down.front()));
+}
+
+TEST_F(ControlNet, PrintsItsConfiguration) {
+  const auto c = tiny_config();
+  std::ostringstream expected, printed, embedding;
+  expected << "sd::ControlNetModel(block_out_channels=" << torch::IntArrayRef(c.unet.block_out_channels)
+           << ", layers_per_block=" << c.unet.layers_per_block
+           << ", cross_attention_dim=" << c.unet.cross_attention_dim
+           << ", conditioning_embedding_out_channels="
+           << torch::IntArrayRef(c.conditioning_embedding_out_channels) << ")";
+  sd::ControlNet(c)->pretty_print(printed);
+  EXPECT_EQ(printed.str(), expected.str());
+  sd::ControlNetConditioningEmbedding(
+      sd::ControlNetConditioningEmbeddingOptions(320).block_out_channels({16, 32}).conditioning_channels(1))
+      ->pretty_print(embedding);
+  EXPECT_EQ(embedding.str(),
+            "sd::ControlNetConditioningEmbedding(conditioning_embedding_channels=320, "
+            "block_out_channels=[16, 32], conditioning_channels=1)");
+}
+
+TEST_F(ControlNet, BgrConditionIsFlippedToRgb) {
+  auto rgb = tiny_controlnet(torch::kFloat32);
+  auto bgr_config = tiny_config();
+  bgr_config.controlnet_conditioning_channel_order = "bgr";
+  sd::ControlNet bgr(bgr_config);
+  scedit::load_state_dict(*bgr, tiny_weights());
+  torch::NoGradGuard no_grad;
+  const auto sample = input("input.sample", torch::kFloat32);
+  const auto context = input("input.encoder_hidden_states", torch::kFloat32);
+  const auto cond = input("input.controlnet_cond", torch::kFloat32);
+  const auto t = cases().at("input.timestep");
+  EXPECT_TRUE(torch::equal(bgr(sample, t, context, cond.flip({1})).mid, rgb(sample, t, context, cond).mid));
+}
+
+TEST_F(ControlNet, TrainingLeversKeepTheResult) {
+  // Gradient checkpointing recomputes the encoder in the backward pass: the same residuals and
+  // the same gradients. Lean activations and channels-last change the memory, not the values.
+  auto loss_and_gradients = [](sd::ControlNet& controlnet) {
+    const auto residuals = controlnet(input("input.sample", torch::kFloat32), cases().at("input.timestep"),
+                                      input("input.encoder_hidden_states", torch::kFloat32),
+                                      input("input.controlnet_cond", torch::kFloat32));
+    auto loss = residuals.mid.square().mean();
+    for (const auto& r : residuals.down) loss = loss + r.square().mean();
+    controlnet->zero_grad();
+    loss.backward();
+    std::vector<torch::Tensor> grads;
+    for (const auto& p : controlnet->parameters()) grads.push_back(p.grad().clone());
+    return std::pair{loss.detach(), grads};
+  };
+  auto plain = tiny_controlnet(torch::kFloat32);
+  const auto [loss, grads] = loss_and_gradients(plain);
+  auto checkpointed = tiny_controlnet(torch::kFloat32);
+  checkpointed->set_gradient_checkpointing(true);
+  const auto [loss_c, grads_c] = loss_and_gradients(checkpointed);
+  EXPECT_LE(rel_err(loss_c, loss), 1e-6);
+  ASSERT_EQ(grads_c.size(), grads.size());
+  for (size_t i = 0; i < grads.size(); ++i) {
+    if (grads[i].abs().sum().item<double>() == 0.0) continue;
+    EXPECT_LE(rel_err(grads_c[i], grads[i]), 1e-5) << "parameter " << i;
+  }
+
+  auto lean = tiny_controlnet(torch::kFloat32);
+  sd::LeanActivations options;
+  options.group_norm_silu = true;
+  options.geglu = true;
+  lean->set_lean_activations(options);
+  EXPECT_TRUE(lean->downs.at(0)->resnet_blocks.at(0)->lean.group_norm_silu);
+  EXPECT_TRUE(lean->mid_block->resnet_blocks.at(1)->lean.group_norm_silu);
+  EXPECT_LE(rel_err(loss_and_gradients(lean).first, loss), 1e-6);
+
+  auto channels_last = tiny_controlnet(torch::kFloat32);
+  channels_last->set_channels_last(true);
+  EXPECT_TRUE(channels_last->conv_in->weight.is_contiguous(torch::MemoryFormat::ChannelsLast));
+  EXPECT_LE(rel_err(loss_and_gradients(channels_last).first, loss), 1e-5);
+}
+
+TEST_F(ControlNet, RefusesBadInputNamingTheShape) {
+  auto controlnet = tiny_controlnet(torch::kFloat32);
+  torch::NoGradGuard no_grad;
+  const auto sample = input("input.sample", torch::kFloat32);
+  const auto context = input("input.encoder_hidden_states", torch::kFloat32);
+  const auto cond = input("input.controlnet_cond", torch::kFloat32);
+  const auto t = cases().at("input.timestep");
+  const int64_t factor = controlnet->config.conditioning_factor();
+  const std::string times = std::to_string(factor) + "× the latent size";
+  // A condition at the latent's size, one of half the size, one with a channel too many.
+  const auto small = torch::rand({sample.size(0), cond.size(1), sample.size(2), sample.size(3)});
+  EXPECT_THAT(error_of([&] { controlnet(sample, t, context, small); }),
+              AllOf(HasSubstr("controlnet_cond"), HasSubstr(times), HasSubstr(shape_string(small.sizes())),
+                    HasSubstr(shape_string(cond.sizes()))));
+  const auto half = cond.slice(2, 0, cond.size(2) / 2);
+  EXPECT_THAT(error_of([&] { controlnet(sample, t, context, half); }), HasSubstr(times));
+  const auto extra = torch::cat({cond, cond.slice(1, 0, 1)}, 1);
+  EXPECT_THAT(error_of([&] { controlnet(sample, t, context, extra); }),
+              HasSubstr(shape_string(extra.sizes())));
+  const auto wrong_sample = torch::cat({sample, sample.slice(1, 0, 1)}, 1);
+  EXPECT_THAT(error_of([&] { controlnet(wrong_sample, t, context, cond); }),
+              AllOf(HasSubstr("sample"), HasSubstr(shape_string(wrong_sample.sizes()))));
+  const auto wide = torch::cat({context, context.slice(2, 0, 1)}, 2);
+  EXPECT_THAT(error_of([&] { controlnet(sample, t, wide, cond); }),
+              AllOf(HasSubstr("encoder_hidden_states"), HasSubstr(shape_string(wide.sizes()))));
+  const auto one_more = torch::zeros({sample.size(0) + 1}, torch::kInt64);
+  EXPECT_THAT(error_of([&] { controlnet(sample, one_more, context, cond); }),
+              AllOf(HasSubstr("timestep"), HasSubstr(shape_string(one_more.sizes()))));
+  const auto features = torch::zeros({sample.size(0), controlnet->config.unet.block_out_channels[0] + 1});
+  EXPECT_THAT(error_of([&] { controlnet->forward_with_time_features(sample, features, context, cond); }),
+              AllOf(HasSubstr("timestep features"), HasSubstr(shape_string(features.sizes()))));
+}
+
+TEST_F(ControlNet, MatchesTheReferenceFloat32_CUDA) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  at::globalContext().setAllowTF32CuBLAS(false);  // parity needs true float32 arithmetic
+  at::globalContext().setAllowTF32CuDNN(false);
+  auto controlnet = tiny_controlnet(torch::kFloat32);
+  controlnet->to(torch::kCUDA);
+  torch::NoGradGuard no_grad;
+  const auto cuda = [](const std::string& key) { return input(key, torch::kFloat32).to(torch::kCUDA); };
+  auto residuals = controlnet(cuda("input.sample"), cuda("input.timestep"), cuda("input.encoder_hidden_states"),
+                              cuda("input.controlnet_cond"));
+  for (auto& r : residuals.down) r = r.cpu();
+  residuals.mid = residuals.mid.cpu();
+  EXPECT_LE(max_error(residuals, "output"), kFloat32);
+}
+
+// ---- weights ---------------------------------------------------------------------------------
+
+void write_json(const fs::path& path, const json& value) {
+  fs::create_directories(path.parent_path());
+  std::ofstream(path) << value.dump(2);
+}
+
+/// The tiny ControlNet as a diffusers folder `dir`/`name`: config.json as diffusers writes it,
+/// the fixture's weights (as `.fp16` variant only, when asked).
+fs::path write_diffusers_folder(const TempDir& dir, const std::string& name, bool fp16_only = false) {
+  const fs::path folder = dir.path() / name;
+  json config = manifest().at("configs_full").at("controlnet_tiny");
+  config["_class_name"] = "ControlNetModel";
+  config["_diffusers_version"] = manifest().at("versions").at("diffusers");
+  write_json(folder / "config.json", config);
+  scedit::TensorMap tensors;
+  for (const auto& [key, t] : tiny_weights()) tensors.emplace(key, fp16_only ? t.to(torch::kFloat16) : t);
+  scedit::safetensors::save(
+      (folder / (fp16_only ? "diffusion_pytorch_model.fp16.safetensors" : "diffusion_pytorch_model.safetensors"))
+          .string(),
+      tensors);
+  return folder;
+}
+
+/// The tiny ControlNet's weights under their original names with `prefix`, plus `extra` tensors.
+scedit::TensorMap original_layout(const std::string& prefix, const scedit::TensorMap& extra = {}) {
+  scedit::TensorMap checkpoint = extra;
+  sd::diffusers_component_to_ldm(tiny_weights(), sd::ldm_controlnet_keys(tiny_config(), prefix), "ControlNet",
+                                 checkpoint);
+  return checkpoint;
+}
+
+/// Expects `controlnet`'s parameters to be the fixture's, in `dtype`.
+void expect_fixture_weights(const sd::ControlNet& controlnet, torch::Dtype dtype,
+                            torch::Dtype rounded_through = torch::kFloat32) {
+  const auto loaded = scedit::state_dict(*controlnet);
+  ASSERT_EQ(loaded.size(), tiny_weights().size());
+  for (const auto& [key, tensor] : tiny_weights()) {
+    ASSERT_TRUE(loaded.count(key)) << key;
+    EXPECT_EQ(loaded.at(key).scalar_type(), dtype) << key;
+    EXPECT_TRUE(torch::equal(loaded.at(key), tensor.to(rounded_through).to(dtype))) << key;
+  }
+}
+
+class ControlNetWeights : public ::testing::Test {
+ protected:
+  void SetUp() override { torch::manual_seed(0); }
+  TempDir scratch_{"controlnet"};  ///< where a test writes its folders and files
+};
+
+TEST_F(ControlNetWeights, KeyTableMapsTheOriginalLayoutOnSd15) {
+  const auto config = sd::ControlNetConfig::from_json(manifest().at("configs").at("controlnet_sd15"));
+  const auto table = sd::ldm_controlnet_keys(config);
+  std::set<std::string> ldm, diffusers, expected;
+  std::map<std::string, std::string> to_diffusers;
+  for (const auto& pair : table) {
+    EXPECT_TRUE(ldm.insert(pair.ldm).second) << "duplicate " << pair.ldm;
+    EXPECT_TRUE(diffusers.insert(pair.diffusers).second) << "duplicate " << pair.diffusers;
+    EXPECT_EQ(pair.transform, sd::KeyTransform::kNone) << pair.ldm;
+    to_diffusers[pair.ldm] = pair.diffusers;
+  }
+  for (const auto& [key, shape] : manifest().at("keys_controlnet_sd15").items()) expected.insert(key);
+  EXPECT_EQ(diffusers, expected);
+  // The encoder's names are the UNet's, under control_model. instead of model.diffusion_model.
+  size_t shared = 0;
+  const std::string unet_prefix = sd::kLdmUNetPrefix, prefix = sd::kLdmControlNetPrefix;
+  for (const auto& pair : sd::ldm_unet_keys(config.unet)) {
+    if (!diffusers.count(pair.diffusers)) continue;
+    ++shared;
+    const std::string key = prefix + pair.ldm.substr(unet_prefix.size());
+    ASSERT_TRUE(to_diffusers.count(key)) << key;
+    EXPECT_EQ(to_diffusers.at(key), pair.diffusers);
+  }
+  size_t encoder_keys = 0;
+  for (const auto& key : expected) {
+    encoder_keys += under(key, manifest().at("from_unet").at("prefixes_copied_from_unet")) ? 1 : 0;
+  }
+  EXPECT_EQ(shared, encoder_keys);
+  // The control-specific names of diffusers' conversion.
+  const size_t steps = config.conditioning_embedding_out_channels.size() - 1;
+  const size_t last_zero = config.residual_channels().size() - 1;
+  const std::vector<std::pair<std::string, std::string>> names = {
+      {"time_embed.0.weight", "time_embedding.linear_1.weight"},
+      {"input_blocks.0.0.weight", "conv_in.weight"},
+      {"input_hint_block.0.weight", "controlnet_cond_embedding.conv_in.weight"},
+      {"input_hint_block.2.bias", "controlnet_cond_embedding.blocks.0.bias"},
+      {"input_hint_block." + std::to_string(4 * steps) + ".weight",
+       "controlnet_cond_embedding.blocks." + std::to_string(2 * steps - 1) + ".weight"},
+      {"input_hint_block." + std::to_string(4 * steps + 2) + ".weight", "controlnet_cond_embedding.conv_out.weight"},
+      {"zero_convs.0.0.weight", "controlnet_down_blocks.0.weight"},
+      {"zero_convs." + std::to_string(last_zero) + ".0.bias",
+       "controlnet_down_blocks." + std::to_string(last_zero) + ".bias"},
+      {"middle_block_out.0.weight", "controlnet_mid_block.weight"},
+      {"middle_block.1.proj_in.weight", "mid_block.attentions.0.proj_in.weight"}};
+  for (const auto& [name, expected_key] : names) {
+    ASSERT_TRUE(to_diffusers.count(prefix + name)) << name;
+    EXPECT_EQ(to_diffusers.at(prefix + name), expected_key) << name;
+  }
+}
+
+TEST_F(ControlNetWeights, LoadsADiffusersFolderInTheDtypeAsked) {
+  const auto folder = write_diffusers_folder(scratch_, "controlnet");
+  expect_fixture_weights(sd::load_controlnet(folder), torch::kFloat32);
+  auto f64 = sd::load_controlnet(folder, sd::WeightsOptions().dtype(torch::kFloat64));
+  expect_fixture_weights(f64, torch::kFloat64);
+  EXPECT_FALSE(f64->is_training());
+  EXPECT_LE(max_error(run(f64, torch::kFloat64, 1.0, true), "output"), kFloat64ReferenceFeatures);
+  // A pipeline folder's controlnet/, and the fp16 variant where only it is there.
+  write_json(scratch_.path() / "model_index.json", {{"_class_name", "StableDiffusionControlNetPipeline"}});
+  expect_fixture_weights(sd::load_controlnet(scratch_.path()), torch::kFloat32);
+  const auto fp16 = write_diffusers_folder(scratch_, "fp16", /*fp16_only=*/true);
+  expect_fixture_weights(sd::load_controlnet(fp16, sd::WeightsOptions().variant("fp16").verbose(false)),
+                         torch::kFloat32, torch::kFloat16);
+}
+
+TEST_F(ControlNetWeights, LoadsADiffusersFileWithItsConfiguration) {
+  const auto file = scratch_.path() / "alone" / "controlnet.safetensors";
+  fs::create_directories(file.parent_path());
+  scedit::safetensors::save(file.string(), tiny_weights());
+  expect_fixture_weights(sd::load_controlnet(file, {}, tiny_config()), torch::kFloat32);
+  // Without a configuration it is SD 1.5's, which these weights do not fit: the strict load says so.
+  EXPECT_THAT(error_of([&] { sd::load_controlnet(file); }), AllOf(HasSubstr(file.string()), HasSubstr("conv_in.weight")));
+  // The config.json beside it, when there is one.
+  write_json(file.parent_path() / "config.json", manifest().at("configs").at("controlnet_tiny"));
+  expect_fixture_weights(sd::load_controlnet(file), torch::kFloat32);
+}
+
+TEST_F(ControlNetWeights, LoadsAnOriginalSingleFile) {
+  // A whole ControlLDM checkpoint: the ControlNet's keys beside another model's, which are ignored.
+  const auto whole = scratch_.path() / "control_tiny.safetensors";
+  const std::string unet_key = std::string(sd::kLdmUNetPrefix) + "out.2.bias";
+  scedit::safetensors::save(whole.string(), original_layout(sd::kLdmControlNetPrefix, {{unet_key, torch::zeros({4})}}));
+  auto controlnet = sd::load_controlnet(whole, sd::WeightsOptions().dtype(torch::kFloat64), tiny_config());
+  expect_fixture_weights(controlnet, torch::kFloat64);
+  EXPECT_LE(max_error(run(controlnet, torch::kFloat64, 1.0, true), "output"), kFloat64ReferenceFeatures);
+  // A standalone original file: the same keys without the prefix.
+  const auto standalone = scratch_.path() / "standalone.safetensors";
+  scedit::safetensors::save(standalone.string(), original_layout(""));
+  expect_fixture_weights(sd::load_controlnet(standalone, {}, tiny_config()), torch::kFloat32);
+}
+
+TEST_F(ControlNetWeights, ErrorsNameTheFileAndTheKey) {
+  // A missing original key, named with its diffusers name; an unexpected one.
+  auto checkpoint = original_layout(sd::kLdmControlNetPrefix);
+  const std::string zero_conv = std::string(sd::kLdmControlNetPrefix) + "zero_convs.1.0.weight";
+  checkpoint.erase(zero_conv);
+  const auto missing = scratch_.path() / "missing.safetensors";
+  scedit::safetensors::save(missing.string(), checkpoint);
+  EXPECT_THAT(error_of([&] { sd::load_controlnet(missing, {}, tiny_config()); }),
+              AllOf(HasSubstr(zero_conv), HasSubstr("controlnet_down_blocks.1.weight"), HasSubstr(missing.string())));
+  auto unexpected = original_layout(sd::kLdmControlNetPrefix);
+  const std::string stray = std::string(sd::kLdmControlNetPrefix) + "zero_convs.99.0.weight";
+  unexpected.emplace(stray, torch::zeros({1}));
+  const auto extra = scratch_.path() / "extra.safetensors";
+  scedit::safetensors::save(extra.string(), unexpected);
+  EXPECT_THAT(error_of([&] { sd::load_controlnet(extra, {}, tiny_config()); }),
+              AllOf(HasSubstr(stray), HasSubstr(extra.string())));
+  // A diffusers folder missing a key.
+  const auto folder = write_diffusers_folder(scratch_, "partial");
+  auto partial = tiny_weights();
+  partial.erase("controlnet_mid_block.bias");
+  scedit::safetensors::save((folder / "diffusion_pytorch_model.safetensors").string(), partial);
+  EXPECT_THAT(error_of([&] { sd::load_controlnet(folder); }),
+              AllOf(HasSubstr("controlnet_mid_block.bias"), HasSubstr("diffusion_pytorch_model.safetensors")));
+  // A config key that is not supported, naming the file.
+  json config = manifest().at("configs").at("controlnet_tiny");
+  config["global_pool_conditions"] = true;
+  write_json(folder / "config.json", config);
+  EXPECT_THAT(error_of([&] { sd::load_controlnet(folder); }),
+              AllOf(HasSubstr("global_pool_conditions"), HasSubstr((folder / "config.json").string())));
+  // Pickles, and files holding no ControlNet.
+  EXPECT_THAT(error_of([&] { sd::load_controlnet(scratch_.path() / "missing.ckpt"); }), HasSubstr("does not exist"));
+  scedit_test::write_file(scratch_.path() / "control.ckpt", "not read");
+  EXPECT_THAT(error_of([&] { sd::load_controlnet(scratch_.path() / "control.ckpt"); }), HasSubstr("pickle"));
+  const auto unet_file = scratch_.path() / "unet.safetensors";
+  scedit::safetensors::save(unet_file.string(), fixture("unet_tiny.safetensors"));
+  EXPECT_THAT(error_of([&] { sd::load_controlnet(unet_file, {}, tiny_config()); }),
+              AllOf(HasSubstr("holds no ControlNet"), HasSubstr(unet_file.string())));
+}
+
+}  // namespace
