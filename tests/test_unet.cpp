@@ -125,19 +125,10 @@ TEST_F(Models, UNetTinyKeysAndShapesMatchManifest) {
   EXPECT_EQ(shapes_of(*unet), shapes_of(manifest().at("keys_unet_tiny")));
 }
 
-/// Sets the default dtype for a scope (restored on exit).
-struct DefaultDtypeGuard {
-  explicit DefaultDtypeGuard(caffe2::TypeMeta dtype) : previous(torch::get_default_dtype()) {
-    torch::set_default_dtype(dtype);
-  }
-  ~DefaultDtypeGuard() { torch::set_default_dtype(previous); }
-  caffe2::TypeMeta previous;
-};
-
 TEST_F(Models, UNetSd15KeysShapesAndParameterCount) {
   // Built in bfloat16 (half the memory and page faults of float32): only keys, shapes and
   // counts are checked here.
-  DefaultDtypeGuard bf16(caffe2::TypeMeta::Make<at::BFloat16>());
+  scedit_test::DefaultDtypeGuard bf16(caffe2::TypeMeta::Make<at::BFloat16>());
   sd::UNet unet(sd::UNetConfig::from_json(config_json("unet_sd15")));
   EXPECT_EQ(unet->conv_in->weight.scalar_type(), torch::kBFloat16);
   EXPECT_EQ(shapes_of(*unet), shapes_of(manifest().at("keys_unet_sd15")));

@@ -197,6 +197,19 @@ inline torch::Tensor random_tensor(torch::ScalarType dtype, torch::IntArrayRef s
   return torch::randn(shape, torch::kFloat64).to(dtype);
 }
 
+/// Sets the default dtype for a scope (restored on exit): to build a full-size model in bf16,
+/// where only its keys, shapes and counts are checked.
+struct DefaultDtypeGuard {
+  /// Makes `dtype` the default until the guard goes away.
+  explicit DefaultDtypeGuard(caffe2::TypeMeta dtype) : previous(torch::get_default_dtype()) {
+    torch::set_default_dtype(dtype);
+  }
+  ~DefaultDtypeGuard() { torch::set_default_dtype(previous); }
+  DefaultDtypeGuard(const DefaultDtypeGuard&) = delete;
+  DefaultDtypeGuard& operator=(const DefaultDtypeGuard&) = delete;
+  caffe2::TypeMeta previous;  ///< restored on exit
+};
+
 /// A seeded random uint8 image [h, w, 3].
 inline torch::Tensor random_image(int64_t h, int64_t w, uint64_t seed = 1) {
   auto generator = at::detail::createCPUGenerator(seed);
