@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs what scedit needs on Debian 12 (bookworm) or later: a compiler, CMake, Ninja,
-# LibTorch (CPU), GoogleTest, Google Benchmark, nlohmann-json, stb, CLI11 and Doxygen.
+# LibTorch (CPU), GoogleTest, Google Benchmark, nlohmann-json, stb, CLI11, Doxygen and OpenCV's
+# imgproc (optional for the build: only the Canny condition needs it).
 set -euo pipefail
 packages=(g++ cmake ninja-build libtorch-dev libgtest-dev libgmock-dev libbenchmark-dev
-          nlohmann-json3-dev libstb-dev libcli11-dev doxygen)
+          nlohmann-json3-dev libstb-dev libcli11-dev doxygen libopencv-imgproc-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

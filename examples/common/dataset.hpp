@@ -5,7 +5,9 @@
 ///
 /// Three layouts are recognised (checked in this order):
 /// 1. `metadata.jsonl` — one JSON object per line with `file_name` and `text` (the diffusers /
-///    Hugging Face ImageFolder layout); also `image`/`file` and `caption`/`prompt`.
+///    Hugging Face ImageFolder layout); also `image`/`file` and `caption`/`prompt`. A
+///    `conditioning_image` (diffusers' ControlNet layout) is kept in the item, not read here
+///    (conditioned_dataset.hpp reads it).
 /// 2. a CSV file (`metadata.csv`, `train.csv`, or the folder's only `*.csv`) whose header names
 ///    an image column (`Image:FILE`, `file_name`, `image`, `file`) and a text column (`Text`,
 ///    `text`, `caption`, `prompt`; case-insensitive, a `:TYPE` suffix is ignored) — the Style
@@ -33,6 +35,7 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -116,7 +119,34 @@ class ImageSource {
 struct CaptionedItem {
   std::string file;     ///< path of the image file
   std::string caption;  ///< its caption (whitespace trimmed, never empty)
+  /// Path of its condition image, where the listing names one (`conditioning_image`) or an
+  /// `ItemCheck` set it; else empty.
+  std::string condition;
 };
+
+class CaptionedImageDataset;
+
+/// A last check of an item that passed all others, given its decoded image (uint8 [H, W, 3], as
+/// read) and the dataset being scanned (its options, `base_folder`): returns "" to keep the item,
+/// or what is wrong (naming the file at fault) to make it a bad item under the dataset's policy.
+/// It may fill in the item (its `condition`); an item it keeps is kept. Conditioned datasets
+/// check their condition images this way.
+using ItemCheck = std::function<std::string(CaptionedItem& item, const torch::Tensor& image,
+                                            const CaptionedImageDataset& dataset)>;
+
+/// Where a sample's window lies in its resized image, and whether it is mirrored: the random
+/// draws of one sample, so that its image and its condition images are cut alike.
+struct SampleView {
+  CropBox box;        ///< the R x R window
+  bool flip = false;  ///< mirrored left to right after the crop
+};
+
+/// Cuts `view` out of an image [H, W, C] (any dtype; sized as the view was drawn for): the crop,
+/// then the mirror. -> [R, R, C]
+inline torch::Tensor apply_view(const torch::Tensor& image, const SampleView& view) {
+  auto window = crop(image, view.box);
+  return view.flip ? hflip(window) : window;
+}
 
 namespace detail {
 
@@ -164,6 +194,7 @@ inline int64_t find_column(const std::vector<std::string>& header,
 struct Candidate {
   std::filesystem::path image;
   std::string caption;
+  std::filesystem::path condition;  // the listing's conditioning_image, if any
   std::string origin;   // e.g. "train.csv line 4", for messages
   std::string problem;  // non-empty: bad before looking at the image
 };
@@ -188,12 +219,14 @@ inline std::string join_names(const std::vector<std::string>& names) {
 class CaptionedImageDataset : public ImageSource {
  public:
   /// Scans `root` (a folder, or a .csv / .jsonl file). Throws when it does not exist, has no
-  /// recognised layout, has no usable item, or (fatal policy) holds a bad item.
-  explicit CaptionedImageDataset(const std::filesystem::path& root, DatasetOptions options = {})
+  /// recognised layout, has no usable item, or (fatal policy) holds a bad item. `check`, when
+  /// given, is the last check of each item (see `ItemCheck`); it is not kept.
+  explicit CaptionedImageDataset(const std::filesystem::path& root, DatasetOptions options = {},
+                                 const ItemCheck& check = {})
       : root_(root), options_(std::move(options)) {
     TORCH_CHECK(options_.resolution() > 0, "DatasetOptions::resolution must be positive, got ",
                 options_.resolution());
-    validate(list_candidates());
+    validate(list_candidates(), check);
     TORCH_CHECK(!items_.empty(), "dataset '", root_.string(), "' (", to_string(layout_),
                 "): no usable images", problems_.empty() ? "" : "; first problem: ",
                 problems_.empty() ? "" : problems_.front());
@@ -211,24 +244,38 @@ class CaptionedImageDataset : public ImageSource {
   DatasetLayout layout() const { return layout_; }
   /// The options it was built with.
   const DatasetOptions& options() const { return options_; }
+  /// The folder the listing's paths are relative to (the .csv's / .jsonl's, or the images').
+  const std::filesystem::path& base_folder() const { return base_folder_; }
 
   /// Sample `index` (0 <= index < size()): image float [3, R, R] in [-1, 1], caption, file.
   /// Random choices come from `generator` (a CPU generator).
   CaptionedImage get(int64_t index, torch::Generator& generator) const override {
-    TORCH_CHECK(index >= 0 && index < size(), "CaptionedImageDataset::get: index ", index,
-                " out of range for ", size(), " items");
+    const auto image = resized(index);  // [h, w, 3], short side R
+    const auto view = draw_view(image.size(0), image.size(1), generator);
     const auto& item = items_[static_cast<size_t>(index)];
+    return CaptionedImage{sd::to_float(apply_view(image, view)), item.caption, item.file, {}};
+  }
+
+  /// The image of item `index` resized to the resolution on its short side: uint8 [h, w, 3].
+  torch::Tensor resized(int64_t index) const {
+    TORCH_CHECK(index >= 0 && index < size(), "CaptionedImageDataset: index ", index,
+                " out of range for ", size(), " items");
+    return options_.cache_images()
+               ? cache_[static_cast<size_t>(index)]
+               : resize_short_side(read_image(items_[static_cast<size_t>(index)].file),
+                                   options_.resolution());
+  }
+
+  /// The window and mirror of one sample of a resized image of `height` x `width`: the centred
+  /// or a random R x R crop (draws: top, left), then a flip with probability 1/2 (one draw),
+  /// each drawn from `generator` only when its option is on.
+  SampleView draw_view(int64_t height, int64_t width, torch::Generator& generator) const {
     const int64_t r = options_.resolution();
-    auto image = options_.cache_images() ? cache_[static_cast<size_t>(index)]
-                                         : resize_short_side(read_image(item.file), r);
-    // [h, w, 3] (short side R) -> [R, R, 3]
-    image = options_.center_crop()
-                ? crop(image, center_crop_box(image.size(0), image.size(1), r, r))
-                : crop(image, random_crop_box(image.size(0), image.size(1), r, r, generator));
-    if (options_.random_flip() && torch::rand({1}, generator).item<double>() < 0.5) {
-      image = hflip(image);
-    }
-    return CaptionedImage{sd::to_float(image), item.caption, item.file, {}};  // [3, R, R]
+    SampleView view;
+    view.box = options_.center_crop() ? center_crop_box(height, width, r, r)
+                                      : random_crop_box(height, width, r, r, generator);
+    view.flip = options_.random_flip() && torch::rand({1}, generator).item<double>() < 0.5;
+    return view;
   }
 
  private:
@@ -277,6 +324,7 @@ class CaptionedImageDataset : public ImageSource {
                 "images with same-named .txt captions (found ",
                 images.size(), " image files and no captions)");
     layout_ = DatasetLayout::txt;
+    base_folder_ = root_;
     std::vector<detail::Candidate> candidates;
     for (const auto& image : images) {
       detail::Candidate c;
@@ -296,6 +344,7 @@ class CaptionedImageDataset : public ImageSource {
 
   std::vector<detail::Candidate> list_csv(const std::filesystem::path& csv_path) {
     layout_ = DatasetLayout::csv;
+    base_folder_ = csv_path.parent_path();
     const auto name = csv_path.filename().string();
     const auto rows = parse_csv(read_file_bytes(csv_path), csv_path.string());
     TORCH_CHECK(!rows.empty(), "CSV '", csv_path.string(), "' is empty (expected a header)");
@@ -329,6 +378,7 @@ class CaptionedImageDataset : public ImageSource {
 
   std::vector<detail::Candidate> list_jsonl(const std::filesystem::path& jsonl_path) {
     layout_ = DatasetLayout::jsonl;
+    base_folder_ = jsonl_path.parent_path();
     const auto name = jsonl_path.filename().string();
     const auto text = read_file_bytes(jsonl_path);
     const auto folder = jsonl_path.parent_path();
@@ -366,6 +416,10 @@ class CaptionedImageDataset : public ImageSource {
         c.image = folder / detail::trim(file);
         string_field(detail::text_column_names(), c.caption);
         c.caption = detail::trim(c.caption);
+        std::string condition;
+        if (string_field({"conditioning_image"}, condition) && !detail::trim(condition).empty()) {
+          c.condition = folder / detail::trim(condition);
+        }
       }
       candidates.push_back(std::move(c));
     }
@@ -373,7 +427,7 @@ class CaptionedImageDataset : public ImageSource {
   }
 
   /// Opens every listed image; keeps the good items and reports the bad ones.
-  void validate(const std::vector<detail::Candidate>& candidates) {
+  void validate(const std::vector<detail::Candidate>& candidates, const ItemCheck& check) {
     const int64_t r = options_.resolution();
     for (const auto& c : candidates) {
       const std::string where = "'" + c.image.string() + "' (" + c.origin + ")";
@@ -404,7 +458,15 @@ class CaptionedImageDataset : public ImageSource {
                std::to_string(r) + " on its short side");
         continue;
       }
-      items_.push_back(CaptionedItem{c.image.string(), c.caption});
+      CaptionedItem item{c.image.string(), c.caption, c.condition.string()};
+      if (check) {
+        const auto problem = check(item, image, *this);
+        if (!problem.empty()) {
+          report(where + ": " + problem);
+          continue;
+        }
+      }
+      items_.push_back(std::move(item));
       if (options_.cache_images()) cache_.push_back(resize_short_side(image, r));
     }
   }
@@ -418,6 +480,7 @@ class CaptionedImageDataset : public ImageSource {
   std::filesystem::path root_;
   DatasetOptions options_;
   DatasetLayout layout_ = DatasetLayout::txt;
+  std::filesystem::path base_folder_;
   std::vector<CaptionedItem> items_;
   std::vector<torch::Tensor> cache_;  // [h, w, 3] uint8, short side R, when cache_images
   std::vector<std::string> problems_;

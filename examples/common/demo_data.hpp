@@ -1,8 +1,10 @@
 #pragma once
 /// @file demo_data.hpp
-/// @brief The generated demo style dataset of the embedded default: flat-coloured shapes with a
+/// @brief The generated demo datasets of the embedded default: flat-coloured shapes with a
 /// thick outline and a hard shadow, captioned, in the metadata.jsonl layout that
-/// `CaptionedImageDataset` reads. The same seed gives the same files on every machine.
+/// `CaptionedImageDataset` reads (style), or with each shape's edge map in diffusers' ControlNet
+/// layout that `ConditionedImageDataset` reads (control). The same seed gives the same files on
+/// every machine.
 
 #include <common/files.hpp>
 #include <common/png.hpp>
@@ -69,6 +71,143 @@ inline double polygon_distance(const std::vector<std::array<double, 2>>& v, doub
   return inside ? -std::sqrt(best) : std::sqrt(best);
 }
 
+/// The shapes of the demo data.
+inline const std::array<const char*, 6>& demo_shapes() {
+  static const std::array<const char*, 6> shapes{"circle",  "square",  "triangle",
+                                                 "diamond", "hexagon", "star"};
+  return shapes;
+}
+
+/// One demo picture: a flat-coloured shape on a flat background.
+struct DemoShape {
+  size_t shape = 0;   // index into demo_shapes()
+  size_t fill = 0;    // palette index of the shape
+  size_t back = 0;    // palette index of the background, never the shape's
+  double cx = 0, cy = 0, radius = 0;  // centre and size, pixels
+  double tilt = 0;    // radians
+};
+
+/// A shape drawn from `rng` for a picture of side `side`, in this order: the shape, its colour,
+/// the background's, the centre (each coordinate uniform in `centre` times the side), the radius
+/// (uniform in `radius` times the side), the tilt (uniform in [-0.2, 0.2) radians).
+inline DemoShape random_demo_shape(SplitMix64& rng, double side, std::array<double, 2> centre,
+                                   std::array<double, 2> radius) {
+  DemoShape s;
+  s.shape = rng.index(demo_shapes().size());
+  s.fill = rng.index(demo_palette().size());
+  s.back = rng.index(demo_palette().size() - 1);
+  if (s.back >= s.fill) ++s.back;  // never the shape's colour
+  s.cx = side * rng.uniform(centre[0], centre[1]);
+  s.cy = side * rng.uniform(centre[0], centre[1]);
+  s.radius = side * rng.uniform(radius[0], radius[1]);
+  s.tilt = rng.uniform(-0.2, 0.2);
+  return s;
+}
+
+/// Signed distance from a point to a shape's contour, in pixels: negative inside.
+class DemoShapeDistance {
+ public:
+  /// The contour of `s`: a circle, or a polygon (counter-clockwise, pointing up).
+  explicit DemoShapeDistance(const DemoShape& s) : s_(s) {
+    constexpr double pi = 3.14159265358979323846;
+    auto regular = [&](int sides, double phase, double r_outer, double r_inner) {
+      const int count = r_inner > 0 ? 2 * sides : sides;
+      for (int i = 0; i < count; ++i) {
+        const double r = (r_inner > 0 && i % 2 == 1) ? r_inner : r_outer;
+        const double a = phase + s.tilt - pi / 2 + 2 * pi * i / count;
+        poly_.push_back({s.cx + r * std::cos(a), s.cy + r * std::sin(a)});
+      }
+    };
+    const std::string name = demo_shapes()[s.shape];
+    if (name == "square") regular(4, pi / 4, s.radius * 1.1, 0);
+    if (name == "triangle") regular(3, 0, s.radius * 1.2, 0);
+    if (name == "diamond") regular(4, 0, s.radius * 1.2, 0);
+    if (name == "hexagon") regular(6, pi / 6, s.radius, 0);
+    if (name == "star") regular(5, 0, s.radius * 1.2, s.radius * 0.5);
+  }
+  /// The distance at (x, y).
+  double operator()(double x, double y) const {
+    if (poly_.empty()) return std::hypot(x - s_.cx, y - s_.cy) - s_.radius;
+    return polygon_distance(poly_, x, y);
+  }
+
+ private:
+  DemoShape s_;
+  std::vector<std::array<double, 2>> poly_;  // empty: the circle
+};
+
+/// An R x R picture, uint8 [R, R, 3]: `value(x, y, channel)` at each pixel centre, rounded.
+template <typename Value>
+torch::Tensor draw_demo_pixels(int64_t resolution, const Value& value) {
+  auto image = torch::empty({resolution, resolution, 3}, torch::kUInt8);
+  uint8_t* pixels = image.data_ptr<uint8_t>();
+  for (int64_t y = 0; y < resolution; ++y) {
+    for (int64_t x = 0; x < resolution; ++x) {
+      const auto rgb = value(x + 0.5, y + 0.5);
+      for (size_t ch = 0; ch < 3; ++ch) {
+        pixels[(y * resolution + x) * 3 + static_cast<int64_t>(ch)] =
+            static_cast<uint8_t>(std::clamp(std::lround(rgb[ch]), 0L, 255L));
+      }
+    }
+  }
+  return image;
+}
+
+/// The style demo's picture of `s`: the flat fill, a thick dark outline and a hard drop shadow
+/// on the flat background, each with a one-pixel antialiased edge; uint8 [R, R, 3].
+inline torch::Tensor draw_demo_shape(const DemoShape& s, int64_t resolution) {
+  const double size = static_cast<double>(resolution);
+  const double outline = std::max(2.0, 0.035 * size);  // outline width, pixels
+  const double shadow = std::max(2.0, 0.045 * size);   // drop shadow offset, pixels
+  const std::array<double, 3> ink{28, 28, 36};         // outline colour
+  const auto& fill = demo_palette()[s.fill].rgb;
+  const auto& back = demo_palette()[s.back].rgb;
+  const DemoShapeDistance distance(s);
+  return draw_demo_pixels(resolution, [&](double px, double py) {
+    const double d = distance(px, py);
+    const double d_shadow = distance(px - shadow, py - shadow) - outline / 2;
+    const double shadow_cover = std::clamp(0.5 - d_shadow, 0.0, 1.0);
+    const double fill_cover = std::clamp(0.5 - d, 0.0, 1.0);
+    const double ink_cover = std::clamp(outline / 2 + 0.5 - std::abs(d), 0.0, 1.0);
+    std::array<double, 3> rgb{};
+    for (size_t ch = 0; ch < 3; ++ch) {
+      double v = back[ch];
+      v += shadow_cover * (0.62 * back[ch] - v);
+      v += fill_cover * (fill[ch] - v);
+      v += ink_cover * (ink[ch] - v);
+      rgb[ch] = v;
+    }
+    return rgb;
+  });
+}
+
+/// The edge map of `s`, drawn from its exact contour: white (255) where the contour passes
+/// within one pixel of the pixel's centre, black elsewhere; uint8 [R, R, 3]. No shadow, no
+/// colour: where the shape is and what it is, nothing else.
+inline torch::Tensor draw_demo_edges(const DemoShape& s, int64_t resolution) {
+  const DemoShapeDistance distance(s);
+  return draw_demo_pixels(resolution, [&](double px, double py) {
+    const double v = std::abs(distance(px, py)) <= 1.0 ? 255.0 : 0.0;
+    return std::array<double, 3>{v, v, v};
+  });
+}
+
+/// The caption of `s`, e.g. "a red circle on an orange background".
+inline std::string demo_caption(const DemoShape& s) {
+  auto article = [](const char* word) {
+    return std::string(std::strchr("aeiou", word[0]) != nullptr ? "an " : "a ") + word;
+  };
+  return article(demo_palette()[s.fill].name) + " " + demo_shapes()[s.shape] + " on " +
+         article(demo_palette()[s.back].name) + " background";
+}
+
+/// "images/demo_0007.png" and the like: the name of picture `k` in folder `folder`.
+inline std::string demo_file(const char* folder, int64_t k) {
+  char file[48];
+  std::snprintf(file, sizeof(file), "%s/demo_%04lld.png", folder, static_cast<long long>(k));
+  return file;
+}
+
 }  // namespace detail
 
 /// Generates a small synthetic style dataset in the metadata.jsonl layout: `n` square PNGs of
@@ -81,76 +220,50 @@ inline std::filesystem::path make_demo_dataset(const std::filesystem::path& fold
   TORCH_CHECK(n > 0, "make_demo_dataset: n must be positive, got ", n);
   TORCH_CHECK(resolution >= 16, "make_demo_dataset: resolution must be >= 16, got ", resolution);
   std::filesystem::create_directories(folder / "images");
-  constexpr double pi = 3.14159265358979323846;
-  static const std::array<const char*, 6> shapes{"circle", "square",  "triangle",
-                                                 "diamond", "hexagon", "star"};
-  const auto& palette = detail::demo_palette();
   detail::SplitMix64 rng{seed};
-  const double size = static_cast<double>(resolution);
-  const double outline = std::max(2.0, 0.035 * size);  // outline width, pixels
-  const double shadow = std::max(2.0, 0.045 * size);   // drop shadow offset, pixels
-  const std::array<double, 3> ink{28, 28, 36};         // outline colour
   std::string metadata;
   for (int64_t k = 0; k < n; ++k) {
-    const size_t shape = rng.index(shapes.size());
-    const size_t fg = rng.index(palette.size());
-    size_t bg = rng.index(palette.size() - 1);
-    if (bg >= fg) ++bg;  // never the shape's colour
-    const double cx = size * rng.uniform(0.38, 0.62), cy = size * rng.uniform(0.38, 0.62);
-    const double radius = size * rng.uniform(0.20, 0.30);
-    const double tilt = rng.uniform(-0.2, 0.2);  // radians
-    // The polygon (all shapes but the circle), counter-clockwise, pointing up.
-    std::vector<std::array<double, 2>> poly;
-    auto regular = [&](int sides, double phase, double r_outer, double r_inner) {
-      const int count = r_inner > 0 ? 2 * sides : sides;
-      for (int i = 0; i < count; ++i) {
-        const double r = (r_inner > 0 && i % 2 == 1) ? r_inner : r_outer;
-        const double a = phase + tilt - pi / 2 + 2 * pi * i / count;
-        poly.push_back({cx + r * std::cos(a), cy + r * std::sin(a)});
-      }
-    };
-    const std::string shape_name = shapes[shape];
-    if (shape_name == "square") regular(4, pi / 4, radius * 1.1, 0);
-    if (shape_name == "triangle") regular(3, 0, radius * 1.2, 0);
-    if (shape_name == "diamond") regular(4, 0, radius * 1.2, 0);
-    if (shape_name == "hexagon") regular(6, pi / 6, radius, 0);
-    if (shape_name == "star") regular(5, 0, radius * 1.2, radius * 0.5);
-    auto distance = [&](double x, double y) {
-      if (poly.empty()) return std::hypot(x - cx, y - cy) - radius;
-      return detail::polygon_distance(poly, x, y);
-    };
-    const auto& fill = palette[fg].rgb;
-    const auto& back = palette[bg].rgb;
-    std::vector<uint8_t> pixels(static_cast<size_t>(resolution * resolution * 3));
-    for (int64_t y = 0; y < resolution; ++y) {
-      for (int64_t x = 0; x < resolution; ++x) {
-        const double px = x + 0.5, py = y + 0.5;
-        const double d = distance(px, py);
-        const double d_shadow = distance(px - shadow, py - shadow) - outline / 2;
-        // coverage with a one-pixel antialiased edge
-        const double shadow_cover = std::clamp(0.5 - d_shadow, 0.0, 1.0);
-        const double fill_cover = std::clamp(0.5 - d, 0.0, 1.0);
-        const double ink_cover = std::clamp(outline / 2 + 0.5 - std::abs(d), 0.0, 1.0);
-        for (int ch = 0; ch < 3; ++ch) {
-          double v = back[static_cast<size_t>(ch)];
-          v += shadow_cover * (0.62 * back[static_cast<size_t>(ch)] - v);
-          v += fill_cover * (fill[static_cast<size_t>(ch)] - v);
-          v += ink_cover * (ink[static_cast<size_t>(ch)] - v);
-          pixels[static_cast<size_t>((y * resolution + x) * 3 + ch)] =
-              static_cast<uint8_t>(std::clamp(std::lround(v), 0L, 255L));
-        }
-      }
-    }
-    auto article = [](const char* word) {
-      return std::string(std::strchr("aeiou", word[0]) != nullptr ? "an " : "a ") + word;
-    };
-    const std::string caption = article(palette[fg].name) + " " + shape_name + " on " +
-                                article(palette[bg].name) + " background, flat style";
-    char file[48];
-    std::snprintf(file, sizeof(file), "images/demo_%04lld.png", static_cast<long long>(k));
-    auto image = torch::from_blob(pixels.data(), {resolution, resolution, 3}, torch::kUInt8);
-    write_png((folder / file).string(), image, {{"caption", caption}});
+    const auto shape = detail::random_demo_shape(rng, static_cast<double>(resolution),
+                                                 {0.38, 0.62}, {0.20, 0.30});
+    const std::string caption = detail::demo_caption(shape) + ", flat style";
+    const std::string file = detail::demo_file("images", k);
+    write_png((folder / file).string(), detail::draw_demo_shape(shape, resolution),
+              {{"caption", caption}});
     metadata += nlohmann::json{{"file_name", file}, {"text", caption}}.dump() + "\n";
+  }
+  write_file_atomic(folder / "metadata.jsonl", metadata);
+  return folder;
+}
+
+/// Generates a small synthetic dataset for controllable generation in diffusers' ControlNet
+/// layout: `n` pictures of side `resolution` under `folder/images/` as the style demo draws them,
+/// but with the shape anywhere in the middle 40% of each axis and of any size from 12% to 22% of
+/// the side; under `folder/conditions/` each picture's edge map (the shape's exact contour, white
+/// on black); and `metadata.jsonl` with `file_name`, `conditioning_image` and `text`. The caption
+/// ("a red circle on an orange background") names shape and colours but not where the shape is
+/// or how big: only the condition says that. The same seed gives the same files. Returns
+/// `folder`.
+inline std::filesystem::path make_demo_control_dataset(const std::filesystem::path& folder,
+                                                       int64_t n, int64_t resolution,
+                                                       uint64_t seed) {
+  TORCH_CHECK(n > 0, "make_demo_control_dataset: n must be positive, got ", n);
+  TORCH_CHECK(resolution >= 16, "make_demo_control_dataset: resolution must be >= 16, got ",
+              resolution);
+  std::filesystem::create_directories(folder / "images");
+  std::filesystem::create_directories(folder / "conditions");
+  detail::SplitMix64 rng{seed};
+  std::string metadata;
+  for (int64_t k = 0; k < n; ++k) {
+    const auto shape = detail::random_demo_shape(rng, static_cast<double>(resolution),
+                                                 {0.30, 0.70}, {0.12, 0.22});
+    const std::string caption = detail::demo_caption(shape);
+    const std::string file = detail::demo_file("images", k);
+    const std::string condition = detail::demo_file("conditions", k);
+    write_png((folder / file).string(), detail::draw_demo_shape(shape, resolution),
+              {{"caption", caption}});
+    write_png((folder / condition).string(), detail::draw_demo_edges(shape, resolution));
+    metadata += nlohmann::json{{"file_name", file}, {"conditioning_image", condition},
+                               {"text", caption}}.dump() + "\n";
   }
   write_file_atomic(folder / "metadata.jsonl", metadata);
   return folder;
