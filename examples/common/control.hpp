@@ -2,12 +2,15 @@
 /// @file control.hpp
 /// @brief What controllable generation trains (`train_control --method`): a CSC-Tuner on the
 /// skips, optionally with SC-Tuners, as a `Trainable` whose denoiser hands each batch's condition
-/// images to the CSC-Tuner for that forward pass; and the files it is saved in (scepter's CSC
-/// layout with its options in the sidecar, which `generate --tuner` reads).
+/// images to the CSC-Tuner for that forward pass; or, as the baseline, a ControlNet whose
+/// residuals the frozen UNet adds. And the files each is saved in: scepter's CSC layout with its
+/// options in the sidecar (`generate --tuner`), a diffusers ControlNet folder (`--controlnet`).
 
 #include <common/train_step.hpp>
 #include <common/tuners.hpp>
 
+#include <sd/controlnet.hpp>
+#include <sd/controlnet_weights.hpp>
 #include <sd/unet.hpp>
 
 #include <scedit/csctuner.hpp>
@@ -26,7 +29,7 @@ namespace common {
 
 /// How a CSC-Tuner is built and which tuners train with it (the `train_control` flags).
 struct ControlOptions {
-  std::string method = "csc";  ///< csc | csc+sc (controlnet: see controlnet_trainable)
+  std::string method = "csc";  ///< csc | csc+sc | controlnet
   int64_t kernel_size = 3;     ///< dense hint convs: 3 (the released configurations) or 1 (the paper's count)
   int64_t hint_ratio = 1;      ///< width multiplier r of the pre-hint convs (1 for SD 1.5)
   int64_t hint_channels = 256;  ///< output channels P of the pre-hint encoder (256 for SD 1.5)
@@ -104,6 +107,39 @@ inline Trainable control_trainable(sd::UNet unet, ControlTuners& tuners, const C
                         {"hint_ratio", options.hint_ratio}, {"hint_channels", options.hint_channels},
                         {"down_ratio", options.down_ratio}, {"skips", options.skips}};
   trainable.save = [&tuners](const std::filesystem::path& folder) { return tuners.save(folder); };
+  return trainable;
+}
+
+/// A ControlNet made from `unet` (diffusers' `from_unet`: its encoder copied, its zero
+/// convolutions zero, so it adds nothing until trained), float32 on `device`, to train; the UNet
+/// frozen entirely.
+inline sd::ControlNetModel make_controlnet(sd::UNet& unet, const torch::Device& device) {
+  for (auto& p : unet->parameters()) p.set_requires_grad(false);
+  auto controlnet = sd::controlnet_from_unet(unet);
+  controlnet->to(device, torch::kFloat32);
+  controlnet->train();
+  return controlnet;
+}
+
+/// What training `controlnet` for `unet` is: its parameters (checkpoint keys `controlnet.*`); the
+/// UNet driven by the ControlNet's residuals for the batch's first condition as the denoiser;
+/// the diffusers folder `controlnet/` at the end.
+inline Trainable controlnet_trainable(sd::UNet unet, sd::ControlNetModel controlnet) {
+  Trainable trainable;
+  for (const auto& p : trainable_parameters(*controlnet)) {
+    trainable.parameters.emplace_back("controlnet." + p.first, p.second);
+  }
+  trainable.denoiser = [unet, controlnet](const torch::Tensor& noisy, const torch::Tensor& t,
+                                          const torch::Tensor& text,
+                                          const std::vector<torch::Tensor>& conditions) mutable {
+    TORCH_CHECK(conditions.size() == 1, "a ControlNet trains on one condition image per sample, got ",
+                conditions.size());
+    return unet->forward(noisy, t, text, controlnet->forward(noisy, t, text, conditions.front()));
+  };
+  trainable.settings = {{"method", "controlnet"}};
+  trainable.save = [controlnet](const std::filesystem::path& folder) {
+    return std::vector<std::string>{sd::save_controlnet(folder / "controlnet", controlnet).string()};
+  };
   return trainable;
 }
 

@@ -149,6 +149,15 @@ class TrainingRun {
     return options;
   }
 
+  /// Gives `model` (the UNet, or a ControlNet beside it) the run's memory and speed levers:
+  /// gradient checkpointing, lean activations, channels-last.
+  template <typename Model>
+  void apply_levers(Model& model) const {
+    model->set_gradient_checkpointing(flags_.compute.gradient_checkpointing);
+    model->set_lean_activations(lean_);
+    model->set_channels_last(flags_.compute.channels_last);
+  }
+
   /// The loss the run trains with (for measurements beside the training, as validation's).
   DenoisingLoss loss() const {
     return DenoisingLoss{sd::NoiseSchedule(), flags_.optim.prediction, precision_};
@@ -169,9 +178,7 @@ class TrainingRun {
     const auto& f = flags_;
     auto& unet = pipe.unet;
     unet->train();
-    unet->set_gradient_checkpointing(f.compute.gradient_checkpointing);
-    unet->set_lean_activations(lean_);
-    unet->set_channels_last(f.compute.channels_last);
+    apply_levers(unet);
     BatchSource batches(pipe, data, BatchOptions().cache(f.data.cache).caption_dropout(f.data.caption_dropout),
                         device_, sd::compute_dtype(precision_));
     TrainStep step(trainable.denoiser, trainable.tensors(), sd::NoiseSchedule(), f.optim.optim,

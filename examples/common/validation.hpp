@@ -92,9 +92,11 @@ class ConditionProbe {
     const auto rows = static_cast<int64_t>(indices.size());
     noise_ = torch::randn(batch_.latents.sizes(), generator, torch::kFloat32).to(device);
     const int64_t steps = loss_.schedule.num_train_timesteps();
-    t_ = ((torch::arange(rows, torch::kLong) % timesteps_per_sample) * steps + steps / 2) /
-         timesteps_per_sample;  // the middles of equal parts of [0, T)
-    t_ = t_.to(device);
+    std::vector<int64_t> t(static_cast<size_t>(rows));
+    for (int64_t r = 0; r < rows; ++r) {  // the middles of equal parts of [0, T)
+      t[static_cast<size_t>(r)] = ((r % timesteps_per_sample) * steps + steps / 2) / timesteps_per_sample;
+    }
+    t_ = torch::tensor(t, torch::kLong).to(device);
     shuffled_ = batch_;
     for (auto& c : shuffled_.conditions) c = c.roll(timesteps_per_sample, 0);  // the next sample's
   }

@@ -4,6 +4,7 @@
 // With no --model it runs the built-in tiny model (SD 1.5 layout, random weights), so the whole
 // path can be tried in seconds without a download. See README.md for the flags and examples.
 
+#include <sd/controlnet_weights.hpp>
 #include <sd/sampler.hpp>
 #include <sd/tuner_files.hpp>
 
@@ -54,6 +55,8 @@ struct Flags {
   std::string device = "auto";
   std::vector<std::string> tuners;    // FILE[:SCALE], repeatable
   std::vector<std::string> conditions;  // condition images, one per CSC-Tuner in --tuner order
+  std::vector<std::string> controlnets;  // ControlNet PATH[:SCALE], repeatable
+  std::vector<std::string> controlnet_images;  // one per --controlnet, in order
   std::string init_image;             // image-to-image start
   std::string mask;                   // inpainting: where the init image is made anew
   double control_scale = 1.0;         // global strength of every CSC-Tuner
@@ -133,6 +136,10 @@ std::string parameters_text(const Flags& flags, const std::string& prompt, uint6
         << ", Strength: " << number(options.strength);
   }
   if (!flags.mask.empty()) out << ", Mask: " << fs::path(flags.mask).filename().string();
+  for (size_t i = 0; i < flags.controlnets.size(); ++i) {
+    out << ", ControlNet: " << fs::path(flags.controlnets[i]).filename().string() << " with "
+        << fs::path(flags.controlnet_images[i]).filename().string();
+  }
   if (flags.control_scale != 1.0) out << ", Control scale: " << number(flags.control_scale);
   return out.str();
 }
@@ -175,6 +182,16 @@ void check_flags(const Flags& flags) {
     TORCH_CHECK(fs::exists(tuner.path), "--tuner: '", tuner.path, "' does not exist");
     csc_tuners += sd::detect_tuner_path(tuner.path) == scedit::TunerKind::kCSC;  // reads the header only
   }
+  for (const auto& text : flags.controlnets) {
+    const auto controlnet = parse_tuner_flag(text);
+    TORCH_CHECK(fs::exists(controlnet.path), "--controlnet: '", controlnet.path, "' does not exist");
+  }
+  for (const auto& path : flags.controlnet_images) {
+    TORCH_CHECK(fs::is_regular_file(path), "--controlnet-image: '", path, "' does not exist");
+  }
+  TORCH_CHECK(flags.controlnet_images.size() == flags.controlnets.size(), "give one --controlnet-image "
+              "per --controlnet, in order: ", flags.controlnets.size(), " --controlnet and ",
+              flags.controlnet_images.size(), " --controlnet-image");
   TORCH_CHECK(flags.conditions.size() == csc_tuners, "give one --condition image per CSC-Tuner, "
               "in --tuner order: ", csc_tuners, " CSC-Tuner", csc_tuners == 1 ? "" : "s", " and ",
               flags.conditions.size(), " --condition");
@@ -221,6 +238,16 @@ int run(Flags flags) {
   }
   scedit::set_control_scale(*pipe.unet, flags.control_scale);
 
+  // The ControlNets, in the frozen weights' dtype beside the UNet.
+  std::vector<std::pair<sd::ControlNetModel, double>> controlnets;
+  for (const auto& text : flags.controlnets) {
+    const auto flag = parse_tuner_flag(text);
+    controlnets.emplace_back(
+        sd::load_controlnet(flag.path, sd::WeightsOptions().dtype(sd::compute_dtype(precision)).device(device)),
+        flag.scale);
+    std::printf("controlnet: %s (scale %s)\n", flag.path.c_str(), number(flag.scale).c_str());
+  }
+
   // The settings.
   sd::GenerateOptions options;
   options.width = flags.width > 0 ? flags.width : sd::default_image_size(pipe);
@@ -241,6 +268,12 @@ int run(Flags flags) {
   for (size_t i = 0; i < csc_names.size(); ++i) {
     options.conditions.push_back(
         {csc_names[i], read_image_sized("--condition", flags.conditions[i], options.height, options.width)});
+  }
+  for (size_t i = 0; i < controlnets.size(); ++i) {
+    options.controlnets.push_back({controlnets[i].first,
+                                   read_image_sized("--controlnet-image", flags.controlnet_images[i],
+                                                    options.height, options.width),
+                                   controlnets[i].second});
   }
   if (!flags.init_image.empty()) {
     options.init_image = read_image_sized("--init-image", flags.init_image, options.height, options.width);
@@ -333,6 +366,12 @@ int main(int argc, char** argv) {
   app.add_option("--condition", flags.conditions,
                  "Condition image of a CSC-Tuner (repeatable: one per CSC-Tuner, in --tuner order; "
                  "resized to the output size when it differs)")->allow_extra_args(false);
+  app.add_option("--controlnet", flags.controlnets,
+                 "ControlNet PATH[:SCALE]: a diffusers folder or file, or an original single file "
+                 "(repeatable; their residuals add up; scale 1 if absent)")->allow_extra_args(false);
+  app.add_option("--controlnet-image", flags.controlnet_images,
+                 "Condition image of a ControlNet (repeatable: one per --controlnet, in order; "
+                 "resized to the output size, saying so, when it differs)")->allow_extra_args(false);
   app.add_option("--control-scale", flags.control_scale,
                  "Global strength of every CSC-Tuner (SCEdit's control_scale; each --tuner keeps its own scale)");
   app.add_option("--init-image", flags.init_image, "Start image for image-to-image");

@@ -26,6 +26,7 @@
 #include <sd/unet.hpp>
 #include <sd/weights.hpp>
 
+#include <scedit/atomic_file.hpp>
 #include <scedit/safetensors.hpp>
 #include <scedit/state_dict.hpp>
 
@@ -175,6 +176,22 @@ inline ControlNetModel load_controlnet(
   ControlNetConfig resolved;
   const auto weights = detail::read_controlnet(path, options, config, resolved);
   return detail::build<ControlNetModel>(resolved, weights, options);
+}
+
+/// Writes `controlnet` as a diffusers folder that `load_controlnet` (and diffusers'
+/// `ControlNetModel.from_pretrained`) reads: `config.json` and
+/// `diffusion_pytorch_model.safetensors` (float32 unless the weights are another dtype), each
+/// written atomically. Returns the folder.
+inline std::filesystem::path save_controlnet(const std::filesystem::path& folder,
+                                             const ControlNetModel& controlnet) {
+  std::filesystem::create_directories(folder);
+  auto config = controlnet->config.to_json();
+  config["_class_name"] = "ControlNetModel";
+  scedit::write_text_file((folder / "config.json").string(), config.dump(2) + "\n");
+  scedit::TensorMap tensors;
+  for (const auto& p : controlnet->named_parameters()) tensors[p.key()] = p.value().detach();
+  scedit::safetensors::save((folder / "diffusion_pytorch_model.safetensors").string(), tensors);
+  return folder;
 }
 
 }  // namespace sd

@@ -28,6 +28,7 @@
 /// // images[0]: uint8 [512, 512, 3]
 /// @endcode
 
+#include <sd/controlnet.hpp>
 #include <sd/precision.hpp>
 #include <sd/scheduler.hpp>
 #include <sd/stable_diffusion.hpp>
@@ -62,6 +63,14 @@ struct GenerateCondition {
   torch::Tensor image;  ///< uint8 [height, width, 3], RGB.
 };
 
+/// A ControlNet for a `generate` call: the model, its condition image and its strength. Several
+/// ControlNets add their residuals (diffusers' MultiControlNet).
+struct GenerateControlNet {
+  ControlNetModel model{nullptr};  ///< Loaded on the UNet's device (`load_controlnet`).
+  torch::Tensor image;             ///< uint8 [height, width, 3], RGB.
+  double scale = 1.0;              ///< diffusers' `controlnet_conditioning_scale`.
+};
+
 /// Settings of one `generate` call (diffusers' pipeline arguments). The defaults are SCEdit's
 /// sampling recipe except the size, which callers set from the model (`default_image_size`).
 struct GenerateOptions {
@@ -92,6 +101,8 @@ struct GenerateOptions {
   /// The condition image of each attached CSC-Tuner that takes part (every one whose scale is not
   /// 0), by the tuner's name; one CSC-Tuner, one condition.
   std::vector<GenerateCondition> conditions;
+  /// ControlNets and their condition images (with CSC-Tuners or without).
+  std::vector<GenerateControlNet> controlnets;
   /// Called after every denoising step (e.g. to print progress); may be empty.
   std::function<void(const GenerateProgress&)> progress;
 
@@ -139,6 +150,12 @@ struct GenerateOptions {
     for (const auto& condition : conditions) {
       check_image(condition.image, "the condition of CSC-Tuner '" + condition.tuner + "'");
     }
+    for (size_t i = 0; i < controlnets.size(); ++i) {
+      TORCH_CHECK(!controlnets[i].model.is_empty(), "generate: ControlNet ", i, " is not loaded");
+      TORCH_CHECK(std::isfinite(controlnets[i].scale), "generate: ControlNet ", i,
+                  "'s scale must be finite, got ", controlnets[i].scale);
+      check_image(controlnets[i].image, "the condition of ControlNet " + std::to_string(i));
+    }
   }
 };
 
@@ -158,22 +175,48 @@ inline DDIMScheduler make_scheduler(const StableDiffusion& sd, const std::string
   return DDIMScheduler(options);
 }
 
+/// A ControlNet as one step of the sampler runs it: the model, its condition image float
+/// [1, 3, H, W] in [0, 1] in the model's dtype and device, its strength.
+struct ControlInput {
+  ControlNetModel model{nullptr};  ///< The ControlNet.
+  torch::Tensor image;             ///< Its condition, [1, 3, H, W] in [0, 1].
+  double scale = 1.0;              ///< Its conditioning scale.
+};
+
 /// The noise prediction of one step. With `uncond` defined: one UNet call over the batch
 /// [uncond; cond] ([2B, …]) and classifier-free guidance with rescale; without: the
 /// conditional prediction alone. `latents` [B, C, h, w], `cond` / `uncond` [B, 77, D]; the
-/// result is in the latents' dtype.
+/// result is in the latents' dtype. Each ControlNet of `controls` sees the same batch and its
+/// image for every row (both halves of guidance); their residuals add up.
 inline torch::Tensor predict_noise(UNet& unet, const torch::Tensor& latents, int64_t t,
                                    const torch::Tensor& cond, const torch::Tensor& uncond,
-                                   double guidance_scale, double guidance_rescale) {
+                                   double guidance_scale, double guidance_rescale,
+                                   const std::vector<ControlInput>& controls = {}) {
   const auto dtype = detail::first_parameter(*unet, "UNet").scalar_type();
   const torch::Tensor timestep = torch::full({1}, t, torch::kInt64);
-  if (!uncond.defined()) {
-    return unet(latents.to(dtype), timestep, cond.to(dtype)).to(latents.scalar_type());
+  const bool guided = uncond.defined();
+  const auto input = (guided ? torch::cat({latents, latents}) : latents).to(dtype);  // [2B or B, C, h, w]
+  const auto context = (guided ? torch::cat({uncond, cond}) : cond).to(dtype);       // [2B or B, 77, D]
+  UNetResiduals residuals;
+  for (const auto& control : controls) {
+    const auto control_dtype = detail::first_parameter(*control.model, "ControlNet").scalar_type();
+    auto r = control.model.ptr()->forward(input.to(control_dtype), timestep,
+                                          context.to(control_dtype),
+                                          control.image.expand({input.size(0), -1, -1, -1}),
+                                          control.scale);
+    if (residuals.down.empty()) {
+      residuals = std::move(r);
+      continue;
+    }
+    for (size_t i = 0; i < residuals.down.size(); ++i) residuals.down[i] = residuals.down[i] + r.down[i];
+    residuals.mid = residuals.mid + r.mid;
   }
-  const auto input = torch::cat({latents, latents}).to(dtype);      // [2B, C, h, w]
-  const auto context = torch::cat({uncond, cond}).to(dtype);        // [2B, 77, D]
-  const auto eps = unet(input, timestep, context).to(latents.scalar_type()).chunk(2);
-  return classifier_free_guidance(eps[0], eps[1], guidance_scale, guidance_rescale);
+  for (auto& r : residuals.down) r = r.to(dtype);
+  if (residuals.mid.defined()) residuals.mid = residuals.mid.to(dtype);
+  const auto eps = unet(input, timestep, context, residuals).to(latents.scalar_type());
+  if (!guided) return eps;
+  const auto halves = eps.chunk(2);
+  return classifier_free_guidance(halves[0], halves[1], guidance_scale, guidance_rescale);
 }
 
 namespace detail {
@@ -275,6 +318,16 @@ inline void sample_batches(StableDiffusion& sd, const std::vector<std::string>& 
     known_region = (1 - mask).to(device, latent_dtype);
   }
 
+  // The ControlNets' condition images, once for the whole call.
+  std::vector<ControlInput> controls;
+  for (const auto& control : options.controlnets) {
+    const auto reference = first_parameter(*control.model, "ControlNet");
+    TORCH_CHECK(reference.device() == device, "generate: a ControlNet is on ", reference.device(),
+                " but the UNet on ", device);
+    // uint8 [H, W, 3] -> float [1, 3, H, W] in [0, 1] (diffusers' control image processor)
+    const auto image = control.image.permute({2, 0, 1}).unsqueeze(0).to(torch::kFloat32) / 255.0;
+    controls.push_back({control.model, image.to(device, reference.scalar_type()), control.scale});
+  }
   // The CSC-Tuners' hint features, once for the whole call (the same for every image).
   scedit::ConditionScope conditions;
   {
@@ -321,7 +374,7 @@ inline void sample_batches(StableDiffusion& sd, const std::vector<std::string>& 
         const int64_t t = timesteps[i];
         const auto input = scheduler.scale_model_input(latents, t);
         const auto eps = predict_noise(sd.unet, input, t, cond, uncond, options.guidance_scale,
-                                       options.guidance_rescale);
+                                       options.guidance_rescale, controls);
         torch::Tensor variance_noise;
         if (options.eta > 0) {
           std::vector<torch::Tensor> z;
