@@ -56,6 +56,27 @@ TEST(TinyPipeline, HasSD15Layout) {
   EXPECT_EQ(pipe.unet_config.cross_attention_dim, pipe.text_config.hidden_size);
 }
 
+// What makes a tuner's learning show on random weights (tiny.hpp): a narrow posterior, latents of
+// about unit spread, and v as the target, on SD 1.5's noise schedule.
+TEST(TinyPipeline, PredictsVWithANarrowPosteriorAndLatentsOfUnitSpread) {
+  auto pipe = sd::tiny_pipeline();
+  EXPECT_EQ(sd::prediction_type(pipe), "v_prediction");
+  EXPECT_EQ(sd::prediction_type(sd::StableDiffusion{}), "epsilon");  // no scheduler config: SD 1.5's
+  const auto schedule = sd::noise_schedule(pipe);
+  const auto reference = sd::NoiseSchedule();  // SD 1.5's
+  EXPECT_TRUE(torch::allclose(schedule.alphas_cumprod(), reference.alphas_cumprod()));
+  torch::NoGradGuard no_grad;
+  auto image = [](uint64_t seed) {
+    return scedit_test::random_image(64, 64, seed).permute({2, 0, 1}).to(torch::kFloat32) / 127.5 - 1;
+  };
+  const auto images = torch::stack({image(1), image(2)});
+  const auto posterior = pipe.vae->encode(images);
+  EXPECT_LT(posterior.logvar.max().item<double>(), -20.0);
+  const double spread = sd::posterior_latents(pipe, posterior).std().item<double>();
+  EXPECT_GT(spread, 0.3);
+  EXPECT_LT(spread, 3.0);
+}
+
 TEST(TinyPipeline, TokenizerIsByteLevelWithClipIds) {
   auto pipe = sd::tiny_pipeline();
   const auto& tokenizer = *pipe.tokenizer;

@@ -256,6 +256,18 @@ TEST_F(Tuners, CSCTunerIsIdentityAtInitAndNeedsACondition) {
   EXPECT_TRUE(torch::equal(model(x), base));
 }
 
+// A fresh hint encoder passes its condition on: what differs between two conditions is not lost
+// among the biases in seven convolutions (csctuner.hpp, reset_parameters).
+TEST_F(Tuners, CSCHintEncoderKeepsTheConditionAtInit) {
+  scedit::CSCTuner csc(scedit::CSCTunerOptions({32, 32, 64}, {false, false, true}));
+  torch::NoGradGuard no_grad;
+  const auto features = csc->pre_hint_blocks->forward(torch::rand({4, 3, 64, 64}));
+  const double between = (features - features.mean(0, true)).pow(2).mean().sqrt().item<double>();
+  const double size = features.pow(2).mean().sqrt().item<double>();
+  EXPECT_GT(between, 0.2 * size) << "the conditions' differences are " << between
+                                 << " of features of size " << size;
+}
+
 TEST_F(Tuners, ConditionScopeGivesEachTunerItsOwnConditionForItsLifetimeOnly) {
   ToyUNet model;
   auto make = [&] {

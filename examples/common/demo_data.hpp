@@ -2,7 +2,7 @@
 /// @file demo_data.hpp
 /// @brief The generated demo datasets of the embedded default: flat-coloured shapes with a
 /// thick outline and a hard shadow, captioned, in the metadata.jsonl layout that
-/// `CaptionedImageDataset` reads (style), or with each shape's edge map in diffusers' ControlNet
+/// `CaptionedImageDataset` reads (style), or with each picture's layout (a segmentation map) in diffusers' ControlNet
 /// layout that `ConditionedImageDataset` reads (control). The same seed gives the same files on
 /// every machine.
 
@@ -181,14 +181,18 @@ inline torch::Tensor draw_demo_shape(const DemoShape& s, int64_t resolution) {
   });
 }
 
-/// The edge map of `s`, drawn from its exact contour: white (255) where the contour passes
-/// within one pixel of the pixel's centre, black elsewhere; uint8 [R, R, 3]. No shadow, no
-/// colour: where the shape is and what it is, nothing else.
-inline torch::Tensor draw_demo_edges(const DemoShape& s, int64_t resolution) {
+/// The layout of `s`, as a segmentation map shows it: the shape's region in its fill colour on
+/// its background colour, from its exact contour (antialiased), without outline or shadow;
+/// uint8 [R, R, 3]. Where the shape is, how big, and its colours: all but the drawing's details.
+inline torch::Tensor draw_demo_layout(const DemoShape& s, int64_t resolution) {
+  const auto& fill = demo_palette()[s.fill].rgb;
+  const auto& back = demo_palette()[s.back].rgb;
   const DemoShapeDistance distance(s);
   return draw_demo_pixels(resolution, [&](double px, double py) {
-    const double v = std::abs(distance(px, py)) <= 1.0 ? 255.0 : 0.0;
-    return std::array<double, 3>{v, v, v};
+    const double cover = std::clamp(0.5 - distance(px, py), 0.0, 1.0);
+    std::array<double, 3> rgb{};
+    for (size_t ch = 0; ch < 3; ++ch) rgb[ch] = back[ch] + cover * (fill[ch] - back[ch]);
+    return rgb;
   });
 }
 
@@ -237,12 +241,12 @@ inline std::filesystem::path make_demo_dataset(const std::filesystem::path& fold
 
 /// Generates a small synthetic dataset for controllable generation in diffusers' ControlNet
 /// layout: `n` pictures of side `resolution` under `folder/images/` as the style demo draws them,
-/// but with the shape anywhere in the middle 40% of each axis and of any size from 12% to 22% of
-/// the side; under `folder/conditions/` each picture's edge map (the shape's exact contour, white
-/// on black); and `metadata.jsonl` with `file_name`, `conditioning_image` and `text`. The caption
-/// ("a red circle on an orange background") names shape and colours but not where the shape is
-/// or how big: only the condition says that. The same seed gives the same files. Returns
-/// `folder`.
+/// but with the shape anywhere in the middle 40% of each axis and of any size from 20% to 35% of
+/// the side; under `folder/conditions/` each picture's layout (`draw_demo_layout`: the regions in
+/// their colours, as a segmentation map); and `metadata.jsonl` with `file_name`,
+/// `conditioning_image` and `text`. The caption ("a red circle on an orange background") names
+/// shape and colours but not where the shape is or how big: only the condition says that. The
+/// same seed gives the same files. Returns `folder`.
 inline std::filesystem::path make_demo_control_dataset(const std::filesystem::path& folder,
                                                        int64_t n, int64_t resolution,
                                                        uint64_t seed) {
@@ -255,13 +259,13 @@ inline std::filesystem::path make_demo_control_dataset(const std::filesystem::pa
   std::string metadata;
   for (int64_t k = 0; k < n; ++k) {
     const auto shape = detail::random_demo_shape(rng, static_cast<double>(resolution),
-                                                 {0.30, 0.70}, {0.12, 0.22});
+                                                 {0.30, 0.70}, {0.20, 0.35});
     const std::string caption = detail::demo_caption(shape);
     const std::string file = detail::demo_file("images", k);
     const std::string condition = detail::demo_file("conditions", k);
     write_png((folder / file).string(), detail::draw_demo_shape(shape, resolution),
               {{"caption", caption}});
-    write_png((folder / condition).string(), detail::draw_demo_edges(shape, resolution));
+    write_png((folder / condition).string(), detail::draw_demo_layout(shape, resolution));
     metadata += nlohmann::json{{"file_name", file}, {"conditioning_image", condition},
                                {"text", caption}}.dump() + "\n";
   }

@@ -51,7 +51,7 @@ struct OptimFlags {
   int64_t max_steps = 0;    ///< optimizer steps; 0: from epochs (300 on the tiny default)
   double epochs = 0;        ///< passes over the data when max_steps is 0
   uint64_t seed = 0;        ///< the seed of every random draw
-  std::string prediction = "epsilon";  ///< epsilon | v_prediction
+  std::string prediction;   ///< epsilon | v_prediction; empty: what the model predicts
 };
 
 /// When checkpoints are written, how many are kept, and where to resume from.
@@ -131,7 +131,8 @@ inline void add_run_flags(CLI::App& app, RunFlags& flags) {
   app.add_option("--max-steps", o.max_steps, "Optimizer steps (0: from --epochs; 300 on the tiny default)")->group(optim);
   app.add_option("--epochs", o.epochs, "Passes over the data (when --max-steps is 0)")->group(optim);
   app.add_option("--seed", o.seed, "Seed of every random draw")->group(optim);
-  app.add_option("--prediction", o.prediction, "epsilon | v_prediction")->group(optim);
+  app.add_option("--prediction", o.prediction, "What the UNet learns to predict: epsilon | v_prediction (default: what the model's scheduler config says: epsilon for SD 1.5, v_prediction for the tiny model)")
+      ->check(CLI::IsMember({"epsilon", "v_prediction"}))->group(optim);
 
   auto& k = flags.checkpoints;
   const char* checkpoints = "Checkpoints";

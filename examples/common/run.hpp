@@ -158,9 +158,13 @@ class TrainingRun {
     model->set_channels_last(flags_.compute.channels_last);
   }
 
-  /// The loss the run trains with (for measurements beside the training, as validation's).
-  DenoisingLoss loss() const {
-    return DenoisingLoss{sd::NoiseSchedule(), flags_.optim.prediction, precision_};
+  /// The loss the run trains `pipe` with (for measurements beside the training, as validation's):
+  /// the model's noise schedule, its prediction target unless `--prediction` names another, the
+  /// run's precision.
+  DenoisingLoss loss(const sd::StableDiffusion& pipe) const {
+    const auto& prediction = flags_.optim.prediction;
+    return DenoisingLoss{sd::noise_schedule(pipe), prediction.empty() ? sd::prediction_type(pipe) : prediction,
+                         precision_};
   }
 
   /// The validation prompts (`--validation-prompt`, the demo data's, or one of SCEdit's).
@@ -181,8 +185,9 @@ class TrainingRun {
     apply_levers(unet);
     BatchSource batches(pipe, data, BatchOptions().cache(f.data.cache).caption_dropout(f.data.caption_dropout),
                         device_, sd::compute_dtype(precision_));
-    TrainStep step(trainable.denoiser, trainable.tensors(), sd::NoiseSchedule(), f.optim.optim,
-                   precision_, device_, f.optim.prediction);
+    const auto objective = loss(pipe);
+    TrainStep step(trainable.denoiser, trainable.tensors(), objective.schedule, f.optim.optim,
+                   precision_, device_, objective.prediction_type);
 
     const int64_t images_per_step = f.optim.batch_size * f.optim.grad_accum;
     int64_t total = f.optim.max_steps;
@@ -197,7 +202,8 @@ class TrainingRun {
     // Checkpoints hold the trainable tensors by name; the run's settings must match on resume.
     const auto tensors = trainable.by_name();
     nlohmann::json settings = {{"precision", f.compute.precision}, {"batch_size", f.optim.batch_size},
-                               {"grad_accum", f.optim.grad_accum}, {"model", f.model.model}};
+                               {"grad_accum", f.optim.grad_accum}, {"model", f.model.model},
+                               {"prediction", objective.prediction_type}};
     settings.update(trainable.settings);
     const auto checkpoints = output() / "checkpoints";
     int64_t start = 0;

@@ -175,6 +175,17 @@ inline DDIMScheduler make_scheduler(const StableDiffusion& sd, const std::string
   return DDIMScheduler(options);
 }
 
+/// The noise schedule `sd` was trained with: its scheduler config's betas (SD 1.5's without one).
+inline NoiseSchedule noise_schedule(const StableDiffusion& sd) {
+  return make_scheduler(sd, "leading").schedule();
+}
+
+/// What `sd`'s UNet predicts: its scheduler config's `prediction_type` (epsilon, SD 1.5's,
+/// without one).
+inline std::string prediction_type(const StableDiffusion& sd) {
+  return make_scheduler(sd, "leading").options().prediction_type();
+}
+
 /// A ControlNet as one step of the sampler runs it: the model, its condition image float
 /// [1, 3, H, W] in [0, 1] in the model's dtype and device, its strength.
 struct ControlInput {

@@ -8,7 +8,9 @@
 /// CrossAttnUp×3, 2 resnets per down block, 12 skip connections (so every SC-, CSC- and LoRA
 /// code path is the real one), a 4-level VAE (8× downsampling, like SD's) and a 2-layer CLIP text
 /// encoder, with a byte-level tokenizer that needs no files. Its weights are random: its images
-/// are noise-like patterns, useful for trying the programs and for tests, not for pictures.
+/// are noise-like patterns, useful for trying the programs and for tests, not for pictures. Unlike
+/// SD 1.5 it predicts v (its scheduler config), and its VAE's posterior is narrow and its latents
+/// scaled to about unit spread, as a trained model's are, so that what a tuner learns shows.
 ///
 /// Example:
 /// @code
@@ -60,7 +62,7 @@ inline VAEConfig tiny_vae_config() {
   c.layers_per_block = 1;                   // SD: 2
   c.norm_num_groups = 8;                    // SD: 32
   c.sample_size = 64;                       // native image side
-  c.scaling_factor = 0.18215;               // SD 1.x's, so latents are handled as for real models
+  c.scaling_factor = 2.9;  // as SD chose 0.18215: the latents of the demo images get a std of about 1
   return c;
 }
 
@@ -191,6 +193,15 @@ inline StableDiffusion random_pipeline(const UNetConfig& unet_config, const VAEC
     }
     generator.set_state(saved);
   }
+  if (!sd.vae->quant_conv.is_empty()) {
+    // A trained VAE's posterior is narrow: its draws are the image's latents; random weights
+    // would give logvar ≈ 0, a σ of 1 that drowns the image in every sampled latent, so that
+    // nothing (a prompt, a condition) could be learnt from it. Make it near-deterministic.
+    torch::NoGradGuard no_grad;
+    const int64_t latent = sd.vae_config.latent_channels;
+    sd.vae->quant_conv->weight.slice(0, latent).zero_();
+    sd.vae->quant_conv->bias.slice(0, latent).fill_(-30.0);
+  }
   sd.unet->to(dtype);
   sd.vae->to(dtype);
   sd.text_encoder->to(dtype);
@@ -205,6 +216,15 @@ inline StableDiffusion random_pipeline(const UNetConfig& unet_config, const VAEC
 /// configurations.
 inline StableDiffusion tiny_pipeline(uint64_t seed = 0, torch::Dtype dtype = torch::kFloat32) {
   auto sd = random_pipeline(tiny_unet_config(), tiny_vae_config(), tiny_text_config(), seed, dtype);
+  // It predicts v, as SD 2.1 (768-v) does, on SD 1.5's noise schedule. A model with random weights
+  // learns slowly, and an ε loss hardly shows what it learnt of the image from a prompt or a
+  // condition: at high noise ε ≈ x_t whatever the image, while v's target is the image itself
+  // (−x₀). train_control's default measures that difference (examples/train_control/README.md).
+  sd.scheduler_config = {{"_class_name", "DDIMScheduler"}, {"num_train_timesteps", 1000},
+                         {"beta_start", 0.00085}, {"beta_end", 0.012},
+                         {"beta_schedule", "scaled_linear"}, {"steps_offset", 1},
+                         {"set_alpha_to_one", false}, {"clip_sample", false},
+                         {"prediction_type", "v_prediction"}};
   sd.files = {{"unet", "<built-in tiny>"}, {"vae", "<built-in tiny>"},
               {"text_encoder", "<built-in tiny>"}, {"tokenizer", "<built-in tiny>"}};
   return sd;

@@ -43,12 +43,12 @@ struct ControlFlags {
   common::ControlOptions tuner;
   std::string condition;         // canny | colour | inpaint: computed from plain captioned images
   std::string condition_folder;  // a folder of condition images named as the images
-  int64_t validation_samples = 4;  // held out of training, for validation.json and the grids
+  int64_t validation_samples = 8;  // held out of training, for validation.json and the grids
 };
 
 /// The demo data: shapes of the style demo, each with its edge map as the condition.
 fs::path make_demo(const fs::path& folder, int64_t resolution, uint64_t seed) {
-  return common::make_demo_control_dataset(folder, /*n=*/20, resolution, seed);
+  return common::make_demo_control_dataset(folder, /*n=*/400, resolution, seed);
 }
 
 /// Where each sample's condition comes from: computed, a parallel folder, or the listing.
@@ -109,7 +109,7 @@ int train(const common::RunFlags& run_flags, const ControlFlags& flags) {
     shown.emplace_back(common::condition_to_uint8(sample.conditions.front()), sample.caption);
   }
   std::optional<common::ConditionProbe> probe;
-  if (held >= 2) probe.emplace(pipe, held_out, run.loss(), run.device(), run_flags.optim.seed);
+  if (held >= 2) probe.emplace(pipe, held_out, run.loss(pipe), run.device(), run_flags.optim.seed);
   auto validation = [&](int64_t step, const fs::path& grid) {
     if (probe) probe->record(step, probe->measure(trainable.denoiser), run.output() / "validation.json");
     if (shown.empty()) return;
