@@ -107,27 +107,27 @@ struct Run {
   // ---- as given ------------------------------------------------------------------------------
   std::string config = "auto";          ///< sd15 | reduced | auto
   int64_t latent = 0;                   ///< latent side; 0: the configuration's
-  std::string precisions = "fp32,bf16w";
-  std::string device_flag = "auto";
+  std::string precisions = "fp32,bf16w";  ///< comma-separated: fp32 | bf16w
+  std::string device_flag = "auto";     ///< auto | cpu | cuda[:N]
   int64_t warmup = 2, steps = 5;        ///< untimed, then timed steps per row
   bool pipeline = false;                ///< VAE and text encoder resident on the device too
   bool recompute = false;               ///< recompute activations in the backward pass
-  std::string lean_flag = "default";
+  std::string lean_flag = "default";    ///< `--lean`, as common::parse_lean_activations reads it
   std::string optimizer = "foreach";    ///< foreach | per-tensor
-  bool channels_last = false;
-  std::string attention = "auto";
-  bool cudnn_benchmark = false;
-  bool cuda_graph = false;
+  bool channels_last = false;           ///< convolution weights and inputs NHWC
+  std::string attention = "auto";       ///< fused attention kernels on CUDA
+  bool cudnn_benchmark = false;         ///< cuDNN times its algorithms in the warm-up steps
+  bool cuda_graph = false;              ///< the step captured in the last warm-up step, then replayed
   size_t op_profile = 0;  ///< operators listed for one profiled step after the timed ones (0: none)
-  std::string json_path;
+  std::string json_path;                ///< `--json`: the rows also go there (empty: nowhere)
 
   // ---- resolved --------------------------------------------------------------------------------
-  torch::Device device = torch::kCPU;
+  torch::Device device = torch::kCPU;   ///< where every row runs
   std::string device_name;  ///< the GPU's name, or the device's
-  Shapes shapes;
-  std::vector<std::string> precision_list;
-  sd::LeanActivations lean;
-  common::OptimOptions optim;
+  Shapes shapes;                        ///< the configuration, with `--latent` applied
+  std::vector<std::string> precision_list;  ///< `precisions`, checked
+  sd::LeanActivations lean;             ///< the levers the UNet (and a ControlNet) run with
+  common::OptimOptions optim;           ///< AdamW, foreach or per-tensor
   int64_t pipeline_params = 0;  ///< VAE + text encoder parameters, for the percentages
 };
 
