@@ -6,6 +6,7 @@
 #   bash scripts/gpu_session.sh tests   # every *_CUDA gtest (parity on the card, TF32 off)
 #   bash scripts/gpu_session.sh kernels # lean_ops_bench: GroupNorm + SiLU, GEGLU, LayerNorm plain, lean, fused
 #   bash scripts/gpu_session.sh bench   # issue 5: memory_vs_lora baseline, each lever, the best together
+#   bash scripts/gpu_session.sh controlnet # memory_vs_controlnet at SD 1.5 size: CSC-Tuner (kernel 1, 3) vs ControlNet, bf16w and fp32, batches 1, 8, 30
 #   bash scripts/gpu_session.sh train   # issue 4: train_style at SD 1.5 size, 512 px, bf16, SCEdit and LoRA
 #   bash scripts/gpu_session.sh profile # where a batch-30 SCEdit step's time goes, operator by operator
 #
@@ -13,7 +14,8 @@
 # stops starting benchmark rows and the training run after that time, so that one call ends inside
 # its limit with what it measured so far. Results go to $OUT (default ./gpu-results), at most eight
 # files as the device tool returns them: build.log, tests.log, kernels.md, bench.md, bench.json,
-# profile.md, train.log.
+# profile.md, train.log (and controlnet.md, controlnet.json from the controlnet stage, which the
+# default chain leaves out: name it, e.g. `build controlnet`).
 # CLI11 and stb are not installed on the GPU machine: their headers are taken from
 # $SCEDIT_EXTRA_INCLUDE (default .deps/include, filled by `cp -r /usr/include/CLI /usr/include/stb`;
 # carry .deps). The tests' reference data travel with the repository (tests/data).
@@ -122,6 +124,32 @@ EOF
   cat "$OUT/bench.md"
 }
 
+# bench/RESULTS.md v0.7: one run per precision (the default levers, which the ControlNet gets too),
+# bf16w first, the most telling; a precision past SCEDIT_DEADLINE is skipped, and what ran is kept.
+stage_controlnet() {
+  local precision rows=()
+  : > "$OUT/controlnet.md"
+  for precision in bf16w fp32; do
+    if ! time_left 60; then
+      echo "== $precision: skipped, too near SCEDIT_DEADLINE" >> "$OUT/controlnet.md"
+      continue
+    fi
+    echo "== memory_vs_controlnet --config sd15 --precisions $precision --batch-sizes 1,8,30 ($(date -u +%T))" >> "$OUT/controlnet.md"
+    timeout 240 "$BUILD/bin/memory_vs_controlnet" --config sd15 --precisions "$precision" --batch-sizes 1,8,30 \
+      --json "$OUT/controlnet_$precision.json" >> "$OUT/controlnet.md" 2>&1 || echo "exit $?" >> "$OUT/controlnet.md"
+    [ -f "$OUT/controlnet_$precision.json" ] && rows+=("$OUT/controlnet_$precision.json")
+  done
+  python3 - "$OUT/controlnet.json" "${rows[@]}" <<'EOF'
+import json, os, sys
+rows = []
+for path in sys.argv[2:]:
+    rows += json.load(open(path))
+    os.remove(path)  # one file back: the device tool returns at most eight
+json.dump(rows, open(sys.argv[1], "w"), indent=1)
+EOF
+  cat "$OUT/controlnet.md"
+}
+
 stage_profile() {
   local flags=(--precisions bf16w --methods scedit --batch-sizes 30 --steps 3 --op-profile 45)
   {
@@ -135,8 +163,8 @@ stage_profile() {
 status=0
 for stage in "$@"; do
   case $stage in
-    build | tests | kernels | train | bench | profile) "stage_$stage" || status=1 ;;
-    *) echo "unknown stage '$stage' (build, tests, kernels, train, bench, profile)" >&2; exit 2 ;;
+    build | tests | kernels | train | bench | profile | controlnet) "stage_$stage" || status=1 ;;
+    *) echo "unknown stage '$stage' (build, tests, kernels, train, bench, profile, controlnet)" >&2; exit 2 ;;
   esac
 done
 exit $status
