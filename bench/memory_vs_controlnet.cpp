@@ -16,7 +16,6 @@
 #include <sd/controlnet.hpp>
 
 #include <CLI/CLI.hpp>
-#include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -274,10 +273,7 @@ int main(int argc, char** argv) {
       }
     }
     print_targets(rows, batch_sizes, run);
-    bench::print_operators(rows);
-    nlohmann::json out = nlohmann::json::array();
-    for (const auto& r : rows) out.push_back(bench::to_json(r, run));
-    bench::write_json(run, out);
+    bench::finish(rows, run);
     return 0;
   } catch (const c10::Error& e) {
     std::cerr << "memory_vs_controlnet: " << e.what_without_backtrace() << "\n";

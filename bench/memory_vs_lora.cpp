@@ -10,7 +10,6 @@
 #include <common/tuners.hpp>
 
 #include <CLI/CLI.hpp>
-#include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
 #include <cstdio>
@@ -94,10 +93,7 @@ int main(int argc, char** argv) {
         }
       }
     }
-    bench::print_operators(rows);
-    nlohmann::json out = nlohmann::json::array();
-    for (const auto& r : rows) out.push_back(bench::to_json(r, run));
-    bench::write_json(run, out);
+    bench::finish(rows, run);
     return 0;
   } catch (const c10::Error& e) {
     std::cerr << "memory_vs_lora: " << e.what_without_backtrace() << "\n";

@@ -31,6 +31,7 @@
 #include <sd/unet.hpp>
 #include <sd/vae.hpp>
 
+#include <scedit/atomic_file.hpp>
 #include <scedit/compat.hpp>
 #include <scedit/trainable.hpp>
 
@@ -41,7 +42,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <fstream>
 #include <optional>
 #include <string>
 #include <vector>
@@ -378,10 +378,14 @@ inline nlohmann::json to_json(const Row& r, const Run& run) {
           {"optimizer", run.cuda_graph ? "capturable" : run.optimizer}, {"cuda_graph", run.cuda_graph && run.device.is_cuda()}};
 }
 
-/// Writes `rows` (a JSON array) to `--json`'s file, if one was given, and says where.
-inline void write_json(const Run& run, const nlohmann::json& rows) {
+/// Ends a run: each profiled row's operator table (`--op-profile`), then the rows as JSON with
+/// the run's settings in `--json`'s file, if one was given (written atomically).
+inline void finish(const std::vector<Row>& rows, const Run& run) {
+  print_operators(rows);
   if (run.json_path.empty()) return;
-  std::ofstream(run.json_path) << rows.dump(2) << "\n";
+  nlohmann::json out = nlohmann::json::array();
+  for (const auto& r : rows) out.push_back(to_json(r, run));
+  scedit::write_text_file(run.json_path, out.dump(2) + "\n");
   std::printf("\nrows: %s\n", run.json_path.c_str());
 }
 

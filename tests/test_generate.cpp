@@ -146,9 +146,11 @@ TEST(Generate, MatchesAHandWrittenDDIMLoopWithoutGuidance) {
   const auto latents = sd::sample_latents(pipe, {"a blue square"}, options);
   const auto image = sd::generate(pipe, {"a blue square"}, options)[0];
 
-  // The same sampler written out: SD 1.5's DDIM with trailing spacing, noise from the seed.
+  // The same sampler written out: SD 1.5's DDIM with trailing spacing, for a UNet that predicts
+  // v as the tiny one does, noise from the seed.
   torch::NoGradGuard no_grad;
-  sd::DDIMScheduler scheduler(sd::DDIMSchedulerOptions().timestep_spacing("trailing"));
+  sd::DDIMScheduler scheduler(
+      sd::DDIMSchedulerOptions().timestep_spacing("trailing").prediction_type("v_prediction"));
   scheduler.set_timesteps(3);
   auto generator = at::detail::createCPUGenerator(9);
   auto x = torch::randn({1, 4, 8, 8}, generator);
@@ -372,7 +374,8 @@ TEST(Conditions, SeveralCSCTunersAndAnSCTunerSampleAsTheFormula) {
     return image.permute({2, 0, 1}).unsqueeze(0).to(torch::kFloat32) / 255.0;
   };
   scope.set(csc[a.name], to_condition(image_a)).set(csc[b.name], to_condition(image_b));
-  sd::DDIMScheduler scheduler(sd::DDIMSchedulerOptions().timestep_spacing("trailing"));
+  sd::DDIMScheduler scheduler(  // the tiny model's: it predicts v
+      sd::DDIMSchedulerOptions().timestep_spacing("trailing").prediction_type("v_prediction"));
   scheduler.set_timesteps(3);
   auto generator = at::detail::createCPUGenerator(9);
   auto x = torch::randn({1, 4, 8, 8}, generator);

@@ -359,6 +359,14 @@ TEST_F(DataTest, WriteLossCsvReadsBackThroughTheParser) {
   EXPECT_DOUBLE_EQ(std::stod(rows[2].fields[2]), 5e-5);
   EXPECT_DOUBLE_EQ(std::stod(rows[2].fields[3]), 12.75);
   EXPECT_EQ(common::csv_escape("a,\"b\""), "\"a,\"\"b\"\"\"");
+  // read_loss_csv gives the records back (a resumed run continues them); a damaged line is named.
+  const auto records = common::read_loss_csv(path);
+  ASSERT_EQ(records.size(), 2u);
+  EXPECT_EQ(records[1].step, 200);
+  EXPECT_DOUBLE_EQ(records[1].loss, 0.125);
+  EXPECT_DOUBLE_EQ(records[1].seconds, 12.75);
+  write_file(path, "step,loss,lr,time\n1,0.25,1e-4,0.5\n2,nan?,x\n");
+  EXPECT_ERROR_MENTIONS(common::read_loss_csv(path), "line 3");
 }
 
 // ---- the loss plot ---------------------------------------------------------------------------

@@ -130,7 +130,7 @@ inline void add_run_flags(CLI::App& app, RunFlags& flags) {
   app.add_option("--grad-accum", o.grad_accum, "Micro-batches per optimizer step")->group(optim);
   app.add_option("--max-steps", o.max_steps, "Optimizer steps (0: from --epochs; 300 on the tiny default)")->group(optim);
   app.add_option("--epochs", o.epochs, "Passes over the data (when --max-steps is 0)")->group(optim);
-  app.add_option("--seed", o.seed, "Seed of every random draw")->group(optim);
+  app.add_option("--seed", o.seed, "Seed of every random draw")->check(CLI::NonNegativeNumber)->group(optim);
   app.add_option("--prediction", o.prediction, "What the UNet learns to predict: epsilon | v_prediction (default: what the model's scheduler config says: epsilon for SD 1.5, v_prediction for the tiny model)")
       ->check(CLI::IsMember({"epsilon", "v_prediction"}))->group(optim);
 
@@ -144,9 +144,9 @@ inline void add_run_flags(CLI::App& app, RunFlags& flags) {
   const char* output = "Output";
   app.add_option("--output", out.output, "Output folder: weights, loss.csv, loss.png, samples, checkpoints")->group(output);
   app.add_option("--log-every", out.log_every, "Steps between progress lines")->check(CLI::PositiveNumber)->group(output);
-  app.add_option("--validation-every", out.validation_every, "Steps between sample grids (0: only at the end)")->group(output);
+  app.add_option("--validation-every", out.validation_every, "Steps between sample grids (0: only at the end)")->check(CLI::NonNegativeNumber)->group(output);
   app.add_option("--validation-prompt", out.validation_prompts, "Prompt for the sample grid (repeatable)")->group(output);
-  app.add_option("--validation-steps", out.validation_steps, "DDIM steps of the samples")->group(output);
+  app.add_option("--validation-steps", out.validation_steps, "DDIM steps of the samples")->check(CLI::PositiveNumber)->group(output);
 }
 
 }  // namespace common

@@ -6,6 +6,7 @@
 /// stb_easy_font's bitmap digits, the raw loss as a faint line and a smoothed loss on top.
 
 #include <common/csv.hpp>
+#include <common/files.hpp>
 #include <common/png.hpp>
 
 #include <torch/torch.h>
@@ -48,6 +49,26 @@ inline void write_loss_csv(const std::string& path, const std::vector<LossRecord
     rows.push_back({static_cast<double>(r.step), r.loss, r.lr, r.seconds});
   }
   write_csv(path, {"step", "loss", "lr", "time"}, rows);
+}
+
+/// Reads a log that `write_loss_csv` wrote; throws naming the file and the line of a record that
+/// is not four numbers.
+inline std::vector<LossRecord> read_loss_csv(const std::string& path) {
+  const auto rows = parse_csv(read_file_bytes(path), path);
+  std::vector<LossRecord> records;
+  for (size_t i = 1; i < rows.size(); ++i) {  // after the header
+    const auto& f = rows[i].fields;
+    bool parsed = f.size() == 4;
+    LossRecord r;
+    try {
+      if (parsed) r = {std::stoll(f[0]), std::stod(f[1]), std::stod(f[2]), std::stod(f[3])};
+    } catch (const std::exception&) {
+      parsed = false;
+    }
+    TORCH_CHECK(parsed, "'", path, "' line ", rows[i].line, ": expected step,loss,lr,time");
+    records.push_back(r);
+  }
+  return records;
 }
 
 // ---- the loss plot ---------------------------------------------------------------------------

@@ -192,7 +192,10 @@ class TrainingRun {
     const int64_t images_per_step = f.optim.batch_size * f.optim.grad_accum;
     int64_t total = f.optim.max_steps;
     if (total == 0 && f.optim.epochs > 0) {
-      total = static_cast<int64_t>(std::ceil(f.optim.epochs * data.size() / images_per_step));
+      const double planned = std::ceil(f.optim.epochs * data.size() / images_per_step);
+      TORCH_CHECK(planned <= 1e9, "--epochs ", f.optim.epochs, " of ", data.size(), " images at ",
+                  images_per_step, " per step makes ", planned, " steps: at most 10^9");
+      total = static_cast<int64_t>(planned);
     }
     if (total == 0) {
       TORCH_CHECK(f.model.random_weights(), "give --max-steps or --epochs");
@@ -230,8 +233,24 @@ class TrainingRun {
       graphed.emplace(step, step_generator(f.optim.seed, start, /*stream=*/1).current_seed());
       if (!device_.is_cuda()) std::printf("--cuda-graph: no CUDA device, the step runs uncaptured\n");
     }
+    // The loss history: loss.csv and loss.png, rewritten with each checkpoint so that a resumed
+    // run continues them.
+    std::vector<LossRecord> records = start > 0 ? losses_until(start) : std::vector<LossRecord>{};
+    const double earlier_seconds = records.empty() ? 0.0 : records.back().seconds;
+    auto write_losses = [&] {
+      if (records.empty()) return;
+      write_loss_csv((output() / "loss.csv").string(), records);
+      std::vector<int64_t> steps;
+      std::vector<double> losses;
+      for (const auto& r : records) {
+        steps.push_back(r.step);
+        losses.push_back(r.loss);
+      }
+      write_loss_plot((output() / "loss.png").string(), steps, losses, program_ + " " + title(trainable));
+    };
     auto save_checkpoint_at = [&](int64_t at) {
       if (graphed) graphed->sync_optimizer_state();
+      write_losses();
       return save_checkpoint(checkpoints, tensors, step.optimizer(),
                              TrainState{at, f.optim.seed, step.loss_scale(), settings}, f.checkpoints.keep_last);
     };
@@ -244,7 +263,6 @@ class TrainingRun {
 
     // The loop.
     SampleOrder order(data.size(), f.optim.batch_size, f.optim.seed);
-    std::vector<LossRecord> records;
     const auto began = std::chrono::steady_clock::now();
     double smoothed = 0;
     for (int64_t s = start; s < total; ++s) {
@@ -264,7 +282,7 @@ class TrainingRun {
       if (!graphed) step.optimizer_step(lr);
       const double loss = loss_sum.item<double>() / f.optim.grad_accum;
       const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();
-      records.push_back({s + 1, loss, lr, seconds});
+      records.push_back({s + 1, loss, lr, earlier_seconds + seconds});
       smoothed = s == start ? loss : 0.9 * smoothed + 0.1 * loss;
       if ((s + 1) % f.output.log_every == 0 || s + 1 == total) {
         const double rate = (s + 1 - start) * images_per_step / std::max(seconds, 1e-9);
@@ -286,14 +304,7 @@ class TrainingRun {
     if (start < total) save_checkpoint_at(total);
     for (const auto& path : trainable.save(output())) std::printf("weights: %s\n", path.c_str());
     if (!records.empty()) {
-      write_loss_csv((output() / "loss.csv").string(), records);
-      std::vector<int64_t> steps;
-      std::vector<double> losses;
-      for (const auto& r : records) {
-        steps.push_back(r.step);
-        losses.push_back(r.loss);
-      }
-      write_loss_plot((output() / "loss.png").string(), steps, losses, program_ + " " + title(trainable));
+      write_losses();
       std::printf("loss: %s, %s\n", (output() / "loss.csv").string().c_str(),
                   (output() / "loss.png").string().c_str());
     }
@@ -301,6 +312,28 @@ class TrainingRun {
   }
 
  private:
+  // The records of the output's loss.csv up to `step`, the history a resumed run continues; none,
+  // saying why, when the file is missing or unreadable (a log: the run goes on without it).
+  std::vector<LossRecord> losses_until(int64_t step) const {
+    const auto path = output() / "loss.csv";
+    std::vector<LossRecord> kept;
+    try {
+      if (std::filesystem::exists(path)) {
+        for (const auto& r : read_loss_csv(path.string())) {
+          if (r.step <= step) kept.push_back(r);
+        }
+      }
+    } catch (const c10::Error& e) {
+      std::printf("loss.csv: not continued: %s\n", e.what_without_backtrace());
+      return {};
+    }
+    if (static_cast<int64_t>(kept.size()) != step) {
+      std::printf("loss.csv: %zu of the %lld steps before the resume are in it; it goes on from there\n",
+                  kept.size(), static_cast<long long>(step));
+    }
+    return kept;
+  }
+
   // The plot's title: what is trained ("scedit", "lora", ...).
   static std::string title(const Trainable& trainable) {
     const auto method = trainable.settings.find("method");

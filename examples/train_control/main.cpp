@@ -10,7 +10,7 @@
 // model, loop, checkpoints, samples — is the shared training run (examples/common/run.hpp).
 //
 // With no --model it trains the built-in tiny model on generated shapes whose condition is
-// their edge map, in about two minutes on two CPU cores. See README.md beside this file.
+// their layout, in under a minute on two CPU cores. See README.md beside this file.
 
 #include <common/batches.hpp>
 #include <common/conditioned_dataset.hpp>
@@ -46,7 +46,8 @@ struct ControlFlags {
   int64_t validation_samples = 8;  // held out of training, for validation.json and the grids
 };
 
-/// The demo data: shapes of the style demo, each with its edge map as the condition.
+/// The demo data: shapes of the style demo, each with its layout (a segmentation map) as the
+/// condition; 400 of them, so that what the tuner learns holds for the held-out ones too.
 fs::path make_demo(const fs::path& folder, int64_t resolution, uint64_t seed) {
   return common::make_demo_control_dataset(folder, /*n=*/400, resolution, seed);
 }
@@ -134,7 +135,7 @@ int main(int argc, char** argv) {
   run_flags.output.output = "out/train_control";
   ControlFlags flags;
   CLI::App app{"train_control: train Stable Diffusion 1.5 to follow a condition map with SCEdit's "
-               "CSC-Tuner. With no --model: the built-in tiny model on generated shapes and their edges."};
+               "CSC-Tuner. With no --model: the built-in tiny model on generated shapes and their layouts."};
   app.option_defaults()->always_capture_default();
   common::add_run_flags(app, run_flags);
   const char* group = "Control";

@@ -1,5 +1,6 @@
 # An interrupted run resumed with --resume latest ends with the same tuner weights as an
-# uninterrupted one: run A trains STEPS steps; run B trains to HALF, then resumes to STEPS.
+# uninterrupted one, and with the whole loss history: run A trains STEPS steps; run B trains to
+# HALF, then resumes to STEPS.
 string(REPLACE "|" ";" EXTRA "${EXTRA}")
 set(common_flags --max-steps ${STEPS} --checkpoint-every 5 --log-every 100 --validation-steps 2 ${EXTRA})
 file(REMOVE_RECURSE ${WORK_DIR})
@@ -21,3 +22,18 @@ foreach(file ${FILES})
     message(FATAL_ERROR "${file} differs between the uninterrupted and the resumed run")
   endif()
 endforeach()
+# loss.csv: every step, the same losses (the time column differs).
+foreach(run a b)
+  file(STRINGS ${WORK_DIR}/${run}/loss.csv lines)
+  set(losses_${run} "")
+  foreach(line IN LISTS lines)
+    string(REGEX REPLACE ",[^,]*,[^,]*$" "" step_and_loss "${line}")
+    list(APPEND losses_${run} "${step_and_loss}")
+  endforeach()
+endforeach()
+list(LENGTH losses_b n)
+math(EXPR expected "${STEPS} + 1")
+if(NOT n EQUAL expected OR NOT "${losses_a}" STREQUAL "${losses_b}")
+  message(FATAL_ERROR "loss.csv of the resumed run (${n} lines) is not the uninterrupted run's:\n"
+                      "${losses_b}\nagainst\n${losses_a}")
+endif()
