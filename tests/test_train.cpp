@@ -7,6 +7,7 @@
 #include <common/checkpoint.hpp>
 #include <common/graphed_step.hpp>
 #include <common/lean.hpp>
+#include <common/run.hpp>
 #include <common/sample_order.hpp>
 #include <common/train_step.hpp>
 #include <common/tuners.hpp>
@@ -116,6 +117,22 @@ TEST(Train, LeanFlagNamesEveryLeverAndRefusesFusedKernelsWhereTheyCannotRun) {
     EXPECT_EQ(common::to_string(common::parse_lean_activations("default", torch::Device(torch::kCUDA, 0))),
               common::to_string(fused));
   }
+}
+
+// A run learns what its model predicts (the tiny model's v) unless --prediction names a target;
+// a target the step cannot learn is refused by name.
+TEST(Train, RunLearnsWhatTheModelPredictsUnlessTold) {
+  scedit_test::TempDir dir("run");
+  common::RunFlags flags;
+  flags.output.output = (dir.path() / "out").string();
+  const auto pipe = sd::tiny_pipeline();
+  EXPECT_EQ(common::TrainingRun("test", flags).loss(pipe).prediction_type, "v_prediction");
+  flags.optim.prediction = "epsilon";
+  EXPECT_EQ(common::TrainingRun("test", flags).loss(pipe).prediction_type, "epsilon");
+  flags.optim.prediction.clear();
+  sd::StableDiffusion predicts_samples;
+  predicts_samples.scheduler_config = {{"prediction_type", "sample"}};
+  EXPECT_ERROR_MENTIONS(common::TrainingRun("test", flags).loss(predicts_samples), "predicts 'sample'");
 }
 
 TEST(Train, SeededSCEditRunLowersTheLoss) {

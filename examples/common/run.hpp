@@ -162,9 +162,10 @@ class TrainingRun {
   /// the model's noise schedule, its prediction target unless `--prediction` names another, the
   /// run's precision.
   DenoisingLoss loss(const sd::StableDiffusion& pipe) const {
-    const auto& prediction = flags_.optim.prediction;
-    return DenoisingLoss{sd::noise_schedule(pipe), prediction.empty() ? sd::prediction_type(pipe) : prediction,
-                         precision_};
+    const auto target = flags_.optim.prediction.empty() ? sd::prediction_type(pipe) : flags_.optim.prediction;
+    TORCH_CHECK(target == "epsilon" || target == "v_prediction", "the model's scheduler config says "
+                "its UNet predicts '", target, "'; training learns epsilon or v_prediction: give --prediction");
+    return DenoisingLoss{sd::noise_schedule(pipe), target, precision_};
   }
 
   /// The validation prompts (`--validation-prompt`, the demo data's, or one of SCEdit's).
