@@ -249,15 +249,8 @@ inline torch::Tensor random_inpaint_mask(int64_t height, int64_t width, torch::G
 /// undefined (pose and scribble tools draw on transparent layers), so dropping the alpha would
 /// change what the map says.
 inline torch::Tensor decode_condition(const std::string& bytes, const std::string& name) {
-  TORCH_CHECK(!bytes.empty(), "cannot decode condition image '", name, "': the file is empty");
-  int width = 0, height = 0, channels = 0;
-  stbi_uc* pixels =
-      stbi_load_from_memory(reinterpret_cast<const stbi_uc*>(bytes.data()),
-                            static_cast<int>(bytes.size()), &width, &height, &channels, 4);
-  TORCH_CHECK(pixels != nullptr, "cannot decode condition image '", name,
-              "' as an image (stb_image: ", stbi_failure_reason(), ")");
-  auto rgba = torch::from_blob(pixels, {height, width, 4}, torch::kUInt8).clone();
-  stbi_image_free(pixels);
+  int channels = 0;
+  const auto rgba = decode_pixels(bytes, "condition image '" + name + "'", 4, &channels);
   if (channels == 2 || channels == 4) {
     const int64_t transparent = (rgba.select(2, 3) != 255).sum().item<int64_t>();
     TORCH_CHECK(transparent == 0, "condition image '", name, "' has ", channels,

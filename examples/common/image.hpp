@@ -83,20 +83,28 @@ inline torch::Generator make_cpu_generator(uint64_t seed) {
 
 // ---- decode ------------------------------------------------------------------------------
 
+/// stb_image's decode of `bytes` to uint8 [H, W, components], with the file's own channel count
+/// in `channels` when given. `what` names the source in the error messages ("'x.png'").
+inline torch::Tensor decode_pixels(const std::string& bytes, const std::string& what, int components,
+                                   int* channels = nullptr) {
+  TORCH_CHECK(!bytes.empty(), "cannot decode ", what, ": the file is empty");
+  int width = 0, height = 0, found = 0;
+  stbi_uc* pixels =
+      stbi_load_from_memory(reinterpret_cast<const stbi_uc*>(bytes.data()),
+                            static_cast<int>(bytes.size()), &width, &height, &found, components);
+  TORCH_CHECK(pixels != nullptr, "cannot decode ", what, " as an image (stb_image: ",
+              stbi_failure_reason(), ")");
+  auto image = torch::from_blob(pixels, {height, width, components}, torch::kUInt8).clone();
+  stbi_image_free(pixels);
+  if (channels != nullptr) *channels = found;
+  return image;
+}
+
 /// Decodes an encoded image (PNG, JPEG, and the other formats stb_image reads) to uint8 [H, W, 3].
 /// Grey becomes RGB by replication; an alpha channel is dropped (as PIL's `convert("RGB")` does).
 /// `name` names the source in the error message.
 inline torch::Tensor decode_image(const std::string& bytes, const std::string& name) {
-  TORCH_CHECK(!bytes.empty(), "cannot decode '", name, "': the file is empty");
-  int width = 0, height = 0, channels = 0;
-  stbi_uc* pixels =
-      stbi_load_from_memory(reinterpret_cast<const stbi_uc*>(bytes.data()),
-                            static_cast<int>(bytes.size()), &width, &height, &channels, 3);
-  TORCH_CHECK(pixels != nullptr, "cannot decode '", name, "' as an image (stb_image: ",
-              stbi_failure_reason(), ")");
-  auto image = torch::from_blob(pixels, {height, width, 3}, torch::kUInt8).clone();
-  stbi_image_free(pixels);
-  return image;  // [H, W, 3] uint8
+  return decode_pixels(bytes, "'" + name + "'", 3);
 }
 
 /// Reads an image file as uint8 [H, W, 3] (grey and RGBA are converted to RGB). Throws naming the
