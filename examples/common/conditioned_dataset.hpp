@@ -119,12 +119,6 @@ class ConditionedImageDataset : public ImageSource {
     return source;
   }
 
-  // resize_short_side's rule: the size an h x w image has with its short side at r.
-  static std::pair<int64_t, int64_t> resized_size(int64_t h, int64_t w, int64_t r) {
-    if (std::min(h, w) == r) return {h, w};
-    return h <= w ? std::make_pair(r, (r * w) / h) : std::make_pair((r * h) / w, r);
-  }
-
   // The ItemCheck: finds the item's condition file, decodes it, checks its size against the
   // image's; caches it resized when the images are cached. `scanning` is data_ under
   // construction, reached through the reference its constructor passes.
@@ -159,8 +153,8 @@ class ConditionedImageDataset : public ImageSource {
       return name + " is " + size(h, w) + ", smaller than the resolution " + std::to_string(r) +
              " on its short side";
     }
-    const auto wanted = resized_size(image.size(0), image.size(1), r);
-    const auto got = resized_size(h, w, r);
+    const auto wanted = short_side_size(image.size(0), image.size(1), r);
+    const auto got = short_side_size(h, w, r);
     if (got != wanted) {
       return name + " is " + size(h, w) + " (" + size(got.first, got.second) +
              " at the resolution), its image " + size(image.size(0), image.size(1)) + " (" +

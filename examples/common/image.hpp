@@ -146,6 +146,13 @@ inline torch::Tensor resize(const torch::Tensor& image, int64_t height, int64_t 
   return output;
 }
 
+/// The size (height, width) an h x w image has once `resize_short_side` brings its short side
+/// to `size` (the long side scaled in proportion, rounded down).
+inline std::pair<int64_t, int64_t> short_side_size(int64_t h, int64_t w, int64_t size) {
+  if (std::min(h, w) == size) return {h, w};
+  return h <= w ? std::make_pair(size, (size * w) / h) : std::make_pair((size * h) / w, size);
+}
+
 /// Resizes uint8 [H, W, C] so that its shorter side becomes `size`, keeping the aspect ratio: the
 /// longer side becomes `floor(size * long / short)` (torchvision's `Resize(size)` rule).
 /// Antialiased on downscale (see `resize`). Returns the input itself when already that size.
@@ -154,10 +161,8 @@ inline torch::Tensor resize_short_side(const torch::Tensor& image, int64_t size)
   TORCH_CHECK(size > 0, "resize_short_side: size must be positive, got ", size);
   const int64_t h = image.size(0), w = image.size(1);
   TORCH_CHECK(h > 0 && w > 0, "resize_short_side: empty image, shape ", image.sizes());
-  if (std::min(h, w) == size) return image;
-  const int64_t new_h = h <= w ? size : (size * h) / w;
-  const int64_t new_w = h <= w ? (size * w) / h : size;
-  return resize(image, new_h, new_w);
+  const auto [new_h, new_w] = short_side_size(h, w, size);
+  return new_h == h && new_w == w ? image : resize(image, new_h, new_w);
 }
 
 /// A crop window: rows [top, top + height), columns [left, left + width).
