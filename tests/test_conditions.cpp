@@ -63,7 +63,7 @@ torch::Tensor coordinates(int64_t h, int64_t w) {
 }
 
 /// float [3, R, R] in [0, 1] or [-1, 1] -> uint8 [R, R, 3].
-torch::Tensor pixels_of_condition(const torch::Tensor& c) { return common::condition_to_uint8(c); }
+torch::Tensor pixels_of_condition(const torch::Tensor& c) { return sd::condition_to_uint8(c); }
 torch::Tensor pixels_of_image(const torch::Tensor& i) { return sd::to_uint8(i); }
 
 void write_jsonl(const fs::path& file, const std::vector<std::string>& records) {
@@ -278,17 +278,17 @@ TEST_F(ConditionsTest, ReadConditionTakesAnyImageAsGivenAndRefusesBadOnesNamingT
 
 TEST(ConditionRange, ConditionToFloatIsCHWInZeroToOneAndInverts) {
   const auto image = random_image(8, 16, 9);
-  const auto f = common::condition_to_float(image);
+  const auto f = sd::condition_to_float(image);
   ASSERT_EQ(f.sizes(), (std::vector<int64_t>{3, 8, 16}));
   EXPECT_EQ(f.scalar_type(), torch::kFloat32);
   EXPECT_TRUE(torch::allclose(f[1][2][3], image[2][3][1].to(torch::kFloat32) / 255.0));
   EXPECT_GE(f.min().item<float>(), 0.0f);
   EXPECT_LE(f.max().item<float>(), 1.0f);
-  EXPECT_TRUE(common::condition_to_uint8(f).equal(image));
-  const auto batch = common::condition_to_float(torch::stack({image, image}));
+  EXPECT_TRUE(sd::condition_to_uint8(f).equal(image));
+  const auto batch = sd::condition_to_float(torch::stack({image, image}));
   EXPECT_EQ(batch.sizes(), (std::vector<int64_t>{2, 3, 8, 16}));
-  EXPECT_TRUE(common::condition_to_uint8(batch)[1].equal(image));
-  EXPECT_ERROR_MENTIONS(common::condition_to_float(image.to(torch::kFloat32)), "uint8");
+  EXPECT_TRUE(sd::condition_to_uint8(batch)[1].equal(image));
+  EXPECT_ERROR_MENTIONS(sd::condition_to_float(image.to(torch::kFloat32)), "uint8");
 }
 
 // ---- datasets --------------------------------------------------------------------------------
@@ -319,7 +319,7 @@ TEST_F(ConditionsTest, ControlNetLayoutIsReadWithItsConditions) {
     ASSERT_EQ(sample.conditions.size(), 1u);
     EXPECT_EQ(sample.conditions[0].sizes(), (std::vector<int64_t>{3, R, R}));
     const auto expected = common::center_crop(common::resize_short_side(conditions[static_cast<size_t>(i)], R), R, R);
-    EXPECT_TRUE(sample.conditions[0].equal(common::condition_to_float(expected)));
+    EXPECT_TRUE(sample.conditions[0].equal(sd::condition_to_float(expected)));
     EXPECT_TRUE(sample.image.equal(plain.get(i, generator).image));
     EXPECT_TRUE(plain.get(i, generator).conditions.empty());
     EXPECT_NE(plain.items()[static_cast<size_t>(i)].condition.find("conditioning"), std::string::npos);

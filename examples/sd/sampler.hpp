@@ -245,8 +245,7 @@ inline void set_conditions(StableDiffusion& sd, const GenerateOptions& options,
                 condition.tuner, "', but the UNet has ",
                 names.empty() ? "no CSC-Tuner" : "only " + names);
     const auto reference = first_parameter(**tuner, "CSC-Tuner");
-    // uint8 [H, W, 3] -> float [1, 3, H, W] in [0, 1] (scepter's condition range)
-    const auto image = condition.image.permute({2, 0, 1}).unsqueeze(0).to(torch::kFloat32) / 255.0;
+    const auto image = condition_to_float(condition.image).unsqueeze(0);  // [1, 3, H, W]
     scope.set(*tuner, image.to(reference.device(), reference.scalar_type()));
   }
   for (const auto& item : tuners) {
@@ -335,8 +334,7 @@ inline void sample_batches(StableDiffusion& sd, const std::vector<std::string>& 
     const auto reference = first_parameter(*control.model, "ControlNet");
     TORCH_CHECK(reference.device() == device, "generate: a ControlNet is on ", reference.device(),
                 " but the UNet on ", device);
-    // uint8 [H, W, 3] -> float [1, 3, H, W] in [0, 1] (diffusers' control image processor)
-    const auto image = control.image.permute({2, 0, 1}).unsqueeze(0).to(torch::kFloat32) / 255.0;
+    const auto image = condition_to_float(control.image).unsqueeze(0);  // [1, 3, H, W]
     controls.push_back({control.model, image.to(device, reference.scalar_type()), control.scale});
   }
   // The CSC-Tuners' hint features, once for the whole call (the same for every image).

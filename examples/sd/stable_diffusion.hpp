@@ -115,6 +115,30 @@ inline torch::Tensor to_uint8(const torch::Tensor& image) {
   return hwc.contiguous();
 }
 
+/// A condition uint8 [H, W, 3] (or [B, H, W, 3]) -> float [3, H, W] ([B, 3, H, W]) in [0, 1],
+/// the range a CSC-Tuner's hint blocks and a ControlNet read.
+inline torch::Tensor condition_to_float(const torch::Tensor& condition) {
+  TORCH_CHECK(condition.scalar_type() == torch::kUInt8 &&
+                  (condition.dim() == 3 || condition.dim() == 4) && condition.size(-1) == 3,
+              "condition_to_float: expected uint8 [H, W, 3] or [B, H, W, 3], got ",
+              condition.scalar_type(), " ", condition.sizes());
+  auto chw = condition.dim() == 3 ? condition.permute({2, 0, 1})      // [H, W, 3] -> [3, H, W]
+                                  : condition.permute({0, 3, 1, 2});  // -> [B, 3, H, W]
+  return chw.to(torch::kFloat32).div(255.0).contiguous();
+}
+
+/// The inverse of `condition_to_float` (for pictures of conditions): float [3, H, W] or
+/// [B, 3, H, W] in [0, 1] -> uint8 [H, W, 3] ([B, H, W, 3]) on the CPU, clamped and rounded.
+inline torch::Tensor condition_to_uint8(const torch::Tensor& condition) {
+  TORCH_CHECK(condition.is_floating_point() && (condition.dim() == 3 || condition.dim() == 4),
+              "condition_to_uint8: expected float [3, H, W] or [B, 3, H, W], got ",
+              condition.scalar_type(), " ", condition.sizes());
+  auto values = condition.detach().to(torch::kCPU, torch::kFloat32).clamp(0.0, 1.0).mul(255.0)
+                    .round().to(torch::kUInt8);
+  return (condition.dim() == 3 ? values.permute({1, 2, 0}) : values.permute({0, 2, 3, 1}))
+      .contiguous();
+}
+
 // ---- latents -----------------------------------------------------------------------------------
 
 /// The latents the UNet sees for a VAE posterior: `(z − shift_factor) · scaling_factor`, with z

@@ -107,7 +107,7 @@ int train(const common::RunFlags& run_flags, const ControlFlags& flags) {
   for (int64_t i = 0; i < held_out.size(); ++i) {
     auto generator = common::step_generator(run_flags.optim.seed, i, /*stream=*/3);
     auto sample = held_out.get(i, generator);
-    shown.emplace_back(common::condition_to_uint8(sample.conditions.front()), sample.caption);
+    shown.emplace_back(sd::condition_to_uint8(sample.conditions.front()), sample.caption);
   }
   std::optional<common::ConditionProbe> probe;
   if (held >= 2) probe.emplace(pipe, held_out, run.loss(pipe), run.device(), run_flags.optim.seed);
