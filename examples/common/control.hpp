@@ -55,12 +55,26 @@ struct ControlTuners {
   }
 };
 
+/// Checks `train_control`'s tuner flags, each message naming its flag and what it accepts
+/// (before any model loads; `attach_control_tuners` checks again).
+inline void check_control_options(const ControlOptions& options) {
+  TORCH_CHECK(options.method == "csc" || options.method == "csc+sc" || options.method == "controlnet",
+              "--method must be csc, csc+sc or controlnet, got '", options.method, "'");
+  TORCH_CHECK(options.kernel_size == 1 || options.kernel_size == 3, "--hint-kernel must be 1 or 3, got ",
+              options.kernel_size);
+  TORCH_CHECK(options.hint_ratio > 0, "--hint-ratio must be positive, got ", options.hint_ratio);
+  TORCH_CHECK(options.hint_channels > 0, "--hint-channels must be positive, got ", options.hint_channels);
+  TORCH_CHECK(std::isfinite(options.down_ratio) && options.down_ratio > 0,
+              "--csc-down-ratio must be a positive number, got ", options.down_ratio);
+  check_regex_flag("--csc-skips", options.skips);
+}
+
 /// Attaches a fresh CSC-Tuner (and SC-Tuners for `csc+sc`) to `unet`, freezes everything else,
 /// and keeps the trainable weights in float32 on `device`.
 inline ControlTuners attach_control_tuners(sd::UNet& unet, const ControlOptions& options,
                                            const torch::Device& device) {
-  TORCH_CHECK(options.method == "csc" || options.method == "csc+sc",
-              "attach_control_tuners: method must be csc or csc+sc, got '", options.method, "'");
+  check_control_options(options);
+  TORCH_CHECK(options.method != "controlnet", "attach_control_tuners: a ControlNet is made by make_controlnet");
   ControlTuners tuners;
   // Which skips it edits, decoder order: the sites (decoder order) whose path matches.
   std::vector<bool> edited;

@@ -64,6 +64,7 @@ struct CheckpointFlags {
 /// What the run writes for a person: the output folder, progress lines, validation samples.
 struct OutputFlags {
   std::string output;                      ///< the output folder
+  bool overwrite = false;                  ///< start afresh where an earlier run left checkpoints
   int64_t log_every = 10;                  ///< steps between progress lines
   int64_t validation_every = 0;            ///< steps between sample grids; 0: only at the end
   std::vector<std::string> validation_prompts;  ///< prompts of the sample grids
@@ -143,6 +144,7 @@ inline void add_run_flags(CLI::App& app, RunFlags& flags) {
   auto& out = flags.output;
   const char* output = "Output";
   app.add_option("--output", out.output, "Output folder: weights, loss.csv, loss.png, samples, checkpoints")->group(output);
+  app.add_flag("--overwrite", out.overwrite, "Start afresh in an --output that holds an earlier run's checkpoints (removes them and its history); with --resume, remove the checkpoints after the one resumed")->group(output);
   app.add_option("--log-every", out.log_every, "Steps between progress lines")->check(CLI::PositiveNumber)->group(output);
   app.add_option("--validation-every", out.validation_every, "Steps between sample grids (0: only at the end)")->check(CLI::NonNegativeNumber)->group(output);
   app.add_option("--validation-prompt", out.validation_prompts, "Prompt for the sample grid (repeatable)")->group(output);

@@ -18,24 +18,6 @@ namespace common {
 
 // ---- PNG with text chunks --------------------------------------------------------------------
 
-/// CRC-32 (ISO-HDLC / zlib / PNG: polynomial 0xEDB88320 reflected, initial and final XOR
-/// 0xFFFFFFFF) of `size` bytes, continuing from `crc` (0 to start).
-inline uint32_t crc32(const void* data, size_t size, uint32_t crc = 0) {
-  static const auto table = [] {
-    std::array<uint32_t, 256> t{};
-    for (uint32_t n = 0; n < 256; ++n) {
-      uint32_t c = n;
-      for (int k = 0; k < 8; ++k) c = (c & 1u) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
-      t[n] = c;
-    }
-    return t;
-  }();
-  const auto* bytes = static_cast<const unsigned char*>(data);
-  crc = ~crc;
-  for (size_t i = 0; i < size; ++i) crc = table[(crc ^ bytes[i]) & 0xFFu] ^ (crc >> 8);
-  return ~crc;
-}
-
 namespace detail {
 
 inline void put_u32_be(std::string& out, uint32_t v) {

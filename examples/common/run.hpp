@@ -1,17 +1,19 @@
 #pragma once
 /// @file run.hpp
-/// @brief A training run as every training program runs it: flags checked before anything
-/// expensive, the model brought up, the data found (or generated), then the loop — the sample
-/// order, micro-batches, the step (eager or as a CUDA graph), progress lines, checkpoints and
-/// exact resume, validation grids — and at the end the weights, `loss.csv`, `loss.png` and a
-/// last grid. A program says what it trains (a `Trainable`) and what a sample holds (an
+/// @brief A training run as every training program runs it: flags checked and the output folder
+/// claimed before anything expensive, the data found (or generated), the model brought up, then
+/// the loop — the sample order, micro-batches, the step (eager or as a CUDA graph), progress
+/// lines, checkpoints and exact resume, validation grids — and at the end the weights,
+/// `loss.csv`, `loss.png` and a last grid. What can go wrong stops the run with one line and
+/// keeps the last good output: a non-finite loss or weights, a full disk, SIGINT / SIGTERM (a
+/// checkpoint first), a second run into the same folder. A program says what it trains (a `Trainable`) and what a sample holds (an
 /// `ImageSource`); the rest is here, once. The layers and the data path: docs/ARCHITECTURE.md.
 ///
 /// Example (examples/train_style/main.cpp reads the same):
 /// @code
 /// common::TrainingRun run("train_style", flags);
+/// common::CaptionedImageDataset data(run.data_folder(make_demo, prompts), run.dataset_options());
 /// auto pipe = run.load_model();
-/// common::CaptionedImageDataset data(run.data_folder(make_demo), run.dataset_options());
 /// torch::manual_seed(flags.optim.seed);
 /// auto tuners = common::attach_tuners(pipe.unet, method, run.device());
 /// run.train(pipe, data, common::tuner_trainable(pipe.unet, tuners, method), validation);
@@ -25,7 +27,9 @@
 #include <common/lean.hpp>
 #include <common/memory.hpp>
 #include <common/model.hpp>
+#include <common/output_lock.hpp>
 #include <common/plot.hpp>
+#include <common/program.hpp>
 #include <common/sample_order.hpp>
 #include <common/strings.hpp>
 #include <common/train_step.hpp>
@@ -41,6 +45,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <utility>
@@ -58,7 +63,8 @@ class TrainingRun {
  public:
   /// Checks every flag that needs neither model nor data, so that a mistake is reported before
   /// anything expensive; resolves the device, the precision and the lean levers; fills in the
-  /// defaults that depend on the model (resolution, learning rate); creates the output folder.
+  /// defaults that depend on the model (resolution, learning rate); then claims the output folder
+  /// (`claim_output`).
   TrainingRun(std::string program, RunFlags flags) : program_(std::move(program)), flags_(std::move(flags)) {
     auto& f = flags_;
     device_ = resolve_device(f.compute.device);
@@ -68,7 +74,9 @@ class TrainingRun {
     const bool tiny = f.model.model.empty();
     if (f.data.resolution == 0) f.data.resolution = tiny ? 64 : 512;
     if (f.optim.optim.lr == 0) f.optim.optim.lr = tiny ? 1e-3 : 1e-4;
-    TORCH_CHECK(f.data.resolution % 8 == 0, "--resolution must be a multiple of 8, got ", f.data.resolution);
+    TORCH_CHECK(f.data.resolution > 0 && f.data.resolution % 8 == 0,
+                "--resolution must be a positive multiple of 8, got ", f.data.resolution);
+    check_optim_options(f.optim.optim);
     TORCH_CHECK(f.optim.batch_size > 0, "--batch-size must be positive, got ", f.optim.batch_size);
     TORCH_CHECK(f.optim.grad_accum > 0, "--grad-accum must be positive, got ", f.optim.grad_accum);
     TORCH_CHECK(!f.compute.cuda_graph || f.optim.grad_accum == 1, "--cuda-graph captures one "
@@ -82,12 +90,14 @@ class TrainingRun {
     TORCH_CHECK(f.data.data.empty() || std::filesystem::exists(f.data.data), "--data: '",
                 f.data.data, "' does not exist");
     check_model_flags(f.model);
+    TORCH_CHECK(f.optim.max_steps > 0 || f.optim.epochs > 0 || f.model.random_weights(),
+                "give --max-steps or --epochs (how long to train)");
     if (f.data.cache && (f.data.random_crop || f.data.random_flip)) {
       std::printf("--cache encodes each image once (centre crop, no flip): ignoring --random-crop "
                   "and --random-flip\n");
       f.data.random_crop = f.data.random_flip = false;
     }
-    std::filesystem::create_directories(f.output.output);
+    claim_output();
   }
 
   /// The flags, with the model-dependent defaults filled in.
@@ -98,6 +108,8 @@ class TrainingRun {
   sd::Precision precision() const { return precision_; }
   /// The output folder.
   std::filesystem::path output() const { return flags_.output.output; }
+  /// The step training starts from: the resumed checkpoint's, else 0.
+  int64_t start_step() const { return resumed_ ? resumed_->state.step : 0; }
 
   /// The model the flags name (model.hpp's `load_model`), its random weights, if any, from the
   /// run's seed.
@@ -115,6 +127,20 @@ class TrainingRun {
     TORCH_CHECK(flags_.model.random_weights(), "--data is required with --model (a folder of images with captions)");
     if (flags_.output.validation_prompts.empty()) flags_.output.validation_prompts = demo_prompts;
     return make_demo(output() / "demo_data", flags_.data.resolution, flags_.optim.seed);
+  }
+
+  /// The optimizer steps of the run on `images` training images: `--max-steps`, else `--epochs`
+  /// passes (at most 10^9 steps), else 300 on the tiny default. A program asks once it knows its
+  /// data, before the model loads, so that an impossible length is refused early.
+  int64_t total_steps(int64_t images) const {
+    const auto& o = flags_.optim;
+    if (o.max_steps > 0) return o.max_steps;
+    if (o.epochs == 0) return 300;  // the tiny default (the constructor refuses it elsewhere)
+    const int64_t images_per_step = o.batch_size * o.grad_accum;
+    const double planned = std::ceil(o.epochs * images / images_per_step);
+    TORCH_CHECK(planned <= 1e9, "--epochs ", o.epochs, " of ", images, " images at ", images_per_step,
+                " per step makes ", planned, " steps: at most 10^9");
+    return static_cast<int64_t>(planned);
   }
 
   /// How the dataset prepares images: resolution, crops, flips, bad-data policy.
@@ -191,17 +217,7 @@ class TrainingRun {
                    precision_, device_, objective.prediction_type);
 
     const int64_t images_per_step = f.optim.batch_size * f.optim.grad_accum;
-    int64_t total = f.optim.max_steps;
-    if (total == 0 && f.optim.epochs > 0) {
-      const double planned = std::ceil(f.optim.epochs * data.size() / images_per_step);
-      TORCH_CHECK(planned <= 1e9, "--epochs ", f.optim.epochs, " of ", data.size(), " images at ",
-                  images_per_step, " per step makes ", planned, " steps: at most 10^9");
-      total = static_cast<int64_t>(planned);
-    }
-    if (total == 0) {
-      TORCH_CHECK(f.model.random_weights(), "give --max-steps or --epochs");
-      total = 300;
-    }
+    const int64_t total = total_steps(data.size());
 
     // Checkpoints hold the trainable tensors by name; the run's settings must match on resume.
     const auto tensors = trainable.by_name();
@@ -210,16 +226,14 @@ class TrainingRun {
                                {"prediction", objective.prediction_type}};
     settings.update(trainable.settings);
     const auto checkpoints = output() / "checkpoints";
-    int64_t start = 0;
-    if (!f.checkpoints.resume.empty()) {
-      const auto folder = resolve_checkpoint(checkpoints, f.checkpoints.resume);
-      auto state = load_checkpoint(folder, tensors, step.optimizer());
-      TORCH_CHECK(state.seed == f.optim.seed, "checkpoint '", folder.string(), "' was trained with --seed ",
-                  state.seed, ", this run has ", f.optim.seed);
-      TORCH_CHECK(state.run == settings, "checkpoint '", folder.string(), "' comes from a run with ",
-                  state.run.dump(), ", this run has ", settings.dump());
-      step.set_loss_scale(state.loss_scale);
-      start = state.step;
+    const int64_t start = start_step();
+    std::filesystem::path last_checkpoint;  // the newest good one, named when the run stops early
+    if (resumed_) {
+      const auto& folder = resumed_->folder;
+      TORCH_CHECK(resumed_->state.run == settings, "checkpoint '", folder.string(), "' comes from a run with ",
+                  resumed_->state.run.dump(), ", this run has ", settings.dump());
+      step.set_loss_scale(load_checkpoint(*resumed_, tensors, step.optimizer()).loss_scale);
+      last_checkpoint = folder;
       std::printf("resumed from %s at step %lld\n", folder.string().c_str(), static_cast<long long>(start));
       if (f.compute.cuda_graph) {
         std::printf("--cuda-graph: the noise after a resume is not the uninterrupted run's (the device "
@@ -249,11 +263,23 @@ class TrainingRun {
       }
       write_loss_plot((output() / "loss.png").string(), steps, losses, program_ + " " + title(trainable));
     };
+    // Stops the run at step `at` for `why`, naming what is left to resume from.
+    auto stop = [&](int64_t at, const std::string& why) {
+      TORCH_CHECK(false, "step ", at, ": ", why, ": training stopped without saving; ",
+                  last_checkpoint.empty() ? std::string("no checkpoint was saved before")
+                                          : "the last good checkpoint is '" + last_checkpoint.string() + "'",
+                  " (a lower --lr, or --max-grad-norm, may help)");
+    };
+    // Only finite weights are saved: a checkpoint or weights file never replaces good ones with
+    // the aftermath of a non-finite gradient.
     auto save_checkpoint_at = [&](int64_t at) {
       if (graphed) graphed->sync_optimizer_state();
+      if (!all_finite(tensors)) stop(at, "the trained weights are no longer finite (a non-finite gradient)");
       write_losses();
-      return save_checkpoint(checkpoints, tensors, step.optimizer(),
-                             TrainState{at, f.optim.seed, step.loss_scale(), settings}, f.checkpoints.keep_last);
+      last_checkpoint = save_checkpoint(checkpoints, tensors, step.optimizer(),
+                                        TrainState{at, f.optim.seed, step.loss_scale(), settings},
+                                        f.checkpoints.keep_last);
+      return last_checkpoint;
     };
     auto validate = [&](int64_t at, const std::filesystem::path& grid) {
       unet->eval();
@@ -262,10 +288,13 @@ class TrainingRun {
       unet->train();
     };
 
-    // The loop.
+    // The loop. SIGINT and SIGTERM end it after the current step, with a checkpoint.
+    std::optional<StopSignals> signals;
+    signals.emplace();
     SampleOrder order(data.size(), f.optim.batch_size, f.optim.seed);
     const auto began = std::chrono::steady_clock::now();
     double smoothed = 0;
+    int64_t overflows = 0;  // consecutive fp16 steps skipped by the loss scaler
     for (int64_t s = start; s < total; ++s) {
       const double lr = learning_rate(f.optim.optim, s, total);
       torch::Tensor loss_sum;  // on the device: read once the whole step is queued
@@ -280,8 +309,15 @@ class TrainingRun {
           loss_sum = a == 0 ? micro : loss_sum + micro;
         }
       }
-      if (!graphed) step.optimizer_step(lr);
+      const bool applied = graphed || step.optimizer_step(lr);
       const double loss = loss_sum.item<double>() / f.optim.grad_accum;
+      // fp16's loss scaler skips a step whose gradients overflowed; anywhere else, and when that
+      // goes on, a non-finite loss means training has diverged.
+      overflows = applied ? 0 : overflows + 1;
+      if (!std::isfinite(loss) && (precision_ != sd::Precision::kFP16 || overflows >= kMaxOverflows)) {
+        stop(s + 1, "the loss is " + std::to_string(loss) +
+                        (overflows > 0 ? " for " + std::to_string(overflows) + " steps in a row" : ""));
+      }
       const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();
       records.push_back({s + 1, loss, lr, earlier_seconds + seconds});
       smoothed = s == start ? loss : 0.9 * smoothed + 0.1 * loss;
@@ -299,7 +335,16 @@ class TrainingRun {
       if (f.output.validation_every > 0 && (s + 1) % f.output.validation_every == 0 && s + 1 < total) {
         validate(s + 1, output() / "samples" / ("step-" + std::to_string(s + 1) + ".png"));
       }
+      if (const int signal = signals->pending(); signal != 0 && s + 1 < total) {
+        const bool saved = last_checkpoint.filename() == checkpoint_name(s + 1);
+        const auto folder = saved ? last_checkpoint : save_checkpoint_at(s + 1);
+        throw Interrupted(signal, std::string("stopped by ") + StopSignals::name(signal) + " after step " +
+                                      std::to_string(s + 1) + " of " + std::to_string(total) + ": checkpoint '" +
+                                      folder.string() + "' (continue with --resume latest)");
+      }
     }
+
+    signals.reset();  // from here on a signal ends the program at once: nothing is left to save
 
     // What a person wants to look at: the weights, the loss curve, samples.
     if (start < total) save_checkpoint_at(total);
@@ -335,6 +380,63 @@ class TrainingRun {
     return kept;
   }
 
+  // Takes the output folder for this run: its lock (a second writer is refused), the stale
+  // temporaries of an interrupted save removed, and its checkpoints: a fresh run refuses an
+  // earlier run's unless --overwrite removes them; a resumed one checks its checkpoint now, and
+  // refuses checkpoints past it unless --overwrite removes them.
+  void claim_output() {
+    namespace fs = std::filesystem;
+    const auto& f = flags_;
+    lock_ = std::make_unique<OutputLock>(output());
+    const auto checkpoints = output() / "checkpoints";
+    const int64_t stale = remove_stale_temporaries(output()) + remove_stale_temporaries(checkpoints);
+    if (stale > 0) std::printf("removed %lld unfinished file(s) of an interrupted save\n", static_cast<long long>(stale));
+    const auto existing = list_checkpoints(checkpoints);
+    std::vector<fs::path> doomed;
+    if (!f.checkpoints.resume.empty()) {
+      resumed_ = resolve_checkpoint(checkpoints, f.checkpoints.resume);
+      TORCH_CHECK(resumed_->state.seed == f.optim.seed, "checkpoint '", resumed_->folder.string(),
+                  "' was trained with --seed ", resumed_->state.seed, ", this run has ", f.optim.seed);
+      for (const auto& folder : existing) {
+        if (checkpoint_step(folder).value_or(0) > resumed_->state.step) doomed.push_back(folder);
+      }
+      if (f.checkpoints.resume == "latest") {  // later ones are damaged (resolve_checkpoint said so): set aside
+        for (const auto& folder : doomed) {
+          fs::rename(folder, folder.string() + ".damaged");
+          std::printf("set aside %s.damaged\n", folder.string().c_str());
+        }
+        doomed.clear();
+      }
+      TORCH_CHECK(doomed.empty() || f.output.overwrite, "--resume from step ", resumed_->state.step, ": '",
+                  checkpoints.string(), "' holds later checkpoints (", doomed.back().filename().string(),
+                  "), which --resume latest would pick up again: give --overwrite to remove them");
+    } else {
+      TORCH_CHECK(existing.empty() || f.output.overwrite, "--output '", output().string(),
+                  "' holds the checkpoints of an earlier run (newest: ", existing.empty() ? "" : existing.back().filename().string(),
+                  "): give --resume latest to continue it, --overwrite to start afresh (removes them and its "
+                  "loss.csv), or another --output");
+      doomed = existing;
+      if (f.output.overwrite) {
+        for (const char* history : {"loss.csv", "loss.png", "validation.json"}) doomed.push_back(output() / history);
+      }
+    }
+    int64_t removed = 0;
+    for (const auto& path : doomed) removed += fs::remove_all(path) > 0;
+    if (removed > 0) std::printf("--overwrite: removed %lld earlier file(s) and checkpoint(s) from %s\n",
+                                 static_cast<long long>(removed), output().string().c_str());
+  }
+
+  // Whether every trainable tensor is finite (one read of the device).
+  static bool all_finite(const scedit::TensorMap& tensors) {
+    std::vector<torch::Tensor> finite;
+    for (const auto& named : tensors) finite.push_back(torch::isfinite(named.second).all());
+    return finite.empty() || torch::stack(finite).all().item<bool>();
+  }
+
+  // fp16 steps in a row whose loss may be non-finite (the loss scaler skipping them) before the
+  // run counts as diverged.
+  static constexpr int64_t kMaxOverflows = 20;
+
   // The plot's title: what is trained ("scedit", "lora", ...).
   static std::string title(const Trainable& trainable) {
     const auto method = trainable.settings.find("method");
@@ -346,6 +448,8 @@ class TrainingRun {
   torch::Device device_ = torch::kCPU;
   sd::Precision precision_ = sd::Precision::kFP32;
   sd::LeanActivations lean_;
+  std::unique_ptr<OutputLock> lock_;
+  std::optional<VerifiedCheckpoint> resumed_;
 };
 
 }  // namespace common

@@ -1,13 +1,16 @@
 #pragma once
 /// @file strings.hpp
-/// @brief The little text handling the programs share: comma-separated flag values and the
-/// h:mm:ss of a progress line.
+/// @brief The little text handling the programs share: comma-separated flag values, regular
+/// expressions given as flags, and the h:mm:ss of a progress line.
 
 #include <cstdint>
 #include <cstdio>
+#include <regex>
 #include <sstream>
 #include <string>
 #include <vector>
+
+#include <torch/torch.h>
 
 namespace common {
 
@@ -19,6 +22,16 @@ inline std::vector<std::string> split_list(const std::string& text, char separat
     if (!part.empty()) parts.push_back(part);
   }
   return parts;
+}
+
+/// Refuses a `flag` whose value `pattern` is not a regular expression (ECMAScript, as the tuner
+/// site patterns are matched), naming the flag; an empty pattern is fine.
+inline void check_regex_flag(const char* flag, const std::string& pattern) {
+  try {
+    std::regex compiled(pattern);
+  } catch (const std::regex_error& e) {
+    TORCH_CHECK(false, flag, ": '", pattern, "' is not a regular expression (", e.what(), ")");
+  }
 }
 
 /// `seconds` as h:mm:ss.

@@ -17,6 +17,7 @@
 
 #include <torch/torch.h>
 
+#include <cmath>
 #include <filesystem>
 #include <optional>
 #include <string>
@@ -72,20 +73,33 @@ struct TrainedTuners {
   }
 };
 
+/// Checks the `--method` family of flags, each message naming its flag and what it accepts
+/// (before any model loads; `attach_tuners` checks again).
+inline void check_method_options(const MethodOptions& options) {
+  TORCH_CHECK(options.method == "scedit" || options.method == "lora" || options.method == "scedit+lora",
+              "--method must be scedit, lora or scedit+lora, got '", options.method, "'");
+  TORCH_CHECK(std::isfinite(options.sc_down_ratio) && options.sc_down_ratio > 0,
+              "--sc-down-ratio must be a positive number, got ", options.sc_down_ratio);
+  check_regex_flag("--sc-skips", options.sc_pattern);
+  TORCH_CHECK(options.lora_rank > 0, "--lora-rank must be positive, got ", options.lora_rank);
+  TORCH_CHECK(std::isfinite(options.lora_alpha) && options.lora_alpha > 0,
+              "--lora-alpha must be a positive number, got ", options.lora_alpha);
+  TORCH_CHECK(!split_list(options.lora_targets).empty(), "--lora-targets names no module");
+}
+
 /// Attaches the tuners `options` asks for to `unet`, freezes everything else, and keeps the
 /// trainable weights in float32 on `device` whatever dtype the frozen weights have.
 inline TrainedTuners attach_tuners(sd::UNet& unet, const MethodOptions& options,
                                    const torch::Device& device) {
+  check_method_options(options);
   const bool sc = options.method == "scedit" || options.method == "scedit+lora";
   const bool lora = options.method == "lora" || options.method == "scedit+lora";
-  TORCH_CHECK(sc || lora, "--method must be scedit, lora or scedit+lora, got '", options.method, "'");
   TrainedTuners tuners;
   if (sc) {
     tuners.sc = scedit::attach_sc_tuners(
         *unet, scedit::SCAttachOptions().pattern(options.sc_pattern).down_ratio(options.sc_down_ratio));
   }
   if (lora) {
-    TORCH_CHECK(options.lora_rank > 0, "--lora-rank must be positive, got ", options.lora_rank);
     tuners.lora = scedit::inject_lora(
         *unet, scedit::LoRAConfig(scedit::LoRAOptions(options.lora_rank).alpha(options.lora_alpha))
                    .target_modules(split_list(options.lora_targets)));

@@ -108,6 +108,22 @@ class ConditionProbe {
             loss_(denoiser, shuffled_, noise_, t_).item<double>()};
   }
 
+  /// Continues the JSON list at `path` that a resumed run wrote before: its entries up to `step`
+  /// are kept and `record` appends to them. A missing or unreadable file starts afresh (saying
+  /// why: it is a log, the run goes on without it).
+  void continue_history(const std::filesystem::path& path, int64_t step) {
+    history_ = nlohmann::json::array();
+    if (!std::filesystem::exists(path)) return;
+    try {
+      for (const auto& entry : nlohmann::json::parse(read_file_bytes(path))) {
+        if (entry.at("step").get<int64_t>() <= step) history_.push_back(entry);
+      }
+    } catch (const std::exception& e) {
+      std::printf("%s: not continued: %s\n", path.string().c_str(), e.what());
+      history_ = nlohmann::json::array();
+    }
+  }
+
   /// Adds `result` at `step` to the JSON list at `path` (`[{"step", "loss_matched",
   /// "loss_shuffled"}, ...]`), rewriting the file atomically, and prints it.
   void record(int64_t step, const Result& result, const std::filesystem::path& path) {

@@ -18,6 +18,7 @@
 #include <common/control.hpp>
 #include <common/demo_data.hpp>
 #include <common/flags.hpp>
+#include <common/program.hpp>
 #include <common/run.hpp>
 #include <common/validation.hpp>
 
@@ -28,7 +29,6 @@
 
 #include <cstdio>
 #include <filesystem>
-#include <iostream>
 #include <numeric>
 #include <optional>
 #include <string>
@@ -65,10 +65,10 @@ int train(const common::RunFlags& run_flags, const ControlFlags& flags) {
   TORCH_CHECK(flags.validation_samples == 0 || flags.validation_samples >= 2,
               "--validation-samples must be 0 or at least 2 (their conditions are shuffled among "
               "them), got ", flags.validation_samples);
+  common::check_control_options(flags.tuner);
   const auto source = condition_source(flags);
-  common::TrainingRun run("train_control", run_flags);  // every flag checked before anything loads
-
-  auto pipe = run.load_model();
+  // Every flag, then the data, checked before any weights load.
+  common::TrainingRun run("train_control", run_flags);
   const auto folder = run.data_folder(make_demo, {});
   common::ConditionedImageDataset data(folder, source, run.dataset_options());
   common::TrainingRun::describe(data.images(), folder.string());
@@ -76,6 +76,10 @@ int train(const common::RunFlags& run_flags, const ControlFlags& flags) {
   const int64_t held = flags.validation_samples;
   TORCH_CHECK(data.size() > held, "the data holds ", data.size(), " samples: too few to hold out ",
               held, " for validation (--validation-samples)");
+
+  std::printf("%lld steps\n", static_cast<long long>(run.total_steps(data.size() - held)));
+
+  auto pipe = run.load_model();
   std::vector<int64_t> order(static_cast<size_t>(data.size()));
   std::iota(order.begin(), order.end(), 0);
   const common::SubsetSource training(data, {order.begin(), order.end() - held});
@@ -110,7 +114,10 @@ int train(const common::RunFlags& run_flags, const ControlFlags& flags) {
     shown.emplace_back(sd::condition_to_uint8(sample.conditions.front()), sample.caption);
   }
   std::optional<common::ConditionProbe> probe;
-  if (held >= 2) probe.emplace(pipe, held_out, run.loss(pipe), run.device(), run_flags.optim.seed);
+  if (held >= 2) {
+    probe.emplace(pipe, held_out, run.loss(pipe), run.device(), run_flags.optim.seed);
+    if (run.start_step() > 0) probe->continue_history(run.output() / "validation.json", run.start_step());
+  }
   auto validation = [&](int64_t step, const fs::path& grid) {
     if (probe) probe->record(step, probe->measure(trainable.denoiser), run.output() / "validation.json");
     if (shown.empty()) return;
@@ -156,12 +163,5 @@ int main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
-  try {
-    return train(run_flags, flags);
-  } catch (const c10::Error& e) {
-    std::cerr << "train_control: " << e.what_without_backtrace() << "\n";
-  } catch (const std::exception& e) {
-    std::cerr << "train_control: " << e.what() << "\n";
-  }
-  return 1;
+  return common::run_program("train_control", [&] { return train(run_flags, flags); });
 }

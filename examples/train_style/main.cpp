@@ -11,6 +11,7 @@
 #include <common/dataset.hpp>
 #include <common/demo_data.hpp>
 #include <common/flags.hpp>
+#include <common/program.hpp>
 #include <common/run.hpp>
 #include <common/tuners.hpp>
 #include <common/validation.hpp>
@@ -20,7 +21,6 @@
 
 #include <cstdio>
 #include <filesystem>
-#include <iostream>
 #include <string>
 #include <vector>
 
@@ -34,12 +34,15 @@ const std::vector<std::string> kDemoPrompts = {"a red circle on a blue backgroun
                                                "a yellow star on a green background, flat style"};
 
 int train(const common::RunFlags& flags, const common::MethodOptions& method) {
-  common::TrainingRun run("train_style", flags);  // every flag checked before anything loads
-
-  auto pipe = run.load_model();
+  // Every flag, then the data, checked before any weights load.
+  common::check_method_options(method);
+  common::TrainingRun run("train_style", flags);
   const auto folder = run.data_folder(make_demo, kDemoPrompts);
   common::CaptionedImageDataset data(folder, run.dataset_options());
   common::TrainingRun::describe(data, folder.string());
+  std::printf("%lld steps\n", static_cast<long long>(run.total_steps(data.size())));
+
+  auto pipe = run.load_model();
 
   // The tuners. Their initial values (ln1, LoRA's A) come from the global generator: seed it,
   // so that a run is a pure function of its flags.
@@ -73,12 +76,5 @@ int main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
-  try {
-    return train(flags, method);
-  } catch (const c10::Error& e) {
-    std::cerr << "train_style: " << e.what_without_backtrace() << "\n";
-  } catch (const std::exception& e) {
-    std::cerr << "train_style: " << e.what() << "\n";
-  }
-  return 1;
+  return common::run_program("train_style", [&] { return train(flags, method); });
 }

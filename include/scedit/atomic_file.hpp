@@ -114,6 +114,16 @@ class TempFile {
 
 }  // namespace detail
 
+/// Makes the entries of `folder` durable (fsync on the folder), so that a file renamed into it
+/// survives a crash. Best effort: some file systems refuse fsync on folders, and the data of the
+/// files themselves is synced by their writers.
+inline void sync_folder(const std::string& folder) {
+  detail::Fd dir(::open(folder.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (dir.get() >= 0 && ::fsync(dir.get()) != 0) {
+    // Ignored (see above).
+  }
+}
+
 /// Writes `pieces` (pointer, size) one after the other to `path` atomically: into a temporary
 /// file in the same folder, fsync, rename over `path` (keeping an existing file's mode), then
 /// fsync the folder. On any failure the previous file is untouched and the temporary removed.
@@ -147,13 +157,8 @@ inline void write_file_atomically(const std::string& path,
   TORCH_CHECK(rename_rc == 0, where, "cannot rename '", temp.path(), "' over it: ",
               detail::errno_str(rename_error));
   temp.commit();
-  // Make the rename itself durable (best effort: some file systems refuse fsync on folders).
   const std::filesystem::path target(path);
-  const std::string folder = target.has_parent_path() ? target.parent_path().string() : ".";
-  detail::Fd dir(::open(folder.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (dir.get() >= 0 && ::fsync(dir.get()) != 0) {
-    // Ignored: the data itself is already durable.
-  }
+  sync_folder(target.has_parent_path() ? target.parent_path().string() : ".");
 }
 
 /// Writes `text` to `path` atomically (see `write_file_atomically`).
