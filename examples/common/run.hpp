@@ -6,8 +6,9 @@
 /// lines, checkpoints and exact resume, validation grids — and at the end the weights,
 /// `loss.csv`, `loss.png` and a last grid. What can go wrong stops the run with one line and
 /// keeps the last good output: a non-finite loss or weights, a full disk, SIGINT / SIGTERM (a
-/// checkpoint first), a second run into the same folder. A program says what it trains (a `Trainable`) and what a sample holds (an
-/// `ImageSource`); the rest is here, once. The layers and the data path: docs/ARCHITECTURE.md.
+/// checkpoint first), a second run into the same folder. A program says what it trains (a
+/// `Trainable`) and what a sample holds (an `ImageSource`); the rest is here, once. The layers and
+/// the data path: docs/ARCHITECTURE.md.
 ///
 /// Example (examples/train_style/main.cpp reads the same):
 /// @code
