@@ -72,6 +72,7 @@ int train(const common::RunFlags& run_flags, const ControlFlags& flags) {
   const auto folder = run.data_folder(make_demo, {});
   common::ConditionedImageDataset data(folder, source, run.dataset_options());
   common::TrainingRun::describe(data.images(), folder.string());
+  common::report_cut_captions(data.items(), pipe.tokenizer.value());
   // The last samples are held out: the tuner never trains on them.
   const int64_t held = flags.validation_samples;
   TORCH_CHECK(data.size() > held, "the data holds ", data.size(), " samples: too few to hold out ",

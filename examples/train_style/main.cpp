@@ -40,6 +40,7 @@ int train(const common::RunFlags& flags, const common::MethodOptions& method) {
   const auto folder = run.data_folder(make_demo, kDemoPrompts);
   common::CaptionedImageDataset data(folder, run.dataset_options());
   common::TrainingRun::describe(data, folder.string());
+  common::report_cut_captions(data.items(), pipe.tokenizer.value());
 
   // The tuners. Their initial values (ln1, LoRA's A) come from the global generator: seed it,
   // so that a run is a pure function of its flags.
