@@ -474,6 +474,26 @@ TEST_F(ConditionsTest, BadConditionsAreSkippedOrFatalNamingTheFile) {
                         "no conditioning_image");
 }
 
+TEST_F(ConditionsTest, CaptionsOfTheControlNetLayoutAreCheckedAtTheScan) {
+  common::write_png((dir_ / "img.png").string(), random_image(R, R));
+  common::write_png((dir_ / "map.png").string(), random_image(R, R));
+  const std::string not_utf8 = "\xff\xfe";  // bytes that never occur in UTF-8
+  write_jsonl(dir_ / "metadata.jsonl",
+              {record("img.png", "map.png", "good"),
+               "{\"file_name\": \"img.png\", \"conditioning_image\": \"map.png\", \"text\": \"a " + not_utf8 + "\"}",
+               "{\"file_name\": \"img.png\", \"conditioning_image\": 3, \"text\": \"a number for a map\"}"});
+  common::ConditionedImageDataset data(dir_, common::ConditionSource::listed(), R);
+  EXPECT_EQ(data.size(), 1);
+  ASSERT_EQ(data.skipped(), 2);
+  EXPECT_NE(data.problems()[0].find("metadata.jsonl line 2: the line is not valid UTF-8 at byte"), std::string::npos)
+      << data.problems()[0];
+  EXPECT_NE(data.problems()[1].find("metadata.jsonl line 3): conditioning_image is not a string (a number)"),
+            std::string::npos) << data.problems()[1];
+  const auto fatal = common::DatasetOptions(R).bad_data(common::BadDataPolicy::fatal);
+  EXPECT_ERROR_MENTIONS(common::ConditionedImageDataset(dir_, common::ConditionSource::listed(), fatal),
+                        "metadata.jsonl line 2");
+}
+
 // ---- the demo control dataset ----------------------------------------------------------------
 
 TEST_F(ConditionsTest, DemoControlDatasetIsDeterministicAndReadable) {

@@ -16,6 +16,7 @@
 #include <filesystem>
 #include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "test_util.hpp"
@@ -193,6 +194,103 @@ TEST_F(DataTest, DatasetRejectsMissingAndUnrecognisedFolders) {
   // Only bad items: no usable images.
   write_file(dir_ / "x.csv", "file,text\nghost.png,boo\n");
   EXPECT_ERROR_MENTIONS(common::CaptionedImageDataset(dir_), "ghost.png");
+}
+
+// ---- the dataset: captions ------------------------------------------------------------------
+
+/// Bytes that are no UTF-8: 0xFF never occurs in UTF-8, 0xFE neither.
+const std::string kNotUtf8 = "\xff\xfe";
+
+/// One folder per layout, each with a good item and, second, an item whose caption holds
+/// `kNotUtf8`; returns the folders and where each listing names the bad item.
+std::vector<std::pair<fs::path, std::string>> write_not_utf8_folders(const fs::path& dir) {
+  const fs::path jsonl = dir / "jsonl", csv = dir / "csv", txt = dir / "txt";
+  for (const auto& folder : {jsonl, csv, txt}) {
+    fs::create_directories(folder);
+    common::write_png((folder / "good.png").string(), random_image(R, R));
+    common::write_png((folder / "bad.png").string(), random_image(R, R));
+  }
+  write_file(jsonl / "metadata.jsonl", "{\"file_name\": \"good.png\", \"text\": \"fine\"}\n"
+                                       "{\"file_name\": \"bad.png\", \"text\": \"a " + kNotUtf8 + "\"}\n");
+  write_file(csv / "train.csv", "file,text\ngood.png,fine\nbad.png,a " + kNotUtf8 + "\n");
+  write_file(txt / "good.txt", "fine");
+  write_file(txt / "bad.txt", "a " + kNotUtf8);
+  return {{jsonl, "metadata.jsonl line 2"}, {csv, "train.csv line 3"}, {txt, "bad.txt"}};
+}
+
+TEST_F(DataTest, CaptionsThatAreNotUtf8AreBadDataNamedByFileAndLine) {
+  for (const auto& [folder, origin] : write_not_utf8_folders(dir_)) {
+    common::CaptionedImageDataset skipping(folder, common::DatasetOptions(R));
+    EXPECT_EQ(captions_of(skipping), std::vector<std::string>{"fine"}) << origin;
+    ASSERT_EQ(skipping.skipped(), 1) << origin;
+    const auto& problem = skipping.problems().front();
+    EXPECT_NE(problem.find(origin), std::string::npos) << problem;
+    EXPECT_NE(problem.find("not valid UTF-8 at byte"), std::string::npos) << problem;
+    EXPECT_EQ(problem.find(kNotUtf8), std::string::npos) << "the message repeats the bad bytes";
+
+    const auto fatal = common::DatasetOptions(R).bad_data(common::BadDataPolicy::fatal);
+    const auto message = scedit_test::error_of([&] { common::CaptionedImageDataset data(folder, fatal); });
+    EXPECT_NE(message.find(origin), std::string::npos) << message;
+    EXPECT_NE(message.find("not valid UTF-8"), std::string::npos) << message;
+  }
+}
+
+TEST_F(DataTest, CaptionThatIsNoJsonStringIsNamedForWhatItIs) {
+  common::write_png((dir_ / "a.png").string(), random_image(R, R));
+  write_file(dir_ / "metadata.jsonl", "{\"file_name\": \"a.png\", \"text\": \"fine\"}\n"
+                                      "{\"file_name\": \"a.png\", \"text\": 5}\n"
+                                      "{\"file_name\": \"a.png\", \"caption\": [\"two\", \"parts\"]}\n"
+                                      "{\"file_name\": 7, \"text\": \"a number for a name\"}\n"
+                                      "{\"file_name\": \"a.png\", \"text\": \"\"}\n");
+  common::CaptionedImageDataset data(dir_, common::DatasetOptions(R));
+  EXPECT_EQ(captions_of(data), std::vector<std::string>{"fine"});
+  ASSERT_EQ(data.problems().size(), 4u);
+  const std::vector<std::pair<std::string, std::string>> expected{
+      {"metadata.jsonl line 2", "caption is not a string (a number)"},
+      {"metadata.jsonl line 3", "caption is not a string (an array)"},
+      {"metadata.jsonl line 4", "file_name is not a string (a number)"},
+      {"metadata.jsonl line 5", "empty caption"}};  // a string, and empty: the one "empty"
+  for (size_t i = 0; i < expected.size(); ++i) {
+    const auto& problem = data.problems()[i];
+    EXPECT_NE(problem.find(expected[i].first), std::string::npos) << problem;
+    EXPECT_NE(problem.find(expected[i].second), std::string::npos) << problem;
+  }
+}
+
+TEST_F(DataTest, CutCaptionsAreCountedOnceNamingTheFirst) {
+  const sd::CLIPTokenizer tokenizer((scedit_test::data_dir() / "clip").string());
+  // Words of one token each: `n` of them take n + 2 ids with bos and eos.
+  const auto words = [](int64_t n) {
+    std::string text = "cat";
+    for (int64_t i = 1; i < n; ++i) text += " cat";
+    return text;
+  };
+  const int64_t fits = tokenizer.max_length() - 2;
+  ASSERT_EQ(static_cast<int64_t>(tokenizer.encode(words(fits), false).size()), tokenizer.max_length());
+  common::write_png((dir_ / "a.png").string(), random_image(R, R));
+  write_file(dir_ / "train.csv", "file,text\n"
+                                 "a.png,short\n"
+                                 "a.png," + words(fits) + "\n"
+                                 "a.png," + words(fits + 1) + "\n"
+                                 "a.png,short again\n"
+                                 "a.png," + words(3 * fits) + "\n");
+  common::CaptionedImageDataset data(dir_, common::DatasetOptions(R));
+  ASSERT_EQ(data.size(), 5);
+  const auto cut = common::find_cut_captions(data.items(), tokenizer);
+  EXPECT_EQ(cut.count, 2);
+  EXPECT_NE(cut.first.find("train.csv line 4"), std::string::npos) << cut.first;
+
+  ::testing::internal::CaptureStdout();
+  common::report_cut_captions(data.items(), tokenizer);
+  const auto line = ::testing::internal::GetCapturedStdout();
+  EXPECT_EQ(std::count(line.begin(), line.end(), '\n'), 1) << line;
+  EXPECT_NE(line.find("2 captions are longer than " + std::to_string(tokenizer.max_length()) + " tokens"),
+            std::string::npos) << line;
+  EXPECT_NE(line.find(cut.first), std::string::npos) << line;
+
+  ::testing::internal::CaptureStdout();
+  common::report_cut_captions({data.items().front()}, tokenizer);
+  EXPECT_EQ(::testing::internal::GetCapturedStdout(), "");  // nothing cut, nothing said
 }
 
 // ---- the dataset: random transforms ----------------------------------------------------------

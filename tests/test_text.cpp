@@ -18,6 +18,7 @@
 #include "test_util.hpp"
 
 #include <cmath>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -177,8 +178,38 @@ TEST(TokenizerErrors, NamesTheMissingOrMalformedFile) {
                c10::Error);
   EXPECT_THROW(sd::CLIPTokenizer(clip_data().string(), sd::CLIPTokenizerOptions().pad_token("<nope>")),
                c10::Error);
-  const sd::CLIPTokenizer tokenizer(clip_data().string());
-  EXPECT_THROW(tokenizer.encode(std::string("bad \xFF byte")), c10::Error);
+}
+
+TEST_F(Tokenizer, RefusesTextThatIsNotUtf8QuotingItAndNamingTheByte) {
+  // Each kind of invalid UTF-8, after a valid two-byte letter so that bytes are not characters.
+  const std::string before = "caf\xC3\xA9 ";
+  for (const std::string bad : {"\xFF", "\x80", "\xE2\x82", "\xC0\xAF", "\xED\xA0\x80", "\xF4\x90\x80\x80"}) {
+    const std::string prompt = before + bad + " end";
+    const std::string message = error_of([&] { (*tokenizer_)({prompt}); });
+    EXPECT_THAT(message, HasSubstr("is not valid UTF-8 at byte " + std::to_string(before.size() + 1)));
+    char hex[8];
+    std::snprintf(hex, sizeof(hex), "\\x%02X", static_cast<unsigned char>(bad[0]));
+    EXPECT_THAT(message, HasSubstr(before + hex)) << "the prompt, its bad bytes escaped";
+    EXPECT_FALSE(sd::unicode::utf8_problem(prompt).empty());
+  }
+  for (const std::string good : {"", "plain", "caf\xC3\xA9", "\xE2\x82\xAC", "\xF0\x9F\x98\x80", "\xF4\x8F\xBF\xBF"}) {
+    EXPECT_EQ(sd::unicode::utf8_problem(good), "") << good;
+    EXPECT_EQ(sd::unicode::escape_invalid_utf8(good), good);
+  }
+}
+
+TEST_F(Tokenizer, CutsExactlyTheTextsItTruncates) {
+  const sd::CLIPTokenizer shorter(clip_data().string(), sd::CLIPTokenizerOptions().max_length(8));
+  std::string text;
+  int64_t cut = 0;
+  for (const std::string word : {"one", "two", "three", "four", "five", "six", "seven", "eight", "nine"}) {
+    text += word + " ";
+    const bool truncated = shorter.encode(text) != shorter.encode(text, /*truncate=*/false);
+    EXPECT_EQ(shorter.cuts(text), truncated) << text;
+    cut += shorter.cuts(text);
+  }
+  EXPECT_GT(cut, 0);
+  EXPECT_FALSE(shorter.cuts(""));
 }
 
 // ---- CLIP text encoder ------------------------------------------------------------------------

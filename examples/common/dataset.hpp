@@ -17,7 +17,8 @@
 ///    (the folder itself, not its subfolders).
 ///
 /// The path may also name the `.jsonl` / `.csv` file itself. Image paths in a CSV / JSONL are
-/// relative to the folder that holds it.
+/// relative to the folder that holds it. Captions are UTF-8 text; one that is not (or, in a
+/// JSONL, a caption that is no JSON string) makes its item bad data, named by file and line.
 
 #include <common/csv.hpp>
 #include <common/files.hpp>
@@ -44,7 +45,7 @@ namespace common {
 // ---- options and samples ---------------------------------------------------------------------
 
 /// What `CaptionedImageDataset` does with a bad item (missing or undecodable image, empty
-/// caption, image smaller than the resolution, malformed record).
+/// caption or one that is not valid UTF-8, image smaller than the resolution, malformed record).
 enum class BadDataPolicy {
   skip,  ///< leave the item out; `skipped()` counts it and `problems()` says why
   fatal  ///< throw at construction on the first bad item, naming its file
@@ -122,6 +123,8 @@ struct CaptionedItem {
   /// Path of its condition image, where the listing names one (`conditioning_image`) or an
   /// `ItemCheck` set it; else empty.
   std::string condition;
+  /// Where it is listed, for messages: "train.csv line 4", "metadata.jsonl line 2", "a.txt".
+  std::string origin;
 };
 
 class CaptionedImageDataset;
@@ -198,6 +201,19 @@ struct Candidate {
   std::string origin;   // e.g. "train.csv line 4", for messages
   std::string problem;  // non-empty: bad before looking at the image
 };
+
+/// How a message names an item: "'images/a.png' (train.csv line 4)", or only where it is listed
+/// when the listing names no image.
+inline std::string item_name(const std::string& image, const std::string& origin) {
+  return image.empty() ? origin : "'" + image + "' (" + origin + ")";
+}
+
+/// "a number", "an array", "null": what a JSON value is, for a message.
+inline std::string json_kind(const nlohmann::json& value) {
+  if (value.is_null()) return "null";
+  const std::string name = value.type_name();
+  return (value.is_array() || value.is_object() ? "an " : "a ") + name;
+}
 
 inline std::string join_names(const std::vector<std::string>& names) {
   std::string out;
@@ -387,40 +403,50 @@ class CaptionedImageDataset : public ImageSource {
     for (int64_t line = 1; start < text.size(); ++line) {
       size_t end = text.find('\n', start);
       if (end == std::string::npos) end = text.size();
-      const auto content = detail::trim(text.substr(start, end - start));
+      const auto raw = text.substr(start, end - start);
+      const auto content = detail::trim(raw);
       start = end + 1;
       if (content.empty()) continue;
       detail::Candidate c;
       c.origin = name + " line " + std::to_string(line);
+      // Checked before parsing: the JSON parser would call invalid UTF-8 "not a JSON object".
+      const auto invalid = sd::unicode::utf8_problem(raw);
+      if (!invalid.empty()) {
+        c.problem = "the line is not valid UTF-8 " + invalid;
+        candidates.push_back(std::move(c));
+        continue;
+      }
       const auto record = nlohmann::json::parse(content, nullptr, /*allow_exceptions=*/false);
       if (record.is_discarded() || !record.is_object()) {
         c.problem = "not a JSON object";
         candidates.push_back(std::move(c));
         continue;
       }
-      auto string_field = [&](const std::vector<std::string>& keys, std::string& out) {
+      // The first of `keys` the record holds (case-insensitive), trimmed, into `out`; a value
+      // there that is not a string is the record's problem, named as `what` (false).
+      auto string_field = [&](const std::vector<std::string>& keys, const std::string& what,
+                              std::string& out) {
         for (const auto& key : keys) {
           for (auto it = record.begin(); it != record.end(); ++it) {
-            if (detail::lower(it.key()) == key && it.value().is_string()) {
-              out = it.value().get<std::string>();
-              return true;
+            if (detail::lower(it.key()) != key) continue;
+            if (!it.value().is_string()) {
+              c.problem = what + " is not a string (" + detail::json_kind(it.value()) + ")";
+              return false;
             }
+            out = detail::trim(it.value().get<std::string>());
+            return true;
           }
         }
-        return false;
+        return true;
       };
-      std::string file;
-      if (!string_field({"file_name", "image", "file"}, file)) {
-        c.problem = "no file_name";
-      } else {
-        c.image = folder / detail::trim(file);
-        string_field(detail::text_column_names(), c.caption);
-        c.caption = detail::trim(c.caption);
-        std::string condition;
-        if (string_field({"conditioning_image"}, condition) && !detail::trim(condition).empty()) {
-          c.condition = folder / detail::trim(condition);
-        }
+      std::string file, condition;
+      if (string_field({"file_name", "image", "file"}, "file_name", file) &&
+          string_field(detail::text_column_names(), "caption", c.caption) &&
+          string_field({"conditioning_image"}, "conditioning_image", condition)) {
+        if (file.empty()) c.problem = "no file_name";
+        if (!condition.empty()) c.condition = folder / condition;
       }
+      if (!file.empty()) c.image = folder / file;
       candidates.push_back(std::move(c));
     }
     return candidates;
@@ -430,7 +456,7 @@ class CaptionedImageDataset : public ImageSource {
   void validate(const std::vector<detail::Candidate>& candidates, const ItemCheck& check) {
     const int64_t r = options_.resolution();
     for (const auto& c : candidates) {
-      const std::string where = "'" + c.image.string() + "' (" + c.origin + ")";
+      const std::string where = detail::item_name(c.image.string(), c.origin);
       if (!c.problem.empty()) {
         report(where + ": " + c.problem);
         continue;
@@ -442,6 +468,12 @@ class CaptionedImageDataset : public ImageSource {
       }
       if (c.caption.empty()) {
         report(where + ": empty caption");
+        continue;
+      }
+      // The tokenizer would refuse it at the first batch that holds it, mid-run.
+      const auto invalid = sd::unicode::utf8_problem(c.caption);
+      if (!invalid.empty()) {
+        report(where + ": caption is not valid UTF-8 " + invalid);
         continue;
       }
       torch::Tensor image;
@@ -458,7 +490,7 @@ class CaptionedImageDataset : public ImageSource {
                std::to_string(r) + " on its short side");
         continue;
       }
-      CaptionedItem item{c.image.string(), c.caption, c.condition.string()};
+      CaptionedItem item{c.image.string(), c.caption, c.condition.string(), c.origin};
       if (check) {
         const auto problem = check(item, image, *this);
         if (!problem.empty()) {
@@ -485,5 +517,37 @@ class CaptionedImageDataset : public ImageSource {
   std::vector<torch::Tensor> cache_;  // [h, w, 3] uint8, short side R, when cache_images
   std::vector<std::string> problems_;
 };
+
+// ---- captions the text encoder cuts ----------------------------------------------------------
+
+/// The captions of a dataset that are longer than the text encoder reads.
+struct CutCaptions {
+  int64_t count = 0;  ///< how many of them there are
+  std::string first;  ///< the first, as messages name an item: "'a.png' (train.csv line 4)"
+};
+
+/// The captions of `items` that `tokenizer` cuts to its `max_length()` (`CLIPTokenizer::cuts`).
+inline CutCaptions find_cut_captions(const std::vector<CaptionedItem>& items,
+                                     const sd::CLIPTokenizer& tokenizer) {
+  CutCaptions cut;
+  for (const auto& item : items) {
+    if (!tokenizer.cuts(item.caption)) continue;
+    if (cut.count++ == 0) cut.first = detail::item_name(item.file, item.origin);
+  }
+  return cut;
+}
+
+/// Says once, before training, how many captions of `items` the text encoder sees only in part:
+/// "data: 3 captions are longer than 77 tokens and are cut (first: 'a.png' (train.csv line 4))";
+/// nothing when none is. Training on them is allowed (the reference trainers cut them too).
+inline void report_cut_captions(const std::vector<CaptionedItem>& items,
+                                const sd::CLIPTokenizer& tokenizer) {
+  const auto cut = find_cut_captions(items, tokenizer);
+  if (cut.count == 0) return;
+  std::printf("data: %lld caption%s longer than %lld tokens and %s cut (first: %s)\n",
+              static_cast<long long>(cut.count), cut.count == 1 ? " is" : "s are",
+              static_cast<long long>(tokenizer.max_length()), cut.count == 1 ? "is" : "are",
+              cut.first.c_str());
+}
 
 }  // namespace common

@@ -88,6 +88,11 @@ class TrainingRun {
                 "--checkpoint-every and --keep-last must not be negative");
     TORCH_CHECK(f.data.bad_data == "skip" || f.data.bad_data == "fatal",
                 "--bad-data must be skip or fatal, got '", f.data.bad_data, "'");
+    for (const auto& prompt : f.output.validation_prompts) {
+      const auto invalid = sd::unicode::utf8_problem(prompt);
+      TORCH_CHECK(invalid.empty(), "--validation-prompt \"", sd::unicode::escape_invalid_utf8(prompt),
+                  "\" is not valid UTF-8 ", invalid);
+    }
     TORCH_CHECK(f.data.data.empty() || std::filesystem::exists(f.data.data), "--data: '",
                 f.data.data, "' does not exist");
     check_model_flags(f.model);

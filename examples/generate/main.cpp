@@ -83,13 +83,24 @@ TunerFlag parse_tuner_flag(const std::string& text) {
   return {text, 1.0};
 }
 
-/// The non-empty lines of a prompts file (trailing '\r' removed).
+/// Refuses a prompt that is not valid UTF-8 before any model loads, naming where it came from
+/// (`where`: "--prompt 2", "--prompts-file 'p.txt' line 3").
+void check_utf8(const std::string& prompt, const std::string& where) {
+  const auto invalid = sd::unicode::utf8_problem(prompt);
+  TORCH_CHECK(invalid.empty(), where, ": \"", sd::unicode::escape_invalid_utf8(prompt),
+              "\" is not valid UTF-8 ", invalid);
+}
+
+/// The non-empty lines of a prompts file (trailing '\r' removed), each valid UTF-8.
 std::vector<std::string> read_prompts_file(const std::string& path) {
   std::ifstream in(path);
   TORCH_CHECK(in.good(), "--prompts-file: cannot open '", path, "'");
   std::vector<std::string> prompts;
+  int64_t number = 0;
   for (std::string line; std::getline(in, line);) {
+    ++number;
     if (!line.empty() && line.back() == '\r') line.pop_back();
+    check_utf8(line, "--prompts-file '" + path + "' line " + std::to_string(number));
     if (!line.empty()) prompts.push_back(line);
   }
   TORCH_CHECK(!prompts.empty(), "--prompts-file '", path, "' holds no prompts");
@@ -163,6 +174,10 @@ void check_flags(const Flags& flags) {
               "give a prompt: --prompt TEXT (repeatable) or --prompts-file FILE");
   TORCH_CHECK(flags.prompts.empty() || flags.prompts_file.empty(),
               "give either --prompt or --prompts-file, not both");
+  for (size_t i = 0; i < flags.prompts.size(); ++i) {
+    check_utf8(flags.prompts[i], "--prompt " + std::to_string(i + 1));
+  }
+  check_utf8(flags.negative_prompt, "--negative-prompt");
   common::check_model_flags(flags.model);
   TORCH_CHECK(flags.mask.empty() || !flags.init_image.empty(),
               "--mask needs --init-image (the image whose masked region is made anew)");
@@ -222,6 +237,13 @@ int run(Flags flags) {
                                                            : fs::path(flags.model.model).filename().string();
   if (precision == sd::Precision::kFP16 && pipe.vae_config.force_upcast) {
     pipe.vae->to(torch::kFloat32);  // SD's VAE overflows in fp16 (diffusers: force_upcast)
+  }
+  const auto is_cut = [&](const std::string& prompt) { return pipe.tokenizer->cuts(prompt); };
+  if (const auto cut = std::count_if(prompts.begin(), prompts.end(), is_cut)) {
+    const auto first = std::find_if(prompts.begin(), prompts.end(), is_cut) - prompts.begin() + 1;
+    std::printf("%lld of the %zu prompts %s longer than %lld tokens and cut (first: prompt %lld)\n",
+                static_cast<long long>(cut), prompts.size(), cut == 1 ? "is" : "are",
+                static_cast<long long>(pipe.tokenizer->max_length()), static_cast<long long>(first));
   }
 
   // The tuners. Each CSC-Tuner takes the next --condition image, in --tuner order.

@@ -43,6 +43,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -113,41 +114,98 @@ inline char32_t compose(char32_t base, char32_t mark) {
                                                                                  : 0;
 }
 
-/// Decodes UTF-8; throws naming the byte offset of an invalid sequence.
+/// Reads the code point that starts at byte `at` of `text` (at < text.size()) into `c`: returns
+/// the number of bytes it takes, or 0 when the bytes there are no valid UTF-8 (a stray
+/// continuation or invalid lead byte, a sequence cut short, an overlong form, a surrogate, or a
+/// value beyond U+10FFFF), then `problem` says which.
+inline size_t read_code_point(const std::string& text, size_t at, char32_t& c, std::string& problem) {
+  const auto byte = [&](size_t i) { return static_cast<unsigned char>(text[i]); };
+  const unsigned char lead = byte(at);
+  size_t extra = 0;
+  if (lead < 0x80) {
+    c = lead;
+    return 1;
+  } else if ((lead & 0xE0) == 0xC0) {
+    c = lead & 0x1F, extra = 1;
+  } else if ((lead & 0xF0) == 0xE0) {
+    c = lead & 0x0F, extra = 2;
+  } else if ((lead & 0xF8) == 0xF0) {
+    c = lead & 0x07, extra = 3;
+  } else {
+    problem = (lead & 0xC0) == 0x80 ? "a continuation byte with no lead byte" : "not a UTF-8 byte";
+    return 0;
+  }
+  for (size_t k = 1; k <= extra; ++k) {
+    if (at + k >= text.size() || (byte(at + k) & 0xC0) != 0x80) {
+      problem = "a sequence cut short";
+      return 0;
+    }
+    c = (c << 6) | (byte(at + k) & 0x3F);
+  }
+  static constexpr char32_t kMin[] = {0, 0x80, 0x800, 0x10000};  // shortest form of each length
+  if (c < kMin[extra]) {
+    problem = "an overlong sequence";
+    return 0;
+  }
+  if (c > 0x10FFFF || (c >= 0xD800 && c <= 0xDFFF)) {
+    problem = "a surrogate or a value beyond U+10FFFF";
+    return 0;
+  }
+  return extra + 1;
+}
+
+/// "" when `text` is valid UTF-8; otherwise where its first invalid byte is and what is wrong
+/// there, to follow "… is not valid UTF-8": "at byte 5 (0xFF: not a UTF-8 byte)" (bytes counted
+/// from 1). The one UTF-8 check of the programs: captions at the dataset scan, prompts at the
+/// tokenizer.
+inline std::string utf8_problem(const std::string& text) {
+  char32_t c = 0;
+  std::string problem;
+  for (size_t at = 0; at < text.size();) {
+    const size_t length = read_code_point(text, at, c, problem);
+    if (length == 0) {
+      char hex[8];
+      std::snprintf(hex, sizeof(hex), "0x%02X", static_cast<unsigned>(static_cast<unsigned char>(text[at])));
+      return "at byte " + std::to_string(at + 1) + " (" + hex + ": " + problem + ")";
+    }
+    at += length;
+  }
+  return "";
+}
+
+/// `text` fit to print inside a message: each byte that is not part of valid UTF-8 written as
+/// `\xFF`, the rest as it is (so that a message about bad bytes is not itself bad UTF-8).
+inline std::string escape_invalid_utf8(const std::string& text) {
+  std::string out;
+  char32_t c = 0;
+  std::string problem;
+  for (size_t at = 0; at < text.size();) {
+    const size_t length = read_code_point(text, at, c, problem);
+    if (length > 0) {
+      out.append(text, at, length);
+      at += length;
+      continue;
+    }
+    char hex[8];
+    std::snprintf(hex, sizeof(hex), "\\x%02X", static_cast<unsigned>(static_cast<unsigned char>(text[at])));
+    out += hex;
+    ++at;
+  }
+  return out;
+}
+
+/// Decodes UTF-8; throws where `text` is not valid UTF-8 (`utf8_problem`).
 inline std::u32string decode_utf8(const std::string& text) {
   std::u32string out;
   out.reserve(text.size());
-  const auto* s = reinterpret_cast<const unsigned char*>(text.data());
-  const size_t n = text.size();
-  for (size_t i = 0; i < n;) {
-    const unsigned char b = s[i];
-    int extra = 0;
-    char32_t c = 0;
-    if (b < 0x80) {
-      c = b;
-    } else if ((b & 0xE0) == 0xC0) {
-      c = b & 0x1F, extra = 1;
-    } else if ((b & 0xF0) == 0xE0) {
-      c = b & 0x0F, extra = 2;
-    } else if ((b & 0xF8) == 0xF0) {
-      c = b & 0x07, extra = 3;
-    } else {
-      TORCH_CHECK(false, "CLIPTokenizer: invalid UTF-8 lead byte ", static_cast<int>(b),
-                  " at byte ", i, " of the text");
-    }
-    TORCH_CHECK(i + extra < n, "CLIPTokenizer: truncated UTF-8 sequence at byte ", i,
-                " of the text");
-    for (int k = 1; k <= extra; ++k) {
-      TORCH_CHECK((s[i + k] & 0xC0) == 0x80, "CLIPTokenizer: invalid UTF-8 continuation byte at ",
-                  i + k, " of the text");
-      c = (c << 6) | (s[i + k] & 0x3F);
-    }
-    static constexpr char32_t kMin[] = {0, 0x80, 0x800, 0x10000};
-    TORCH_CHECK(c >= kMin[extra] && c <= 0x10FFFF && !(c >= 0xD800 && c <= 0xDFFF),
-                "CLIPTokenizer: invalid (overlong or surrogate) UTF-8 sequence at byte ", i,
-                " of the text");
+  char32_t c = 0;
+  std::string problem;
+  for (size_t at = 0; at < text.size();) {
+    const size_t length = read_code_point(text, at, c, problem);
+    TORCH_CHECK(length > 0, "CLIPTokenizer: \"", escape_invalid_utf8(text), "\" is not valid UTF-8 ",
+                utf8_problem(text));
     out.push_back(c);
-    i += extra + 1;
+    at += length;
   }
   return out;
 }
@@ -240,7 +298,11 @@ class CLIPTokenizer {
 
   /// Token ids of `text`: bos, the BPE tokens, eos. With `truncate` (default) at most
   /// `max_length` ids (bos, the first max_length − 2 tokens, eos); not padded.
+  /// Throws for text that is not valid UTF-8, quoting it and naming the byte at fault.
   std::vector<int64_t> encode(const std::string& text, bool truncate = true) const {
+    const auto invalid = unicode::utf8_problem(text);
+    TORCH_CHECK(invalid.empty(), "CLIPTokenizer: the prompt \"", unicode::escape_invalid_utf8(text),
+                "\" is not valid UTF-8 ", invalid);
     std::vector<int64_t> ids{bos_id_};
     // 1. Added-token split: literal special tokens in the raw text are their ids.
     size_t begin = 0;
@@ -264,6 +326,12 @@ class CLIPTokenizer {
     }
     ids.push_back(eos_id_);
     return ids;
+  }
+
+  /// True when `operator()` cuts `text`: its ids, bos and eos included, are more than
+  /// `max_length()` (the text encoder never sees the rest).
+  bool cuts(const std::string& text) const {
+    return static_cast<int64_t>(encode(text, /*truncate=*/false).size()) > options_.max_length();
   }
 
   /// The BPE token strings of `text` (byte symbols, `</w>` marking word ends), no bos/eos.

@@ -76,10 +76,11 @@ int train(const common::RunFlags& run_flags, const ControlFlags& flags) {
   const int64_t held = flags.validation_samples;
   TORCH_CHECK(data.size() > held, "the data holds ", data.size(), " samples: too few to hold out ",
               held, " for validation (--validation-samples)");
-
   std::printf("%lld steps\n", static_cast<long long>(run.total_steps(data.size() - held)));
 
   auto pipe = run.load_model();
+  common::report_cut_captions(data.items(), pipe.tokenizer.value());
+
   std::vector<int64_t> order(static_cast<size_t>(data.size()));
   std::iota(order.begin(), order.end(), 0);
   const common::SubsetSource training(data, {order.begin(), order.end() - held});

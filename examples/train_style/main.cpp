@@ -43,6 +43,7 @@ int train(const common::RunFlags& flags, const common::MethodOptions& method) {
   std::printf("%lld steps\n", static_cast<long long>(run.total_steps(data.size())));
 
   auto pipe = run.load_model();
+  common::report_cut_captions(data.items(), pipe.tokenizer.value());
 
   // The tuners. Their initial values (ln1, LoRA's A) come from the global generator: seed it,
   // so that a run is a pure function of its flags.
