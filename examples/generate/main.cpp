@@ -252,10 +252,6 @@ int run(Flags flags) {
   sd::GenerateOptions options;
   options.width = flags.width > 0 ? flags.width : sd::default_image_size(pipe);
   options.height = flags.height > 0 ? flags.height : sd::default_image_size(pipe);
-  const int64_t multiple = sd::image_size_multiple(pipe);
-  TORCH_CHECK(options.width % multiple == 0 && options.height % multiple == 0, "--width/--height ",
-              options.width, "x", options.height, ": this model's UNet needs multiples of ",
-              multiple);
   options.steps = flags.steps;
   options.guidance_scale = flags.guidance_scale;
   options.guidance_rescale = flags.guidance_rescale;

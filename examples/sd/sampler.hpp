@@ -74,8 +74,8 @@ struct GenerateControlNet {
 /// Settings of one `generate` call (diffusers' pipeline arguments). The defaults are SCEdit's
 /// sampling recipe except the size, which callers set from the model (`default_image_size`).
 struct GenerateOptions {
-  int64_t width = 512;             ///< Image width: a multiple of 8 (of 64 for SD's UNet).
-  int64_t height = 512;            ///< Image height: a multiple of 8 (of 64 for SD's UNet).
+  int64_t width = 512;             ///< Image width: a positive multiple of 8 (the VAE's factor).
+  int64_t height = 512;            ///< Image height: a positive multiple of 8 (the VAE's factor).
   int64_t steps = 50;              ///< DDIM steps (> 0); img2img runs the last strength·steps.
   double guidance_scale = 7.5;     ///< Classifier-free guidance; <= 1 runs the conditional pass only.
   double guidance_rescale = 0.5;   ///< diffusers' rescale_noise_cfg φ in [0, 1] (0: off).
@@ -263,11 +263,6 @@ inline void sample_batches(StableDiffusion& sd, const std::vector<std::string>& 
   options.validate();
   TORCH_CHECK(!prompts.empty(), "generate: no prompts");
   TORCH_CHECK(!sd.unet.is_empty() && !sd.vae.is_empty(), "generate: the pipeline has no UNet or VAE");
-  const int64_t multiple = image_size_multiple(sd);
-  TORCH_CHECK(options.width % multiple == 0 && options.height % multiple == 0, "generate: size ",
-              options.width, "x", options.height, " is not a multiple of ", multiple,
-              " in both sides, which this model needs (VAE factor ", vae_scale_factor(sd),
-              " × the UNet's downsampling ", multiple / vae_scale_factor(sd), ")");
   const auto unet_param = detail::first_parameter(*sd.unet, "UNet");
   const torch::Device device = unet_param.device();
   if (options.device) {
