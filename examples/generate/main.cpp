@@ -154,6 +154,9 @@ void check_flags(const Flags& flags) {
   TORCH_CHECK(flags.batch_size > 0, "--batch-size must be > 0, got ", flags.batch_size);
   TORCH_CHECK(flags.images_per_prompt > 0, "--images-per-prompt must be > 0, got ",
               flags.images_per_prompt);
+  TORCH_CHECK(std::isfinite(flags.guidance_scale) && flags.guidance_scale >= 0,
+              "--guidance-scale must be a finite number >= 0 (<= 1: no guidance; SCEdit's recipe: "
+              "7.5), got ", flags.guidance_scale);
   TORCH_CHECK(flags.guidance_rescale >= 0 && flags.guidance_rescale <= 1,
               "--guidance-rescale must be in [0, 1], got ", flags.guidance_rescale);
   TORCH_CHECK(flags.eta >= 0, "--eta must be >= 0, got ", flags.eta);

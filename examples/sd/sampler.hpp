@@ -256,6 +256,24 @@ inline void set_conditions(StableDiffusion& sd, const GenerateOptions& options,
   }
 }
 
+/// Throws, naming the first denoising step whose latents hold NaN or Inf, unless every entry of
+/// `finite` (bool [1 + steps]: the starting latents, then those after each of `timesteps`) is
+/// set. Decoded, such latents make a black image that looks like a result.
+inline void check_finite_steps(const torch::Tensor& finite, const std::vector<int64_t>& timesteps,
+                               int64_t batch, double guidance_scale) {
+  const auto flags = finite.cpu();  // the one wait for the device
+  const bool* set = flags.data_ptr<bool>();
+  const int64_t first_bad = std::find(set, set + flags.numel(), false) - set;
+  if (first_bad == flags.numel()) return;
+  TORCH_CHECK(first_bad != 0, "generate: the starting latents of batch ", batch + 1,
+              " hold NaN or Inf before any denoising step (the VAE's or the model's weights?); "
+              "no image was decoded");
+  TORCH_CHECK(false, "generate: the latents of batch ", batch + 1, " became NaN or Inf at denoising step ",
+              first_bad, " of ", timesteps.size(), " (timestep ", timesteps[static_cast<size_t>(first_bad - 1)],
+              ", guidance scale ", guidance_scale, "); no image was decoded (an extreme guidance "
+              "scale, or weights that overflow, cause this)");
+}
+
 /// Runs the sampler batch by batch and hands each batch's final latents to `consume`.
 inline void sample_batches(StableDiffusion& sd, const std::vector<std::string>& prompts,
                            const GenerateOptions& options,
@@ -374,6 +392,10 @@ inline void sample_batches(StableDiffusion& sd, const std::vector<std::string>& 
         latents = scheduler.schedule().add_noise(init_latents.expand({n, -1, -1, -1}), initial,
                                                  torch::full({1}, timesteps.front(), torch::kInt64));
       }
+      // Whether the latents are finite at the start ([0]) and after each step ([i + 1]), kept on
+      // the device and read once before the latents leave: a check per step would wait for the
+      // device every step.
+      std::vector<torch::Tensor> finite{torch::isfinite(latents).all()};
       for (size_t i = 0; i < timesteps.size(); ++i) {
         const int64_t t = timesteps[i];
         const auto input = scheduler.scale_model_input(latents, t);
@@ -395,11 +417,13 @@ inline void sample_batches(StableDiffusion& sd, const std::vector<std::string>& 
                                  : init_latents.expand({n, -1, -1, -1});
           latents = known_region * known + (1 - known_region) * latents;
         }
+        finite.push_back(torch::isfinite(latents).all());
         if (options.progress) {
           options.progress({static_cast<int64_t>(i) + 1, static_cast<int64_t>(timesteps.size()),
                             batch, batches});
         }
       }
+      check_finite_steps(torch::stack(finite), timesteps, batch, options.guidance_scale);
     }
     consume(latents);
   }
