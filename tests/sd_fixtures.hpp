@@ -37,6 +37,25 @@ namespace scedit_test {
 /// A tensor of the UNet cases ("input.sample", "input.encoder_hidden_states", "output.base", ...).
 inline torch::Tensor unet_case(const std::string& key) { return fixture_tensor("unet_cases.safetensors", key); }
 
+/// A tensor of the UNet cases at latent sizes that do not halve evenly (odd_size/README.md:
+/// "odd_a.input.sample", "odd_a.output", ...).
+inline torch::Tensor odd_size_case(const std::string& key) {
+  return fixture_tensor("odd_size/unet_odd_cases.safetensors", key);
+}
+
+/// The names of the odd-size cases ("odd_a", ...): one per `{case}.output` of the file.
+inline std::vector<std::string> odd_size_case_names() {
+  const std::string suffix = ".output";
+  std::vector<std::string> names;
+  for (const auto& item : fixture("odd_size/unet_odd_cases.safetensors")) {
+    const auto& key = item.first;
+    if (key.size() > suffix.size() && key.compare(key.size() - suffix.size(), suffix.size(), suffix) == 0) {
+      names.push_back(key.substr(0, key.size() - suffix.size()));
+    }
+  }
+  return names;
+}
+
 /// A tensor of the other cases ("vae.input.image", "clip.input.ids", "ddim.input.eps", ...).
 inline torch::Tensor other_case(const std::string& key) { return fixture_tensor("other_cases.safetensors", key); }
 

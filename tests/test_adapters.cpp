@@ -21,6 +21,7 @@
 
 #include <fstream>
 
+#include "sd_fixtures.hpp"
 #include "test_util.hpp"
 
 namespace {
@@ -121,6 +122,38 @@ TEST_P(Adapters, SCTunersMatchTheReference) {
 TEST_P(Adapters, CSCTunerMatchesTheReference) {
   attach_csc("csc_a");
   EXPECT_LT(rel_err(run(), cases().at("output.csc_a")), tolerance(dtype_));
+}
+
+// At latent sizes that do not halve evenly (odd_size/'s cases) each hint feature still lines up
+// with its skip: the hint encoder's stride-2 convs round odd sides up as the UNet's downsamplers
+// do, so a condition at the case's own image-to-latent ratio edits every skip.
+TEST_P(Adapters, CSCTunerEditsAtLatentSizesThatDoNotHalveEvenly) {
+  const auto names = scedit_test::odd_size_case_names();
+  ASSERT_FALSE(names.empty());
+  const int64_t ratio = input("hint_a").size(2) / input("sample").size(2);  // image px per latent cell
+  for (const auto& name : names) {
+    auto odd = [&](const std::string& key) { return scedit_test::odd_size_case(name + key).to(device_, dtype_); };
+    const auto sample = odd(".input.sample"), context = odd(".input.encoder_hidden_states");
+    const auto t = scedit_test::odd_size_case(name + ".input.timestep").to(device_);
+    torch::NoGradGuard no_grad;
+    const auto base = unet_->forward(sample, t, context);
+    auto csc = attach_csc("csc_a");
+    const auto condition = torch::rand({sample.size(0), csc->options.in_channels(), ratio * sample.size(2),
+                                        ratio * sample.size(3)}, torch::TensorOptions(dtype_).device(device_));
+    const auto hints = csc->hint_features(condition);  // decoder order
+    const auto skips = unet_->encode(sample, t, context).skips;  // encoder order
+    ASSERT_EQ(hints.size(), skips.size()) << name;
+    for (size_t k = 0; k < hints.size(); ++k) {
+      EXPECT_EQ(hints[k].sizes(), skips[skips.size() - 1 - k].sizes()) << name << ", decoder skip " << k;
+    }
+    scedit::ConditionScope conditions;
+    conditions.set(csc, condition);
+    const auto edited = unet_->forward(sample, t, context);
+    EXPECT_EQ(edited.sizes(), sample.sizes()) << name;
+    EXPECT_TRUE(torch::isfinite(edited).all().item<bool>()) << name;
+    EXPECT_GT((edited - base).abs().max().item<double>(), 0.0) << name << ": the CSC-Tuner edited nothing";
+    scedit::detach_csc_tuner(*unet_, "csc_a");
+  }
 }
 
 TEST_P(Adapters, TwoConditionsAndAnSCTunerMatchTheReference) {

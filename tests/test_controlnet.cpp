@@ -225,6 +225,34 @@ TEST_F(ControlNet, DrivesTheUNetAsTheReference) {
   }
 }
 
+// At latent sizes that do not halve evenly (odd_size/'s cases), with a condition at the
+// conditioning factor, every residual has the shape of the skip it is added to.
+TEST_F(ControlNet, DrivesTheUNetAtLatentSizesThatDoNotHalveEvenly) {
+  auto unet = scedit_test::tiny_unet(torch::kFloat32);
+  auto controlnet = tiny_controlnet(torch::kFloat32);
+  const int64_t factor = controlnet->config.conditioning_factor();
+  const auto names = scedit_test::odd_size_case_names();
+  ASSERT_FALSE(names.empty());
+  torch::NoGradGuard no_grad;
+  for (const auto& name : names) {
+    const auto sample = scedit_test::odd_size_case(name + ".input.sample").to(torch::kFloat32);
+    const auto context = scedit_test::odd_size_case(name + ".input.encoder_hidden_states").to(torch::kFloat32);
+    const auto t = scedit_test::odd_size_case(name + ".input.timestep");
+    const auto cond = torch::rand({sample.size(0), controlnet->config.conditioning_channels,
+                                   factor * sample.size(2), factor * sample.size(3)});
+    const auto residuals = controlnet(sample, t, context, cond);
+    const auto features = unet->encode(sample, t, context);
+    ASSERT_EQ(residuals.down.size(), features.skips.size()) << name;
+    for (size_t i = 0; i < residuals.down.size(); ++i) {
+      EXPECT_EQ(residuals.down[i].sizes(), features.skips[i].sizes()) << name << ", residual " << i;
+    }
+    EXPECT_EQ(residuals.mid.sizes(), features.mid_output.sizes()) << name;
+    const auto out = unet(sample, t, context, residuals);
+    EXPECT_EQ(out.sizes(), sample.sizes()) << name;
+    EXPECT_TRUE(torch::isfinite(out).all().item<bool>()) << name;
+  }
+}
+
 TEST_F(ControlNet, FromUNetLeavesTheUNetUnchanged) {
   auto unet = scedit_test::tiny_unet(torch::kFloat32);
   auto controlnet = sd::controlnet_from_unet(unet);

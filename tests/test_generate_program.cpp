@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -95,8 +96,20 @@ TEST(GenerateProgram, BadInputsEndWithOneClearLine) {
   scedit::safetensors::save(unknown, {{"foo.weight", torch::zeros({2})}});
   const auto image = (scratch() / "condition.png").string();
   common::write_png(image, random_image(3));
+  const auto json = (scratch() / "sc_options.json").string();
+  std::ofstream(json) << R"({"kind": "sc_tuner", "options": [{"channels": 320}]})" << "\n";
+  const auto nan_tuner = (scratch() / "nan_sc.safetensors").string();
+  auto spoiled = scedit::safetensors::load(sc_tuner_file());
+  const auto nan_key = spoiled.begin()->first;
+  spoiled[nan_key] = spoiled.begin()->second.clone().fill_(std::numeric_limits<float>::quiet_NaN());
+  scedit::safetensors::save(nan_tuner, spoiled, scedit::safetensors::load_metadata(sc_tuner_file()));
   const std::vector<std::pair<std::string, std::string>> cases = {
       {"--prompt x --width 65", "--width must be a multiple of 8, got 65"},
+      {"--prompt x --guidance-scale -1", "--guidance-scale must be a finite number >= 0"},
+      {"--prompt x --guidance-scale inf", "--guidance-scale must be a finite number >= 0"},
+      {"--prompt x --tuner '" + sc_tuner_file() + ":abc'", "'abc' in '" + sc_tuner_file() + ":abc' is not a scale"},
+      {"--prompt x --tuner '" + json + "'", "'" + json + "' is not a safetensors file"},
+      {"--prompt x --steps 1 --tuner '" + nan_tuner + "'", "tuner file '" + nan_tuner + "': tensor '" + nan_key + "'"},
       {"--prompt x --height 12", "--height must be a multiple of 8, got 12"},
       {"--prompt x --steps 0", "--steps must be > 0, got 0"},
       {"--prompt x --steps -3", "--steps must be > 0, got -3"},
@@ -155,4 +168,31 @@ TEST(GenerateProgram, ConditionOfAnotherSizeIsResizedSayingSo) {
                                    image + "' --output '" + (scratch() / "resized").string() + "'");
   ASSERT_EQ(result.code, 0) << result.err;
   EXPECT_NE(result.out.find("48x32, resized to the output size 64x64"), std::string::npos) << result.out;
+}
+
+// Latents that overflow (here through an absurd but finite guidance scale) stop the run naming the
+// denoising step; no PNG is written.
+TEST(GenerateProgram, NonFiniteLatentsWriteNoImage) {
+  SKIP_WITHOUT_PROGRAM();
+  const auto output = scratch() / "overflow";
+  const auto result = run_generate("--prompt x --steps 3 --guidance-scale 1e30 --output '" + output.string() + "'");
+  EXPECT_NE(result.code, 0);
+  EXPECT_NE(result.err.find("became NaN or Inf at denoising step "), std::string::npos) << result.err;
+  EXPECT_EQ(std::count(result.err.begin(), result.err.end(), '\n'), 1) << result.err;
+  size_t pngs = 0;
+  if (fs::exists(output)) {
+    for (const auto& entry : fs::directory_iterator(output)) pngs += entry.path().extension() == ".png";
+  }
+  EXPECT_EQ(pngs, 0u);
+}
+
+// A tuner whose path holds a ':' followed by no number is that file, when it exists.
+TEST(GenerateProgram, TunerPathWithAColonIsTheWholePathWhenThatFileExists) {
+  SKIP_WITHOUT_PROGRAM();
+  const auto path = scratch() / "style:v2.safetensors";
+  fs::copy_file(sc_tuner_file(), path, fs::copy_options::overwrite_existing);
+  const auto result = run_generate("--prompt x --steps 1 --tuner '" + path.string() + "' --output '" +
+                                   (scratch() / "colon").string() + "'");
+  ASSERT_EQ(result.code, 0) << result.err;
+  EXPECT_NE(result.out.find("tuner: " + path.string() + " (SC-Tuners"), std::string::npos) << result.out;
 }

@@ -324,6 +324,33 @@ TEST_F(DataTest, WritePngReadsBackPixelsAndTextChunks) {
   EXPECT_ERROR_MENTIONS(common::read_png_text((dir_ / "nothing.png").string()), "nothing.png");
 }
 
+// stb_image ignores PNG CRCs; the decode checks them, so a damaged file is not used as an image.
+TEST_F(DataTest, ReadImageRefusesAPngWhoseChunkCrcIsWrong) {
+  const auto image = random_image(19, 23, 4);
+  const auto good = (dir_ / "good.png").string();
+  common::write_png(good, image, {{"prompt", "a red circle"}});
+  const std::string png = read_file(good);
+  // Offsets of each chunk by type, found independently of the code under test.
+  std::vector<std::pair<std::string, size_t>> chunks;
+  for (size_t at = 8; at + 12 <= png.size(); at += 12 + be32(png, at)) chunks.emplace_back(png.substr(at + 4, 4), at);
+  int damaged_files = 0;
+  for (const auto& [type, at] : chunks) {
+    if (type != "IDAT" && type != "tEXt") continue;
+    ++damaged_files;
+    // IDAT: the stored CRC is off, the pixels intact (stb alone decodes it). tEXt: a byte of its
+    // text changed, which stb never reads.
+    std::string damaged = png;
+    const size_t byte = type == "IDAT" ? at + 8 + be32(png, at) : at + 8 + be32(png, at) - 1;
+    damaged[byte] = static_cast<char>(damaged[byte] ^ 0x01);
+    const auto path = (dir_ / ("damaged_" + type + ".png")).string();
+    write_file(path, damaged);
+    EXPECT_ERROR_MENTIONS(common::read_image(path), "damaged_" + type + ".png");
+    EXPECT_ERROR_MENTIONS(common::read_image(path), "CRC mismatch in the " + type + " chunk at byte " + std::to_string(at));
+  }
+  EXPECT_GE(damaged_files, 2) << "the PNG has no IDAT or no tEXt chunk to damage";
+  EXPECT_TRUE(common::read_image(good).equal(image));
+}
+
 // ---- CSV -------------------------------------------------------------------------------------
 
 TEST_F(DataTest, ParseCsvHandlesQuotingPerRfc4180) {

@@ -330,7 +330,7 @@ std::vector<MalformedCase> malformed_cases() {
       {"HeaderLengthOverTheLimit", le64(uint64_t{1} << 40) + "{}      ", "exceeds the limit", ""},
       {"HeaderLengthPastTheEndOfTheFile", le64(64) + "{}      ", "past the end of the file", ""},
       {"HeaderNotJson", st_bytes(R"({"a": {"dtype": )", ""), "not valid JSON", ""},
-      {"HeaderNotAnObject", st_bytes("[1, 2]", ""), "header is not a JSON object but array", ""},
+      {"HeaderNotAnObject", st_bytes("[1, 2]", ""), "header does not start with '{'", ""},
       {"EntryNotAnObject", st_bytes(R"({"w": 3})", ""), "header entry is not a JSON object", "w"},
       {"EntryLacksDtype", st_bytes(R"({"w": {"shape": [2], "data_offsets": [0, 8]}})", z8),
        "lacks 'dtype'", "w"},
@@ -422,6 +422,22 @@ TEST_F(Safetensors, OpenErrorsNameThePath) {
 
   const std::string folder = dir_.path().string();
   EXPECT_TRUE(contains(error_of([&] { st::File file(folder); }), "not a regular file"));
+}
+
+// A file of another kind given where a safetensors file belongs (a JSON config, an image) is
+// called what it is, not reported as a safetensors file with a nonsense header length.
+TEST_F(Safetensors, OtherKindsOfFileAreNotSafetensorsFiles) {
+  const std::vector<std::pair<std::string, std::string>> files = {
+      {"config.json", R"({"kind": "sc_tuner", "options": [{"channels": 320}]})" "\n"},
+      {"image.png", std::string("\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR", 16) + std::string(17, '\0')},
+      {"notes.txt", "a few words of text, long enough for a header length\n"},
+  };
+  for (const auto& [name, bytes] : files) {
+    const std::string path = dir_.file(name);
+    write_bytes(path, bytes);
+    const std::string message = error_of([&] { st::File file(path); });
+    EXPECT_TRUE(contains(message, "'" + path + "' is not a safetensors file")) << message;
+  }
 }
 
 TEST_F(Safetensors, AbsentKeyErrorNamesFileAndKey) {

@@ -13,6 +13,9 @@
 
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <limits>
+#include <tuple>
 #include <sstream>
 
 #include "test_util.hpp"
@@ -457,4 +460,35 @@ TEST_F(Tuners, AttachCSCRefusesMismatchedSites) {
   EXPECT_THAT(error_of([&] { scedit::attach_csc_tuner(*model, three); }), HasSubstr("edits 3 skips but 2 sites"));
   scedit::CSCTuner swapped(scedit::CSCTunerOptions({16, 8}, {false, true}).hint_channels(16));
   EXPECT_THAT(error_of([&] { scedit::attach_csc_tuner(*model, swapped); }), HasSubstr("site lsc_identity.0 has 16 channels"));
+}
+
+// A tuner file holding NaN or Inf is refused, naming the file and the tensor: loaded, it would
+// only turn every image black, far from its cause.
+TEST_F(Tuners, FilesHoldingNaNOrInfAreRefusedNamingTheTensor) {
+  ToyUNet model;
+  auto sc = scedit::attach_sc_tuners(*model);
+  scedit::CSCTuner csc(scedit::CSCTunerOptions(model->skip_channels(), model->skip_down_flags()).hint_channels(16));
+  const auto sc_path = (temp_dir() / "sc_nan.safetensors").string();
+  const auto csc_path = (temp_dir() / "csc_inf.safetensors").string();
+  const std::string sc_key = "lsc_identity.1.tuner_op.ln2.weight", csc_key = "pre_hint_blocks.2.bias";
+  {
+    torch::NoGradGuard no_grad;
+    sc[1]->tuner_op->ln2->weight.view(-1)[0] = std::numeric_limits<float>::quiet_NaN();
+    csc->named_parameters()[csc_key].view(-1)[1] = std::numeric_limits<float>::infinity();
+  }
+  scedit::save_sc_tuners(sc_path, sc);
+  scedit::save_csc_tuner(csc_path, csc);
+  const std::vector<std::tuple<std::string, std::string, std::function<void()>>> reads = {
+      {sc_path, sc_key, [&] { scedit::read_sc_tuners(sc_path); }},
+      {csc_path, csc_key, [&] { scedit::read_csc_tuner(csc_path); }}};
+  for (const auto& [path, key, read] : reads) {
+    const auto message = error_of(read);
+    EXPECT_THAT(message, HasSubstr("tuner file '" + path + "'"));
+    EXPECT_THAT(message, HasSubstr("tensor '" + key + "'"));
+  }
+  // Into existing tuners too: nothing is copied.
+  std::vector<scedit::SCTuner> fresh = {scedit::SCTuner(scedit::SCTunerOptions(16)), scedit::SCTuner(scedit::SCTunerOptions(8))};
+  const auto before = fresh[1]->tuner_op->ln2->weight.clone();
+  EXPECT_THAT(error_of([&] { scedit::load_sc_tuners(sc_path, fresh); }), HasSubstr(sc_key));
+  EXPECT_TRUE(torch::equal(fresh[1]->tuner_op->ln2->weight, before));
 }

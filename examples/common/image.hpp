@@ -32,6 +32,7 @@
 #include <iterator>
 #include <sstream>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -81,13 +82,55 @@ inline torch::Generator make_cpu_generator(uint64_t seed) {
   return at::detail::createCPUGenerator(seed);
 }
 
+// ---- PNG chunks ----------------------------------------------------------------------------
+
+namespace detail {
+
+inline uint32_t get_u32_be(std::string_view in, size_t at) {
+  const auto* b = reinterpret_cast<const unsigned char*>(in.data()) + at;
+  return (uint32_t{b[0]} << 24) | (uint32_t{b[1]} << 16) | (uint32_t{b[2]} << 8) | uint32_t{b[3]};
+}
+
+inline const std::string& png_signature() {
+  static const std::string signature("\x89PNG\r\n\x1a\n", 8);
+  return signature;
+}
+
+}  // namespace detail
+
+/// Calls `visit(type, data)` for each chunk of the PNG `png` (signature included) up to IEND,
+/// after checking that the chunk lies inside the file and that its CRC-32 matches. Throws
+/// naming `what` ("'x.png'"), the chunk and its offset otherwise: stb_image ignores the CRCs,
+/// so without this a corrupt file decodes to whatever its damaged bytes say.
+inline void for_each_png_chunk(
+    std::string_view png, const std::string& what,
+    const std::function<void(const std::string& type, std::string_view data)>& visit = {}) {
+  size_t at = detail::png_signature().size();
+  while (at + 12 <= png.size()) {
+    const uint32_t length = detail::get_u32_be(png, at);
+    TORCH_CHECK(at + 12 + uint64_t{length} <= png.size(), what, ": chunk at byte ", at,
+                " runs past the end of the file");
+    const std::string type(png.substr(at + 4, 4));
+    const uint32_t stored = detail::get_u32_be(png, at + 8 + length);
+    TORCH_CHECK(stored == crc32(png.data() + at + 4, 4 + size_t{length}), what,
+                ": CRC mismatch in the ", type, " chunk at byte ", at, " (the file is damaged)");
+    if (visit) visit(type, png.substr(at + 8, length));
+    at += 12 + length;
+    if (type == "IEND") break;
+  }
+}
+
 // ---- decode ------------------------------------------------------------------------------
 
 /// stb_image's decode of `bytes` to uint8 [H, W, components], with the file's own channel count
-/// in `channels` when given. `what` names the source in the error messages ("'x.png'").
+/// in `channels` when given; a PNG's chunk CRCs are checked first (`for_each_png_chunk`). `what`
+/// names the source in the error messages ("'x.png'").
 inline torch::Tensor decode_pixels(const std::string& bytes, const std::string& what, int components,
                                    int* channels = nullptr) {
   TORCH_CHECK(!bytes.empty(), "cannot decode ", what, ": the file is empty");
+  if (bytes.compare(0, detail::png_signature().size(), detail::png_signature()) == 0) {
+    for_each_png_chunk(bytes, "cannot decode " + what);
+  }
   int width = 0, height = 0, found = 0;
   stbi_uc* pixels =
       stbi_load_from_memory(reinterpret_cast<const stbi_uc*>(bytes.data()),

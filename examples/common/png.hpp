@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -27,11 +28,6 @@ inline void put_u32_be(std::string& out, uint32_t v) {
   out.push_back(static_cast<char>(v & 0xFF));
 }
 
-inline uint32_t get_u32_be(const std::string& in, size_t at) {
-  const auto* b = reinterpret_cast<const unsigned char*>(in.data()) + at;
-  return (uint32_t{b[0]} << 24) | (uint32_t{b[1]} << 16) | (uint32_t{b[2]} << 8) | uint32_t{b[3]};
-}
-
 /// One PNG chunk: length, type, data, CRC-32 over type + data.
 inline std::string png_chunk(const std::string& type, const std::string& data) {
   std::string chunk;
@@ -40,11 +36,6 @@ inline std::string png_chunk(const std::string& type, const std::string& data) {
   chunk += body;
   put_u32_be(chunk, crc32(body.data(), body.size()));
   return chunk;
-}
-
-inline const std::string& png_signature() {
-  static const std::string signature("\x89PNG\r\n\x1a\n", 8);
-  return signature;
 }
 
 /// A tEXt chunk (Latin-1 text) when the text is ASCII, else an uncompressed iTXt chunk (UTF-8).
@@ -136,20 +127,10 @@ inline std::vector<std::pair<std::string, std::string>> read_png_text(const std:
     return text;
   };
   std::vector<std::pair<std::string, std::string>> texts;
-  size_t at = 8;
-  while (at + 12 <= png.size()) {
-    const uint32_t length = detail::get_u32_be(png, at);
-    TORCH_CHECK(at + 12 + uint64_t{length} <= png.size(), "'", path, "': chunk at byte ", at,
-                " runs past the end of the file");
-    const std::string type = png.substr(at + 4, 4);
-    const std::string data = png.substr(at + 8, length);
-    const uint32_t stored = detail::get_u32_be(png, at + 8 + length);
-    TORCH_CHECK(stored == crc32(png.data() + at + 4, 4 + size_t{length}), "'", path,
-                "': CRC mismatch in the ", type, " chunk at byte ", at);
-    at += 12 + length;
-    if (type == "IEND") break;
+  for_each_png_chunk(png, "'" + path + "'", [&](const std::string& type, std::string_view chunk) {
+    const std::string data(chunk);
     const size_t nul = data.find('\0');
-    if ((type != "tEXt" && type != "iTXt" && type != "zTXt") || nul == std::string::npos) continue;
+    if ((type != "tEXt" && type != "iTXt" && type != "zTXt") || nul == std::string::npos) return;
     const std::string key = data.substr(0, nul);
     if (type == "tEXt") {
       texts.emplace_back(key, data.substr(nul + 1));
@@ -167,7 +148,7 @@ inline std::vector<std::pair<std::string, std::string>> read_png_text(const std:
       const std::string text = data.substr(translated_end + 1);
       texts.emplace_back(key, compressed ? inflate(text, key) : text);
     }
-  }
+  });
   return texts;
 }
 

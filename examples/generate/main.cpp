@@ -70,16 +70,18 @@ struct TunerFlag {
   double scale = 1.0;
 };
 
-/// Splits `FILE[:SCALE]`: the text after the last ':' is the scale when it is a number, else
-/// the whole text is the file (so paths containing ':' still work).
-TunerFlag parse_tuner_flag(const std::string& text) {
+/// Splits the `FILE[:SCALE]` value of `flag`: the text after the last ':' is the scale when it is
+/// a number; when it is not, the whole text is the file (so paths containing ':' still work) if
+/// such a file exists, and otherwise that text is refused as a scale, naming it.
+TunerFlag parse_tuner_flag(const std::string& flag, const std::string& text) {
   const size_t colon = text.rfind(':');
-  if (colon != std::string::npos && colon > 0 && colon + 1 < text.size()) {
-    const std::string number = text.substr(colon + 1);
-    char* end = nullptr;
-    const double scale = std::strtod(number.c_str(), &end);
-    if (end == number.c_str() + number.size()) return {text.substr(0, colon), scale};
-  }
+  if (colon == std::string::npos || colon == 0 || colon + 1 == text.size()) return {text, 1.0};
+  const std::string number = text.substr(colon + 1);
+  char* end = nullptr;
+  const double scale = std::strtod(number.c_str(), &end);
+  if (end == number.c_str() + number.size()) return {text.substr(0, colon), scale};
+  TORCH_CHECK(fs::exists(text), flag, ": '", number, "' in '", text, "' is not a scale (give ",
+              "FILE[:SCALE], e.g. style.safetensors:0.8), and no file is called '", text, "'");
   return {text, 1.0};
 }
 
@@ -165,6 +167,9 @@ void check_flags(const Flags& flags) {
   TORCH_CHECK(flags.batch_size > 0, "--batch-size must be > 0, got ", flags.batch_size);
   TORCH_CHECK(flags.images_per_prompt > 0, "--images-per-prompt must be > 0, got ",
               flags.images_per_prompt);
+  TORCH_CHECK(std::isfinite(flags.guidance_scale) && flags.guidance_scale >= 0,
+              "--guidance-scale must be a finite number >= 0 (<= 1: no guidance; SCEdit's recipe: "
+              "7.5), got ", flags.guidance_scale);
   TORCH_CHECK(flags.guidance_rescale >= 0 && flags.guidance_rescale <= 1,
               "--guidance-rescale must be in [0, 1], got ", flags.guidance_rescale);
   TORCH_CHECK(flags.eta >= 0, "--eta must be >= 0, got ", flags.eta);
@@ -193,12 +198,12 @@ void check_flags(const Flags& flags) {
   }
   size_t csc_tuners = 0;
   for (const auto& text : flags.tuners) {
-    const auto tuner = parse_tuner_flag(text);
+    const auto tuner = parse_tuner_flag("--tuner", text);
     TORCH_CHECK(fs::exists(tuner.path), "--tuner: '", tuner.path, "' does not exist");
     csc_tuners += sd::detect_tuner_path(tuner.path) == scedit::TunerKind::kCSC;  // reads the header only
   }
   for (const auto& text : flags.controlnets) {
-    const auto controlnet = parse_tuner_flag(text);
+    const auto controlnet = parse_tuner_flag("--controlnet", text);
     TORCH_CHECK(fs::exists(controlnet.path), "--controlnet: '", controlnet.path, "' does not exist");
   }
   for (const auto& path : flags.controlnet_images) {
@@ -250,7 +255,7 @@ int run(Flags flags) {
   sd::AttachedTuners tuners;
   std::vector<std::string> csc_names;
   for (const auto& text : flags.tuners) {
-    const auto flag = parse_tuner_flag(text);
+    const auto flag = parse_tuner_flag("--tuner", text);
     const auto tuner = sd::attach_tuner_file(pipe, flag.path, flag.scale, tuners);
     if (tuner.kind == scedit::TunerKind::kCSC) csc_names.push_back(tuner.name);
     std::printf("tuner: %s (%s on %lld %s, scale %s)\n", flag.path.c_str(),
@@ -263,7 +268,7 @@ int run(Flags flags) {
   // The ControlNets, in the frozen weights' dtype beside the UNet.
   std::vector<std::pair<sd::ControlNetModel, double>> controlnets;
   for (const auto& text : flags.controlnets) {
-    const auto flag = parse_tuner_flag(text);
+    const auto flag = parse_tuner_flag("--controlnet", text);
     controlnets.emplace_back(
         sd::load_controlnet(flag.path, sd::WeightsOptions().dtype(sd::compute_dtype(precision)).device(device)),
         flag.scale);
@@ -274,10 +279,6 @@ int run(Flags flags) {
   sd::GenerateOptions options;
   options.width = flags.width > 0 ? flags.width : sd::default_image_size(pipe);
   options.height = flags.height > 0 ? flags.height : sd::default_image_size(pipe);
-  const int64_t multiple = sd::image_size_multiple(pipe);
-  TORCH_CHECK(options.width % multiple == 0 && options.height % multiple == 0, "--width/--height ",
-              options.width, "x", options.height, ": this model's UNet needs multiples of ",
-              multiple);
   options.steps = flags.steps;
   options.guidance_scale = flags.guidance_scale;
   options.guidance_rescale = flags.guidance_rescale;

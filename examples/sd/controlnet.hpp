@@ -337,18 +337,17 @@ class ControlNetModelImpl : public detail::BoundCloneable<ControlNetModelImpl> {
     return h;
   }
 
-  /// Checks the sample's shape: [B, in_channels, H, W], H and W multiples of the UNet's
-  /// downsampling.
+  /// Checks the sample's shape: [B, in_channels, H, W] with positive H and W (any size: this
+  /// encoder rounds odd sides up at each downsampler as the UNet's does, so each residual keeps
+  /// the shape of its skip).
   void check_sample(const torch::Tensor& sample) const {
     const auto& c = config.unet;
-    const int64_t factor = int64_t{1} << (c.num_blocks() - 1);
     TORCH_CHECK(sample.dim() == 4 && sample.size(1) == c.in_channels,
                 "ControlNetModel: expected sample [B, ", c.in_channels, ", H, W], got shape ",
                 sample.sizes());
-    TORCH_CHECK(sample.size(2) > 0 && sample.size(3) > 0 && sample.size(2) % factor == 0 &&
-                    sample.size(3) % factor == 0,
-                "ControlNetModel: sample height and width must be positive multiples of ", factor,
-                ", got shape ", sample.sizes());
+    TORCH_CHECK(sample.size(2) > 0 && sample.size(3) > 0,
+                "ControlNetModel: sample height and width must be positive, got shape ",
+                sample.sizes());
   }
 
   /// Checks the inputs' shapes against each other and the configuration.

@@ -74,8 +74,8 @@ struct GenerateControlNet {
 /// Settings of one `generate` call (diffusers' pipeline arguments). The defaults are SCEdit's
 /// sampling recipe except the size, which callers set from the model (`default_image_size`).
 struct GenerateOptions {
-  int64_t width = 512;             ///< Image width: a multiple of 8 (of 64 for SD's UNet).
-  int64_t height = 512;            ///< Image height: a multiple of 8 (of 64 for SD's UNet).
+  int64_t width = 512;             ///< Image width: a positive multiple of 8 (the VAE's factor).
+  int64_t height = 512;            ///< Image height: a positive multiple of 8 (the VAE's factor).
   int64_t steps = 50;              ///< DDIM steps (> 0); img2img runs the last strength·steps.
   double guidance_scale = 7.5;     ///< Classifier-free guidance; <= 1 runs the conditional pass only.
   double guidance_rescale = 0.5;   ///< diffusers' rescale_noise_cfg φ in [0, 1] (0: off).
@@ -256,6 +256,24 @@ inline void set_conditions(StableDiffusion& sd, const GenerateOptions& options,
   }
 }
 
+/// Throws, naming the first denoising step whose latents hold NaN or Inf, unless every entry of
+/// `finite` (bool [1 + steps]: the starting latents, then those after each of `timesteps`) is
+/// set. Decoded, such latents make a black image that looks like a result.
+inline void check_finite_steps(const torch::Tensor& finite, const std::vector<int64_t>& timesteps,
+                               int64_t batch, double guidance_scale) {
+  const auto flags = finite.cpu();  // the one wait for the device
+  const bool* set = flags.data_ptr<bool>();
+  const int64_t first_bad = std::find(set, set + flags.numel(), false) - set;
+  if (first_bad == flags.numel()) return;
+  TORCH_CHECK(first_bad != 0, "generate: the starting latents of batch ", batch + 1,
+              " hold NaN or Inf before any denoising step (the VAE's or the model's weights?); "
+              "no image was decoded");
+  TORCH_CHECK(false, "generate: the latents of batch ", batch + 1, " became NaN or Inf at denoising step ",
+              first_bad, " of ", timesteps.size(), " (timestep ", timesteps[static_cast<size_t>(first_bad - 1)],
+              ", guidance scale ", guidance_scale, "); no image was decoded (an extreme guidance "
+              "scale, or weights that overflow, cause this)");
+}
+
 /// Runs the sampler batch by batch and hands each batch's final latents to `consume`.
 inline void sample_batches(StableDiffusion& sd, const std::vector<std::string>& prompts,
                            const GenerateOptions& options,
@@ -263,11 +281,6 @@ inline void sample_batches(StableDiffusion& sd, const std::vector<std::string>& 
   options.validate();
   TORCH_CHECK(!prompts.empty(), "generate: no prompts");
   TORCH_CHECK(!sd.unet.is_empty() && !sd.vae.is_empty(), "generate: the pipeline has no UNet or VAE");
-  const int64_t multiple = image_size_multiple(sd);
-  TORCH_CHECK(options.width % multiple == 0 && options.height % multiple == 0, "generate: size ",
-              options.width, "x", options.height, " is not a multiple of ", multiple,
-              " in both sides, which this model needs (VAE factor ", vae_scale_factor(sd),
-              " × the UNet's downsampling ", multiple / vae_scale_factor(sd), ")");
   const auto unet_param = detail::first_parameter(*sd.unet, "UNet");
   const torch::Device device = unet_param.device();
   if (options.device) {
@@ -379,6 +392,10 @@ inline void sample_batches(StableDiffusion& sd, const std::vector<std::string>& 
         latents = scheduler.schedule().add_noise(init_latents.expand({n, -1, -1, -1}), initial,
                                                  torch::full({1}, timesteps.front(), torch::kInt64));
       }
+      // Whether the latents are finite at the start ([0]) and after each step ([i + 1]), kept on
+      // the device and read once before the latents leave: a check per step would wait for the
+      // device every step.
+      std::vector<torch::Tensor> finite{torch::isfinite(latents).all()};
       for (size_t i = 0; i < timesteps.size(); ++i) {
         const int64_t t = timesteps[i];
         const auto input = scheduler.scale_model_input(latents, t);
@@ -400,11 +417,13 @@ inline void sample_batches(StableDiffusion& sd, const std::vector<std::string>& 
                                  : init_latents.expand({n, -1, -1, -1});
           latents = known_region * known + (1 - known_region) * latents;
         }
+        finite.push_back(torch::isfinite(latents).all());
         if (options.progress) {
           options.progress({static_cast<int64_t>(i) + 1, static_cast<int64_t>(timesteps.size()),
                             batch, batches});
         }
       }
+      check_finite_steps(torch::stack(finite), timesteps, batch, options.guidance_scale);
     }
     consume(latents);
   }

@@ -60,12 +60,6 @@ inline int64_t vae_scale_factor(const StableDiffusion& sd) {
   return int64_t{1} << (sd.vae_config.block_out_channels.size() - 1);
 }
 
-/// What image sides must be multiples of for this model: the VAE's factor times the UNet's
-/// downsampling (8 · 8 = 64 for SD 1.5: the UNet halves the latent three times).
-inline int64_t image_size_multiple(const StableDiffusion& sd) {
-  return vae_scale_factor(sd) * (int64_t{1} << (sd.unet_config.num_blocks() - 1));
-}
-
 /// The model's native image side: UNet `sample_size` × VAE factor (512 for SD 1.5, 64 for the
 /// tiny model); 512 when the configuration does not say.
 inline int64_t default_image_size(const StableDiffusion& sd) {

@@ -288,8 +288,8 @@ class UNet2DConditionModelImpl : public detail::BoundCloneable<UNet2DConditionMo
     scedit::relink_csc_tuners(*this);
   }
 
-  /// Predicts the noise: sample [B, in_channels, H, W] (H and W multiples of
-  /// 2^(levels-1) = 8 for SD), timestep [B], [1] or a scalar (int or float),
+  /// Predicts the noise: sample [B, in_channels, H, W] (any positive H and W: as diffusers, each
+  /// upsampler follows the size of the skip it meets), timestep [B], [1] or a scalar (int or float),
   /// encoder_hidden_states [B, L, cross_attention_dim] -> [B, out_channels, H, W]. `residuals`
   /// (a ControlNet's) are added to the skips and the middle output between the halves.
   torch::Tensor forward(const torch::Tensor& sample, const torch::Tensor& timestep,
@@ -406,7 +406,8 @@ class UNet2DConditionModelImpl : public detail::BoundCloneable<UNet2DConditionMo
   /// The skip sites in decoder order (`lsc_identity[0]` = the deepest skip).
   std::vector<scedit::SkipSite> skip_sites() const { return sites; }
 
-  /// Overall downsampling of the latent: 2^(levels - 1); H and W must be multiples of it.
+  /// Overall downsampling of the latent: 2^(levels - 1). Other sizes work too (the encoder rounds
+  /// up, the decoder's upsamplers follow the skips' sizes); at multiples of it no side is rounded.
   int64_t downsampling_factor() const { return int64_t{1} << (config.num_blocks() - 1); }
 
   /// Prints `sd::UNet2DConditionModel(block_out_channels=[320, 640, 1280, 1280], ...)`.
@@ -451,14 +452,12 @@ class UNet2DConditionModelImpl : public detail::BoundCloneable<UNet2DConditionMo
  private:
   void check_inputs(const torch::Tensor& sample, const torch::Tensor& timestep,
                     const torch::Tensor& context) const {
-    const int64_t factor = downsampling_factor();
     TORCH_CHECK(sample.dim() == 4 && sample.size(1) == config.in_channels,
                 "UNet2DConditionModel: expected sample [B, ", config.in_channels,
                 ", H, W], got shape ", sample.sizes());
-    TORCH_CHECK(sample.size(2) % factor == 0 && sample.size(3) % factor == 0 &&
-                    sample.size(2) > 0 && sample.size(3) > 0,
-                "UNet2DConditionModel: sample height and width must be positive multiples of ",
-                factor, ", got shape ", sample.sizes());
+    TORCH_CHECK(sample.size(2) > 0 && sample.size(3) > 0,
+                "UNet2DConditionModel: sample height and width must be positive, got shape ",
+                sample.sizes());
     TORCH_CHECK(context.dim() == 3 && context.size(0) == sample.size(0) &&
                     context.size(2) == config.cross_attention_dim,
                 "UNet2DConditionModel: expected encoder_hidden_states [", sample.size(0), ", L, ",

@@ -13,7 +13,8 @@
 ///   with alpha·√r so the scale survives).
 ///
 /// Loading detects the layout from the keys, matches each key to a LoRA layer by module path
-/// and checks every shape before changing anything; errors name the file and the key at fault.
+/// and checks every shape and value (no NaN or Inf) before changing anything; errors name the
+/// file and the key at fault.
 /// Keys outside the prefix (a text encoder's, other tuners') are ignored. Saves are atomic.
 ///
 /// Example:
@@ -27,6 +28,7 @@
 #include <scedit/atomic_file.hpp>
 #include <scedit/lora.hpp>
 #include <scedit/safetensors.hpp>
+#include <scedit/state_dict.hpp>
 
 #include <torch/torch.h>
 
@@ -308,6 +310,7 @@ inline LoRALoadResult lora_load(const std::string& path, const LoRALayers& layer
   TORCH_CHECK(fs::is_regular_file(file), where, ": no file '", file.string(), "'");
   const std::string file_name = file.string();
   const TensorMap tensors = safetensors::load(file_name);
+  check_finite(tensors, std::string(where) + ": '" + file_name + "'");
   const LoRALayout layout = lora_detect_layout(tensors, file_name);
   TORCH_CHECK(!peft_only || layout == LoRALayout::peft, where, ": '", file_name, "' is in ",
               lora_layout_name(layout), "'s layout, not peft's; use load_lora");

@@ -207,21 +207,25 @@ class File {
     mapping_ = std::make_shared<detail::Mapping>(data, static_cast<size_t>(file_size));
     fd.close();
 
+    // Another kind of file (a JSON config, an image) fails one of the first three checks: its
+    // first 8 bytes, read as the header length, make an absurd number, or its header does not
+    // open a JSON object. Say so rather than report a nonsense length.
+    const std::string not_safetensors = "'" + path_ + "' is not a safetensors file: ";
     uint64_t header_size = 0;
     std::memcpy(&header_size, mapping_->data(), 8);  // little-endian host
-    TORCH_CHECK(header_size <= kMaxHeaderBytes, where(), "header length ", header_size,
-                " exceeds the limit of ", kMaxHeaderBytes, " bytes");
-    TORCH_CHECK(header_size <= file_size - 8, where(), "header length ", header_size,
-                " runs past the end of the file (", file_size, " bytes)");
+    TORCH_CHECK(header_size <= kMaxHeaderBytes, not_safetensors, "header length ", header_size,
+                " (its first 8 bytes) exceeds the limit of ", kMaxHeaderBytes, " bytes");
+    TORCH_CHECK(header_size <= file_size - 8, not_safetensors, "header length ", header_size,
+                " (its first 8 bytes) runs past the end of the file (", file_size, " bytes)");
+    const char* header_begin = reinterpret_cast<const char*>(mapping_->data() + 8);
+    TORCH_CHECK(header_size > 0 && header_begin[0] == '{', not_safetensors,
+                "its header does not start with '{' (the format's header is a JSON object)");
     data_offset_ = 8 + header_size;
     data_size_ = file_size - data_offset_;
 
     std::string error;
-    const char* header_begin = reinterpret_cast<const char*>(mapping_->data() + 8);
     nlohmann::json header = detail::parse_header(header_begin, header_begin + header_size, error);
     TORCH_CHECK(error.empty(), where(), error);
-    TORCH_CHECK(header.is_object(), where(), "header is not a JSON object but ",
-                header.type_name());
     for (const auto& item : header.items()) {
       if (item.key() == "__metadata__") {
         read_metadata(item.value());

@@ -96,6 +96,21 @@ inline std::string sizes_str(torch::IntArrayRef sizes) {
 
 }  // namespace detail
 
+/// Throws, naming `source` (e.g. the file) and the first tensor at fault, when a floating-point
+/// tensor of `tensors` holds NaN or Inf: weights like that load without complaint and then turn
+/// every output into NaN (an all-black image), far from the file that caused it.
+inline void check_finite(const TensorMap& tensors, const std::string& source) {
+  for (const auto& [key, tensor] : tensors) {
+    if (!tensor.defined() || !tensor.is_floating_point() || torch::isfinite(tensor).all().item<bool>()) {
+      continue;
+    }
+    TORCH_CHECK(false, source, ": tensor '", key, "' ", detail::sizes_str(tensor.sizes()), " holds ",
+                torch::isnan(tensor).sum().item<int64_t>(), " NaN and ",
+                torch::isinf(tensor).sum().item<int64_t>(), " infinite values of ", tensor.numel(),
+                "; refusing to load it");
+  }
+}
+
 /// Copies `tensors` into the module's parameters and buffers.
 ///
 /// Copies happen under NoGradGuard, in place (the module keeps its own tensors, dtype and

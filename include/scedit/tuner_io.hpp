@@ -58,6 +58,14 @@ inline TensorMap tensors_under(const TensorMap& file, const std::string& prefix)
   return out;
 }
 
+/// The tensors of the tuner file at `path`, refused (naming the file and the tensor) where one
+/// holds NaN or Inf.
+inline TensorMap load_finite(const std::string& path) {
+  auto tensors = safetensors::load(path);
+  check_finite(tensors, "tuner file '" + path + "'");
+  return tensors;
+}
+
 inline nlohmann::json options_json(const std::string& path, const std::string& key) {
   const auto metadata = safetensors::load_metadata(path);
   auto it = metadata.find(key);
@@ -116,10 +124,11 @@ inline void save_sc_tuners(const std::string& path, const std::vector<SCTuner>& 
 }
 
 /// Loads SC-Tuner weights from `path` into `tuners` (strict: every tuner's keys must be there
-/// with the same shapes). `prefix` selects keys (e.g. `"sc."`); scepter's `model.` is accepted.
+/// with the same shapes; a NaN or Inf anywhere in the file is refused, naming the tensor).
+/// `prefix` selects keys (e.g. `"sc."`); scepter's `model.` is accepted.
 inline void load_sc_tuners(const std::string& path, std::vector<SCTuner>& tuners,
                            const std::string& prefix = "") {
-  const auto all = detail::tensors_under(safetensors::load(path), prefix);
+  const auto all = detail::tensors_under(detail::load_finite(path), prefix);
   for (size_t i = 0; i < tuners.size(); ++i) {
     const auto mine = detail::tensors_under(all, "lsc_identity." + std::to_string(i) + ".");
     TORCH_CHECK(!mine.empty(), "load_sc_tuners: '", path, "' has no tensors for tuner ", i,
@@ -173,11 +182,12 @@ inline void save_csc_tuner(const std::string& path, const CSCTuner& tuner) {
   detail::save_with_sidecar(path, tensors, "csc_tuner", options);
 }
 
-/// Loads CSC-Tuner weights from `path` (keys under `prefix`) into `tuner`, strictly.
+/// Loads CSC-Tuner weights from `path` (keys under `prefix`) into `tuner`, strictly (a NaN or
+/// Inf anywhere in the file is refused, naming the tensor).
 inline void load_csc_tuner(const std::string& path, CSCTuner& tuner, const std::string& prefix = "") {
   LoadOptions options;
   options.source = path + (prefix.empty() ? "" : " [" + prefix + "*]");
-  load_state_dict(*tuner, detail::tensors_under(safetensors::load(path), prefix), options);
+  load_state_dict(*tuner, detail::tensors_under(detail::load_finite(path), prefix), options);
 }
 
 /// Creates a CSC-Tuner from a file: options from its metadata, or (scepter files) from the
