@@ -160,6 +160,18 @@ TEST(GenerateProgram, WritesPngsWithTheirParametersMatchingTheLibrary) {
   EXPECT_TRUE(torch::equal(common::read_image(second.string()), images[1]));
 }
 
+TEST(GenerateProgram, NumbersAfterTheFilesThereIgnoringNamesNotItsOwn) {
+  SKIP_WITHOUT_PROGRAM();
+  const auto output = scratch() / "numbered";
+  fs::create_directories(output);
+  for (const char* name : {"00041-7.png", "123456789012345678901234-x.png", "99999-notes.txt"}) {
+    std::ofstream(output / name) << "not an image";
+  }
+  const auto result = run_generate("--prompt x --steps 1 --seed 3 --output '" + output.string() + "'");
+  ASSERT_EQ(result.code, 0) << result.err;
+  EXPECT_TRUE(fs::exists(output / "00042-3.png")) << result.out;
+}
+
 TEST(GenerateProgram, ConditionOfAnotherSizeIsResizedSayingSo) {
   SKIP_WITHOUT_PROGRAM();
   const auto image = (scratch() / "small_condition.png").string();

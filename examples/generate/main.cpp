@@ -109,9 +109,10 @@ std::vector<std::string> read_prompts_file(const std::string& path) {
   return prompts;
 }
 
-/// The first free file number in `dir`: one more than the largest `NNNNN-*.png` there.
+/// The first free file number in `dir`: one more than the largest `NNNNN-*.png` there (numbers
+/// of up to 15 digits: longer ones are not this program's, and would not fit an int64).
 int64_t next_file_number(const fs::path& dir) {
-  static const std::regex pattern(R"((\d{5,})-.*\.png)");
+  static const std::regex pattern(R"((\d{5,15})-.*\.png)");
   int64_t next = 0;
   for (const auto& entry : fs::directory_iterator(dir)) {
     std::smatch match;
