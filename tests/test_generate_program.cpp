@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <tuple>
 #include <limits>
 #include <sstream>
 #include <string>
@@ -103,29 +104,32 @@ TEST(GenerateProgram, BadInputsEndWithOneClearLine) {
   const auto nan_key = spoiled.begin()->first;
   spoiled[nan_key] = spoiled.begin()->second.clone().fill_(std::numeric_limits<float>::quiet_NaN());
   scedit::safetensors::save(nan_tuner, spoiled, scedit::safetensors::load_metadata(sc_tuner_file()));
-  const std::vector<std::pair<std::string, std::string>> cases = {
-      {"--prompt x --width 65", "--width must be a multiple of 8, got 65"},
-      {"--prompt x --guidance-scale -1", "--guidance-scale must be a finite number >= 0"},
-      {"--prompt x --guidance-scale inf", "--guidance-scale must be a finite number >= 0"},
-      {"--prompt x --tuner '" + sc_tuner_file() + ":abc'", "'abc' in '" + sc_tuner_file() + ":abc' is not a scale"},
-      {"--prompt x --tuner '" + json + "'", "'" + json + "' is not a safetensors file"},
-      {"--prompt x --steps 1 --tuner '" + nan_tuner + "'", "tuner file '" + nan_tuner + "': tensor '" + nan_key + "'"},
-      {"--prompt x --height 12", "--height must be a multiple of 8, got 12"},
-      {"--prompt x --steps 0", "--steps must be > 0, got 0"},
-      {"--prompt x --steps -3", "--steps must be > 0, got -3"},
-      {"--prompt x --bogus", "--bogus"},
-      {"--steps 2", "give a prompt"},
-      {"--prompt x --model /nonexistent/model", "'/nonexistent/model' does not exist"},
-      {"--prompt x --tuner /nonexistent/t.safetensors:0.5", "'/nonexistent/t.safetensors' does not exist"},
-      {"--prompt x --steps 1 --tuner '" + unknown + "'", "holds neither"},
-      {"--prompt x --precision fp8", "--precision"},
-      {"--prompt x --steps 1 --condition '" + image + "'", "give one --condition image per CSC-Tuner"},
-      {"--prompt x --steps 1 --tuner '" + csc_tuner_file() + "'", "give one --condition image per CSC-Tuner"},
-      {"--prompt x --steps 1 --mask '" + image + "'", "--mask needs --init-image"},
+  // {arguments, what the one line says, whether it says so before the model loads (all but the
+  // tuners whose tensors are read when they are attached)}.
+  const std::vector<std::tuple<std::string, std::string, bool>> cases = {
+      {"--prompt x --width 65", "--width must be a multiple of 8, got 65", true},
+      {"--prompt x --guidance-scale -1", "--guidance-scale must be a finite number >= 0", true},
+      {"--prompt x --guidance-scale inf", "--guidance-scale must be a finite number >= 0", true},
+      {"--prompt x --tuner '" + sc_tuner_file() + ":abc'", "'abc' in '" + sc_tuner_file() + ":abc' is not a scale", true},
+      {"--prompt x --tuner '" + json + "'", "'" + json + "' is not a safetensors file", true},
+      {"--prompt x --steps 1 --tuner '" + nan_tuner + "'", "tuner file '" + nan_tuner + "': tensor '" + nan_key + "'", false},
+      {"--prompt x --height 12", "--height must be a multiple of 8, got 12", true},
+      {"--prompt x --steps 0", "--steps must be > 0, got 0", true},
+      {"--prompt x --steps -3", "--steps must be > 0, got -3", true},
+      {"--prompt x --bogus", "--bogus", true},
+      {"--steps 2", "give a prompt", true},
+      {"--prompt x --model /nonexistent/model", "'/nonexistent/model' does not exist", true},
+      {"--prompt x --tuner /nonexistent/t.safetensors:0.5", "'/nonexistent/t.safetensors' does not exist", true},
+      {"--prompt x --steps 1 --tuner '" + unknown + "'", "holds neither", false},
+      {"--prompt x --precision fp8", "--precision", true},
+      {"--prompt x --steps 1 --condition '" + image + "'", "give one --condition image per CSC-Tuner", true},
+      {"--prompt x --steps 1 --tuner '" + csc_tuner_file() + "'", "give one --condition image per CSC-Tuner", true},
+      {"--prompt x --steps 1 --mask '" + image + "'", "--mask needs --init-image", true},
   };
-  for (const auto& [arguments, expected] : cases) {
+  for (const auto& [arguments, expected, before_model] : cases) {
     const auto result = run_generate(arguments + " --output '" + (scratch() / "bad").string() + "'");
     EXPECT_NE(result.code, 0) << arguments;
+    if (before_model) EXPECT_EQ(result.out.find("no --model given"), std::string::npos) << arguments << "\n" << result.out;
     EXPECT_NE(result.err.find(expected), std::string::npos) << arguments << "\nstderr: " << result.err;
     EXPECT_EQ(std::count(result.err.begin(), result.err.end(), '\n'), 1) << arguments << "\nstderr: " << result.err;
   }

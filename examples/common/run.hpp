@@ -287,10 +287,17 @@ class TrainingRun {
                                         f.checkpoints.keep_last);
       return last_checkpoint;
     };
+    // A grid is a look at the model, not what the run makes: one that cannot be made (latents
+    // that overflow, say) is reported, and the run goes on.
     auto validate = [&](int64_t at, const std::filesystem::path& grid) {
       unet->eval();
-      torch::NoGradGuard no_grad;
-      validation(at, grid);
+      try {
+        torch::NoGradGuard no_grad;
+        validation(at, grid);
+      } catch (const c10::Error& e) {
+        std::printf("validation at step %lld: nothing written: %s\n", static_cast<long long>(at),
+                    e.what_without_backtrace());
+      }
       unet->train();
     };
 
