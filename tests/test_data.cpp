@@ -87,8 +87,8 @@ TEST_F(DataTest, DatasetReadsTheMetadataJsonlLayout) {
   const auto image = random_image(R + 8, R + 20, 4);
   common::write_png((dir_ / "train" / "0001.png").string(), image);
   common::write_png((dir_ / "train" / "0002.jpg.png").string(), random_image(R, R, 5));
-  write_file(dir_ / "metadata.jsonl",
-       "{\"file_name\": \"train/0001.png\", \"text\": \"a \\\"quoted\\\" word\"}\n"
+  write_file(dir_ / "metadata.jsonl",  // with the byte-order mark some editors write first
+       "\xEF\xBB\xBF{\"file_name\": \"train/0001.png\", \"text\": \"a \\\"quoted\\\" word\"}\n"
        "\n"
        "{\"file_name\": \"train/0002.jpg.png\", \"text\": \"second\", \"extra\": 3}\n");
   common::CaptionedImageDataset data(
@@ -174,6 +174,7 @@ TEST_F(DataTest, DatasetWithFatalPolicyThrowsNamingTheBadFile) {
     // Keep only the header, one good row and the bad row.
     write_file(dir / "data.csv", "file,Text\ngood1.png,first\n" + bad + ",the bad one\n");
     EXPECT_ERROR_MENTIONS(common::CaptionedImageDataset(dir, fatal), bad);
+    EXPECT_ERROR_MENTIONS(common::CaptionedImageDataset(dir, fatal), "--bad-data fatal");
   }
   const fs::path txt = dir_ / "txt";
   fs::create_directories(txt);

@@ -32,7 +32,7 @@ inline std::vector<CsvRow> parse_csv(const std::string& text, const std::string&
   bool quoted = false, in_quotes = false;
   int64_t line = 1, quote_line = 1;
   row.line = 1;
-  size_t i = text.compare(0, 3, "\xEF\xBB\xBF") == 0 ? 3 : 0;
+  size_t i = utf8_bom_size(text);
   auto end_field = [&] {
     row.fields.push_back(field);
     field.clear();

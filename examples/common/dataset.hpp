@@ -399,7 +399,7 @@ class CaptionedImageDataset : public ImageSource {
     const auto text = read_file_bytes(jsonl_path);
     const auto folder = jsonl_path.parent_path();
     std::vector<detail::Candidate> candidates;
-    size_t start = 0;
+    size_t start = utf8_bom_size(text);
     for (int64_t line = 1; start < text.size(); ++line) {
       size_t end = text.find('\n', start);
       if (end == std::string::npos) end = text.size();
@@ -505,7 +505,7 @@ class CaptionedImageDataset : public ImageSource {
 
   void report(const std::string& message) {
     TORCH_CHECK(options_.bad_data() != BadDataPolicy::fatal, "dataset '", root_.string(),
-                "': ", message, " (bad data is fatal: DatasetOptions::bad_data)");
+                "': ", message, " (bad data is fatal here: --bad-data fatal)");
     problems_.push_back(message);
   }
 

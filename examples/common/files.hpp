@@ -60,6 +60,12 @@ inline std::string read_file_bytes(const std::filesystem::path& path) {
   return bytes;
 }
 
+/// The length of the UTF-8 byte-order mark that `text` starts with (3), or 0: editors put one at
+/// the start of CSV and JSONL files, and it is no part of the first field.
+inline size_t utf8_bom_size(const std::string& text) {
+  return text.compare(0, 3, "\xEF\xBB\xBF") == 0 ? 3 : 0;
+}
+
 /// Writes `bytes` to `path` atomically: into a temporary file beside it, then renamed over `path`,
 /// so a reader (or a crash) never sees a half-written file. Throws naming the file on failure.
 inline void write_file_atomic(const std::filesystem::path& path, const std::string& bytes) {

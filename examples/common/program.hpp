@@ -67,21 +67,23 @@ class StopSignals {
 };
 
 /// Runs a program's `body` and returns its exit status: what `body` returns; 1 after printing an
-/// error as `program: message` on stderr; 128 + the signal after an `Interrupted` run, printing
-/// what it saved.
-inline int run_program(const char* program, const std::function<int()>& body) {
+/// error as one line `program: message` on stderr (a message that names the program already is
+/// not prefixed twice); 128 + the signal after an `Interrupted` run, printing what it saved.
+inline int run_program(const std::string& program, const std::function<int()>& body) {
+  auto say = [&](const std::string& message) {
+    std::fflush(stdout);
+    const auto prefix = program + ": ";
+    std::cerr << (message.rfind(prefix, 0) == 0 ? "" : prefix) << message << "\n";
+  };
   try {
     return body();
   } catch (const Interrupted& e) {
-    std::fflush(stdout);
-    std::cerr << program << ": " << e.what() << "\n";
+    say(e.what());
     return 128 + e.signal();
   } catch (const c10::Error& e) {
-    std::fflush(stdout);
-    std::cerr << program << ": " << e.what_without_backtrace() << "\n";
+    say(e.what_without_backtrace());
   } catch (const std::exception& e) {
-    std::fflush(stdout);
-    std::cerr << program << ": " << e.what() << "\n";
+    say(e.what());
   }
   return 1;
 }

@@ -11,6 +11,7 @@
 #include <common/image.hpp>
 #include <common/model.hpp>
 #include <common/png.hpp>
+#include <common/program.hpp>
 
 #include <CLI/CLI.hpp>
 #include <torch/torch.h>
@@ -412,12 +413,5 @@ int main(int argc, char** argv) {
     std::cerr << "generate: error: " << e.what() << " (see --help)\n";
     return e.get_exit_code() != 0 ? e.get_exit_code() : 2;
   }
-  try {
-    return run(flags);
-  } catch (const c10::Error& e) {
-    std::cerr << "generate: error: " << e.what_without_backtrace() << "\n";
-  } catch (const std::exception& e) {
-    std::cerr << "generate: error: " << e.what() << "\n";
-  }
-  return 1;
+  return common::run_program("generate", [&] { return run(flags); });
 }
