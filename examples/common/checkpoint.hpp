@@ -16,6 +16,7 @@
 
 #include <scedit/atomic_file.hpp>
 #include <scedit/safetensors.hpp>
+#include <scedit/state_dict.hpp>
 
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
@@ -248,9 +249,8 @@ inline TrainState load_checkpoint(const VerifiedCheckpoint& checkpoint, const sc
     TORCH_CHECK(it != saved.end(), "checkpoint '", weights, "' lacks tensor '", name, "'");
     TORCH_CHECK(it->second.sizes() == tensor.sizes(), "checkpoint '", weights, "': tensor '", name,
                 "' has shape ", it->second.sizes(), ", the run has ", tensor.sizes());
-    TORCH_CHECK(torch::isfinite(it->second).all().item<bool>(), "checkpoint '", weights, "': tensor '",
-                name, "' is not finite");
   }
+  scedit::check_finite(saved, "checkpoint '" + weights + "'");
   TORCH_CHECK(saved.size() == tensors.size(), "checkpoint '", weights, "' holds ", saved.size(),
               " tensors, the run trains ", tensors.size(), ": another method or model?");
   const auto optimizer_path = (checkpoint.folder / "optimizer.pt").string();
