@@ -1,0 +1,53 @@
+#pragma once
+/// @file tensor_file.hpp
+/// @brief Named tensors from a file whatever its container: safetensors, or a `torch.save` zip
+/// (`.bin`, `.pt`, `.ckpt`), told apart by the file's first bytes rather than its extension.
+///
+/// Example:
+/// @code
+/// scedit::TensorMap tensors = scedit::load_tensor_file("pytorch_model.bin");
+/// @endcode
+
+#include <scedit/safetensors.hpp>
+
+#include <torch/torch.h>
+
+#include <array>
+#include <fstream>
+#include <string>
+
+namespace scedit {
+
+/// The containers `load_tensor_file` tells apart.
+enum class TensorFileFormat {
+  safetensors,  ///< 8-byte little-endian header length, then a JSON header.
+  torch_zip,    ///< `torch.save` since PyTorch 1.6: a zip ("PK\3\4") holding `data.pkl`.
+  unknown,      ///< Anything else (including the pre-1.6 `torch.save` format).
+};
+
+/// The container of the file at `path`, from its first bytes. Throws naming the file when it
+/// cannot be opened.
+inline TensorFileFormat tensor_file_format(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  TORCH_CHECK(in.good(), "cannot open '", path, "'");
+  std::array<unsigned char, 9> head{};
+  in.read(reinterpret_cast<char*>(head.data()), head.size());
+  if (in.gcount() >= 4 && head[0] == 'P' && head[1] == 'K' && head[2] == 3 && head[3] == 4) {
+    return TensorFileFormat::torch_zip;
+  }
+  if (in.gcount() == 9 && head[8] == '{') return TensorFileFormat::safetensors;
+  return TensorFileFormat::unknown;
+}
+
+/// Every tensor of the file at `path`, by name. Throws naming the file when its container is
+/// none of `TensorFileFormat`'s.
+inline TensorMap load_tensor_file(const std::string& path) {
+  switch (tensor_file_format(path)) {
+    case TensorFileFormat::safetensors: return safetensors::load(path);
+    case TensorFileFormat::torch_zip:
+    case TensorFileFormat::unknown: break;
+  }
+  TORCH_CHECK(false, "'", path, "' is neither a safetensors file nor a torch.save zip");
+}
+
+}  // namespace scedit
