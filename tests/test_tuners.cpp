@@ -408,10 +408,11 @@ TEST_F(Tuners, SCTunersSaveAndLoadRoundTrip) {
 
   auto loaded = scedit::read_sc_tuners(path);
   ASSERT_EQ(loaded.size(), 2u);
-  EXPECT_EQ(loaded[1]->options.scale(), 0.25);
-  EXPECT_EQ(loaded[0]->options.down_ratio(), 0.5);
+  EXPECT_EQ(loaded[1].site, 1);
+  EXPECT_EQ(loaded[1].tuner->options.scale(), 0.25);
+  EXPECT_EQ(loaded[0].tuner->options.down_ratio(), 0.5);
   auto x = torch::randn({1, 16, 3, 3});
-  EXPECT_TRUE(torch::equal(loaded[0](x), tuners[0](x)));
+  EXPECT_TRUE(torch::equal(loaded[0].tuner(x), tuners[0](x)));
   // Into existing tuners; a mismatch is refused by key.
   std::vector<scedit::SCTuner> fresh = {scedit::SCTuner(scedit::SCTunerOptions(16).down_ratio(0.5)),
                                         scedit::SCTuner(scedit::SCTunerOptions(8).down_ratio(0.5))};
@@ -427,7 +428,10 @@ TEST_F(Tuners, SCTunersLoadFromTheReferenceFile) {
   const auto& manifest = scedit_test::manifest();
   auto dims = manifest.at("tiny_skip_dims_encoder_order").get<std::vector<int64_t>>();
   ASSERT_EQ(tuners.size(), dims.size());
-  for (size_t k = 0; k < tuners.size(); ++k) EXPECT_EQ(tuners[k]->options.channels(), dims[dims.size() - 1 - k]);
+  for (size_t k = 0; k < tuners.size(); ++k) {
+    EXPECT_EQ(tuners[k].site, static_cast<int64_t>(k));
+    EXPECT_EQ(tuners[k].tuner->options.channels(), dims[dims.size() - 1 - k]);
+  }
 }
 
 TEST_F(Tuners, CSCTunerSaveAndLoadRoundTrip) {

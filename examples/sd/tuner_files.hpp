@@ -67,11 +67,13 @@ inline const char* tuner_kind_name(scedit::TunerKind kind) {
   return "unknown";
 }
 
-/// What a tuner path holds: `scedit::detect_tuner_file` for a file; a folder with
-/// `adapter_model.safetensors` is a peft LoRA. Throws naming the path when it does not exist.
+/// What a tuner path holds: `scedit::detect_tuner_file` for a file; for a folder, the SCEdit
+/// weights `scedit::find_scedit_files` finds in it (a scepter or SWIFT folder), else a peft LoRA
+/// when it has `adapter_model.safetensors`. Throws naming the path when it does not exist.
 inline scedit::TunerKind detect_tuner_path(const std::string& path) {
   TORCH_CHECK(std::filesystem::exists(path), "tuner file '", path, "' does not exist");
   if (std::filesystem::is_directory(path)) {
+    if (auto files = scedit::find_scedit_files(path)) return scedit::detect_tuner_file(files->weights);
     return std::filesystem::is_regular_file(std::filesystem::path(path) / "adapter_model.safetensors")
                ? scedit::TunerKind::kLoRA
                : scedit::TunerKind::kUnknown;
@@ -81,9 +83,11 @@ inline scedit::TunerKind detect_tuner_path(const std::string& path) {
 
 /// Attaches the tuners of the file at `path` to `sd`'s UNet with strength `scale`, under a name
 /// unique within `attached` (`sc0`, `csc1`, `lora2`, ...), on the UNet's device and dtype:
-///  - SC-Tuners (`lsc_identity.*`): one per skip site, as `attach_sc_tuners` + `load_sc_tuners`
-///    would (options from the file), scale `s + scale·(T(s) − s)`;
-///  - a CSC-Tuner (`pre_hint_blocks.*`): `read_csc_tuner` + `attach_csc_tuner`; its condition
+///  - SC-Tuners (`lsc_identity.*`, in this library's, scepter's or SWIFT's layout; a scepter or
+///    SWIFT folder too): each at the skip site its keys name (`scedit::read_sc_tuners`); sites the
+///    file leaves out stay unedited; scale `s + scale·(T(s) − s)`;
+///  - a CSC-Tuner (`pre_hint_blocks.*`, this library's or scepter's layout; a scepter control
+///    folder too): `read_csc_tuner` + `attach_csc_tuner`; its condition
 ///    image comes with each `generate` call (`GenerateOptions::conditions`, by the tuner's name);
 ///  - LoRA (peft, diffusers or Kohya layout; a peft folder too): `scedit::load_lora` into the
 ///    shared injection, adapter weight = `scale`. UNet keys only (text-encoder keys are ignored).
@@ -105,20 +109,21 @@ inline AttachedTuner attach_tuner_file(StableDiffusion& sd, const std::string& p
       tuner.name = "sc" + index;
       auto tuners = scedit::read_sc_tuners(path);
       auto sites = unet.skip_sites();
-      TORCH_CHECK(tuners.size() == sites.size(), "tuner file '", path, "' holds ", tuners.size(),
-                  " SC-Tuners but the UNet has ", sites.size(), " skip sites");
-      for (size_t i = 0; i < sites.size(); ++i) {
-        TORCH_CHECK(tuners[i]->options.channels() == sites[i]->skip_channels(), "tuner file '",
-                    path, "': SC-Tuner ", i, " has ", tuners[i]->options.channels(),
-                    " channels but skip site ", i, " of the UNet has ", sites[i]->skip_channels());
+      for (const auto& [site, sc] : tuners) {
+        TORCH_CHECK(site < static_cast<int64_t>(sites.size()), "tuner file '", path,
+                    "' holds an SC-Tuner for skip site ", site, " but the UNet has ", sites.size(),
+                    " skip sites");
+        TORCH_CHECK(sc->options.channels() == sites[site]->skip_channels(), "tuner file '", path,
+                    "': the SC-Tuner for skip site ", site, " has ", sc->options.channels(),
+                    " channels but that site of the UNet has ", sites[site]->skip_channels());
       }
-      for (size_t i = 0; i < sites.size(); ++i) {
-        tuners[i]->to(reference.device(), reference.scalar_type());
-        tuners[i]->set_scale(scale);
-        sites[i]->attach(tuner.name, tuners[i].ptr(), tuners[i].ptr());
-        if (scale == 0) sites[i]->set_enabled(tuner.name, false);
+      for (auto& [site, sc] : tuners) {
+        sc->to(reference.device(), reference.scalar_type());
+        sc->set_scale(scale);
+        sites[site]->attach(tuner.name, sc.ptr(), sc.ptr());
+        if (scale == 0) sites[site]->set_enabled(tuner.name, false);
       }
-      tuner.count = static_cast<int64_t>(sites.size());
+      tuner.count = static_cast<int64_t>(tuners.size());
       break;
     }
     case scedit::TunerKind::kCSC: {
