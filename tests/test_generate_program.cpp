@@ -111,7 +111,7 @@ TEST(GenerateProgram, BadInputsEndWithOneClearLine) {
       {"--prompt x --guidance-scale -1", "--guidance-scale must be a finite number >= 0", true},
       {"--prompt x --guidance-scale inf", "--guidance-scale must be a finite number >= 0", true},
       {"--prompt x --tuner '" + sc_tuner_file() + ":abc'", "'abc' in '" + sc_tuner_file() + ":abc' is not a scale", true},
-      {"--prompt x --tuner '" + json + "'", "'" + json + "' is not a safetensors file", true},
+      {"--prompt x --tuner '" + json + "'", "'" + json + "' is neither a safetensors file nor a torch.save zip", true},
       {"--prompt x --steps 1 --tuner '" + nan_tuner + "'", "tuner file '" + nan_tuner + "': tensor '" + nan_key + "'", false},
       {"--prompt x --height 12", "--height must be a multiple of 8, got 12", true},
       {"--prompt x --steps 0", "--steps must be > 0, got 0", true},

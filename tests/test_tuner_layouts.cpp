@@ -11,8 +11,9 @@
 //    `model.` as scepter's own loader accepts them; `configuration.json` with CONTROL_MODEL;
 //  - SWIFT SCETuning: `model.lsc_identity.{i}.scetuner_{adapter}.tuner_op.*` in
 //    `{adapter}/adapter_model.safetensors` with `{adapter}/adapter_config.json`.
-// The containers are safetensors: `scedit::load_tensor_file` does not read torch.save zips yet, so
-// the `.bin` files written here are read back through LibTorch's own pickle reader.
+// The containers are safetensors: `scedit::load_tensor_file` did not read torch.save zips when
+// these were written, so the `.bin` files written here are read back through LibTorch's own
+// pickle reader, and through the library's readers only where `load_tensor_file` reads them.
 
 #include <scedit/csctuner.hpp>
 #include <scedit/safetensors.hpp>
@@ -437,6 +438,38 @@ TEST_F(TunerLayouts, BinNamesWriteATorchSaveZip) {
   EXPECT_EQ(dict.size(), 4 * tuners.size());
   const auto ln1 = dict.at(std::string("model.lsc_identity.0.tuner_op.ln1.weight")).toTensor();
   EXPECT_TRUE(torch::equal(ln1, tuners[0]->tuner_op->ln1->weight));
+}
+
+// scepter's own container: pytorch_model.bin (and SWIFT's adapter_model.bin) read back through
+// scedit::load_tensor_file, where it reads torch.save zips (skipped where it does not yet).
+TEST_F(TunerLayouts, BinFoldersReadBackWhereTorchSaveFilesAreRead) {
+  auto tuners = scedit::attach_sc_tuners(*unet_);
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& t : tuners) {
+      for (auto& p : t->parameters()) p.normal_();
+    }
+  }
+  const auto scepter = dir() / "bin_scepter" / "pytorch_model.bin";
+  const auto swift = dir() / "bin_swift" / "0_SwiftSCETuning" / "adapter_model.bin";
+  scedit::save_sc_tuners(scepter.string(), tuners, scedit::SCTunerSaveOptions().layout(scedit::SceditLayout::kScepter));
+  scedit::save_sc_tuners(swift.string(), tuners, scedit::SCTunerSaveOptions()
+                                                     .layout(scedit::SceditLayout::kSwift)
+                                                     .adapter_name("0_SwiftSCETuning"));
+  try {
+    scedit::load_tensor_file(scepter.string());
+  } catch (const c10::Error& e) {
+    GTEST_SKIP() << "load_tensor_file does not read torch.save zips here: " << e.what_without_backtrace();
+  }
+  for (const auto& path : {scepter.parent_path(), dir() / "bin_swift"}) {
+    EXPECT_EQ(sd::detect_tuner_path(path.string()), scedit::TunerKind::kSC) << path;
+    const auto loaded = scedit::read_sc_tuners(path.string());
+    ASSERT_EQ(loaded.size(), tuners.size()) << path;
+    for (size_t n = 0; n < tuners.size(); ++n) {
+      EXPECT_EQ(loaded[n].site, static_cast<int64_t>(n));
+      EXPECT_TRUE(torch::equal(loaded[n].tuner->tuner_op->ln2->weight, tuners[n]->tuner_op->ln2->weight)) << path;
+    }
+  }
 }
 
 // ---- attaching ---------------------------------------------------------------------------------
