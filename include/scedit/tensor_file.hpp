@@ -40,6 +40,14 @@ inline TensorFileFormat tensor_file_format(const std::string& path) {
   return TensorFileFormat::unknown;
 }
 
+/// Throws naming the file when its container is none of `TensorFileFormat`'s (or it cannot be
+/// opened); reads only its first bytes.
+inline void check_tensor_file_format(const std::string& path) {
+  TORCH_CHECK(tensor_file_format(path) != TensorFileFormat::unknown, "'", path,
+              "' is neither a safetensors file nor a torch.save zip (PyTorch 1.6 or later); other "
+              "formats, such as torch.save's legacy one, are not supported");
+}
+
 /// Every tensor of the file at `path`, by name: `safetensors::load` or `load_torch_file` (for a
 /// `torch.save` zip: the tensors of its dict, or of its `"state_dict"` entry, with nested dicts
 /// joined by '.'). Throws naming the file when its container is none of `TensorFileFormat`'s.
@@ -49,8 +57,8 @@ inline TensorMap load_tensor_file(const std::string& path) {
     case TensorFileFormat::torch_zip: return load_torch_file(path);
     case TensorFileFormat::unknown: break;
   }
-  TORCH_CHECK(false, "'", path, "' is neither a safetensors file nor a torch.save zip (PyTorch 1.6 "
-              "or later); other formats, such as torch.save's legacy one, are not supported");
+  check_tensor_file_format(path);  // throws
+  return {};
 }
 
 }  // namespace scedit
