@@ -298,15 +298,21 @@ TEST_F(TorchFile, RefusesDeepNestingAndSurvivesCycles) {
   lists.op('s');
   EXPECT_THAT(error_of([&] { scedit::load_torch_file(write("lists.pt", lists)); }), HasSubstr("nested deeper"));
 
-  // A chain built outside in through the memo (each list appended while still empty), and a
-  // list inside itself: read (they are skipped), freed without recursion.
+  // A chain of 200,000 lists, each inside the one made after it: all made (and memoised) first,
+  // then each appended into the next while still empty, so no nesting is seen as it is built;
+  // and a list inside itself. Read (lists are skipped) and freed without recursion: freed the
+  // ordinary way, the outermost list would free the next one inside it, and so on, 200,000 calls
+  // deep.
   constexpr uint32_t kChain = 200000;
   Pickle chain;
-  chain.proto(2).op('}').str("chain").op(']').op('r').le(1, 4).op('s');
-  for (uint32_t i = 1; i <= kChain; ++i) {  // LONG_BINGET i, EMPTY_LIST, LONG_BINPUT i+1, APPEND, POP
-    chain.op('j').le(i, 4).op(']').op('r').le(i + 1, 4).op('a').op('0');
+  chain.proto(2).op('}').str("chain");
+  for (uint32_t i = 1; i <= kChain; ++i) chain.op(']').op('r').le(i, 4).op('0');  // LONG_BINPUT i, POP
+  for (uint32_t i = kChain - 1; i >= 1; --i) {  // L[i + 1].append(L[i])
+    chain.op('j').le(i + 1, 4).op('j').le(i, 4).op('a').op('0');
   }
-  chain.str("self").op(']').op('r').le(kChain + 2, 4).op('j').le(kChain + 2, 4).op('a').op('s');
+  chain.op('j').le(kChain, 4).op('s');
+  for (uint32_t i = 1; i <= kChain; ++i) chain.op('N').op('r').le(i, 4).op('0');  // memo forgets them
+  chain.str("self").op(']').op('r').le(kChain + 1, 4).op('j').le(kChain + 1, 4).op('a').op('s');
   chain.str("w").tensor("FloatStorage", "0", 12, 0, {12}, {1}).op('s');
   const auto loaded = scedit::load_torch_file(write("chain.pt", chain, twelve_floats()));
   EXPECT_EQ(loaded.size(), 1u);
