@@ -16,6 +16,8 @@
 /// std::shared_ptr<scedit::torch_pickle::Value> root = machine.load();
 /// @endcode
 
+#include <scedit/compat.hpp>
+
 #include <torch/torch.h>
 
 #include <cstdint>
@@ -100,7 +102,9 @@ inline std::optional<torch::ScalarType> storage_dtype(const std::string& name) {
   return found->second;
 }
 
-/// The dtype a `torch.<name>` dtype object stands for, if it is one this reader loads.
+/// The dtype a `torch.<name>` dtype object stands for, if it is one this reader loads (float8
+/// and the wider unsigned types only on the LibTorch 2.x versions that have them, where they come
+/// through `_rebuild_tensor_v3`).
 inline std::optional<torch::ScalarType> dtype_named(const std::string& name) {
   static const std::unordered_map<std::string, torch::ScalarType> types = {
       {"float32", torch::kFloat32}, {"float", torch::kFloat32}, {"float16", torch::kFloat16},
@@ -110,7 +114,7 @@ inline std::optional<torch::ScalarType> dtype_named(const std::string& name) {
       {"short", torch::kInt16}, {"int8", torch::kInt8}, {"uint8", torch::kUInt8},
       {"bool", torch::kBool}};
   const auto found = types.find(name);
-  if (found == types.end()) return std::nullopt;
+  if (found == types.end()) return compat::dtype_added_in_torch_2(name);
   return found->second;
 }
 
