@@ -419,7 +419,7 @@ inline StableDiffusion load_pipeline(const std::filesystem::path& path,
       sd.scheduler_config = detail::read_json(scheduler, "scheduler config");
     }
   } else {
-    // A single-file LDM checkpoint: one mapping, split into the three components.
+    // A single-file LDM checkpoint: read once, split into the three components.
     detail::check_weights_path(path);
     TORCH_CHECK(!tokenizer.empty(), "'", path.string(),
                 "' is a single-file checkpoint, which carries no tokenizer: set "
