@@ -9,8 +9,9 @@
 /// raw little-endian bytes), `version`, and in newer files `byteorder` and
 /// `.data/serialization_id`. The pickle is interpreted here by a small stack machine
 /// (`torch_pickle::Unpickler`, in torch_pickle_machine.hpp) that knows the opcodes `torch.save`
-/// emits (protocol 2, and protocols 3–5's additions) and only an allow-list of globals: dicts and
-/// `collections.OrderedDict`, tensor and parameter rebuilds, storage types and dtypes.
+/// emits (protocol 2, and protocols 3–5's additions) and only an allow-list of globals
+/// (torch_pickle_globals.hpp): `collections.OrderedDict`, tensor and parameter rebuilds,
+/// storage types and dtypes.
 /// Classes a training checkpoint carries besides its weights (Lightning callbacks, numpy
 /// scalars, `argparse.Namespace`, omegaconf configs) become inert placeholders that are never
 /// called; any other global is refused by name before anything refers to it.
