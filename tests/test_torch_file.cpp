@@ -120,7 +120,7 @@ TEST_F(TorchFile, ViewsOfOneStorageShareIt) {
 }
 
 // What protocols 2–5 add over the basic layout: parameters, _rebuild_tensor_v3 over an untyped
-// storage with a dtype object, SHORT_BINUNICODE, STACK_GLOBAL, MEMOIZE, FRAME, BINBYTES, LONG1.
+// storage with a dtype object, SHORT_BINUNICODE, STACK_GLOBAL, MEMOIZE, FRAME, SHORT_BINBYTES.
 TEST_F(TorchFile, ReadsParametersV3TensorsAndProtocol4Opcodes) {
   const auto bf16 = torch::randn({2, 3}).to(torch::kBFloat16);
   Records records = twelve_floats();
@@ -143,8 +143,10 @@ TEST_F(TorchFile, ReadsParametersV3TensorsAndProtocol4Opcodes) {
 }
 
 // A Lightning checkpoint (what `Trainer.save_checkpoint` writes): the weights under
-// `state_dict`, beside counters, a callback state keyed by the callback's class, hyper-parameters
-// as an argparse.Namespace (NEWOBJ + BUILD) and a numpy scalar (`scalar(dtype('f8'), bytes)`).
+// `state_dict`, beside counters, a callback state keyed by the callback's class, a callback
+// object pickled whole (as Python's pickler writes any plain object: NEWOBJ, then BUILD with its
+// `__dict__`), hyper-parameters as an argparse.Namespace (the same way) and a numpy scalar
+// (`scalar(dtype('f8'), bytes)`).
 TEST_F(TorchFile, ReadsTheStateDictOfALightningCheckpoint) {
   const scedit::TensorMap weights = {{"model.diffusion_model.out.2.weight", torch::randn({4, 3})},
                                      {"model.diffusion_model.out.2.bias", torch::randn({4})}};
@@ -157,6 +159,8 @@ TEST_F(TorchFile, ReadsTheStateDictOfALightningCheckpoint) {
   p.tensor("FloatStorage", "score", 1, 0, {}, {});
   records["score"] = scedit_test::tensor_bytes(torch::tensor(0.25f));
   p.str("best_model_path").str("/ckpt/last.ckpt").op('u').op('s');
+  p.str("checkpoint_callback").global("pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint").op(')');
+  p.op(0x81).op('}').str("monitor").op('N').op('s').str("save_top_k").integer(1).op('s').op('b');  // NEWOBJ, BUILD
   p.str("hparams").global("argparse", "Namespace").op(')').op(0x81).op('}').str("lr").op('G').le(0, 8).op('s').op('b');
   p.str("loss").global("numpy.core.multiarray", "scalar").global("numpy", "dtype").str("f8").op(0x89).op(0x88).op(0x87);
   p.op('R').op('(').integer(3).str("<").op('N').op('N').op('N').integer(-1).integer(-1).integer(0).op('t').op('b');
