@@ -36,9 +36,11 @@
 #include <caffe2/serialize/inline_container.h>
 #include <torch/torch.h>
 
+#include <limits>
 #include <map>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <utility>
 
 namespace scedit {
