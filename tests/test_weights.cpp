@@ -479,6 +479,7 @@ TEST_F(Weights, RefusesMissingConfigAndWeights) {
               AllOf(HasSubstr("missing weights file"), HasSubstr((folder / "vae").string()),
                     HasSubstr("diffusion_pytorch_model.safetensors")));
 
+  // A .bin is read when it is the only weights file; one that is no torch.save zip is refused.
   std::ofstream(folder / "vae" / "diffusion_pytorch_model.bin") << "pickle";
   EXPECT_THAT(error_of([&] { sd::load_vae(folder / "vae"); }),
               AllOf(HasSubstr("diffusion_pytorch_model.bin"), HasSubstr("not supported")));
@@ -568,7 +569,7 @@ TEST_F(Weights, RefusesTruncatedFilesPicklesAndMissingTokenizer) {
   EXPECT_THAT(error_of([&] { sd::load_unet(folder); }), HasSubstr(file.string()));
   EXPECT_THAT(error_of([&] { sd::load_pipeline(folder); }), HasSubstr(file.string()));
 
-  const auto ckpt = scratch_.path() / "model.ckpt";
+  const auto ckpt = scratch_.path() / "model.ckpt";  // neither a safetensors file nor a zip
   std::ofstream(ckpt) << "not really a pickle";
   EXPECT_THAT(error_of([&] { sd::load_pipeline(ckpt); }), AllOf(HasSubstr(ckpt.string()), HasSubstr("not supported")));
   EXPECT_THAT(error_of([&] { sd::load_unet(ckpt); }), AllOf(HasSubstr(ckpt.string()), HasSubstr("not supported")));

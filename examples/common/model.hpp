@@ -38,7 +38,7 @@ struct ModelFlags {
 
 /// Adds `--model` and `--tokenizer` to `app`.
 inline void add_model_flags(CLI::App& app, ModelFlags& flags) {
-  app.add_option("--model", flags.model, "Diffusers folder or single-file .safetensors checkpoint "
+  app.add_option("--model", flags.model, "Diffusers folder, or single-file checkpoint (.safetensors or .ckpt) "
                  "(empty: the built-in tiny model; random:sd15: SD 1.5's architecture with random "
                  "weights, for speed and memory measurements)")->group("Model");
   app.add_option("--tokenizer", flags.tokenizer, "Tokenizer folder (vocab.json, merges.txt) for "

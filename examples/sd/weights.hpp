@@ -5,19 +5,23 @@
 ///
 /// Two layouts are read:
 ///  - a diffusers folder: `model_index.json`; `unet/` and `vae/` with `config.json` and
-///    `diffusion_pytorch_model[.fp16].safetensors`; `text_encoder/` with `config.json` and
-///    `model[.fp16].safetensors` (keys with or without transformers' `text_model.` prefix);
+///    `diffusion_pytorch_model[.fp16].safetensors` (or, failing those, the `.bin` `torch.save`
+///    files of older models); `text_encoder/` with `config.json` and `model[.fp16].safetensors`
+///    (or `.bin`; keys with or without transformers' `text_model.` prefix);
 ///    `tokenizer/vocab.json` + `merges.txt` (+ `tokenizer_config.json` if present);
 ///    `scheduler/scheduler_config.json` if present;
-///  - a single-file original (CompVis LDM) checkpoint `.safetensors`, mapped with
-///    `ldm_keys.hpp`. Its configurations are the built-in SD 1.5 ones unless given, and its
-///    tokenizer comes from `WeightsOptions::tokenizer`, since a single file carries none.
+///  - a single-file original (CompVis LDM) checkpoint, `.safetensors` or a Lightning-era
+///    `.ckpt` (its `state_dict`), mapped with `ldm_keys.hpp`. Its configurations are the
+///    built-in SD 1.5 ones unless given, and its tokenizer comes from
+///    `WeightsOptions::tokenizer`, since a single file carries none.
 ///
 /// Loads are strict: a missing or unexpected key, a wrong shape, a non-floating tensor, a
 /// truncated file or a missing config is an error naming the key and the file, raised before
-/// any parameter is written. Each tensor is copied straight from the memory-mapped file into
-/// the module's parameter, converting to the dtype and device asked (no float32 copy of the
-/// weights on the way). PyTorch pickles (`.bin`, `.ckpt`, `.pt`) are refused, saying so.
+/// any parameter is written. Each tensor is copied straight from the memory-mapped safetensors
+/// file into the module's parameter, converting to the dtype and device asked (no float32 copy
+/// of the weights on the way). `torch.save` files (`.bin`, `.ckpt`, `.pt`, `.pth`) are read by
+/// `scedit::load_torch_file`, which runs none of their code and refuses any Python global
+/// outside its allow-list; their storages are read into memory first.
 ///
 /// Example:
 /// @code
@@ -33,6 +37,7 @@
 
 #include <scedit/safetensors.hpp>
 #include <scedit/state_dict.hpp>
+#include <scedit/tensor_file.hpp>
 #include <scedit/trainable.hpp>
 
 #include <sd/clip.hpp>
@@ -90,30 +95,31 @@ struct WeightsOptions {
 /// The weights file of a diffusers component folder: `<stem>.<variant>.safetensors` when a
 /// variant is asked, else `<stem>.safetensors`; when that file is absent the other one
 /// (`<stem>.safetensors`, or `<stem>.fp16.safetensors` when no variant was asked) is used with
-/// a notice on stderr (if `verbose`). A folder holding only a `.bin` pickle, or nothing, is an
-/// error naming the folder and the files looked for.
+/// a notice on stderr (if `verbose`). Without either, the same two as `torch.save` files
+/// (`<stem>[.<variant>].bin`), in the same order. A folder holding none of them is an error
+/// naming the folder and the files looked for.
 inline std::filesystem::path resolve_weights_file(const std::filesystem::path& folder,
                                                   const std::string& stem,
                                                   const std::string& variant, bool verbose = true) {
   const std::string other_variant = variant.empty() ? "fp16" : variant;
-  const auto plain = folder / (stem + ".safetensors");
-  const auto with_variant = folder / (stem + "." + other_variant + ".safetensors");
-  const auto& preferred = variant.empty() ? plain : with_variant;
-  const auto& fallback = variant.empty() ? with_variant : plain;
-  if (std::filesystem::is_regular_file(preferred)) return preferred;
-  if (std::filesystem::is_regular_file(fallback)) {
-    if (verbose) {
+  const auto named = [&](bool with_variant, const char* extension) {
+    return folder / (with_variant ? stem + "." + other_variant + extension : stem + extension);
+  };
+  const auto preferred = named(!variant.empty(), ".safetensors");
+  const auto fallback = named(variant.empty(), ".safetensors");
+  for (const auto& candidate : {preferred, fallback, named(!variant.empty(), ".bin"),
+                                named(variant.empty(), ".bin")}) {
+    if (!std::filesystem::is_regular_file(candidate)) continue;
+    const bool other_variant_file = candidate == fallback || candidate == named(variant.empty(), ".bin");
+    if (verbose && other_variant_file) {
       std::cerr << "note: no '" << preferred.filename().string() << "' in '" << folder.string()
-                << "'; using '" << fallback.filename().string() << "'\n";
+                << "'; using '" << candidate.filename().string() << "'\n";
     }
-    return fallback;
-  }
-  for (const std::string& name : {stem + ".bin", stem + "." + other_variant + ".bin"}) {
-    TORCH_CHECK(!std::filesystem::exists(folder / name), "'", folder.string(), "' holds only '",
-                name, "', a PyTorch pickle, which is not supported: convert it to .safetensors");
+    return candidate;
   }
   TORCH_CHECK(false, "missing weights file in '", folder.string(), "': expected '",
-              preferred.filename().string(), "' or '", fallback.filename().string(), "'");
+              preferred.filename().string(), "' or '", fallback.filename().string(),
+              "' (or the same as .bin)");
 }
 
 namespace detail {
@@ -141,6 +147,17 @@ inline void check_safetensors_path(const std::filesystem::path& path) {
               "convert it to .safetensors first");
   TORCH_CHECK(ext == ".safetensors", "'", path.string(),
               "' is not a .safetensors file; expected a diffusers folder or a .safetensors file");
+}
+
+/// Refuses a single file that is neither `.safetensors` nor a `torch.save` file (`.ckpt`,
+/// `.pt`, `.pth`, `.bin`), and one whose first bytes are neither container (a legacy pickle),
+/// before anything else is checked or read.
+inline void check_weights_path(const std::filesystem::path& path) {
+  const std::string ext = path.extension().string();
+  TORCH_CHECK(ext == ".safetensors" || ext == ".ckpt" || ext == ".bin" || ext == ".pt" || ext == ".pth",
+              "'", path.string(), "' is not a weights file; expected a diffusers folder, a "
+              ".safetensors file or a torch.save .ckpt, .pt, .pth or .bin");
+  scedit::check_tensor_file_format(path.string());
 }
 
 /// Reads a JSON file; errors name the file.
@@ -185,6 +202,12 @@ inline bool has_prefix(const scedit::safetensors::File& file, const std::string&
                      [&](const auto& info) { return info.name.rfind(prefix, 0) == 0; });
 }
 
+/// True when some key of `tensors` starts with `prefix`.
+inline bool has_prefix(const scedit::TensorMap& tensors, const std::string& prefix) {
+  const auto first = tensors.lower_bound(prefix);
+  return first != tensors.end() && first->first.rfind(prefix, 0) == 0;
+}
+
 /// transformers' CLIPTextModel keys without their `text_model.` prefix; `position_ids` (a
 /// buffer older transformers saved) dropped.
 inline void strip_text_model_prefix(ComponentWeights& weights) {
@@ -202,8 +225,9 @@ inline void strip_text_model_prefix(ComponentWeights& weights) {
 }
 
 /// The weights of `component` in its module's keys, from a diffusers folder (component or
-/// pipeline folder), a single-file LDM checkpoint or a diffusers-layout `.safetensors` file with
-/// `config.json` beside it. Sets `config` to the configuration that goes with them.
+/// pipeline folder), a single-file LDM checkpoint or a diffusers-layout file with `config.json`
+/// beside it (`.safetensors` or `torch.save`). Sets `config` to the configuration that goes
+/// with them.
 template <typename Config>
 ComponentWeights read_component(const std::filesystem::path& path, const Component& component,
                                 const WeightsOptions& options,
@@ -221,21 +245,20 @@ ComponentWeights read_component(const std::filesystem::path& path, const Compone
     config = read_config<Config>(folder, component);
     weights.file = resolve_weights_file(folder, component.weights_stem, options.variant(),
                                         options.verbose());
-    weights.tensors = scedit::safetensors::File(weights.file.string()).all();
+    weights.tensors = scedit::load_tensor_file(weights.file.string());
   } else {
-    check_safetensors_path(path);
+    check_weights_path(path);
     weights.file = path;
-    scedit::safetensors::File mapping(path.string());
-    if (has_prefix(mapping, component.ldm_prefix)) {
+    auto all = scedit::load_tensor_file(path.string());
+    if (has_prefix(all, component.ldm_prefix)) {
       config = single_file_config ? *single_file_config : Config::sd15();
-      weights.tensors =
-          ldm_component_to_diffusers(mapping.all(), table(config), component.ldm_prefix,
-                                     "'" + path.string() + "'", &weights.file_keys);
+      weights.tensors = ldm_component_to_diffusers(all, table(config), component.ldm_prefix,
+                                                   "'" + path.string() + "'", &weights.file_keys);
       return weights;
     }
     config = single_file_config ? *single_file_config
                                 : read_config<Config>(path.parent_path(), component);
-    weights.tensors = mapping.all();
+    weights.tensors = std::move(all);
   }
   if (std::string(component.ldm_prefix) == kLdmTextPrefix) strip_text_model_prefix(weights);
   return weights;
@@ -293,8 +316,8 @@ inline ComponentWeights read_unet(const std::filesystem::path& path, const Weigh
 }  // namespace detail
 
 /// Loads a UNet from a diffusers `unet/` folder (or a pipeline folder, using its `unet/`), a
-/// single-file LDM checkpoint (config: `options.unet_config()` or SD 1.5), or a diffusers-layout
-/// `.safetensors` with `config.json` beside it.
+/// single-file LDM checkpoint (`.safetensors` or `.ckpt`; config: `options.unet_config()` or
+/// SD 1.5), or a diffusers-layout `.safetensors` or `.bin` with `config.json` beside it.
 inline UNet load_unet(const std::filesystem::path& path, const WeightsOptions& options = {}) {
   UNetConfig config;
   const auto weights = detail::read_unet(path, options, config);
@@ -396,8 +419,8 @@ inline StableDiffusion load_pipeline(const std::filesystem::path& path,
       sd.scheduler_config = detail::read_json(scheduler, "scheduler config");
     }
   } else {
-    // A single-file LDM checkpoint: one mapping, split into the three components.
-    detail::check_safetensors_path(path);
+    // A single-file LDM checkpoint: read once, split into the three components.
+    detail::check_weights_path(path);
     TORCH_CHECK(!tokenizer.empty(), "'", path.string(),
                 "' is a single-file checkpoint, which carries no tokenizer: set "
                 "WeightsOptions::tokenizer (--tokenizer) to a folder with vocab.json and "
@@ -406,11 +429,10 @@ inline StableDiffusion load_pipeline(const std::filesystem::path& path,
     sd.vae_config = options.vae_config() ? *options.vae_config() : VAEConfig::sd15();
     sd.text_config = options.text_config() ? *options.text_config() : CLIPTextConfig::sd15();
     const std::string source = "'" + path.string() + "'";
-    scedit::safetensors::File mapping(path.string());
-    TORCH_CHECK(detail::has_prefix(mapping, kLdmUNetPrefix), source,
+    const auto all = scedit::load_tensor_file(path.string());
+    TORCH_CHECK(detail::has_prefix(all, kLdmUNetPrefix), source,
                 " is not an original Stable Diffusion checkpoint (no '", kLdmUNetPrefix,
                 "*' keys); for diffusers weights pass the pipeline folder");
-    const auto all = mapping.all();
     const auto part = [&](const std::vector<KeyPair>& table, const char* prefix) {
       detail::ComponentWeights weights;
       weights.file = path;

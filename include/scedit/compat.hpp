@@ -1,6 +1,7 @@
 #pragma once
 /// @file compat.hpp
-/// @brief The few places where LibTorch 1.13 and 2.x differ: fused attention and autocast.
+/// @brief The few places where LibTorch 1.13 and 2.x differ: fused attention, autocast, and
+/// the dtypes only 2.x has.
 ///
 /// Everything version-dependent lives here so the rest of the library reads the same on both.
 
@@ -250,6 +251,23 @@ inline void foreach_mul_(at::TensorList tensors, const torch::Tensor& factor) {
 #else
   for (const auto& t : tensors) t.mul_(factor);
 #endif
+}
+
+/// A dtype LibTorch 2.x has and 1.13 lacks, by its Python name as a `torch.save` file names it
+/// (`float8_e4m3fn`, `float8_e5m2` from 2.1; `uint16`, `uint32`, `uint64` from 2.3); nothing on
+/// older versions or for any other name.
+inline std::optional<torch::ScalarType> dtype_added_in_torch_2(const std::string& name) {
+#if SCEDIT_TORCH_AT_LEAST(2, 1)
+  if (name == "float8_e4m3fn") return c10::ScalarType::Float8_e4m3fn;
+  if (name == "float8_e5m2") return c10::ScalarType::Float8_e5m2;
+#endif
+#if SCEDIT_TORCH_AT_LEAST(2, 3)
+  if (name == "uint16") return c10::ScalarType::UInt16;
+  if (name == "uint32") return c10::ScalarType::UInt32;
+  if (name == "uint64") return c10::ScalarType::UInt64;
+#endif
+  (void)name;
+  return std::nullopt;
 }
 
 /// RAII region where autocast does not apply: ops run in the dtypes of their inputs (for example

@@ -11,5 +11,7 @@
 #include <scedit/sctuner.hpp>
 #include <scedit/sites.hpp>
 #include <scedit/state_dict.hpp>
+#include <scedit/tensor_file.hpp>
+#include <scedit/torch_pickle.hpp>
 #include <scedit/trainable.hpp>
 #include <scedit/tuner_io.hpp>

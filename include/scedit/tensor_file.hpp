@@ -9,6 +9,7 @@
 /// @endcode
 
 #include <scedit/safetensors.hpp>
+#include <scedit/torch_pickle.hpp>
 
 #include <torch/torch.h>
 
@@ -39,15 +40,25 @@ inline TensorFileFormat tensor_file_format(const std::string& path) {
   return TensorFileFormat::unknown;
 }
 
-/// Every tensor of the file at `path`, by name. Throws naming the file when its container is
-/// none of `TensorFileFormat`'s.
+/// Throws naming the file when its container is none of `TensorFileFormat`'s (or it cannot be
+/// opened); reads only its first bytes.
+inline void check_tensor_file_format(const std::string& path) {
+  TORCH_CHECK(tensor_file_format(path) != TensorFileFormat::unknown, "'", path,
+              "' is neither a safetensors file nor a torch.save zip (PyTorch 1.6 or later); other "
+              "formats, such as torch.save's legacy one, are not supported");
+}
+
+/// Every tensor of the file at `path`, by name: `safetensors::load` or `load_torch_file` (for a
+/// `torch.save` zip: the tensors of its dict, or of its `"state_dict"` entry, with nested dicts
+/// joined by '.'). Throws naming the file when its container is none of `TensorFileFormat`'s.
 inline TensorMap load_tensor_file(const std::string& path) {
   switch (tensor_file_format(path)) {
     case TensorFileFormat::safetensors: return safetensors::load(path);
-    case TensorFileFormat::torch_zip:
+    case TensorFileFormat::torch_zip: return load_torch_file(path);
     case TensorFileFormat::unknown: break;
   }
-  TORCH_CHECK(false, "'", path, "' is neither a safetensors file nor a torch.save zip");
+  check_tensor_file_format(path);  // throws
+  return {};
 }
 
 }  // namespace scedit
