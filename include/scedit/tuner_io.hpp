@@ -12,6 +12,7 @@
 
 #include <scedit/atomic_file.hpp>
 #include <scedit/csctuner.hpp>
+#include <scedit/lora_formats.hpp>
 #include <scedit/safetensors.hpp>
 #include <scedit/sctuner.hpp>
 #include <scedit/state_dict.hpp>
@@ -30,7 +31,7 @@ namespace scedit {
 enum class TunerKind {
   kSC,       ///< SC-Tuners (`lsc_identity.*`).
   kCSC,      ///< One CSC-Tuner (`pre_hint_blocks.*`, ...).
-  kLoRA,     ///< LoRA weights (peft, diffusers or Kohya layout; see lora_io.hpp).
+  kLoRA,     ///< LoRA weights (any layout of lora_formats.hpp).
   kUnknown,  ///< None of the above.
 };
 
@@ -87,8 +88,11 @@ inline void save_with_sidecar(const std::string& path, const TensorMap& tensors,
 
 }  // namespace detail
 
-/// The kind of tuner a safetensors file holds, judged from its metadata or its key names.
-inline TunerKind detect_tuner_file(const std::string& path) {
+/// The kind of tuner a safetensors file holds, judged from its metadata or its key names. For
+/// LoRA (any layout `classify_lora_key` knows, LyCORIS and DoRA included so that loading can
+/// refuse them by name), `lora_format`, when given, receives the formats seen
+/// (`LoRAKeySummary::describe`, e.g. "Kohya (unet, text_encoder)").
+inline TunerKind detect_tuner_file(const std::string& path, std::string* lora_format = nullptr) {
   const auto metadata = safetensors::load_metadata(path);
   if (auto it = metadata.find("scedit.kind"); it != metadata.end()) {
     if (it->second == "sc_tuner") return TunerKind::kSC;
@@ -97,8 +101,14 @@ inline TunerKind detect_tuner_file(const std::string& path) {
   safetensors::File file(path);
   for (const auto& info : file.tensors()) {
     const auto& key = info.name;
-    if (key.find("lora_A") != std::string::npos || key.find("lora.down") != std::string::npos ||
-        key.find("lora_down") != std::string::npos) {
+    const auto part = classify_lora_key(key).part;
+    if (part == LoRAKey::Part::down || part == LoRAKey::Part::up ||
+        part == LoRAKey::Part::unsupported) {
+      if (lora_format != nullptr) {
+        std::vector<std::string> keys;
+        for (const auto& other : file.tensors()) keys.push_back(other.name);
+        *lora_format = summarize_lora_keys(keys).describe();
+      }
       return TunerKind::kLoRA;
     }
     if (key.find("pre_hint_blocks.") != std::string::npos) return TunerKind::kCSC;
