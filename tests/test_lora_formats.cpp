@@ -39,6 +39,7 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <filesystem>
 #include <map>
 #include <memory>
 #include <string>
@@ -347,6 +348,14 @@ TEST_F(LoRAFormats, MultiModelExportsRoundTrip) {
       "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"));
   EXPECT_EQ(Loaded(single).result.describe(), "unet: " + std::to_string(unet.size()) +
                                                   " layers (Kohya); text_encoder: 5 layers (Kohya)");
+  // diffusers' save_lora_weights folder.
+  const auto folder = dir_.path() / "diffusers_folder";
+  std::filesystem::create_directories(folder);
+  scedit::export_lora_diffusers((folder / "pytorch_lora_weights.safetensors").string(),
+                                {{LoRARole::unet, &unet}, {LoRARole::text_encoder, &text}});
+  EXPECT_EQ(sd::detect_tuner_path(folder.string()), scedit::TunerKind::kLoRA);
+  EXPECT_EQ(Loaded(folder.string()).result.describe(),
+            "unet: " + std::to_string(unet.size()) + " layers (diffusers); text_encoder: 5 layers (diffusers)");
   scedit::save_lora_peft(dir_.file("peft"), text);
   auto [fresh, unused] = make();
   scedit::LoRAInjection t;
@@ -355,6 +364,39 @@ TEST_F(LoRAFormats, MultiModelExportsRoundTrip) {
     EXPECT_TRUE(torch::allclose(effective(*fresh.text_encoder, path),
                                 effective(*pipe.text_encoder, path), 1e-5, 1e-6));
   }
+}
+
+TEST(LoRAKeys, ClassifiesEveryLayout) {
+  struct Case {
+    const char* key;
+    scedit::LoRAKey::Part part;
+    LoRAFormat format;
+    LoRARole role;
+    const char* module;
+  };
+  using P = scedit::LoRAKey::Part;
+  const std::vector<Case> cases = {
+      {"lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight", P::down, LoRAFormat::kohya, LoRARole::unet, "down_blocks_0_resnets_0_conv1"},
+      {"lora_unet_input_blocks_1_0_in_layers_2.alpha", P::alpha, LoRAFormat::kohya_ldm, LoRARole::unet, "input_blocks_1_0_in_layers_2"},
+      {"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight", P::up, LoRAFormat::kohya, LoRARole::text_encoder_2, "text_model_encoder_layers_0_mlp_fc1"},
+      {"unet.mid_block.attentions.0.proj_in.lora_B.weight", P::up, LoRAFormat::diffusers, LoRARole::unet, "mid_block.attentions.0.proj_in"},
+      {"text_encoder.text_model.encoder.layers.3.self_attn.to_out_lora.up.weight", P::up, LoRAFormat::diffusers_processor, LoRARole::text_encoder, "text_model.encoder.layers.3.self_attn.out_proj"},
+      {"up_blocks.1.attentions.2.transformer_blocks.0.attn2.processor.to_out_lora.down.weight", P::down, LoRAFormat::diffusers_processor, LoRARole::unet, "up_blocks.1.attentions.2.transformer_blocks.0.attn2.to_out.0"},
+      {"unet.conv_in.lora.down.weight", P::down, LoRAFormat::diffusers_legacy, LoRARole::unet, "conv_in"},
+      {"base_model.model.conv_in.lora_A.weight", P::down, LoRAFormat::peft, LoRARole::unet, "conv_in"},
+      {"diffusion_model.output_blocks.2.1.conv.lora_up.weight", P::up, LoRAFormat::comfyui, LoRARole::unet, "output_blocks.2.1.conv"},
+      {"text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc2.alpha", P::alpha, LoRAFormat::comfyui, LoRARole::text_encoder, "text_model.encoder.layers.0.mlp.fc2"},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.key);
+    const auto k = scedit::classify_lora_key(c.key);
+    EXPECT_EQ(k.part, c.part);
+    if (c.part != P::alpha) EXPECT_EQ(k.format, c.format);  // an alpha does not tell the format
+    EXPECT_EQ(k.role, c.role);
+    EXPECT_EQ(k.module, c.module);
+  }
+  EXPECT_EQ(scedit::classify_lora_key("lsc_identity.0.tuner_op.ln1.weight").part, P::not_lora);
+  EXPECT_EQ(scedit::classify_lora_key("lora_unet_x.hada_w2_b").unsupported, "LyCORIS LoHa (hada_w2_b)");
 }
 
 TEST_F(LoRAFormats, UnknownKeysAreRefusedNamingThemOrListedWhenLenient) {

@@ -18,9 +18,11 @@
 /// | ComfyUI (generic keys) | `diffusion_model.input_blocks.1.1.proj_in.lora_up.weight` (LDM names, dots) | `text_encoders.clip_l.transformer.text_model.….lora_up.weight` (`clip_g` for the second) |
 ///
 /// A module name is kept as the file spells it (Kohya's with its dots turned into underscores);
-/// `load_lora` resolves it against the target model's module paths and the names the target
-/// declares as aliases. LyCORIS (LoHa, LoKr, LoCon's Tucker `lora_mid`) and DoRA keys are
-/// recognised in order to be refused by name.
+/// `load_lora` resolves it (`detail::LoRAResolver`) against the target model's module paths and
+/// the names the target declares as aliases. LyCORIS (LoHa, LoKr, LoCon's Tucker `lora_mid`)
+/// and DoRA keys are recognised in order to be refused by name. Also here: what a file says
+/// about alphas (peft's adapter_config.json, diffusers' `lora_adapter_metadata`) and `LoRAPart`,
+/// the writers' unit (lora_export.hpp).
 
 #include <scedit/lora.hpp>
 #include <scedit/safetensors.hpp>

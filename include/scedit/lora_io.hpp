@@ -168,12 +168,6 @@ struct LoRALoadResult {
 
 namespace detail {
 
-/// Whether `s` ends with `suffix`.
-inline bool lora_ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() &&
-         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
 /// One adapted module's tensors in a file.
 struct LoRAFileGroup {
   LoRAKey key;           // the down key's classification (module, role, format)
