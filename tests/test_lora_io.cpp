@@ -117,14 +117,20 @@ TEST_F(LoRA, DiffusersRoundTrip) {
   const auto file = dir_.file("diffusers.safetensors");
   scedit::export_lora_diffusers(file, lora);
   const auto keys = scedit::safetensors::load(file);
-  EXPECT_TRUE(keys.count("unet.to_q.lora.down.weight"));
-  EXPECT_TRUE(keys.count("unet.ff.net.0.proj.lora.up.weight"));
-  EXPECT_TRUE(torch::allclose(keys.at("unet.to_q.lora.up.weight"),
+  // diffusers' save_lora_weights layout: lora_A / lora_B under `unet.`, the scale baked into B
+  // (lora_alpha = r in the metadata, so readers that ignore it agree).
+  EXPECT_TRUE(keys.count("unet.to_q.lora_A.weight"));
+  EXPECT_TRUE(keys.count("unet.ff.net.0.proj.lora_B.weight"));
+  EXPECT_TRUE(torch::allclose(keys.at("unet.to_q.lora_B.weight"),
                               4.0 * lora.at("to_q").lora_B_weight("default")));
+  const auto metadata = nlohmann::json::parse(
+      scedit::safetensors::load_metadata(file).at("lora_adapter_metadata"));
+  EXPECT_EQ(metadata["unet.r"], 3);
+  EXPECT_EQ(metadata["unet.lora_alpha"], 3);
 
   scedit::LoRAInjection loaded;
   const auto result = scedit::load_lora(file, loaded, *fresh);
-  EXPECT_EQ(result.layout, scedit::LoRALayout::diffusers);
+  EXPECT_EQ(result.format, scedit::LoRAFormat::diffusers);
   EXPECT_DOUBLE_EQ(loaded.at("to_q").adapter("default").options.scale(), 1.0);
   EXPECT_LT(max_diff(fresh(x_), net(x_)), 1e-5);
 }

@@ -260,10 +260,14 @@ int run(Flags flags) {
     const auto flag = parse_tuner_flag("--tuner", text);
     const auto tuner = sd::attach_tuner_file(pipe, flag.path, flag.scale, tuners);
     if (tuner.kind == scedit::TunerKind::kCSC) csc_names.push_back(tuner.name);
-    std::printf("tuner: %s (%s on %lld %s, scale %s)\n", flag.path.c_str(),
-                sd::tuner_kind_name(tuner.kind), static_cast<long long>(tuner.count),
-                tuner.kind == scedit::TunerKind::kLoRA ? "layers" : "skips",
-                number(tuner.scale).c_str());
+    if (tuner.kind == scedit::TunerKind::kLoRA) {  // e.g. "unet: 160 layers (Kohya); text_..."
+      std::printf("tuner: %s (LoRA, %s; scale %s)\n", flag.path.c_str(), tuner.summary.c_str(),
+                  number(tuner.scale).c_str());
+    } else {
+      std::printf("tuner: %s (%s on %lld skips, scale %s)\n", flag.path.c_str(),
+                  sd::tuner_kind_name(tuner.kind), static_cast<long long>(tuner.count),
+                  number(tuner.scale).c_str());
+    }
   }
   scedit::set_control_scale(*pipe.unet, flags.control_scale);
 

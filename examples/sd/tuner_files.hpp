@@ -1,7 +1,8 @@
 #pragma once
 /// @file tuner_files.hpp
 /// @brief Attaching tuner files — SC-Tuners, CSC-Tuners, LoRA in any of the layouts the library
-/// reads — to a Stable Diffusion's UNet, each at its own strength, as `generate` does.
+/// reads (into the UNet and the text encoder) — to a Stable Diffusion, each at its own strength,
+/// as `generate` does.
 ///
 /// Example:
 /// @code
@@ -11,6 +12,7 @@
 /// options.conditions.push_back({canny.name, edges});  // sampler.hpp
 /// @endcode
 
+#include <sd/lora_targets.hpp>
 #include <sd/stable_diffusion.hpp>
 
 #include <scedit/csctuner.hpp>
@@ -36,14 +38,17 @@ struct AttachedTuner {
   std::string name;    ///< Its name on the skip sites / its LoRA adapter / its CSC module.
   std::string path;    ///< The file.
   double scale = 1.0;  ///< Its strength (LoRA: the adapter weight).
-  int64_t count = 0;   ///< Skip sites (SC, CSC) or layers (LoRA) it edits.
+  int64_t count = 0;   ///< Skip sites (SC, CSC) or layers (LoRA, all models) it edits.
+  /// LoRA: what loaded, per model and format (`scedit::LoRALoadResult::describe`).
+  std::string summary;
 };
 
-/// The tuner files attached to one pipeline, and the LoRA injection they share (LoRA layers of
+/// The tuner files attached to one pipeline, and the LoRA injections they share (LoRA layers of
 /// a model belong to one `scedit::LoRAInjection`). Keep it alive while generating.
 struct AttachedTuners {
-  std::vector<AttachedTuner> tuners;              ///< In attachment order.
-  std::shared_ptr<scedit::LoRAInjection> lora;    ///< Created by the first LoRA file.
+  std::vector<AttachedTuner> tuners;                ///< In attachment order.
+  std::shared_ptr<scedit::LoRAInjection> lora;       ///< The UNet's; made by the first LoRA file.
+  std::shared_ptr<scedit::LoRAInjection> text_lora;  ///< The text encoder's; made with `lora`.
 
   /// `file:scale` of each tuner, comma-separated ("" when none).
   std::string describe() const {
@@ -68,13 +73,16 @@ inline const char* tuner_kind_name(scedit::TunerKind kind) {
 }
 
 /// What a tuner path holds: `scedit::detect_tuner_file` for a file; for a folder, the SCEdit
-/// weights `scedit::find_scedit_files` finds in it (a scepter or SWIFT folder), else a peft LoRA
-/// when it has `adapter_model.safetensors`. Throws naming the path when it does not exist.
+/// weights `scedit::find_scedit_files` finds in it (a scepter or SWIFT folder), else a LoRA when
+/// it has `adapter_model.safetensors` (peft) or `pytorch_lora_weights.safetensors` (diffusers).
+/// Throws naming the path when it does not exist.
 inline scedit::TunerKind detect_tuner_path(const std::string& path) {
   TORCH_CHECK(std::filesystem::exists(path), "tuner file '", path, "' does not exist");
   if (std::filesystem::is_directory(path)) {
     if (auto files = scedit::find_scedit_files(path)) return scedit::detect_tuner_file(files->weights);
-    return std::filesystem::is_regular_file(std::filesystem::path(path) / "adapter_model.safetensors")
+    const std::filesystem::path folder(path);
+    return std::filesystem::is_regular_file(folder / "adapter_model.safetensors") ||
+                   std::filesystem::is_regular_file(folder / "pytorch_lora_weights.safetensors")
                ? scedit::TunerKind::kLoRA
                : scedit::TunerKind::kUnknown;
   }
@@ -89,8 +97,10 @@ inline scedit::TunerKind detect_tuner_path(const std::string& path) {
 ///  - a CSC-Tuner (`pre_hint_blocks.*`, this library's or scepter's layout; a scepter control
 ///    folder too): `read_csc_tuner` + `attach_csc_tuner`; its condition
 ///    image comes with each `generate` call (`GenerateOptions::conditions`, by the tuner's name);
-///  - LoRA (peft, diffusers or Kohya layout; a peft folder too): `scedit::load_lora` into the
-///    shared injection, adapter weight = `scale`. UNet keys only (text-encoder keys are ignored).
+///  - LoRA (any layout of scedit/lora_formats.hpp; a peft or diffusers folder too):
+///    `scedit::load_lora` into the UNet's and the text encoder's shared injections
+///    (`lora_targets`: LDM and transformers' names found too), adapter weight = `scale` on both.
+///    A file may hold either model's keys or both; a key of neither is an error.
 /// A tuner at scale 0 is attached but disabled: the images are exactly those without it.
 /// Throws naming the file for a missing file, an unknown kind or a mismatch with the model;
 /// the model is left unchanged then.
@@ -143,12 +153,20 @@ inline AttachedTuner attach_tuner_file(StableDiffusion& sd, const std::string& p
     case scedit::TunerKind::kLoRA: {
       tuner.name = "lora" + index;
       if (!attached.lora) attached.lora = std::make_shared<scedit::LoRAInjection>();
-      const auto result = scedit::load_lora(path, *attached.lora, unet,
-                                            scedit::LoRALoadOptions().adapter_name(tuner.name));
-      TORCH_CHECK(!result.paths.empty(), "tuner file '", path, "' holds no LoRA weights for the UNet");
-      attached.lora->set_adapter_weight(tuner.name, scale);
-      if (scale == 0) attached.lora->set_adapter_enabled(tuner.name, false);
+      if (!attached.text_lora) attached.text_lora = std::make_shared<scedit::LoRAInjection>();
+      const auto result =
+          scedit::load_lora(path, lora_targets(sd, *attached.lora, *attached.text_lora),
+                            scedit::LoRALoadOptions().adapter_name(tuner.name));
+      TORCH_CHECK(!result.paths.empty(), "tuner file '", path,
+                  "' holds no LoRA weights for the UNet or the text encoder");
+      for (const auto& role : result.roles) {
+        auto& injection =
+            role.role == scedit::LoRARole::unet ? *attached.lora : *attached.text_lora;
+        injection.set_adapter_weight(tuner.name, scale);
+        if (scale == 0) injection.set_adapter_enabled(tuner.name, false);
+      }
       tuner.count = static_cast<int64_t>(result.paths.size());
+      tuner.summary = result.describe();
       break;
     }
     case scedit::TunerKind::kUnknown:

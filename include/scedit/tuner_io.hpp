@@ -23,6 +23,7 @@
 
 #include <scedit/atomic_file.hpp>
 #include <scedit/csctuner.hpp>
+#include <scedit/lora_formats.hpp>
 #include <scedit/safetensors.hpp>
 #include <scedit/sctuner.hpp>
 #include <scedit/state_dict.hpp>
@@ -151,9 +152,12 @@ inline void write_config_beside(const std::string& weights, const std::string& n
 
 }  // namespace detail
 
-/// The kind of tuner a file holds, judged from its metadata or its key names (SCEdit layouts as
-/// `detect_scedit_layout` tells them). Safetensors or `torch.save` files.
-inline TunerKind detect_tuner_file(const std::string& path) {
+/// The kind of tuner a file holds (safetensors or `torch.save`), judged from its metadata or its
+/// key names: LoRA in any layout `classify_lora_key` knows (LyCORIS and DoRA included, so that
+/// loading can refuse them by name), SCEdit layouts as `detect_scedit_layout` tells them. For
+/// LoRA, `lora_format`, when given, receives the formats seen (`LoRAKeySummary::describe`, e.g.
+/// "Kohya (unet, text_encoder)").
+inline TunerKind detect_tuner_file(const std::string& path, std::string* lora_format = nullptr) {
   std::vector<std::string> keys;
   if (tensor_file_format(path) == TensorFileFormat::safetensors) {
     const auto metadata = safetensors::load_metadata(path);
@@ -167,8 +171,10 @@ inline TunerKind detect_tuner_file(const std::string& path) {
     for (const auto& item : load_tensor_file(path)) keys.push_back(item.first);
   }
   for (const auto& key : keys) {
-    if (key.find("lora_A") != std::string::npos || key.find("lora.down") != std::string::npos ||
-        key.find("lora_down") != std::string::npos) {
+    const auto part = classify_lora_key(key).part;
+    if (part == LoRAKey::Part::down || part == LoRAKey::Part::up ||
+        part == LoRAKey::Part::unsupported) {
+      if (lora_format != nullptr) *lora_format = summarize_lora_keys(keys).describe();
       return TunerKind::kLoRA;
     }
   }
