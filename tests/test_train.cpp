@@ -462,3 +462,77 @@ TEST(Train, CaptionDropoutOfOneTrainsEveryCaptionEmptyAndZeroNone) {
             }).find("--caption-dropout must be in [0, 1], got 1.5"),
             std::string::npos);
 }
+
+TEST(Train, TextEncoderLoRATrainsFromTokensInItsOwnGroup) {
+  auto pipe = sd::tiny_pipeline();
+  torch::manual_seed(0);
+  common::MethodOptions options;
+  options.method = "lora";
+  options.lora_rank = 4;
+  options.train_text_encoder = true;
+  options.text_encoder_lr = 2e-3;
+  auto tuners = common::attach_tuners(pipe.unet, options, torch::kCPU);
+  common::attach_text_encoder_lora(tuners, pipe.text_encoder, options, torch::kCPU);
+  ASSERT_TRUE(tuners.text_lora.has_value());
+  const double lr = 1e-3;
+  const auto trainable = common::tuner_trainable(pipe.unet, tuners, options, pipe.text_encoder, lr);
+  EXPECT_TRUE(trainable.text_as_tokens);
+  const auto unet_count = scedit::tuner_parameters(*pipe.unet).size();
+  const auto text_count = scedit::tuner_parameters(*pipe.text_encoder).size();
+  ASSERT_GT(text_count, 0u);
+  ASSERT_EQ(trainable.groups.size(), 2u);
+  EXPECT_EQ(trainable.groups[0], std::make_pair(unet_count, 1.0));
+  EXPECT_EQ(trainable.groups[1].first, text_count);
+  EXPECT_DOUBLE_EQ(trainable.groups[1].second, 2.0);
+  EXPECT_EQ(trainable.parameters.back().first.rfind("text_encoder.", 0), 0u) << trainable.parameters.back().first;
+  for (const auto& p : pipe.text_encoder->named_parameters()) {
+    const bool lora = p.key().find("lora_") != std::string::npos;
+    EXPECT_EQ(p.value().requires_grad(), lora) << p.key();
+  }
+
+  // At init (B = 0) the denoiser on token ids is the UNet on the frozen encoder's embeddings.
+  const std::vector<std::string> captions = {"a red circle", "a cat"};
+  const auto tokens = (*pipe.tokenizer)(captions);
+  auto noisy = torch::randn({2, 4, 8, 8});
+  auto t = torch::tensor({10, 700}, torch::kLong);
+  {
+    torch::NoGradGuard no_grad;
+    const auto frozen = pipe.unet->forward(noisy, t, sd::encode_prompts(pipe, captions));
+    EXPECT_TRUE(torch::allclose(trainable.denoiser(noisy, t, tokens, {}), frozen, 1e-5, 1e-6));
+  }
+
+  // One step: AdamW's first update is ±lr per element, so each group moves at its own rate, and
+  // the text encoder's base weights stay as they were.
+  const auto base = pipe.text_encoder->named_parameters()["encoder.layers.0.self_attn.q_proj.weight"].clone();
+  common::OptimOptions optim;
+  optim.lr = lr;
+  optim.weight_decay = 0;
+  common::TrainStep step(trainable.denoiser, trainable.tensors(), sd::NoiseSchedule(), optim,
+                         sd::Precision::kFP32, torch::kCPU, "epsilon", trainable.groups);
+  EXPECT_EQ(step.learning_rates(lr), (std::vector<double>{lr, 2 * lr}));
+  const auto before = trainable.tensors();
+  std::vector<torch::Tensor> start;
+  for (const auto& p : before) start.push_back(p.detach().clone());
+  common::TrainBatch batch{torch::randn({2, 4, 8, 8}), tokens, {}};
+  auto generator = common::step_generator(0, 0);
+  step.forward_backward(batch, generator);
+  ASSERT_TRUE(step.optimizer_step(lr));
+  auto largest_move = [&](size_t begin, size_t end) {
+    double most = 0;
+    for (size_t i = begin; i < end; ++i) most = std::max(most, (before[i] - start[i]).abs().max().item<double>());
+    return most;
+  };
+  EXPECT_NEAR(largest_move(0, unet_count), lr, lr * 1e-3);
+  EXPECT_NEAR(largest_move(unet_count, before.size()), 2 * lr, lr * 1e-3);
+  EXPECT_TRUE(torch::equal(pipe.text_encoder->named_parameters()["encoder.layers.0.self_attn.q_proj.weight"], base));
+}
+
+TEST(Train, TextEncoderLoRANeedsLoRA) {
+  common::MethodOptions options;
+  options.train_text_encoder = true;
+  EXPECT_NE(error_of([&] { common::check_method_options(options); }).find("--train-text-encoder"),
+            std::string::npos);
+  options.method = "lora";
+  options.text_encoder_lr = -1;
+  EXPECT_NE(error_of([&] { common::check_method_options(options); }).find("--text-encoder-lr"), std::string::npos);
+}

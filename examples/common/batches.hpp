@@ -1,7 +1,8 @@
 #pragma once
 /// @file batches.hpp
 /// @brief Training micro-batches from a dataset: images through the frozen VAE (a draw from its
-/// posterior), captions through the frozen text encoder, condition images as they come — the
+/// posterior), captions through the frozen text encoder (or as token ids, for a text encoder
+/// that trains), condition images as they come — the
 /// frozen half of a training step's data path, done without a graph and, with `cache`, once.
 
 #include <common/dataset.hpp>
@@ -53,6 +54,9 @@ struct BatchOptions {
   TORCH_ARG(bool, cache) = false;
   /// Probability of training a sample on the empty caption (for classifier-free guidance).
   TORCH_ARG(double, caption_dropout) = 0.0;
+  /// Give the captions as token ids [B, 77] int64 instead of text embeddings, for a `Trainable`
+  /// that runs (and trains) the text encoder itself.
+  TORCH_ARG(bool, tokens) = false;
 };
 
 /// Micro-batches of a dataset as `TrainBatch`es on the device.
@@ -68,6 +72,7 @@ class BatchSource {
       : pipe_(pipe), data_(data), options_(options), device_(device), dtype_(dtype) {
     TORCH_CHECK(options_.caption_dropout() >= 0 && options_.caption_dropout() <= 1,
                 "--caption-dropout must be in [0, 1], got ", options_.caption_dropout());
+    TORCH_CHECK(!options_.tokens() || pipe_.tokenizer.has_value(), "BatchSource: the pipeline has no tokenizer");
     torch::NoGradGuard no_grad;
     empty_text_ = encode({""});
     if (!options_.cache()) return;
@@ -130,7 +135,9 @@ class BatchSource {
   }
 
  private:
+  // The captions' embeddings, or their token ids with `options_.tokens`.
   torch::Tensor encode(const std::vector<std::string>& captions) {
+    if (options_.tokens()) return (*pipe_.tokenizer)(captions).to(device_);
     return sd::encode_prompts(pipe_, captions).to(device_);
   }
 
@@ -156,7 +163,7 @@ class BatchSource {
   torch::Device device_;
   torch::Dtype dtype_;
   torch::Tensor empty_text_;
-  std::vector<torch::Tensor> means_, logvars_, texts_;      // the cache
+  std::vector<torch::Tensor> means_, logvars_, texts_;      // the cache (texts_: as encode gives them)
   std::vector<std::vector<torch::Tensor>> conditions_;      // the cache's condition images
 };
 

@@ -90,7 +90,14 @@ inline void add_method_flags(CLI::App& app, MethodOptions& method) {
   app.add_option("--sc-skips", method.sc_pattern, "Regex over skip-site paths (lsc_identity.0 … 11, decoder order); empty = all")->group(group);
   app.add_option("--lora-rank", method.lora_rank, "LoRA rank r")->group(group);
   app.add_option("--lora-alpha", method.lora_alpha, "LoRA alpha (scale alpha / r)")->group(group);
-  app.add_option("--lora-targets", method.lora_targets, "Comma-separated peft-style module names")->group(group);
+  app.add_option("--lora-targets", method.lora_targets,
+                 "Comma-separated peft-style module names (sd-scripts also adapts proj_in,proj_out)")->group(group);
+  app.add_flag("--train-text-encoder", method.train_text_encoder,
+               "Also train LoRA in the text encoder (with --method lora or scedit+lora)")->group(group);
+  app.add_option("--text-encoder-lr", method.text_encoder_lr,
+                 "Learning rate of the text encoder's LoRA; 0: --lr")->group(group);
+  app.add_option("--text-encoder-lora-targets", method.text_encoder_targets,
+                 "Comma-separated module names of the text encoder that LoRA adapts")->group(group);
 }
 
 /// Adds every flag of a training run to `app`, in groups. Set program-specific defaults (the

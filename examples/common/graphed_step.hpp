@@ -89,7 +89,7 @@ class GraphedTrainStep {
   /// the next call overwrites it.
   torch::Tensor run(const TrainBatch& batch, double lr) {
     set_inputs(batch);
-    adamw_.set_lr(lr);
+    adamw_.set_lr(step_.learning_rates(lr));
     ++calls_;
     if (!capture_) return body();
 #if SCEDIT_CUDA_GRAPHS

@@ -216,11 +216,13 @@ class TrainingRun {
     auto& unet = pipe.unet;
     unet->train();
     apply_levers(unet);
-    BatchSource batches(pipe, data, BatchOptions().cache(f.data.cache).caption_dropout(f.data.caption_dropout),
+    BatchSource batches(pipe, data,
+                        BatchOptions().cache(f.data.cache).caption_dropout(f.data.caption_dropout)
+                            .tokens(trainable.text_as_tokens),
                         device_, sd::compute_dtype(precision_));
     const auto objective = loss(pipe);
     TrainStep step(trainable.denoiser, trainable.tensors(), objective.schedule, f.optim.optim,
-                   precision_, device_, objective.prediction_type);
+                   precision_, device_, objective.prediction_type, trainable.groups);
 
     const int64_t images_per_step = f.optim.batch_size * f.optim.grad_accum;
     const int64_t total = total_steps(data.size());

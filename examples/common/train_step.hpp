@@ -23,6 +23,7 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <functional>
 #include <mutex>
@@ -36,15 +37,16 @@ namespace common {
 struct TrainBatch {
   /// The UNet's latents [B, 4, h, w] (a VAE posterior draw, × scaling factor), float32.
   torch::Tensor latents;
-  /// Text embeddings [B, 77, D].
+  /// Text embeddings [B, 77, D] from the frozen text encoder, or the captions' token ids
+  /// [B, 77] int64 for a `Trainable` that runs (and trains) the text encoder itself.
   torch::Tensor text;
   /// Condition images, one tensor per condition, each [B, 3, 8h, 8w] in [0, 1] (none for style).
   std::vector<torch::Tensor> conditions;
 };
 
-/// The model call of a training step: noisy latents [B, 4, h, w] and text embeddings [B, 77, D]
-/// (both in the frozen weights' dtype), timesteps [B] int64 and the batch's conditions -> the
-/// prediction [B, 4, h, w]. It runs under the step's autocast; every trainable parameter must be
+/// The model call of a training step: noisy latents [B, 4, h, w] and the batch's text (embeddings
+/// [B, 77, D], both in the frozen weights' dtype; or token ids, see `Trainable::text_as_tokens`),
+/// timesteps [B] int64 and the batch's conditions -> the prediction [B, 4, h, w]. It runs under the step's autocast; every trainable parameter must be
 /// reached from it.
 using Denoiser = std::function<torch::Tensor(const torch::Tensor& noisy, const torch::Tensor& timesteps,
                                              const torch::Tensor& text,
@@ -61,6 +63,12 @@ struct Trainable {
   nlohmann::json settings = nlohmann::json::object();
   /// Writes the final weights into a folder and returns the files it wrote.
   std::function<std::vector<std::string>(const std::filesystem::path&)> save;
+  /// The optimizer's parameter groups as consecutive runs of `parameters`: each run's length and
+  /// its learning rate as a multiple of the run's. Empty: one group, at the run's rate.
+  std::vector<std::pair<size_t, double>> groups;
+  /// Whether the denoiser takes the captions as token ids and runs the text encoder itself (it
+  /// trains parts of it) rather than taking the frozen encoder's embeddings.
+  bool text_as_tokens = false;
 
   /// The tensors alone, in optimizer order.
   std::vector<torch::Tensor> tensors() const {
@@ -92,7 +100,8 @@ struct DenoisingLoss {
     auto noisy = schedule.add_noise(x0, noise, t);  // q(x_t | x_0)
     auto target = schedule.prediction_target(prediction_type, x0, noise, t);
     scedit::compat::AutocastGuard autocast(noise.device().type(), frozen);
-    auto prediction = denoiser(noisy.to(frozen), t, batch.text.to(frozen), batch.conditions);
+    const auto text = batch.text.is_floating_point() ? batch.text.to(frozen) : batch.text;
+    auto prediction = denoiser(noisy.to(frozen), t, text, batch.conditions);
     return torch::mse_loss(prediction.to(torch::kFloat32), target);
   }
 };
@@ -105,19 +114,17 @@ using GradientHook = std::function<void(const std::vector<torch::Tensor>& parame
 class TrainStep {
  public:
   /// Trains `parameters` (float32, on `device`) through `denoiser`; `prediction_type` is the
-  /// target of the loss: `epsilon` or `v_prediction`.
+  /// target of the loss: `epsilon` or `v_prediction`; `groups` as `Trainable::groups`.
   TrainStep(Denoiser denoiser, std::vector<torch::Tensor> parameters, sd::NoiseSchedule schedule,
             OptimOptions options, sd::Precision precision, torch::Device device,
-            std::string prediction_type = "epsilon")
+            std::string prediction_type = "epsilon", std::vector<std::pair<size_t, double>> groups = {})
       : denoiser_(std::move(denoiser)),
         loss_{std::move(schedule), std::move(prediction_type), precision},
         options_(std::move(options)),
         device_(device),
         params_(std::move(parameters)),
-        optimizer_(params_, torch::optim::AdamWOptions(options_.lr)
-                                .betas({options_.beta1, options_.beta2})
-                                .eps(options_.eps)
-                                .weight_decay(options_.weight_decay)) {
+        groups_(groups.empty() ? std::vector<std::pair<size_t, double>>{{params_.size(), 1.0}} : std::move(groups)),
+        optimizer_(param_groups(), adamw_options(options_.lr)) {
     TORCH_CHECK(!params_.empty(), "TrainStep: nothing to train (no trainable parameters)");
     TORCH_CHECK(denoiser_ != nullptr, "TrainStep: no denoiser");
     TORCH_CHECK(loss_.prediction_type == "epsilon" || loss_.prediction_type == "v_prediction",
@@ -161,8 +168,9 @@ class TrainStep {
     }
     if (finite) {
       if (options_.max_grad_norm > 0) torch::nn::utils::clip_grad_norm_(params_, options_.max_grad_norm);
-      for (auto& group : optimizer_.param_groups()) {
-        static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
+      const auto rates = learning_rates(lr);
+      for (size_t g = 0; g < rates.size(); ++g) {
+        static_cast<torch::optim::AdamWOptions&>(optimizer_.param_groups()[g].options()).lr(rates[g]);
       }
       if (options_.foreach) {
         scedit::foreach_adamw_step(optimizer_);
@@ -173,6 +181,13 @@ class TrainStep {
     optimizer_.zero_grad();
     update_loss_scale(finite);
     return finite;
+  }
+
+  /// The learning rate of each optimizer group when the run's rate is `lr`.
+  std::vector<double> learning_rates(double lr) const {
+    std::vector<double> rates;
+    for (const auto& group : groups_) rates.push_back(lr * group.second);
+    return rates;
   }
 
   /// Sets the hook that reduces the gradients before each optimizer step (none by default).
@@ -202,6 +217,32 @@ class TrainStep {
   int64_t num_train_timesteps() const { return loss_.schedule.num_train_timesteps(); }
 
  private:
+  torch::optim::AdamWOptions adamw_options(double lr) const {
+    return torch::optim::AdamWOptions(lr)
+        .betas({options_.beta1, options_.beta2})
+        .eps(options_.eps)
+        .weight_decay(options_.weight_decay);
+  }
+
+  // `groups_` as the optimizer's parameter groups.
+  std::vector<torch::optim::OptimizerParamGroup> param_groups() const {
+    std::vector<torch::optim::OptimizerParamGroup> out;
+    size_t begin = 0;
+    for (const auto& [count, factor] : groups_) {
+      TORCH_CHECK(count > 0 && begin + count <= params_.size() && std::isfinite(factor) && factor > 0,
+                  "TrainStep: parameter group of ", count, " tensors at ", factor, "× the learning rate "
+                  "does not fit the ", params_.size(), " parameters (or its factor is not positive)");
+      std::vector<torch::Tensor> params(params_.begin() + static_cast<std::ptrdiff_t>(begin),
+                                        params_.begin() + static_cast<std::ptrdiff_t>(begin + count));
+      out.emplace_back(std::move(params), std::make_unique<torch::optim::AdamWOptions>(
+                                              adamw_options(options_.lr * factor)));
+      begin += count;
+    }
+    TORCH_CHECK(begin == params_.size(), "TrainStep: the parameter groups hold ", begin, " of the ",
+                params_.size(), " parameters");
+    return out;
+  }
+
   // ε ~ N(0, I) [B, 4, h, w] float32 on the device. On the CPU it comes from `generator` itself;
   // elsewhere from a device generator seeded by one draw of `generator`, so a micro-step's noise
   // is still a pure function of (seed, index) on a given device (resume stays exact) and no
@@ -239,6 +280,7 @@ class TrainStep {
   OptimOptions options_;
   torch::Device device_;
   std::vector<torch::Tensor> params_;
+  std::vector<std::pair<size_t, double>> groups_;  // before optimizer_, which is built from it
   torch::optim::AdamW optimizer_;
   GradientHook gradient_hook_;
   double loss_scale_ = loss_.precision == sd::Precision::kFP16 ? 65536.0 : 1.0;

@@ -1,12 +1,13 @@
 #pragma once
 /// @file tuners.hpp
 /// @brief The tuners a training program attaches to the UNet (`--method`): SC-Tuners on the
-/// skips, LoRA in the attention and feed-forward layers, or both; what they train as a
-/// `Trainable`, and the files they are saved in.
+/// skips, LoRA in the attention and feed-forward layers, or both — and, on request, LoRA in the
+/// text encoder; what they train as a `Trainable`, and the files they are saved in.
 
 #include <common/strings.hpp>
 #include <common/train_step.hpp>
 
+#include <sd/clip.hpp>
 #include <sd/unet.hpp>
 
 #include <scedit/lora.hpp>
@@ -30,6 +31,9 @@ namespace common {
 /// The modules LoRA adapts unless told otherwise: the attention projections and the
 /// feed-forwards of SD's transformers (peft-style names; the seed's table uses these).
 inline const char* const kDefaultLoRATargets = "to_q,to_k,to_v,to_out.0,ff.net.0.proj,ff.net.2";
+/// The text encoder's modules LoRA adapts with `--train-text-encoder`: attention and MLP, as
+/// sd-scripts does.
+inline const char* const kDefaultTextEncoderLoRATargets = "q_proj,k_proj,v_proj,out_proj,fc1,fc2";
 
 /// Which tuners a run trains (the `--method` family of flags).
 struct MethodOptions {
@@ -39,35 +43,43 @@ struct MethodOptions {
   int64_t lora_rank = 64;         ///< LoRA rank r (the seed's table uses 64)
   double lora_alpha = 8;          ///< LoRA alpha; scale alpha / r (the seed's table uses 8)
   std::string lora_targets = kDefaultLoRATargets;  ///< comma-separated peft-style module names
+  bool train_text_encoder = false;  ///< LoRA in the text encoder too (same rank and alpha)
+  double text_encoder_lr = 0;       ///< its learning rate; 0: the run's
+  std::string text_encoder_targets = kDefaultTextEncoderLoRATargets;  ///< its LoRA's modules
 };
 
 /// The tuners attached to a UNet for training.
 struct TrainedTuners {
   std::vector<scedit::SCTuner> sc;            ///< SC-Tuners in decoder order (empty without SCEdit)
   std::optional<scedit::LoRAInjection> lora;  ///< LoRA layers (absent without LoRA)
+  std::optional<scedit::LoRAInjection> text_lora;  ///< the text encoder's (`--train-text-encoder`)
 
   /// LoRA is injected weight-side: rebind the effective weights before each forward.
   void refresh() {
     if (lora) lora->refresh();
+    if (text_lora) text_lora->refresh();
   }
 
   /// Writes the final weights in the library's formats into `folder`: `sc_tuners.safetensors`
-  /// (+ `.json`) and `lora/` (peft) + `lora_diffusers.safetensors` + `lora_kohya.safetensors`.
+  /// (+ `.json`), and for LoRA `lora_kohya.safetensors` and `lora_diffusers.safetensors` (the
+  /// UNet's and the text encoder's adapters in one file each, as sd-scripts and diffusers write
+  /// them) plus peft folders `lora/` and `lora_text_encoder/`.
   std::vector<std::string> save(const std::filesystem::path& folder) const {
     std::filesystem::create_directories(folder);
     std::vector<std::string> written;
-    if (!sc.empty()) {
-      const auto path = (folder / "sc_tuners.safetensors").string();
-      scedit::save_sc_tuners(path, sc);
-      written.push_back(path);
-    }
-    if (lora) {
-      scedit::save_lora_peft((folder / "lora").string(), *lora);
-      scedit::export_lora_diffusers((folder / "lora_diffusers.safetensors").string(), *lora);
-      scedit::export_lora_kohya((folder / "lora_kohya.safetensors").string(), *lora);
-      written.push_back((folder / "lora").string());
-      written.push_back((folder / "lora_diffusers.safetensors").string());
-      written.push_back((folder / "lora_kohya.safetensors").string());
+    auto note = [&](const std::string& name) {
+      written.push_back((folder / name).string());
+      return written.back();
+    };
+    if (!sc.empty()) scedit::save_sc_tuners(note("sc_tuners.safetensors"), sc);
+    if (lora || text_lora) {
+      std::vector<scedit::LoRAPart> parts;
+      if (lora) parts.push_back({scedit::LoRARole::unet, &*lora});
+      if (text_lora) parts.push_back({scedit::LoRARole::text_encoder, &*text_lora});
+      if (lora) scedit::save_lora_peft(note("lora"), *lora);
+      if (text_lora) scedit::save_lora_peft(note("lora_text_encoder"), *text_lora);
+      scedit::export_lora_diffusers(note("lora_diffusers.safetensors"), parts);
+      scedit::export_lora_kohya(note("lora_kohya.safetensors"), parts);
     }
     return written;
   }
@@ -85,6 +97,26 @@ inline void check_method_options(const MethodOptions& options) {
   TORCH_CHECK(std::isfinite(options.lora_alpha) && options.lora_alpha > 0,
               "--lora-alpha must be a positive number, got ", options.lora_alpha);
   TORCH_CHECK(!split_list(options.lora_targets).empty(), "--lora-targets names no module");
+  TORCH_CHECK(!options.train_text_encoder || options.method != "scedit",
+              "--train-text-encoder trains LoRA in the text encoder: give --method lora or scedit+lora");
+  TORCH_CHECK(std::isfinite(options.text_encoder_lr) && options.text_encoder_lr >= 0,
+              "--text-encoder-lr must be a number ≥ 0 (0: --lr), got ", options.text_encoder_lr);
+  TORCH_CHECK(!split_list(options.text_encoder_targets).empty(), "--text-encoder-lora-targets names no module");
+}
+
+/// With `options.train_text_encoder`: injects LoRA (`--lora-rank`, `--lora-alpha`) into the
+/// text encoder's `--text-encoder-lora-targets`, freezes the rest of it, and keeps the LoRA
+/// weights in float32 on `device`.
+inline void attach_text_encoder_lora(TrainedTuners& tuners, sd::CLIPTextModel& text_encoder,
+                                     const MethodOptions& options, const torch::Device& device) {
+  check_method_options(options);
+  if (!options.train_text_encoder) return;
+  tuners.text_lora = scedit::inject_lora(
+      *text_encoder, scedit::LoRAConfig(scedit::LoRAOptions(options.lora_rank).alpha(options.lora_alpha))
+                         .target_modules(split_list(options.text_encoder_targets)));
+  scedit::freeze_except_tuners(*text_encoder);
+  torch::NoGradGuard no_grad;
+  for (auto& p : scedit::tuner_parameters(*text_encoder)) p.set_data(p.data().to(device, torch::kFloat32));
 }
 
 /// Attaches the tuners `options` asks for to `unet`, freezes everything else, and keeps the
@@ -125,19 +157,36 @@ inline std::vector<std::pair<std::string, torch::Tensor>> trainable_parameters(c
 
 /// What training `tuners` on `unet` is: their parameters, the UNet as the denoiser (LoRA's
 /// weights rebound before each forward), `sc_tuners.safetensors` and the LoRA files at the end.
+/// With a text-encoder LoRA (`attach_text_encoder_lora` on `text_encoder`) the denoiser takes
+/// token ids and runs `text_encoder` first; its LoRA parameters (named `text_encoder.<path>`)
+/// form a second optimizer group at `--text-encoder-lr`, relative to the run's `lr`.
 /// `tuners` must outlive the result.
-inline Trainable tuner_trainable(sd::UNet unet, TrainedTuners& tuners, const MethodOptions& options) {
+inline Trainable tuner_trainable(sd::UNet unet, TrainedTuners& tuners, const MethodOptions& options,
+                                 sd::CLIPTextModel text_encoder = nullptr, double lr = 0) {
   Trainable trainable;
   trainable.parameters = trainable_parameters(*unet);
-  trainable.denoiser = [unet, &tuners](const torch::Tensor& noisy, const torch::Tensor& t,
-                                       const torch::Tensor& text,
-                                       const std::vector<torch::Tensor>& conditions) mutable {
+  trainable.settings = {{"method", options.method}};
+  if (tuners.text_lora) {
+    TORCH_CHECK(!text_encoder.is_empty(), "tuner_trainable: the text encoder that carries the LoRA is missing");
+    TORCH_CHECK(lr > 0, "tuner_trainable: the run's learning rate is needed for --text-encoder-lr");
+    const size_t unet_count = trainable.parameters.size();
+    for (auto& [name, tensor] : trainable_parameters(*text_encoder)) {
+      trainable.parameters.emplace_back("text_encoder." + name, tensor);
+    }
+    const double text_lr = options.text_encoder_lr > 0 ? options.text_encoder_lr : lr;
+    trainable.groups = {{unet_count, 1.0}, {trainable.parameters.size() - unet_count, text_lr / lr}};
+    trainable.text_as_tokens = true;
+    trainable.settings["text_encoder_lora"] = options.text_encoder_targets;
+  }
+  trainable.denoiser = [unet, text_encoder, &tuners](const torch::Tensor& noisy, const torch::Tensor& t,
+                                                     const torch::Tensor& text,
+                                                     const std::vector<torch::Tensor>& conditions) mutable {
     TORCH_CHECK(conditions.empty(), "SC-Tuners and LoRA take no condition images, got ",
                 conditions.size());
     tuners.refresh();
-    return unet->forward(noisy, t, text);
+    if (!tuners.text_lora) return unet->forward(noisy, t, text);
+    return unet->forward(noisy, t, text_encoder->forward(text).last_hidden_state.to(noisy.scalar_type()));
   };
-  trainable.settings = {{"method", options.method}};
   trainable.save = [&tuners](const std::filesystem::path& folder) { return tuners.save(folder); };
   return trainable;
 }

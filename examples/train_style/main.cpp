@@ -49,15 +49,21 @@ int train(const common::RunFlags& flags, const common::MethodOptions& method) {
   // so that a run is a pure function of its flags.
   torch::manual_seed(flags.optim.seed);
   auto tuners = common::attach_tuners(pipe.unet, method, run.device());
+  common::attach_text_encoder_lora(tuners, pipe.text_encoder, method, run.device());
   const auto count = scedit::count_parameters(*pipe.unet);
   std::printf("method %s: %lld trainable parameters (%.3f%% of the UNet)\n", method.method.c_str(),
               static_cast<long long>(count.trainable), 100.0 * count.trainable / count.total());
+  if (tuners.text_lora) {
+    const auto text = scedit::count_parameters(*pipe.text_encoder);
+    std::printf("text encoder LoRA: %lld trainable parameters (%.3f%% of the text encoder)\n",
+                static_cast<long long>(text.trainable), 100.0 * text.trainable / text.total());
+  }
 
   auto validation = [&](int64_t /*step*/, const std::filesystem::path& grid) {
     tuners.refresh();  // LoRA's effective weights, as trained
     common::write_sample_grid(pipe, run.validation_prompts(), run.sample_options(), grid);
   };
-  run.train(pipe, data, common::tuner_trainable(pipe.unet, tuners, method), validation);
+  run.train(pipe, data, common::tuner_trainable(pipe.unet, tuners, method, pipe.text_encoder, run.flags().optim.optim.lr), validation);
   return 0;
 }
 

@@ -152,10 +152,17 @@ class CapturableAdamW {
 
   /// Sets every group's learning rate (a fill of a device tensor: call it outside a captured graph,
   /// before replaying it). Also sets the optimizer's options, for checkpoints.
-  void set_lr(double lr) {
-    for (auto& g : groups_) g.lr.fill_(lr);
-    for (auto& group : optimizer_.param_groups()) {
-      static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
+  void set_lr(double lr) { set_lr(std::vector<double>(optimizer_.param_groups().size(), lr)); }
+
+  /// Sets the learning rate of each of the optimizer's groups, in order, as `set_lr(double)`.
+  void set_lr(const std::vector<double>& lrs) {
+    auto& groups = optimizer_.param_groups();
+    TORCH_CHECK(lrs.size() == groups.size(), "CapturableAdamW::set_lr: ", lrs.size(),
+                " learning rates for ", groups.size(), " parameter groups");
+    size_t held = 0;  // groups_ skips empty groups
+    for (size_t i = 0; i < groups.size(); ++i) {
+      static_cast<torch::optim::AdamWOptions&>(groups[i].options()).lr(lrs[i]);
+      if (!groups[i].params().empty()) groups_[held++].lr.fill_(lrs[i]);
     }
   }
 

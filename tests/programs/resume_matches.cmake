@@ -2,6 +2,7 @@
 # uninterrupted one, and with the whole loss history: run A trains STEPS steps; run B trains to
 # HALF, then resumes to STEPS.
 string(REPLACE "|" ";" EXTRA "${EXTRA}")
+string(REPLACE "|" ";" FILES "${FILES}")
 set(common_flags --max-steps ${STEPS} --checkpoint-every 5 --log-every 100 --validation-steps 2 ${EXTRA})
 file(REMOVE_RECURSE ${WORK_DIR})
 execute_process(COMMAND ${TRAIN} --output ${WORK_DIR}/a ${common_flags} RESULT_VARIABLE r1)
