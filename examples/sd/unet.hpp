@@ -126,9 +126,10 @@ inline void set_conv_weights_channels_last(torch::nn::Module& root, bool enabled
 struct UNetFeatures {
   /// The middle block's output [B, C_last, H/f, W/f] (f = 2^(levels-1)).
   torch::Tensor mid_output;
-  /// The skip features in the order the encoder made them (`conv_in`'s output first; 12 for SD).
+  /// The skip features in the order the encoder made them (`conv_in`'s output first; 12 for
+  /// SD 1.x / 2.x, 9 for SDXL).
   std::vector<torch::Tensor> skips;
-  /// The time embedding [B, 4·C0].
+  /// The time embedding [B, 4·C0] (with SDXL's added conditioning's embedding added).
   torch::Tensor time_embedding;
   /// The text context (encoder_hidden_states) [B, L, cross_attention_dim].
   torch::Tensor context;
