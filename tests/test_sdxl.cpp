@@ -185,6 +185,18 @@ TEST(Sd21Sdxl, BuiltInConfigurationsAreTheManifests) {
   EXPECT_TRUE(xl.has_text_time());
   EXPECT_EQ(xl.text_embeds_dim(), 1280);
   EXPECT_FALSE(sd::UNetConfig::sd21().has_text_time());
+  // The text encoders' layouts (the manifests leave the special token ids out).
+  auto same_layout = [](const sd::CLIPTextConfig& a, const nlohmann::json& json) {
+    const auto b = sd::CLIPTextConfig::from_json(json);
+    return a.vocab_size == b.vocab_size && a.hidden_size == b.hidden_size &&
+           a.intermediate_size == b.intermediate_size && a.num_hidden_layers == b.num_hidden_layers &&
+           a.num_attention_heads == b.num_attention_heads && a.hidden_act == b.hidden_act &&
+           a.projection_dim == b.projection_dim &&
+           a.max_position_embeddings == b.max_position_embeddings;
+  };
+  EXPECT_TRUE(same_layout(sd::CLIPTextConfig::sd21(), config_of("sd21", "text_encoder_sd21")));
+  EXPECT_TRUE(same_layout(sd::CLIPTextConfig::sd15(), config_of("sdxl", "text_encoder_sdxl")));
+  EXPECT_TRUE(same_layout(sd::CLIPTextConfig::sdxl_2(), config_of("sdxl", "text_encoder_2_sdxl")));
   EXPECT_EQ(sd::VAEConfig::sdxl().scaling_factor, 0.13025);
   EXPECT_TRUE(sd::VAEConfig::sdxl().force_upcast);
 }
@@ -249,22 +261,16 @@ TEST(Sd21Sdxl, UNetRefusesMissingOrMisshapenAddedConditions) {
   const auto ids = case_of("sdxl", "input.time_ids");
   EXPECT_THAT(error_of([&] { xl(sample, t, context); }),
               AllOf(HasSubstr("text_time"), HasSubstr("text_embeds"), HasSubstr("time_ids")));
-  EXPECT_THAT(
-      error_of([&] {
-        xl->encode(sample, t, context, {embeds.narrow(1, 0, 1), ids});
-      }),
-      AllOf(HasSubstr("text_embeds"), HasSubstr(scedit_test::shape_string(embeds.narrow(1, 0, 1).sizes()))));
-  EXPECT_THAT(
-      error_of([&] {
-        xl(sample, t, context, sd::UNetAddedConditions{embeds, ids.narrow(1, 0, 4)});
-      }),
-      AllOf(HasSubstr("time_ids"), HasSubstr(scedit_test::shape_string(ids.narrow(1, 0, 4).sizes()))));
+  const auto narrow_embeds = embeds.narrow(1, 0, 1), narrow_ids = ids.narrow(1, 0, 4);
+  EXPECT_THAT(error_of([&] { xl->encode(sample, t, context, {narrow_embeds, ids}); }),
+              AllOf(HasSubstr("text_embeds"), HasSubstr(scedit_test::shape_string(narrow_embeds.sizes()))));
+  EXPECT_THAT(error_of([&] { xl(sample, t, context, sd::UNetAddedConditions{embeds, narrow_ids}); }),
+              AllOf(HasSubstr("time_ids"), HasSubstr(scedit_test::shape_string(narrow_ids.sizes()))));
   auto sd21 = family_unet("sd21", torch::kFloat32);
+  const auto sample21 = case_of("sd21", "input.sample").to(torch::kFloat32);
   const auto context21 = case_of("sd21", "input.encoder_hidden_states").to(torch::kFloat32);
-  EXPECT_THAT(error_of([&] {
-                sd21(case_of("sd21", "input.sample").to(torch::kFloat32), case_of("sd21", "input.timestep"),
-                     context21, sd::UNetAddedConditions{embeds, ids});
-              }),
+  const auto t21 = case_of("sd21", "input.timestep");
+  EXPECT_THAT(error_of([&] { sd21(sample21, t21, context21, sd::UNetAddedConditions{embeds, ids}); }),
               HasSubstr("no addition_embed_type"));
 }
 

@@ -1,7 +1,8 @@
 #pragma once
 /// @file clip.hpp
 /// @brief The CLIP text encoder of Stable Diffusion 1.x / 2.x and SDXL's first one
-/// (transformers `CLIPTextModel`; SDXL's second one, with its projection, is in clip_projection.hpp).
+/// (transformers `CLIPTextModel`; SDXL's second one, with its projection, is in
+/// clip_projection.hpp).
 ///
 /// Layout and key names follow transformers' `modeling_clip.py` without the `text_model.`
 /// prefix: `embeddings.{token,position}_embedding`, `encoder.layers.{i}.{self_attn.{q,k,v,out}
@@ -49,7 +50,7 @@ struct CLIPTextConfig {
   int64_t bos_token_id = 49406;            ///< Start-of-text id (0 in SD 1.5's config.json).
   int64_t eos_token_id = 49407;            ///< End-of-text id; 2 selects the legacy argmax pooling.
   int64_t pad_token_id = 1;                ///< Padding id (unused by the forward pass).
-  int64_t projection_dim = 512;            ///< Width of CLIPTextModelWithProjection (unused here).
+  int64_t projection_dim = 512;            ///< Width of CLIPTextModelWithProjection's output.
 
   /// SD 1.5's `text_encoder/config.json` (CLIP ViT-L/14 text tower; bos 0, eos 2, pad 1 as in
   /// that file, so pooling takes the argmax of the ids, i.e. the first `<|endoftext|>`).
@@ -62,6 +63,32 @@ struct CLIPTextConfig {
     c.bos_token_id = 0;
     c.eos_token_id = 2;
     c.pad_token_id = 1;
+    return c;
+  }
+
+  /// SD 2.x's `text_encoder/config.json`: OpenCLIP ViT-H's text tower with exact GELU, 23 of its
+  /// 24 layers (the pipeline's context is the final-normed output of the 23rd).
+  static CLIPTextConfig sd21() {
+    CLIPTextConfig c = sd15();
+    c.hidden_size = 1024;
+    c.intermediate_size = 4096;
+    c.num_hidden_layers = 23;
+    c.num_attention_heads = 16;
+    c.hidden_act = "gelu";
+    c.projection_dim = 512;
+    return c;
+  }
+
+  /// SDXL's `text_encoder_2/config.json`: OpenCLIP bigG's text tower with exact GELU, a
+  /// `CLIPTextModelWithProjection` (clip_projection.hpp). SDXL's first encoder is `sd15()`'s.
+  static CLIPTextConfig sdxl_2() {
+    CLIPTextConfig c = sd15();
+    c.hidden_size = 1280;
+    c.intermediate_size = 5120;
+    c.num_hidden_layers = 32;
+    c.num_attention_heads = 20;
+    c.hidden_act = "gelu";
+    c.projection_dim = 1280;
     return c;
   }
 

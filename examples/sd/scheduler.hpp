@@ -362,9 +362,9 @@ class DDIMScheduler {
   }
 
  private:
-  DDIMStepOutput step_impl(const torch::Tensor& model_output, int64_t t, const torch::Tensor& sample,
-                          double eta, const torch::Tensor& variance_noise,
-                          at::Generator* generator) const {
+  DDIMStepOutput step_impl(const torch::Tensor& model_output, int64_t t,
+                           const torch::Tensor& sample, double eta,
+                           const torch::Tensor& variance_noise, at::Generator* generator) const {
     const int64_t prev_t = previous_timestep(t);
     TORCH_CHECK(t >= 0 && t < schedule_.num_train_timesteps(), "DDIMScheduler::step: timestep ",
                 t, " is outside [0, ", schedule_.num_train_timesteps(), ")");
