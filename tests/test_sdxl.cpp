@@ -121,9 +121,10 @@ Shapes prefixed(const torch::nn::Module& module, const std::string& prefix) {
 
 // ---- full-size models without their memory -----------------------------------------------------
 
-/// While alive, every CPU allocation maps the same pages of one memory file: a full-size model
-/// (SDXL's UNet: 2.6 billion parameters) is built for its keys, shapes and counts at the cost of
-/// its largest tensor. Its values are meaningless (every tensor aliases every other).
+/// While alive, every CPU allocation of 1 MiB or more maps the same pages of one memory file: a
+/// full-size model (SDXL's UNet: 2.6 billion parameters) is built for its keys, shapes and counts
+/// at the cost of its largest tensor. Those tensors' values are meaningless (they alias each
+/// other); smaller allocations (biases, norms, a generator's saved state) are real.
 class ShapeOnlyAllocation : public c10::Allocator {
  public:
   ShapeOnlyAllocation() : fd_(memfd_create("scedit_shape_only", 0)) {
@@ -139,6 +140,7 @@ class ShapeOnlyAllocation : public c10::Allocator {
   }
 
   c10::DataPtr allocate(size_t bytes) const override {
+    if (bytes < (size_t{1} << 20)) return previous_->allocate(bytes);
     const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
     const size_t size = std::max<size_t>(page, (bytes + page - 1) / page * page);
     if (size > size_) {
@@ -556,6 +558,17 @@ TEST(Sd21SdxlFullSize, TextEncoderKeysAndParameterCounts) {
       sd::CLIPTextConfig::from_json(config_of("sdxl", "text_encoder_2_sdxl")));
   EXPECT_EQ(shapes_of(*text_2), shapes_of(m.at("keys_text_encoder_2_sdxl")));
   EXPECT_EQ(parameter_count(*text_2), m.at("params_text_encoder_2_sdxl").get<int64_t>());
+}
+
+TEST(Sd21SdxlFullSize, RandomSd21PipelineIsTheFullArchitecture) {
+  ShapeOnlyAllocation shape_only;
+  scedit_test::DefaultDtypeGuard bf16(caffe2::TypeMeta::Make<at::BFloat16>());
+  const auto& m = family_manifest("sd21");
+  auto pipe = sd::random_sd21_pipeline(/*seed=*/0, torch::kBFloat16);
+  EXPECT_EQ(shapes_of(*pipe.unet), shapes_of(m.at("keys_unet_full")));
+  EXPECT_EQ(prefixed(*pipe.text_encoder, "text_model."), shapes_of(m.at("keys_text_encoder_sd21")));
+  EXPECT_EQ(sd::DDIMSchedulerOptions::from_json(pipe.scheduler_config).prediction_type(),
+            config_of("sd21", "scheduler_sd21").at("prediction_type").get<std::string>());
 }
 
 }  // namespace
