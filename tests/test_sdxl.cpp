@@ -7,6 +7,7 @@
 /// Every size comes from the fixtures' manifests and cases ($SCEDIT_FIXTURES/{sd21,sdxl}).
 
 #include "sd_fixtures.hpp"
+#include "shape_only.hpp"
 
 #include <sd/clip.hpp>
 #include <sd/clip_projection.hpp>
@@ -16,10 +17,7 @@
 #include <sd/tiny.hpp>
 #include <sd/unet.hpp>
 
-#include <c10/core/Allocator.h>
 #include <gmock/gmock.h>
-#include <sys/mman.h>
-#include <unistd.h>
 
 #include <cstdio>
 #include <fstream>
@@ -32,6 +30,7 @@ namespace {
 using scedit_test::error_of;
 using scedit_test::parameter_count;
 using scedit_test::rel_err;
+using scedit_test::ShapeOnlyAllocation;
 using scedit_test::Shapes;
 using scedit_test::shapes_of;
 using ::testing::AllOf;
@@ -118,54 +117,6 @@ Shapes prefixed(const torch::nn::Module& module, const std::string& prefix) {
   for (const auto& [key, shape] : shapes_of(module)) out.emplace(prefix + key, shape);
   return out;
 }
-
-// ---- full-size models without their memory -----------------------------------------------------
-
-/// While alive, every CPU allocation of 1 MiB or more maps the same pages of one memory file: a
-/// full-size model (SDXL's UNet: 2.6 billion parameters) is built for its keys, shapes and counts
-/// at the cost of its largest tensor. Those tensors' values are meaningless (they alias each
-/// other); smaller allocations (biases, norms, a generator's saved state) are real.
-class ShapeOnlyAllocation : public c10::Allocator {
- public:
-  ShapeOnlyAllocation() : fd_(memfd_create("scedit_shape_only", 0)) {
-    EXPECT_GE(fd_, 0) << "memfd_create failed";
-    previous_ = c10::GetAllocator(c10::DeviceType::CPU);
-    c10::SetAllocator(c10::DeviceType::CPU, this);
-  }
-  ShapeOnlyAllocation(const ShapeOnlyAllocation&) = delete;
-  ShapeOnlyAllocation& operator=(const ShapeOnlyAllocation&) = delete;
-  ~ShapeOnlyAllocation() override {
-    c10::SetAllocator(c10::DeviceType::CPU, previous_);
-    ::close(fd_);  // the mappings outlive it, each unmapped by its tensor
-  }
-
-  c10::DataPtr allocate(size_t bytes) const override {
-    if (bytes < (size_t{1} << 20)) return previous_->allocate(bytes);
-    const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
-    const size_t size = std::max<size_t>(page, (bytes + page - 1) / page * page);
-    if (size > size_) {
-      TORCH_CHECK(::ftruncate(fd_, static_cast<off_t>(size)) == 0, "ftruncate failed");
-      size_ = size;
-    }
-    void* data = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd_, 0);
-    TORCH_CHECK(data != MAP_FAILED, "mmap of ", size, " bytes failed");
-    return {data, new Mapping{data, size}, &unmap, c10::Device(c10::DeviceType::CPU)};
-  }
-
- private:
-  struct Mapping {
-    void* data;
-    size_t size;
-  };
-  static void unmap(void* context) {
-    auto* mapping = static_cast<Mapping*>(context);
-    ::munmap(mapping->data, mapping->size);
-    delete mapping;
-  }
-  int fd_;
-  mutable size_t size_ = 0;
-  c10::Allocator* previous_ = nullptr;
-};
 
 // ---- configurations ----------------------------------------------------------------------------
 
