@@ -103,9 +103,10 @@ struct UNetAddedConditions {
 
 namespace functional {
 
-/// The sinusoidal features of SDXL's time ids (diffusers' `add_time_proj` on `time_ids.flatten()`):
-/// each of the ids gets its own `timestep_embedding` of `dim` values ([cos, sin] when
-/// `flip_sin_to_cos`), concatenated in the ids' order: time_ids [B, N] -> [B, N·dim] float32.
+/// The sinusoidal features of SDXL's time ids (diffusers' `add_time_proj` on
+/// `time_ids.flatten()`): each of the ids gets its own `timestep_embedding` of `dim` values
+/// ([cos, sin] when `flip_sin_to_cos`), concatenated in the ids' order: time_ids [B, N] ->
+/// [B, N·dim] float32.
 inline torch::Tensor time_ids_embedding(const torch::Tensor& time_ids, int64_t dim,
                                         bool flip_sin_to_cos, double downscale_freq_shift) {
   TORCH_CHECK(time_ids.dim() == 2, "time_ids_embedding: expected time_ids [B, N], got shape ",

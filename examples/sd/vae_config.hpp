@@ -145,5 +145,4 @@ struct VAEConfig {
   }
 };
 
-
 }  // namespace sd
