@@ -77,7 +77,10 @@ struct TrainedTuners {
       if (lora) parts.push_back({scedit::LoRARole::unet, &*lora});
       if (text_lora) parts.push_back({scedit::LoRARole::text_encoder, &*text_lora});
       if (lora) scedit::save_lora_peft(note("lora"), *lora);
-      if (text_lora) scedit::save_lora_peft(note("lora_text_encoder"), *text_lora);
+      // Named as peft names a transformers CLIPTextModel's modules (`text_model.…`), which is
+      // also how loaders tell a text encoder's peft folder from a UNet's.
+      if (text_lora) scedit::save_lora_peft(note("lora_text_encoder"), *text_lora, "default",
+                                            "base_model.model.text_model.");
       scedit::export_lora_diffusers(note("lora_diffusers.safetensors"), parts);
       scedit::export_lora_kohya(note("lora_kohya.safetensors"), parts);
     }

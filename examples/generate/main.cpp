@@ -264,9 +264,9 @@ int run(Flags flags) {
       std::printf("tuner: %s (LoRA, %s; scale %s)\n", flag.path.c_str(), tuner.summary.c_str(),
                   number(tuner.scale).c_str());
     } else {
-      std::printf("tuner: %s (%s on %lld skips, scale %s)\n", flag.path.c_str(),
+      std::printf("tuner: %s (%s on %lld skips, %s; scale %s)\n", flag.path.c_str(),
                   sd::tuner_kind_name(tuner.kind), static_cast<long long>(tuner.count),
-                  number(tuner.scale).c_str());
+                  tuner.summary.c_str(), number(tuner.scale).c_str());
     }
   }
   scedit::set_control_scale(*pipe.unet, flags.control_scale);

@@ -39,7 +39,8 @@ struct AttachedTuner {
   std::string path;    ///< The file.
   double scale = 1.0;  ///< Its strength (LoRA: the adapter weight).
   int64_t count = 0;   ///< Skip sites (SC, CSC) or layers (LoRA, all models) it edits.
-  /// LoRA: what loaded, per model and format (`scedit::LoRALoadResult::describe`).
+  /// The format seen: LoRA, what loaded per model and format (`scedit::LoRALoadResult::describe`);
+  /// SC / CSC, the layout (`scedit::detect_tuner_file`).
   std::string summary;
 };
 
@@ -75,18 +76,19 @@ inline const char* tuner_kind_name(scedit::TunerKind kind) {
 /// What a tuner path holds: `scedit::detect_tuner_file` for a file; for a folder, the SCEdit
 /// weights `scedit::find_scedit_files` finds in it (a scepter or SWIFT folder), else a LoRA when
 /// it has `adapter_model.safetensors` (peft) or `pytorch_lora_weights.safetensors` (diffusers).
-/// Throws naming the path when it does not exist.
-inline scedit::TunerKind detect_tuner_path(const std::string& path) {
+/// `format`, when given, receives the format seen (not for a LoRA folder). Throws naming the path when it
+/// does not exist.
+inline scedit::TunerKind detect_tuner_path(const std::string& path, std::string* format = nullptr) {
   TORCH_CHECK(std::filesystem::exists(path), "tuner file '", path, "' does not exist");
   if (std::filesystem::is_directory(path)) {
-    if (auto files = scedit::find_scedit_files(path)) return scedit::detect_tuner_file(files->weights);
+    if (auto files = scedit::find_scedit_files(path)) return scedit::detect_tuner_file(files->weights, format);
     const std::filesystem::path folder(path);
     return std::filesystem::is_regular_file(folder / "adapter_model.safetensors") ||
                    std::filesystem::is_regular_file(folder / "pytorch_lora_weights.safetensors")
                ? scedit::TunerKind::kLoRA
                : scedit::TunerKind::kUnknown;
   }
-  return scedit::detect_tuner_file(path);
+  return scedit::detect_tuner_file(path, format);
 }
 
 /// Attaches the tuners of the file at `path` to `sd`'s UNet with strength `scale`, under a name
@@ -108,7 +110,7 @@ inline AttachedTuner attach_tuner_file(StableDiffusion& sd, const std::string& p
                                        AttachedTuners& attached) {
   TORCH_CHECK(std::isfinite(scale), "tuner file '", path, "': scale must be finite, got ", scale);
   AttachedTuner tuner;
-  tuner.kind = detect_tuner_path(path);
+  tuner.kind = detect_tuner_path(path, &tuner.summary);
   tuner.path = path;
   tuner.scale = scale;
   const auto index = std::to_string(attached.tuners.size());

@@ -154,16 +154,19 @@ inline void write_config_beside(const std::string& weights, const std::string& n
 
 /// The kind of tuner a file holds (safetensors or `torch.save`), judged from its metadata or its
 /// key names: LoRA in any layout `classify_lora_key` knows (LyCORIS and DoRA included, so that
-/// loading can refuse them by name), SCEdit layouts as `detect_scedit_layout` tells them. For
-/// LoRA, `lora_format`, when given, receives the formats seen (`LoRAKeySummary::describe`, e.g.
-/// "Kohya (unet, text_encoder)").
-inline TunerKind detect_tuner_file(const std::string& path, std::string* lora_format = nullptr) {
+/// loading can refuse them by name), SCEdit layouts as `detect_scedit_layout` tells them.
+/// `format`, when given, receives what was seen: for LoRA the formats per model
+/// (`LoRAKeySummary::describe`, e.g. "Kohya (unet, text_encoder)"), for SCEdit the layout
+/// (`SceditKeys::name`, e.g. "scepter layout of SC-Tuners (keys 'model.lsc_identity.{i}.tuner_op.*')").
+inline TunerKind detect_tuner_file(const std::string& path, std::string* format = nullptr) {
   std::vector<std::string> keys;
   if (tensor_file_format(path) == TensorFileFormat::safetensors) {
     const auto metadata = safetensors::load_metadata(path);
     if (auto it = metadata.find("scedit.kind"); it != metadata.end()) {
-      if (it->second == "sc_tuner") return TunerKind::kSC;
-      if (it->second == "csc_tuner") return TunerKind::kCSC;
+      const bool sc = it->second == "sc_tuner", csc = it->second == "csc_tuner";
+      if (format != nullptr && (sc || csc)) *format = "scedit layout (with its options)";
+      if (sc) return TunerKind::kSC;
+      if (csc) return TunerKind::kCSC;
     }
     const safetensors::File file(path);
     for (const auto& info : file.tensors()) keys.push_back(info.name);
@@ -174,11 +177,13 @@ inline TunerKind detect_tuner_file(const std::string& path, std::string* lora_fo
     const auto part = classify_lora_key(key).part;
     if (part == LoRAKey::Part::down || part == LoRAKey::Part::up ||
         part == LoRAKey::Part::unsupported) {
-      if (lora_format != nullptr) *lora_format = summarize_lora_keys(keys).describe();
+      if (format != nullptr) *format = summarize_lora_keys(keys).describe();
       return TunerKind::kLoRA;
     }
   }
-  return detect_scedit_layout(keys).kind;
+  const auto scedit = detect_scedit_layout(keys);
+  if (format != nullptr && scedit.kind != TunerKind::kUnknown) *format = scedit.name();
+  return scedit.kind;
 }
 
 /// How `save_sc_tuners` writes.
