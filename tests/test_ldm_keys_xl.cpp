@@ -33,7 +33,7 @@ using ::testing::AllOf;
 using ::testing::HasSubstr;
 using scedit_test::error_of;
 
-// ---- the fixtures of a model family (sd21/ or sdxl/) -------------------------------------------
+// ---- the fixtures of a model family (sd21/ or sdxl/) --------------------------------------------
 
 const json& family_manifest(const std::string& family) {
   static std::map<std::string, json> cache;
@@ -118,7 +118,7 @@ std::vector<Case> full_size_cases() {
   };
 }
 
-// ---- coverage of the full-size key lists ---------------------------------------------------------
+// ---- coverage of the full-size key lists --------------------------------------------------------
 
 TEST(LdmKeysXL, TablesCoverEveryFullSizeDiffusersKeyExactlyOnce) {
   for (const auto& c : full_size_cases()) {
@@ -158,7 +158,8 @@ TEST(LdmKeysXL, TablesCoverEveryFullSizeDiffusersKeyExactlyOnce) {
     }
     for (const auto& [key, uses] : ldm_uses) {
       EXPECT_EQ(uses, ldm_parts.count(key) ? 3 : 1) << key;  // a fused tensor gives q, k and v
-      EXPECT_TRUE(!ldm_parts.count(key) || ldm_parts.at(key) == (std::set<int64_t>{0, 1, 2})) << key;
+      const std::set<int64_t> qkv{0, 1, 2};
+      EXPECT_TRUE(!ldm_parts.count(key) || ldm_parts.at(key) == qkv) << key;
     }
     // The file holds as many numbers as the model (ignored keys aside).
     int64_t file_numel = 0;
@@ -196,13 +197,14 @@ TEST(LdmKeysXL, UNetTablesChangeNoTensorAndFollowEachLevel) {
   EXPECT_EQ(ldm.count(p + "input_blocks.5.1.transformer_blocks.2.attn1.to_q.weight"), 0u);
 }
 
-// ---- names from the reference converters ---------------------------------------------------------
+// ---- names from the reference converters --------------------------------------------------------
 
 TEST(LdmKeysXL, KnownNamesFromTheReferenceConverters) {
   using T = sd::KeyTransform;
   std::map<std::string, sd::LdmComponentKeys> tables;
   for (auto& c : full_size_cases()) tables.emplace(c.name, c.keys);
   const std::string u = "model.diffusion_model.";
+  const std::string x2 = "conditioner.embedders.1.model.";
   // {table, LDM key, diffusers key, transform}; the source of each group is above it.
   const std::vector<std::tuple<std::string, std::string, std::string, T>> known = {
       // diffusers src/diffusers/loaders/single_file_utils.py, CHECKPOINT_KEY_NAMES ("v1", "v2",
@@ -218,7 +220,7 @@ TEST(LdmKeysXL, KnownNamesFromTheReferenceConverters) {
        "embeddings.position_embedding.weight", T::kNone},
       {"sdxl text encoder 2", "conditioner.embedders.1.model.positional_embedding",
        "embeddings.position_embedding.weight", T::kNone},
-      {"sdxl text encoder 2", "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias",
+      {"sdxl text encoder 2", x2 + "transformer.resblocks.9.mlp.c_proj.bias",
        "encoder.layers.9.mlp.fc2.bias", T::kNone},
       // The same file, DIFFUSERS_TO_LDM_MAPPING: "addition_embed_type" and "openclip".
       {"sdxl UNet", u + "label_emb.0.0.weight", "add_embedding.linear_1.weight", T::kNone},
@@ -234,7 +236,7 @@ TEST(LdmKeysXL, KnownNamesFromTheReferenceConverters) {
       // The same file, convert_open_clip_checkpoint: in_proj split q, k, v along dim 0.
       {"sd21 text encoder", "cond_stage_model.model.transformer.resblocks.22.attn.in_proj_weight",
        "encoder.layers.22.self_attn.v_proj.weight", T::kFusedQKV},
-      {"sdxl text encoder 2", "conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_bias",
+      {"sdxl text encoder 2", x2 + "transformer.resblocks.31.attn.in_proj_bias",
        "encoder.layers.31.self_attn.q_proj.bias", T::kFusedQKV},
       // diffusers scripts/convert_diffusers_to_original_sdxl.py (unet_conversion_map_layer):
       // input_blocks.{3(i+1)}.0.op, output_blocks.{3i+j}.1 (i < 2), the upsamplers at
@@ -249,8 +251,8 @@ TEST(LdmKeysXL, KnownNamesFromTheReferenceConverters) {
        T::kNone},
       {"sdxl UNet", u + "middle_block.2.out_layers.3.weight", "mid_block.resnets.1.conv2.weight",
        T::kNone},
-      {"sdxl UNet", u + "input_blocks.1.0.in_layers.0.weight", "down_blocks.0.resnets.0.norm1.weight",
-       T::kNone},
+      {"sdxl UNet", u + "input_blocks.1.0.in_layers.0.weight",
+       "down_blocks.0.resnets.0.norm1.weight", T::kNone},
       // ComfyUI comfy/utils.py unet_to_diffusers (transformer_depth per block, the upsampler at
       // output_blocks.{n}.{1 + has attention}.conv) on SDXL's and SD 2.1's configurations.
       {"sdxl UNet", u + "middle_block.1.transformer_blocks.9.ff.net.2.weight",
@@ -281,7 +283,7 @@ TEST(LdmKeysXL, KnownNamesFromTheReferenceConverters) {
   EXPECT_FALSE(sd21.ignores("cond_stage_model.model.transformer.resblocks.230.ln_1.weight"));
 }
 
-// ---- round trips of the tiny weights -------------------------------------------------------------
+// ---- round trips of the tiny weights ------------------------------------------------------------
 
 /// Expects `a` and `b` to hold the same keys and bitwise the same tensors (dtype, shape, values).
 void expect_same_tensors(const scedit::TensorMap& a, const scedit::TensorMap& b,
@@ -305,8 +307,8 @@ std::pair<sd::LdmComponents, sd::LdmLayout> sdxl_tiny() {
   parts.vae = scedit_test::fixture("vae_tiny.safetensors");
   parts.text_encoder = without_text_model(fixture_of("sdxl", "text_encoder_tiny.safetensors"));
   parts.text_encoder_2 = without_text_model(fixture_of("sdxl", "text_encoder_2_tiny.safetensors"));
-  return {parts, sd::sdxl_ldm_layout(unet, sd::VAEConfig::from_json(scedit_test::config_json("vae_tiny")),
-                                     text_config("sdxl", "text_encoder_tiny"),
+  const auto vae = sd::VAEConfig::from_json(scedit_test::config_json("vae_tiny"));
+  return {parts, sd::sdxl_ldm_layout(unet, vae, text_config("sdxl", "text_encoder_tiny"),
                                      text_config("sdxl", "text_encoder_2_tiny"))};
 }
 
@@ -320,7 +322,8 @@ TEST(LdmKeysXL, SDXLRoundTripThroughAFileIsBitwise) {
   EXPECT_TRUE(torch::equal(file.at(b + "in_proj_weight"),
                            torch::cat({te2.at(d + "q_proj.weight"), te2.at(d + "k_proj.weight"),
                                        te2.at(d + "v_proj.weight")})));
-  EXPECT_TRUE(torch::equal(file.at(b + "in_proj_bias").narrow(0, 48, 48), te2.at(d + "k_proj.bias")));
+  EXPECT_TRUE(
+      torch::equal(file.at(b + "in_proj_bias").narrow(0, 48, 48), te2.at(d + "k_proj.bias")));
   EXPECT_EQ(file.at("conditioner.embedders.1.model.text_projection").sizes(),
             (std::vector<int64_t>{48, 40}));  // [hidden, projection]
   EXPECT_TRUE(torch::equal(file.at("conditioner.embedders.1.model.text_projection"),
@@ -359,7 +362,8 @@ TEST(LdmKeysXL, SD21RoundTripPassesOverTheUnusedLastBlock) {
   const std::string last = p + "transformer.resblocks." + std::to_string(text.num_hidden_layers);
   EXPECT_EQ(file.count(last + ".ln_1.weight"), 0u);  // written with the blocks the model has
   EXPECT_EQ(file.count(p + "text_projection"), 0u);
-  EXPECT_TRUE(torch::equal(file.at(p + "transformer.resblocks.2.attn.in_proj_bias").narrow(0, 64, 32),
+  const auto fused_bias = file.at(p + "transformer.resblocks.2.attn.in_proj_bias");
+  EXPECT_TRUE(torch::equal(fused_bias.narrow(0, 64, 32),
                            parts.text_encoder.at("encoder.layers.2.self_attn.v_proj.bias")));
   // A real file has one more block, the projection and the logit scale: all passed over.
   for (const auto& [key, tensor] : scedit::TensorMap(file)) {
@@ -381,15 +385,17 @@ TEST(LdmKeysXL, SD21RoundTripPassesOverTheUnusedLastBlock) {
               AllOf(HasSubstr("unexpected key '" + beyond + "'"), HasSubstr("'sd21.ckpt'")));
 }
 
-// ---- refusals ------------------------------------------------------------------------------------
+// ---- refusals -----------------------------------------------------------------------------------
 
 TEST(LdmKeysXL, RefusesAFusedProjectionOfTheWrongSize) {
   const auto tiny = sdxl_tiny();
   const sd::LdmComponents& parts = tiny.first;
   const sd::LdmLayout& layout = tiny.second;
   const auto file = sd::diffusers_to_ldm(parts, layout);
-  const std::string key = "conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight";
-  for (const auto& shape : std::vector<std::vector<int64_t>>{{147, 48}, {96, 48}, {144, 47}, {144}}) {
+  const std::string blocks = "conditioner.embedders.1.model.transformer.resblocks.";
+  const std::string key = blocks + "1.attn.in_proj_weight";
+  const std::vector<std::vector<int64_t>> shapes = {{147, 48}, {96, 48}, {144, 47}, {144}};
+  for (const auto& shape : shapes) {
     auto bad = file;
     bad[key] = torch::zeros(shape);
     std::ostringstream printed;
@@ -399,7 +405,7 @@ TEST(LdmKeysXL, RefusesAFusedProjectionOfTheWrongSize) {
                       HasSubstr("got " + printed.str())));
   }
   auto bad_bias = file;
-  const std::string bias = "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_bias";
+  const std::string bias = blocks + "0.attn.in_proj_bias";
   bad_bias[bias] = torch::zeros({96});
   EXPECT_THAT(error_of([&] { sd::ldm_to_diffusers(bad_bias, layout); }),
               AllOf(HasSubstr("'" + bias + "'"), HasSubstr("[96]")));
@@ -414,7 +420,7 @@ TEST(LdmKeysXL, RefusesQKVPartsThatDoNotFuse) {
   wrong.text_encoder_2[k] = torch::zeros({47, 48});
   EXPECT_THAT(error_of([&] { sd::diffusers_to_ldm(wrong, layout); }),
               AllOf(HasSubstr("'" + k + "'"), HasSubstr("[47, 48]"),
-                    HasSubstr("conditioner.embedders.1.model.transformer.resblocks.2.attn.in_proj_weight")));
+                    HasSubstr("model.transformer.resblocks.2.attn.in_proj_weight")));
   auto missing = parts;
   missing.text_encoder_2.erase("encoder.layers.0.self_attn.v_proj.bias");
   EXPECT_THAT(error_of([&] { sd::diffusers_to_ldm(missing, layout); }),

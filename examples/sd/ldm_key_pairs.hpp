@@ -63,7 +63,9 @@ struct LdmComponentKeys {
   /// Whether `key` is one of `ignored`.
   bool ignores(const std::string& key) const {
     for (const auto& entry : ignored) {
-      if (entry.back() == '.' ? key.rfind(entry, 0) == 0 : key == entry) return true;
+      if (!entry.empty() && entry.back() == '.' ? key.rfind(entry, 0) == 0 : key == entry) {
+        return true;
+      }
     }
     return false;
   }
@@ -214,7 +216,7 @@ inline scedit::TensorMap ldm_component_to_diffusers(
 /// table key must be in `tensors` and `tensors` may hold no other key (`what` names the
 /// component in the error). The tensors are views of the given ones, except the fused q/k/v
 /// projections, which are concatenated (q, k, v along dim 0) after checking that the three
-/// parts have one shape with the table's rows.
+/// parts have one shape with the table's rows and one dtype.
 inline void diffusers_component_to_ldm(const scedit::TensorMap& tensors,
                                        const std::vector<KeyPair>& table, const std::string& what,
                                        scedit::TensorMap& checkpoint) {
@@ -244,10 +246,12 @@ inline void diffusers_component_to_ldm(const scedit::TensorMap& tensors,
                   " twice or out of range");
       const torch::Tensor& part = tensors.at(pair->diffusers);
       const torch::Tensor& first = tensors.at(parts.front()->diffusers);
-      TORCH_CHECK(part.dim() >= 1 && part.size(0) == pair->rows && part.sizes() == first.sizes(),
+      TORCH_CHECK(part.dim() >= 1 && part.size(0) == pair->rows && part.sizes() == first.sizes() &&
+                      part.scalar_type() == first.scalar_type(),
                   "diffusers_to_ldm: ", what, " key '", pair->diffusers, "' has shape ",
-                  part.sizes(), "; the q/k/v parts of '", ldm, "' must share one shape with ",
-                  pair->rows, " rows ('", parts.front()->diffusers, "': ", first.sizes(), ")");
+                  part.sizes(), " (", part.scalar_type(), "); the q/k/v parts of '", ldm,
+                  "' must share one shape with ", pair->rows, " rows and one dtype ('",
+                  parts.front()->diffusers, "': ", first.sizes(), ", ", first.scalar_type(), ")");
       qkv[pair->part] = part;
     }
     for (int64_t i = 0; i < 3; ++i) {

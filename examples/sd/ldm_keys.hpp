@@ -279,7 +279,6 @@ inline std::vector<KeyPair> ldm_clip_keys(const CLIPTextConfig& config) {
   return t.pairs;
 }
 
-
 /// The components of an LDM single-file checkpoint, in diffusers / transformers layout.
 struct LdmComponents {
   scedit::TensorMap unet;          ///< `UNet2DConditionModel` keys.
