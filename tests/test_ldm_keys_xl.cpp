@@ -274,7 +274,8 @@ TEST(LdmKeysXL, KnownNamesFromTheReferenceConverters) {
     EXPECT_EQ(it->ldm, ldm) << table << ": " << diffusers;
     EXPECT_EQ(it->transform, transform) << ldm;
   }
-  // SD 2.x's unused keys, as diffusers' SD_2_TEXT_ENCODER_KEYS_TO_IGNORE lists them.
+  // SD 2.x's unused keys: diffusers' SD_2_TEXT_ENCODER_KEYS_TO_IGNORE (block 23, the projection)
+  // and logit_scale, which convert_open_clip_checkpoint maps to nothing.
   const auto& sd21 = tables.at("sd21 text encoder");
   EXPECT_TRUE(sd21.ignores("cond_stage_model.model.transformer.resblocks.23.attn.in_proj_weight"));
   EXPECT_TRUE(sd21.ignores("cond_stage_model.model.text_projection"));

@@ -14,10 +14,11 @@
 ///   k and v fused along dim 0 (`KeyTransform::kFusedQKV`). SD 2.x reads the penultimate layer,
 ///   so diffusers' text encoder has 23 of the file's 24 blocks: the last block (index
 ///   `num_hidden_layers`) is passed over on reading, as are `text_projection` and `logit_scale`
-///   (diffusers' `convert_open_clip_checkpoint` ignores the same keys,
-///   `SD_2_TEXT_ENCODER_KEYS_TO_IGNORE`). Writing gives 23 blocks and neither of those, as
-///   diffusers' `scripts/convert_diffusers_to_original_stable_diffusion.py` does; a tool that
-///   loads such a file strictly wants the 24th block.
+///   (diffusers' `convert_open_clip_checkpoint` skips the same: the block and the projection by
+///   `SD_2_TEXT_ENCODER_KEYS_TO_IGNORE`, `logit_scale` by mapping nothing to it). Writing gives
+///   23 blocks and none of those, as diffusers'
+///   `scripts/convert_diffusers_to_original_stable_diffusion.py` does; a tool that loads such a
+///   file strictly wants the 24th block.
 /// - SDXL's first encoder, CLIP ViT-L (`FrozenCLIPEmbedder`), is transformers' layout under
 ///   `conditioner.embedders.0.transformer.text_model.`.
 /// - SDXL's second, OpenCLIP ViT-bigG (`FrozenOpenCLIPEmbedder2`), is the OpenCLIP layout under
@@ -33,7 +34,7 @@
 /// @code
 /// auto layout = sd::sdxl_ldm_layout(unet_config, vae_config, text_config, text_2_config);
 /// sd::LdmComponents parts = sd::ldm_to_diffusers(file_tensors, layout, "'model.safetensors'");
-/// scedit::TensorMap back = sd::diffusers_to_ldm(parts, layout);  // the same file keys
+/// scedit::TensorMap back = sd::diffusers_to_ldm(parts, layout);  // less the keys passed over
 /// @endcode
 
 #include <torch/torch.h>
