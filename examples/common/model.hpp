@@ -24,23 +24,27 @@ namespace common {
 /// The `--model` and `--tokenizer` flags.
 struct ModelFlags {
   /// A diffusers folder or a single-file checkpoint; empty: the built-in tiny model;
-  /// `random:sd15`: SD 1.5's architecture with random weights.
+  /// `random:sd15` / `random:sd21`: SD 1.5's / SD 2.1's architecture with random weights.
   std::string model;
   /// A tokenizer folder (vocab.json, merges.txt), which a single-file checkpoint lacks.
   std::string tokenizer;
 
-  /// Whether the model has random weights (the built-in tiny model or `random:sd15`): such a
-  /// model can train on generated demo data, but its images are noise.
-  bool random_weights() const { return model.empty() || model == kRandomSD15; }
+  /// Whether the model has random weights (the built-in tiny model, `random:sd15` or
+  /// `random:sd21`): such a model can train on generated demo data, but its images are noise.
+  bool random_weights() const {
+    return model.empty() || model == kRandomSD15 || model == kRandomSD21;
+  }
   /// The `--model` value of SD 1.5's architecture with random weights.
   static constexpr const char* kRandomSD15 = "random:sd15";
+  /// The `--model` value of SD 2.1's (768-v) architecture with random weights.
+  static constexpr const char* kRandomSD21 = "random:sd21";
 };
 
 /// Adds `--model` and `--tokenizer` to `app`.
 inline void add_model_flags(CLI::App& app, ModelFlags& flags) {
   app.add_option("--model", flags.model, "Diffusers folder, or single-file checkpoint (.safetensors or .ckpt) "
-                 "(empty: the built-in tiny model; random:sd15: SD 1.5's architecture with random "
-                 "weights, for speed and memory measurements)")->group("Model");
+                 "(empty: the built-in tiny model; random:sd15 / random:sd21: SD 1.5's / SD 2.1's "
+                 "architecture with random weights, for speed and memory measurements)")->group("Model");
   app.add_option("--tokenizer", flags.tokenizer, "Tokenizer folder (vocab.json, merges.txt) for "
                  "a single-file checkpoint")->group("Model");
 }
@@ -79,11 +83,15 @@ inline sd::StableDiffusion load_model(const ModelFlags& flags, const torch::Devi
   sd::StableDiffusion pipe;
   if (flags.random_weights()) {
     const bool tiny = flags.model.empty();
+    const bool sd21 = flags.model == ModelFlags::kRandomSD21;
     std::printf("%s\n", tiny ? "no --model given: the built-in tiny model (SD 1.5's layout, random "
                                "weights): it runs the whole path in seconds, but its images are noise"
-                             : "--model random:sd15: SD 1.5's architecture with random weights, for "
-                               "measuring speed and memory at real size");
-    pipe = tiny ? sd::tiny_pipeline(seed) : sd::random_sd15_pipeline(seed);
+                 : sd21 ? "--model random:sd21: SD 2.1's architecture (768-v) with random weights, "
+                          "for measuring speed and memory at real size"
+                        : "--model random:sd15: SD 1.5's architecture with random weights, for "
+                          "measuring speed and memory at real size");
+    pipe = tiny ? sd::tiny_pipeline(seed)
+                : sd21 ? sd::random_sd21_pipeline(seed) : sd::random_sd15_pipeline(seed);
     pipe.unet->to(device, dtype);
     pipe.vae->to(device, dtype);
     pipe.text_encoder->to(device, dtype);

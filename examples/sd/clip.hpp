@@ -1,12 +1,15 @@
 #pragma once
 /// @file clip.hpp
-/// @brief The CLIP text encoder of Stable Diffusion 1.x (transformers `CLIPTextModel`).
+/// @brief The CLIP text encoder of Stable Diffusion 1.x / 2.x and SDXL's first one
+/// (transformers `CLIPTextModel`; SDXL's second one, with its projection, is in
+/// clip_projection.hpp).
 ///
 /// Layout and key names follow transformers' `modeling_clip.py` without the `text_model.`
 /// prefix: `embeddings.{token,position}_embedding`, `encoder.layers.{i}.{self_attn.{q,k,v,out}
 /// _proj, layer_norm1, mlp.fc{1,2}, layer_norm2}`, `final_layer_norm`. Each layer is pre-LN:
 /// `x + attn(ln1(x))` (causal), then `x + mlp(ln2(x))`; `pooled` is the final hidden state at
-/// the end-of-text position.
+/// the end-of-text position. `hidden_states` (on request) are the embeddings and every layer's
+/// output, before the final LayerNorm: SDXL's context is the last but one of them.
 ///
 /// Example:
 /// @code
@@ -29,6 +32,7 @@
 #include <ostream>
 #include <string>
 #include <utility>
+#include <vector>
 
 namespace sd {
 
@@ -46,7 +50,7 @@ struct CLIPTextConfig {
   int64_t bos_token_id = 49406;            ///< Start-of-text id (0 in SD 1.5's config.json).
   int64_t eos_token_id = 49407;            ///< End-of-text id; 2 selects the legacy argmax pooling.
   int64_t pad_token_id = 1;                ///< Padding id (unused by the forward pass).
-  int64_t projection_dim = 512;            ///< Width of CLIPTextModelWithProjection (unused here).
+  int64_t projection_dim = 512;            ///< Width of CLIPTextModelWithProjection's output.
 
   /// SD 1.5's `text_encoder/config.json` (CLIP ViT-L/14 text tower; bos 0, eos 2, pad 1 as in
   /// that file, so pooling takes the argmax of the ids, i.e. the first `<|endoftext|>`).
@@ -59,6 +63,32 @@ struct CLIPTextConfig {
     c.bos_token_id = 0;
     c.eos_token_id = 2;
     c.pad_token_id = 1;
+    return c;
+  }
+
+  /// SD 2.x's `text_encoder/config.json`: OpenCLIP ViT-H's text tower with exact GELU, 23 of its
+  /// 24 layers (the pipeline's context is the final-normed output of the 23rd).
+  static CLIPTextConfig sd21() {
+    CLIPTextConfig c = sd15();
+    c.hidden_size = 1024;
+    c.intermediate_size = 4096;
+    c.num_hidden_layers = 23;
+    c.num_attention_heads = 16;
+    c.hidden_act = "gelu";
+    c.projection_dim = 512;
+    return c;
+  }
+
+  /// SDXL's `text_encoder_2/config.json`: OpenCLIP bigG's text tower with exact GELU, a
+  /// `CLIPTextModelWithProjection` (clip_projection.hpp). SDXL's first encoder is `sd15()`'s.
+  static CLIPTextConfig sdxl_2() {
+    CLIPTextConfig c = sd15();
+    c.hidden_size = 1280;
+    c.intermediate_size = 5120;
+    c.num_hidden_layers = 32;
+    c.num_attention_heads = 20;
+    c.hidden_act = "gelu";
+    c.projection_dim = 1280;
     return c;
   }
 
@@ -305,6 +335,10 @@ TORCH_MODULE(CLIPEncoder);
 struct CLIPTextOutput {
   torch::Tensor last_hidden_state;  ///< [B, L, D] after final_layer_norm (the UNet's context).
   torch::Tensor pooled;             ///< [B, D]: last_hidden_state at each row's eos position.
+  /// With `output_hidden_states`: num_hidden_layers + 1 tensors [B, L, D], the embeddings and
+  /// then each layer's output, without final_layer_norm (transformers' `hidden_states`; SDXL's
+  /// context is `hidden_states[num_hidden_layers - 1]`, the penultimate). Empty otherwise.
+  std::vector<torch::Tensor> hidden_states;
 };
 
 /// The CLIP text transformer (transformers `CLIPTextModel` / `CLIPTextTransformer`).
@@ -337,8 +371,10 @@ class CLIPTextModelImpl : public torch::nn::Cloneable<CLIPTextModelImpl> {
   ///
   /// `clip_skip` = k > 0 returns, as `last_hidden_state`, the output of layer
   /// num_hidden_layers − k passed through final_layer_norm (diffusers' `clip_skip` in
-  /// `encode_prompt`); `pooled` always comes from the full stack.
-  CLIPTextOutput forward(const torch::Tensor& input_ids, int64_t clip_skip = 0) {
+  /// `encode_prompt`); `pooled` always comes from the full stack. `output_hidden_states` also
+  /// returns every layer's output (`CLIPTextOutput::hidden_states`).
+  CLIPTextOutput forward(const torch::Tensor& input_ids, int64_t clip_skip = 0,
+                         bool output_hidden_states = false) {
     TORCH_CHECK(input_ids.dim() == 2, "CLIPTextModel: input_ids must be [B, L], got ",
                 input_ids.sizes());
     TORCH_CHECK(input_ids.scalar_type() == torch::kInt64 || input_ids.scalar_type() == torch::kInt32,
@@ -352,14 +388,14 @@ class CLIPTextModelImpl : public torch::nn::Cloneable<CLIPTextModelImpl> {
     const torch::Tensor ids = input_ids.to(torch::kInt64);
     torch::Tensor hidden = embeddings(ids);  // [B, L, D]
     torch::Tensor skipped;
-    if (clip_skip > 0) {
-      hidden = encoder->forward(hidden, config_.num_hidden_layers - clip_skip);
-      skipped = final_layer_norm(hidden);
-      for (int64_t i = config_.num_hidden_layers - clip_skip; i < config_.num_hidden_layers; ++i) {
-        hidden = encoder->layers->ptr<CLIPEncoderLayerImpl>(i)->forward(hidden);
+    std::vector<torch::Tensor> hidden_states;
+    if (output_hidden_states) hidden_states.push_back(hidden);
+    for (int64_t i = 0; i < config_.num_hidden_layers; ++i) {
+      if (clip_skip > 0 && i == config_.num_hidden_layers - clip_skip) {
+        skipped = final_layer_norm(hidden);
       }
-    } else {
-      hidden = encoder(hidden);
+      hidden = encoder->layers->ptr<CLIPEncoderLayerImpl>(i)->forward(hidden);
+      if (output_hidden_states) hidden_states.push_back(hidden);
     }
     torch::Tensor last = final_layer_norm(hidden);  // [B, L, D]
     // transformers CLIPTextTransformer.forward: eos_token_id == 2 is the legacy configuration
@@ -370,7 +406,7 @@ class CLIPTextModelImpl : public torch::nn::Cloneable<CLIPTextModelImpl> {
                                : ids.eq(config_.eos_token_id).to(torch::kInt32).argmax(-1);  // [B]
     torch::Tensor rows = torch::arange(ids.size(0), eos_at.options());
     torch::Tensor pooled = last.index({rows, eos_at});  // [B, D]
-    return {clip_skip > 0 ? skipped : last, pooled};
+    return {clip_skip > 0 ? skipped : last, pooled, std::move(hidden_states)};
   }
 
   /// Prints the configuration: `CLIPTextModel(layers=…, hidden_size=…, heads=…, …)`.

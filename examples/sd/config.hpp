@@ -1,13 +1,17 @@
 #pragma once
 /// @file config.hpp
-/// @brief Configurations of the Stable Diffusion 1.x / 2.x UNet and VAE, read from diffusers'
-/// `config.json` (the constructor arguments of `UNet2DConditionModel` and `AutoencoderKL`).
+/// @brief Configuration of the Stable Diffusion 1.x / 2.x / XL UNet, read from diffusers'
+/// `config.json` (the constructor arguments of `UNet2DConditionModel`); the VAE's is in
+/// vae_config.hpp, included here.
 ///
 /// Missing keys take diffusers' defaults (so the struct defaults below are diffusers' defaults,
 /// not SD 1.5's: use `sd15()` for those). Values this implementation cannot build (class
 /// embeddings, other block types, ...) are rejected with an error naming the key and the value,
 /// rather than silently ignored. Keys starting with `_` (`_class_name`, `_diffusers_version`)
 /// are metadata and skipped.
+
+#include <sd/config_json.hpp>
+#include <sd/vae_config.hpp>
 
 #include <torch/torch.h>
 
@@ -20,112 +24,6 @@
 #include <vector>
 
 namespace sd {
-
-namespace detail {
-
-/// The value of `key` in `config`, or null when the key is absent or JSON null.
-inline const nlohmann::json* config_value(const nlohmann::json& config, const std::string& key) {
-  auto it = config.find(key);
-  if (it == config.end() || it->is_null()) return nullptr;
-  return &*it;
-}
-
-/// Reads `key` as a `T` when present (and not null) into `out`; a value of the wrong type is an
-/// error naming the model, the key and the value.
-template <typename T>
-void read_config(const nlohmann::json& config, const std::string& key, T& out,
-                 const char* model) {
-  const nlohmann::json* value = config_value(config, key);
-  if (value == nullptr) return;
-  bool ok = true;
-  try {
-    if constexpr (std::is_same_v<T, bool>) {
-      ok = value->is_boolean();
-    } else if constexpr (std::is_integral_v<T>) {
-      ok = value->is_number_integer() ||
-           (value->is_number_float() && value->get<double>() == std::floor(value->get<double>()));
-    } else if constexpr (std::is_floating_point_v<T>) {
-      ok = value->is_number();
-    } else if constexpr (std::is_same_v<T, std::string>) {
-      ok = value->is_string();
-    }
-    if (ok) out = value->get<T>();
-  } catch (const nlohmann::json::exception&) {
-    ok = false;
-  }
-  TORCH_CHECK(ok, model, " config: key '", key, "' has the value ", value->dump(),
-              ", which has the wrong type");
-}
-
-/// Reads `key` as an int or a list of ints into `out` (an int becomes a one-element list).
-inline void read_int_or_list(const nlohmann::json& config, const std::string& key,
-                             std::vector<int64_t>& out, const char* model) {
-  const nlohmann::json* value = config_value(config, key);
-  if (value == nullptr) return;
-  bool ok = true;
-  std::vector<int64_t> values;
-  if (value->is_number_integer()) {
-    values.push_back(value->get<int64_t>());
-  } else if (value->is_array()) {
-    for (const auto& item : *value) {
-      ok = ok && item.is_number_integer();
-      if (ok) values.push_back(item.get<int64_t>());
-    }
-  } else {
-    ok = false;
-  }
-  TORCH_CHECK(ok && !values.empty(), model, " config: key '", key, "' has the value ",
-              value->dump(), "; expected an int or a list of ints");
-  out = values;
-}
-
-/// Reads `key` as a list of `T` into `out`.
-template <typename T>
-void read_list(const nlohmann::json& config, const std::string& key, std::vector<T>& out,
-               const char* model) {
-  const nlohmann::json* value = config_value(config, key);
-  if (value == nullptr) return;
-  bool ok = value->is_array();
-  std::vector<T> values;
-  if (ok) {
-    for (const auto& item : *value) {
-      ok = ok && (std::is_same_v<T, std::string> ? item.is_string() : item.is_number_integer());
-      if (ok) values.push_back(item.get<T>());
-    }
-  }
-  TORCH_CHECK(ok, model, " config: key '", key, "' has the value ", value->dump(),
-              "; expected a list");
-  out = values;
-}
-
-/// Rejects keys that are neither known nor metadata (`_...`): an unknown key may change the
-/// architecture, and building something else than the checkpoint describes would be silent.
-inline void check_known_keys(const nlohmann::json& config, const std::set<std::string>& known,
-                             const char* model) {
-  TORCH_CHECK(config.is_object(), model, " config: expected a JSON object, got ", config.dump());
-  for (const auto& item : config.items()) {
-    if (!item.key().empty() && item.key()[0] == '_') continue;
-    TORCH_CHECK(known.count(item.key()) == 1, model, " config: unknown key '", item.key(),
-                "' (value ", item.value().dump(), ")");
-  }
-}
-
-/// Requires `key` to be absent, null or equal to `expected` (a value this implementation does
-/// not build otherwise).
-inline void require_default(const nlohmann::json& config, const std::string& key,
-                            const nlohmann::json& expected, const char* model) {
-  const nlohmann::json* value = config_value(config, key);
-  if (value == nullptr) return;
-  TORCH_CHECK(*value == expected, model, " config: key '", key, "' = ", value->dump(),
-              " is not supported (only ", expected.dump(), ")");
-}
-
-/// `values[block]` for per-block lists, or `values[0]` when one value serves every block.
-inline int64_t per_block(const std::vector<int64_t>& values, size_t block) {
-  return values.size() == 1 ? values[0] : values.at(block);
-}
-
-}  // namespace detail
 
 /// Configuration of `sd::UNet2DConditionModel`: diffusers' `UNet2DConditionModel` arguments.
 ///
@@ -169,6 +67,14 @@ struct UNetConfig {
   int64_t time_embedding_dim = 0;           ///< 0 (null): 4 · block_out_channels[0]
   int64_t conv_in_kernel = 3;               ///< kernel of conv_in (odd)
   int64_t conv_out_kernel = 3;              ///< kernel of conv_out (odd)
+  /// Added conditioning: "" (null: none) or "text_time" (SDXL: the pooled text embedding and the
+  /// six size / crop ids, `UNetAddedConditions`).
+  std::string addition_embed_type;
+  int64_t addition_time_embed_dim = 0;      ///< sinusoidal width per time id; 0 (null). SDXL: 256
+  /// add_embedding's input: text_embeds + 6 · addition_time_embed_dim; 0 (null). SDXL: 2816
+  int64_t projection_class_embeddings_input_dim = 0;
+  /// Time ids of "text_time": original (h, w), crop (top, left), target (h, w).
+  static constexpr int64_t kTextTimeIds = 6;
 
   /// Number of down (= up) blocks.
   size_t num_blocks() const { return block_out_channels.size(); }
@@ -189,9 +95,32 @@ struct UNetConfig {
     return time_embedding_dim > 0 ? time_embedding_dim : 4 * block_out_channels.at(0);
   }
 
+  /// Whether the UNet takes SDXL's added conditioning (`addition_embed_type` "text_time").
+  bool has_text_time() const { return addition_embed_type == "text_time"; }
+
+  /// Width of the pooled text embedding "text_time" expects (SDXL 1280).
+  int64_t text_embeds_dim() const {
+    return projection_class_embeddings_input_dim - kTextTimeIds * addition_time_embed_dim;
+  }
+
   /// Throws on a configuration this implementation cannot build, naming the field and value.
   void validate() const {
     const char* m = "UNet2DConditionModel";
+    TORCH_CHECK(addition_embed_type.empty() || has_text_time(), m,
+                " config: addition_embed_type '", addition_embed_type,
+                "' is not supported (only null, text_time)");
+    if (has_text_time()) {
+      TORCH_CHECK(addition_time_embed_dim > 0 && text_embeds_dim() > 0, m,
+                  " config: addition_embed_type text_time needs addition_time_embed_dim > 0 and "
+                  "projection_class_embeddings_input_dim > 6 · addition_time_embed_dim, got ",
+                  addition_time_embed_dim, " and ", projection_class_embeddings_input_dim);
+    } else {
+      TORCH_CHECK(addition_time_embed_dim == 0 && projection_class_embeddings_input_dim == 0, m,
+                  " config: addition_time_embed_dim (", addition_time_embed_dim,
+                  ") and projection_class_embeddings_input_dim (",
+                  projection_class_embeddings_input_dim,
+                  ") are only supported with addition_embed_type text_time");
+    }
     const size_t n = num_blocks();
     TORCH_CHECK(n >= 1, m, " config: block_out_channels is empty");
     TORCH_CHECK(down_block_types.size() == n && up_block_types.size() == n, m,
@@ -265,14 +194,13 @@ struct UNetConfig {
         m);
     // Features this implementation does not build: only their defaults are accepted.
     for (const char* key : {"encoder_hid_dim", "encoder_hid_dim_type", "class_embed_type",
-                            "addition_embed_type", "addition_time_embed_dim", "num_class_embeds",
-                            "time_embedding_act_fn", "timestep_post_act", "time_cond_proj_dim",
-                            "projection_class_embeddings_input_dim", "cross_attention_norm",
+                            "num_class_embeds", "time_embedding_act_fn", "timestep_post_act",
+                            "time_cond_proj_dim", "cross_attention_norm",
                             "reverse_transformer_layers_per_block"}) {
       const nlohmann::json* value = detail::config_value(json, key);
       TORCH_CHECK(value == nullptr, m, " config: key '", key, "' = ", value->dump(),
-                  " is not supported (class / addition embeddings, encoder_hid_proj and time "
-                  "conditioning are not implemented; only null)");
+                  " is not supported (class embeddings, encoder_hid_proj and time conditioning "
+                  "are not implemented; only null)");
     }
     detail::require_default(json, "dropout", 0.0, m);
     detail::require_default(json, "dual_cross_attention", false, m);
@@ -320,12 +248,17 @@ struct UNetConfig {
     detail::read_config(json, "time_embedding_dim", c.time_embedding_dim, m);
     detail::read_config(json, "conv_in_kernel", c.conv_in_kernel, m);
     detail::read_config(json, "conv_out_kernel", c.conv_out_kernel, m);
+    detail::read_config(json, "addition_embed_type", c.addition_embed_type, m);
+    detail::read_config(json, "addition_time_embed_dim", c.addition_time_embed_dim, m);
+    detail::read_config(json, "projection_class_embeddings_input_dim",
+                        c.projection_class_embeddings_input_dim, m);
     c.validate();
     return c;
   }
 
   /// The configuration as diffusers' config.json keys (every field written out).
   nlohmann::json to_json() const {
+    auto null_if_zero = [](int64_t v) { return v > 0 ? nlohmann::json(v) : nlohmann::json(); };
     auto int_or_list = [](const std::vector<int64_t>& v) -> nlohmann::json {
       if (v.empty()) return nullptr;
       return v.size() == 1 ? nlohmann::json(v[0]) : nlohmann::json(v);
@@ -354,10 +287,14 @@ struct UNetConfig {
             {"use_linear_projection", use_linear_projection},
             {"upcast_attention", upcast_attention},
             {"resnet_out_scale_factor", resnet_out_scale_factor},
-            {"time_embedding_dim",
-             time_embedding_dim > 0 ? nlohmann::json(time_embedding_dim) : nlohmann::json()},
+            {"time_embedding_dim", null_if_zero(time_embedding_dim)},
             {"conv_in_kernel", conv_in_kernel},
-            {"conv_out_kernel", conv_out_kernel}};
+            {"conv_out_kernel", conv_out_kernel},
+            {"addition_embed_type",
+             addition_embed_type.empty() ? nlohmann::json() : nlohmann::json(addition_embed_type)},
+            {"addition_time_embed_dim", null_if_zero(addition_time_embed_dim)},
+            {"projection_class_embeddings_input_dim",
+             null_if_zero(projection_class_embeddings_input_dim)}};
   }
 
   /// Stable Diffusion 1.x (runwayml/stable-diffusion-v1-5 `unet/config.json`).
@@ -367,126 +304,35 @@ struct UNetConfig {
     c.cross_attention_dim = 768;
     return c;
   }
-};
 
-/// Configuration of `sd::AutoencoderKL`: diffusers' `AutoencoderKL` arguments.
-///
-/// Example:
-/// @code
-/// sd::VAE vae(sd::VAEConfig::sd15());
-/// @endcode
-struct VAEConfig {
-  int64_t in_channels = 3;                  ///< image channels in
-  int64_t out_channels = 3;                 ///< image channels out
-  std::vector<std::string> down_block_types = {"DownEncoderBlock2D"};  ///< SD: 4 of them
-  std::vector<std::string> up_block_types = {"UpDecoderBlock2D"};      ///< SD: 4 of them
-  std::vector<int64_t> block_out_channels = {64};  ///< SD: 128, 256, 512, 512
-  int64_t layers_per_block = 1;             ///< encoder resnets per block (decoder: one more); SD: 2
-  std::string act_fn = "silu";              ///< the only activation supported
-  int64_t latent_channels = 4;              ///< latent channels
-  int64_t norm_num_groups = 32;             ///< GroupNorm groups everywhere (eps is 1e-6)
-  int64_t sample_size = 32;                 ///< image side it was trained at; SD: 512
-  double scaling_factor = 0.18215;          ///< latents = scaling_factor · (z - shift_factor)
-  double shift_factor = 0.0;                ///< 0 (null) for SD 1.x / 2.x
-  bool force_upcast = true;                 ///< pipelines run the VAE in float32 when true
-  bool use_quant_conv = true;               ///< 1×1 conv on the moments after the encoder
-  bool use_post_quant_conv = true;          ///< 1×1 conv on the latent before the decoder
-  bool mid_block_add_attention = true;      ///< self-attention in the mid blocks
-
-  /// Throws on a configuration this implementation cannot build.
-  void validate() const {
-    const char* m = "AutoencoderKL";
-    const size_t n = block_out_channels.size();
-    TORCH_CHECK(n >= 1, m, " config: block_out_channels is empty");
-    TORCH_CHECK(down_block_types.size() == n && up_block_types.size() == n, m, " config: ",
-                down_block_types.size(), " down_block_types and ", up_block_types.size(),
-                " up_block_types for ", n, " block_out_channels");
-    for (const auto& type : down_block_types) {
-      TORCH_CHECK(type == "DownEncoderBlock2D", m, " config: down block type '", type,
-                  "' is not supported (only DownEncoderBlock2D)");
-    }
-    for (const auto& type : up_block_types) {
-      TORCH_CHECK(type == "UpDecoderBlock2D", m, " config: up block type '", type,
-                  "' is not supported (only UpDecoderBlock2D)");
-    }
-    TORCH_CHECK(act_fn == "silu" || act_fn == "swish", m, " config: act_fn '", act_fn,
-                "' is not supported (only silu)");
-    TORCH_CHECK(in_channels > 0 && out_channels > 0 && latent_channels > 0 &&
-                    layers_per_block > 0 && norm_num_groups > 0,
-                m, " config: channels, layers_per_block and norm_num_groups must be positive");
-    for (size_t i = 0; i < n; ++i) {
-      TORCH_CHECK(block_out_channels[i] > 0 && block_out_channels[i] % norm_num_groups == 0, m,
-                  " config: block_out_channels[", i, "] = ", block_out_channels[i],
-                  " is not a positive multiple of norm_num_groups = ", norm_num_groups);
-    }
-  }
-
-  /// Reads diffusers' config.json of an `AutoencoderKL`; missing keys take diffusers' defaults.
-  static VAEConfig from_json(const nlohmann::json& json) {
-    const char* m = "AutoencoderKL";
-    detail::check_known_keys(
-        json,
-        {"in_channels", "out_channels", "down_block_types", "up_block_types",
-         "block_out_channels", "layers_per_block", "act_fn", "latent_channels",
-         "norm_num_groups", "sample_size", "scaling_factor", "shift_factor", "latents_mean",
-         "latents_std", "force_upcast", "use_quant_conv", "use_post_quant_conv",
-         "mid_block_add_attention"},
-        m);
-    for (const char* key : {"latents_mean", "latents_std"}) {
-      const nlohmann::json* value = detail::config_value(json, key);
-      TORCH_CHECK(value == nullptr, m, " config: key '", key, "' = ", value->dump(),
-                  " is not supported (only null)");
-    }
-    VAEConfig c;
-    detail::read_config(json, "in_channels", c.in_channels, m);
-    detail::read_config(json, "out_channels", c.out_channels, m);
-    detail::read_list(json, "down_block_types", c.down_block_types, m);
-    detail::read_list(json, "up_block_types", c.up_block_types, m);
-    detail::read_list(json, "block_out_channels", c.block_out_channels, m);
-    detail::read_config(json, "layers_per_block", c.layers_per_block, m);
-    detail::read_config(json, "act_fn", c.act_fn, m);
-    detail::read_config(json, "latent_channels", c.latent_channels, m);
-    detail::read_config(json, "norm_num_groups", c.norm_num_groups, m);
-    detail::read_config(json, "sample_size", c.sample_size, m);
-    detail::read_config(json, "scaling_factor", c.scaling_factor, m);
-    detail::read_config(json, "shift_factor", c.shift_factor, m);
-    detail::read_config(json, "force_upcast", c.force_upcast, m);
-    detail::read_config(json, "use_quant_conv", c.use_quant_conv, m);
-    detail::read_config(json, "use_post_quant_conv", c.use_post_quant_conv, m);
-    detail::read_config(json, "mid_block_add_attention", c.mid_block_add_attention, m);
-    c.validate();
+  /// Stable Diffusion 2.1 (stabilityai/stable-diffusion-2-1 `unet/config.json`, 768-v): linear
+  /// projections, 5, 10, 20, 20 heads of 64 channels, OpenCLIP ViT-H's 1024-wide context.
+  static UNetConfig sd21() {
+    UNetConfig c;
+    c.sample_size = 96;
+    c.cross_attention_dim = 1024;
+    c.attention_head_dim = {5, 10, 20, 20};
+    c.use_linear_projection = true;
+    c.upcast_attention = true;
     return c;
   }
 
-  /// The configuration as diffusers' config.json keys (every field written out).
-  nlohmann::json to_json() const {
-    return {{"in_channels", in_channels},
-            {"out_channels", out_channels},
-            {"down_block_types", down_block_types},
-            {"up_block_types", up_block_types},
-            {"block_out_channels", block_out_channels},
-            {"layers_per_block", layers_per_block},
-            {"act_fn", act_fn},
-            {"latent_channels", latent_channels},
-            {"norm_num_groups", norm_num_groups},
-            {"sample_size", sample_size},
-            {"scaling_factor", scaling_factor},
-            {"shift_factor", shift_factor != 0.0 ? nlohmann::json(shift_factor) : nlohmann::json()},
-            {"force_upcast", force_upcast},
-            {"use_quant_conv", use_quant_conv},
-            {"use_post_quant_conv", use_post_quant_conv},
-            {"mid_block_add_attention", mid_block_add_attention}};
-  }
-
-  /// Stable Diffusion 1.x / 2.x (`vae/config.json` of stable-diffusion-v1-5).
-  static VAEConfig sd15() {
-    VAEConfig c;
-    const std::string down = "DownEncoderBlock2D", up = "UpDecoderBlock2D";
-    c.down_block_types = {down, down, down, down};
-    c.up_block_types = {up, up, up, up};
-    c.block_out_channels = {128, 256, 512, 512};
-    c.layers_per_block = 2;
-    c.sample_size = 512;
+  /// Stable Diffusion XL base (stabilityai/stable-diffusion-xl-base-1.0 `unet/config.json`):
+  /// three levels, the first without attention, 1, 2, 10 transformer layers per level, the
+  /// 2048-wide context of two text encoders and the "text_time" added conditioning.
+  static UNetConfig sdxl() {
+    UNetConfig c;
+    c.sample_size = 128;
+    c.down_block_types = {"DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"};
+    c.up_block_types = {"CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"};
+    c.block_out_channels = {320, 640, 1280};
+    c.transformer_layers_per_block = {1, 2, 10};
+    c.cross_attention_dim = 2048;
+    c.attention_head_dim = {5, 10, 20};
+    c.use_linear_projection = true;
+    c.addition_embed_type = "text_time";
+    c.addition_time_embed_dim = 256;
+    c.projection_class_embeddings_input_dim = 2816;
     return c;
   }
 };

@@ -253,6 +253,14 @@ struct DDIMSchedulerOptions {
   }
 };
 
+/// What one DDIM step computes (diffusers' `DDIMSchedulerOutput`).
+struct DDIMStepOutput {
+  /// x_{t−Δ}, the sample to continue from.
+  torch::Tensor prev_sample;
+  /// x̂₀, the clean sample the model output implies at t.
+  torch::Tensor pred_original_sample;
+};
+
 /// Denoising Diffusion Implicit Models sampler (Song et al. 2021), step for step diffusers'
 /// `DDIMScheduler` (`schedulers/scheduling_ddim.py`), including its float32 scalar arithmetic.
 class DDIMScheduler {
@@ -337,19 +345,26 @@ class DDIMScheduler {
   /// (same shape as the sample) or drawn with torch::randn.
   torch::Tensor step(const torch::Tensor& model_output, int64_t t, const torch::Tensor& sample,
                      double eta = 0.0, const torch::Tensor& variance_noise = {}) const {
-    return step_impl(model_output, t, sample, eta, variance_noise, nullptr);
+    return step_impl(model_output, t, sample, eta, variance_noise, nullptr).prev_sample;
   }
 
   /// As `step`, drawing z with `generator` when η > 0.
   torch::Tensor step(const torch::Tensor& model_output, int64_t t, const torch::Tensor& sample,
                      double eta, at::Generator generator) const {
-    return step_impl(model_output, t, sample, eta, {}, &generator);
+    return step_impl(model_output, t, sample, eta, {}, &generator).prev_sample;
+  }
+
+  /// As `step`, returning the predicted x̂₀ too (diffusers' `DDIMSchedulerOutput`).
+  DDIMStepOutput step_output(const torch::Tensor& model_output, int64_t t,
+                             const torch::Tensor& sample, double eta = 0.0,
+                             const torch::Tensor& variance_noise = {}) const {
+    return step_impl(model_output, t, sample, eta, variance_noise, nullptr);
   }
 
  private:
-  torch::Tensor step_impl(const torch::Tensor& model_output, int64_t t, const torch::Tensor& sample,
-                          double eta, const torch::Tensor& variance_noise,
-                          at::Generator* generator) const {
+  DDIMStepOutput step_impl(const torch::Tensor& model_output, int64_t t,
+                           const torch::Tensor& sample, double eta,
+                           const torch::Tensor& variance_noise, at::Generator* generator) const {
     const int64_t prev_t = previous_timestep(t);
     TORCH_CHECK(t >= 0 && t < schedule_.num_train_timesteps(), "DDIMScheduler::step: timestep ",
                 t, " is outside [0, ", schedule_.num_train_timesteps(), ")");
@@ -397,7 +412,7 @@ class DDIMScheduler {
                   " must have the sample's shape ", sample.sizes());
       prev = prev + static_cast<double>(std_dev) * z;
     }
-    return prev;
+    return {prev, pred_x0};
   }
 
   DDIMSchedulerOptions options_;

@@ -159,13 +159,20 @@ inline torch::Tensor encode_images(StableDiffusion& sd, const torch::Tensor& ima
 }
 
 /// Images of latents [B, C, h, w]: `vae.decode(latents / scaling_factor + shift_factor)` as
-/// uint8 [B, H, W, 3] on the CPU (values clamped to [-1, 1] first).
+/// uint8 [B, H, W, 3] on the CPU (values clamped to [-1, 1] first). A float16 VAE whose
+/// configuration says `force_upcast` (SD's and SDXL's VAEs overflow in float16) decodes in
+/// float32 and is put back in float16 afterwards, as diffusers' pipelines do.
 inline torch::Tensor decode_latents(StableDiffusion& sd, const torch::Tensor& latents) {
   torch::NoGradGuard no_grad;
   const auto reference = detail::first_parameter(*sd.vae, "VAE");
+  const bool upcast = reference.scalar_type() == torch::kHalf && sd.vae_config.force_upcast;
   const auto z = (latents / sd.vae_config.scaling_factor + sd.vae_config.shift_factor)
-                     .to(reference.device(), reference.scalar_type());
-  return to_uint8(sd.vae->decode(z));  // [B, 3, H, W] -> [B, H, W, 3]
+                     .to(reference.device(), upcast ? torch::kFloat32 : reference.scalar_type());
+  if (!upcast) return to_uint8(sd.vae->decode(z));  // [B, 3, H, W] -> [B, H, W, 3]
+  sd.vae->to(torch::kFloat32);
+  auto images = sd.vae->decode(z);
+  sd.vae->to(torch::kHalf);
+  return to_uint8(images);
 }
 
 }  // namespace sd

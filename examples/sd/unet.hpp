@@ -1,8 +1,9 @@
 #pragma once
 /// @file unet.hpp
-/// @brief Stable Diffusion 1.x / 2.x denoising UNet: diffusers' `UNet2DConditionModel`,
-/// configuration-driven, with diffusers' state-dict keys and shapes, and its skip connections
-/// marked as `scedit::SkipSite`s (scepter's `lsc_identity`) for SCEdit's tuners.
+/// @brief Stable Diffusion 1.x / 2.x / XL denoising UNet: diffusers' `UNet2DConditionModel`,
+/// configuration-driven, with diffusers' state-dict keys and shapes, SDXL's added "text_time"
+/// conditioning, and its skip connections marked as `scedit::SkipSite`s (scepter's
+/// `lsc_identity`) for SCEdit's tuners.
 ///
 /// Reference: diffusers `models/unets/unet_2d_condition.py`, `models/embeddings.py`
 /// (`get_timestep_embedding`, `TimestepEmbedding`).
@@ -12,9 +13,12 @@
 /// sd::UNet unet(sd::UNetConfig::sd15());
 /// scedit::load_state_dict(*unet, scedit::safetensors::load("unet.safetensors"));
 /// auto eps = unet(latents, t, text_embeddings);  // [B, 4, 64, 64], [B], [B, 77, 768]
+/// sd::UNet xl(sd::UNetConfig::sdxl());           // SDXL also takes the added conditioning:
+/// auto eps_xl = xl(latents, t, context, sd::UNetAddedConditions{pooled, time_ids});
 /// @endcode
 
 #include <sd/config.hpp>
+#include <sd/embeddings.hpp>
 #include <sd/layers.hpp>
 #include <sd/lean_ops.hpp>
 #include <sd/unet_blocks.hpp>
@@ -30,74 +34,6 @@
 #include <vector>
 
 namespace sd {
-
-namespace functional {
-
-/// Sinusoidal timestep embedding as diffusers' `get_timestep_embedding`: a float32 computation
-/// whatever the model's dtype (the caller casts afterwards, as diffusers does; computing it in
-/// float64 would not reproduce diffusers' float64 outputs).
-///
-/// The float32 values of exp, sin and cos are taken correctly rounded (evaluated in float64,
-/// then rounded): the same on every platform and device. diffusers gets them from float32 libm
-/// code (MKL, Sleef or CUDA, depending on the build), which agrees with these within one ulp.
-/// timesteps [B] (any numeric dtype) -> [B, dim] float32.
-inline torch::Tensor timestep_embedding(const torch::Tensor& timesteps, int64_t dim,
-                                        bool flip_sin_to_cos, double downscale_freq_shift,
-                                        double max_period = 10000.0) {
-  const auto f32 = torch::kFloat32, f64 = torch::kFloat64;
-  const int64_t half = dim / 2;
-  auto exponent = torch::arange(half, timesteps.options().dtype(f32)) * (-std::log(max_period));
-  exponent = exponent / (static_cast<double>(half) - downscale_freq_shift);  // float32, as diffusers
-  auto freqs = exponent.to(f64).exp().to(f32);
-  auto args = timesteps.to(f32).unsqueeze(1) * freqs.unsqueeze(0);  // [B] x [half] -> [B, half]
-  auto sin = args.to(f64).sin().to(f32), cos = args.to(f64).cos().to(f32);
-  auto emb = flip_sin_to_cos ? torch::cat({cos, sin}, -1) : torch::cat({sin, cos}, -1);  // [B, 2·half]
-  if (dim % 2 == 1) emb = torch::constant_pad_nd(emb, {0, 1}, 0);
-  return emb;
-}
-
-}  // namespace functional
-
-/// Options of a `TimestepEmbedding`.
-struct TimestepEmbeddingOptions {
-  /// Example: `TimestepEmbeddingOptions(320, 1280)`.
-  TimestepEmbeddingOptions(int64_t in_channels, int64_t time_embed_dim)
-      : in_channels_(in_channels), time_embed_dim_(time_embed_dim) {}
-  /// Width of the sinusoidal embedding.
-  TORCH_ARG(int64_t, in_channels);
-  /// Width of the time embedding.
-  TORCH_ARG(int64_t, time_embed_dim);
-};
-
-/// diffusers' `TimestepEmbedding`: `linear_2(silu(linear_1(x)))`.
-class TimestepEmbeddingImpl : public torch::nn::Cloneable<TimestepEmbeddingImpl> {
- public:
-  /// Builds the two linears.
-  explicit TimestepEmbeddingImpl(TimestepEmbeddingOptions options) : options(std::move(options)) {
-    reset();
-  }
-
-  /// Registers linear_1 and linear_2.
-  void reset() override {
-    linear_1 = register_module("linear_1",
-                               torch::nn::Linear(options.in_channels(), options.time_embed_dim()));
-    linear_2 = register_module(
-        "linear_2", torch::nn::Linear(options.time_embed_dim(), options.time_embed_dim()));
-  }
-
-  /// [B, in_channels] -> [B, time_embed_dim].
-  torch::Tensor forward(const torch::Tensor& x) { return linear_2(torch::silu(linear_1(x))); }
-
-  /// The options it was built with.
-  TimestepEmbeddingOptions options;
-  /// First linear.
-  torch::nn::Linear linear_1{nullptr};
-  /// Second linear.
-  torch::nn::Linear linear_2{nullptr};
-};
-
-/// Holder of `TimestepEmbeddingImpl`.
-TORCH_MODULE(TimestepEmbedding);
 
 namespace detail {
 
@@ -145,6 +81,19 @@ inline torch::Tensor timestep_features(const UNetConfig& c, const torch::Tensor&
                                         static_cast<double>(c.freq_shift));
 }
 
+/// The input of a "text_time" UNet's `add_embedding`: cat(text_embeds, the time ids' sinusoidal
+/// features) -> [B, projection_class_embeddings_input_dim] in `dtype` (diffusers `get_aug_embed`:
+/// text_embeds first; the features are float32, then cast).
+inline torch::Tensor text_time_input(const UNetConfig& c, const UNetAddedConditions& added,
+                                     torch::ScalarType dtype) {
+  auto features = functional::time_ids_embedding(added.time_ids, c.addition_time_embed_dim,
+                                                 c.flip_sin_to_cos,
+                                                 static_cast<double>(c.freq_shift));
+  // [B, D] + [B, 6·addition_time_embed_dim] -> [B, projection_class_embeddings_input_dim]
+  return torch::cat({added.text_embeds.to(dtype), features.to(added.text_embeds.device(), dtype)},
+                    -1);
+}
+
 /// Sets the lean activation variants (lean_ops.hpp) of every resnet, GEGLU, transformer block
 /// and transformer under `root`.
 inline void set_block_lean_activations(torch::nn::Module& root, const LeanActivations& options) {
@@ -177,9 +126,10 @@ inline void set_conv_weights_channels_last(torch::nn::Module& root, bool enabled
 struct UNetFeatures {
   /// The middle block's output [B, C_last, H/f, W/f] (f = 2^(levels-1)).
   torch::Tensor mid_output;
-  /// The skip features in the order the encoder made them (`conv_in`'s output first; 12 for SD).
+  /// The skip features in the order the encoder made them (`conv_in`'s output first; 12 for
+  /// SD 1.x / 2.x, 9 for SDXL).
   std::vector<torch::Tensor> skips;
-  /// The time embedding [B, 4·C0].
+  /// The time embedding [B, 4·C0] (with SDXL's added conditioning's embedding added).
   torch::Tensor time_embedding;
   /// The text context (encoder_hidden_states) [B, L, cross_attention_dim].
   torch::Tensor context;
@@ -194,7 +144,9 @@ struct UNetResiduals {
   torch::Tensor mid;
 };
 
-/// diffusers' `UNet2DConditionModel` for SD 1.x / 2.x: predicts the noise (or v) of a latent.
+/// diffusers' `UNet2DConditionModel` for SD 1.x / 2.x / XL: predicts the noise (or v) of a
+/// latent. With `addition_embed_type` "text_time" (SDXL) it also takes `UNetAddedConditions`,
+/// whose `add_embedding` is added to the time embedding; other UNets refuse them.
 ///
 /// The 12 skip connections of SD (conv_in, each resnet/transformer output and each downsampler of
 /// the encoder) pass through `lsc_identity[i]`, one `scedit::SkipSite` per skip in decoder order
@@ -210,8 +162,9 @@ class UNet2DConditionModelImpl : public detail::BoundCloneable<UNet2DConditionMo
   /// Builds the model (random init) from `config`; load weights with `scedit::load_state_dict`.
   explicit UNet2DConditionModelImpl(UNetConfig config) : config(std::move(config)) { reset(); }
 
-  /// Registers conv_in, time_embedding, down_blocks, up_blocks, mid_block, conv_norm_out,
-  /// conv_out (diffusers' order), lsc_identity and an empty csc_tuners.
+  /// Registers conv_in, time_embedding, add_embedding ("text_time" only), down_blocks,
+  /// up_blocks, mid_block, conv_norm_out, conv_out (diffusers' order), lsc_identity and an empty
+  /// csc_tuners.
   void reset() override {
     const auto& c = config;
     c.validate();
@@ -223,6 +176,11 @@ class UNet2DConditionModelImpl : public detail::BoundCloneable<UNet2DConditionMo
                                          .padding((c.conv_in_kernel - 1) / 2)));
     time_embedding =
         register_module("time_embedding", TimestepEmbedding(TimestepEmbeddingOptions(ch[0], temb)));
+    if (c.has_text_time()) {
+      add_embedding = register_module(
+          "add_embedding", TimestepEmbedding(TimestepEmbeddingOptions(
+                               c.projection_class_embeddings_input_dim, temb)));
+    }
 
     down_blocks = register_module("down_blocks", torch::nn::ModuleList());
     for (size_t i = 0; i < n; ++i) {
@@ -291,26 +249,43 @@ class UNet2DConditionModelImpl : public detail::BoundCloneable<UNet2DConditionMo
   /// Predicts the noise: sample [B, in_channels, H, W] (any positive H and W: as diffusers, each
   /// upsampler follows the size of the skip it meets), timestep [B], [1] or a scalar (int or float),
   /// encoder_hidden_states [B, L, cross_attention_dim] -> [B, out_channels, H, W]. `residuals`
-  /// (a ControlNet's) are added to the skips and the middle output between the halves.
+  /// (a ControlNet's) are added to the skips and the middle output between the halves. A
+  /// "text_time" UNet (SDXL) needs the overload with `UNetAddedConditions`.
   torch::Tensor forward(const torch::Tensor& sample, const torch::Tensor& timestep,
                         const torch::Tensor& encoder_hidden_states,
                         const UNetResiduals& residuals = {}) {
-    auto features = encode(sample, timestep, encoder_hidden_states);
+    return forward(sample, timestep, encoder_hidden_states, UNetAddedConditions{}, residuals);
+  }
+
+  /// As above, with SDXL's added conditioning: `added.text_embeds` [B, text_embeds_dim] and
+  /// `added.time_ids` [B, 6] (any numeric dtype) for a "text_time" UNet.
+  torch::Tensor forward(const torch::Tensor& sample, const torch::Tensor& timestep,
+                        const torch::Tensor& encoder_hidden_states,
+                        const UNetAddedConditions& added, const UNetResiduals& residuals = {}) {
+    auto features = encode(sample, timestep, encoder_hidden_states, added);
     add_residuals(features, residuals);
     return decode(std::move(features));
   }
 
-  /// The first half: time embedding, encoder and middle block (arguments as `forward`).
+  /// The first half: time embedding (with the added conditioning's, for "text_time"), encoder
+  /// and middle block (arguments as `forward`). `decode` needs nothing else: the added
+  /// conditioning reaches it inside `UNetFeatures::time_embedding`.
   UNetFeatures encode(const torch::Tensor& sample, const torch::Tensor& timestep,
-                      const torch::Tensor& encoder_hidden_states) {
-    check_inputs(sample, timestep, encoder_hidden_states);
+                      const torch::Tensor& encoder_hidden_states,
+                      const UNetAddedConditions& added = {}) {
+    check_inputs(sample, timestep, encoder_hidden_states, added);
     UNetFeatures features;
     features.context = encoder_hidden_states;
 
-    // 1. Time: sinusoidal embedding in float32, then the sample's dtype (as diffusers).
+    // 1. Time: sinusoidal embedding in float32, then the sample's dtype (as diffusers), plus
+    //    SDXL's add_embedding of cat(text_embeds, time id features).
     auto t_emb = detail::timestep_features(config, timestep, sample);
-    const auto& emb = features.time_embedding =
+    auto& emb = features.time_embedding =
         time_embedding(t_emb.to(sample.scalar_type()));  // [B, C0] -> [B, 4·C0]
+    if (config.has_text_time()) {
+      // [B, D + 6·addition_time_embed_dim] -> [B, 4·C0]
+      emb = emb + add_embedding(detail::text_time_input(config, added, sample.scalar_type()));
+    }
 
     // 2. Encoder: every feature it keeps for the decoder goes onto the skip stack.
     auto input = config.center_input_sample ? 2.0 * sample - 1.0 : sample;
@@ -415,7 +390,9 @@ class UNet2DConditionModelImpl : public detail::BoundCloneable<UNet2DConditionMo
     stream << "sd::UNet2DConditionModel(block_out_channels="
            << torch::IntArrayRef(config.block_out_channels)
            << ", layers_per_block=" << config.layers_per_block
-           << ", cross_attention_dim=" << config.cross_attention_dim << ")";
+           << ", cross_attention_dim=" << config.cross_attention_dim;
+    if (config.has_text_time()) stream << ", addition_embed_type=text_time";
+    stream << ")";
   }
 
   /// The configuration it was built with.
@@ -424,6 +401,8 @@ class UNet2DConditionModelImpl : public detail::BoundCloneable<UNet2DConditionMo
   torch::nn::Conv2d conv_in{nullptr};
   /// Time embedding MLP (time_proj, the sinusoidal part, has no parameters).
   TimestepEmbedding time_embedding{nullptr};
+  /// SDXL's added-conditioning MLP ("text_time" only; add_time_proj has no parameters).
+  TimestepEmbedding add_embedding{nullptr};
   /// Encoder levels.
   torch::nn::ModuleList down_blocks{nullptr};
   /// Decoder levels (deepest first).
@@ -451,7 +430,7 @@ class UNet2DConditionModelImpl : public detail::BoundCloneable<UNet2DConditionMo
 
  private:
   void check_inputs(const torch::Tensor& sample, const torch::Tensor& timestep,
-                    const torch::Tensor& context) const {
+                    const torch::Tensor& context, const UNetAddedConditions& added) const {
     TORCH_CHECK(sample.dim() == 4 && sample.size(1) == config.in_channels,
                 "UNet2DConditionModel: expected sample [B, ", config.in_channels,
                 ", H, W], got shape ", sample.sizes());
@@ -465,11 +444,51 @@ class UNet2DConditionModelImpl : public detail::BoundCloneable<UNet2DConditionMo
     TORCH_CHECK(timestep.dim() <= 1 && (timestep.numel() == 1 || timestep.numel() == sample.size(0)),
                 "UNet2DConditionModel: expected timestep [", sample.size(0),
                 "], [1] or a scalar, got shape ", timestep.sizes());
+    const int64_t b = sample.size(0);
+    if (!config.has_text_time()) {
+      TORCH_CHECK(!added.defined(), "UNet2DConditionModel: added conditions (text_embeds, "
+                  "time_ids) were given, but this UNet has no addition_embed_type");
+    } else {
+      TORCH_CHECK(added.text_embeds.defined() && added.time_ids.defined(),
+                  "UNet2DConditionModel: this UNet (addition_embed_type text_time) needs "
+                  "UNetAddedConditions: text_embeds [B, ", config.text_embeds_dim(),
+                  "] and time_ids [B, ", UNetConfig::kTextTimeIds, "]");
+      TORCH_CHECK(added.text_embeds.dim() == 2 && added.text_embeds.size(0) == b &&
+                      added.text_embeds.size(1) == config.text_embeds_dim(),
+                  "UNet2DConditionModel: expected text_embeds [", b, ", ",
+                  config.text_embeds_dim(), "], got shape ", added.text_embeds.sizes());
+      TORCH_CHECK(added.time_ids.dim() == 2 && added.time_ids.size(0) == b &&
+                      added.time_ids.size(1) == UNetConfig::kTextTimeIds,
+                  "UNet2DConditionModel: expected time_ids [", b, ", ", UNetConfig::kTextTimeIds,
+                  "] (original h, w, crop top, left, target h, w), got shape ",
+                  added.time_ids.sizes());
+    }
   }
 };
 
-/// Holder of `UNet2DConditionModelImpl`.
-TORCH_MODULE(UNet2DConditionModel);
+/// Holder of `UNet2DConditionModelImpl`: `TORCH_MODULE`'s expansion, with a call operator per
+/// `forward` overload (the generic one deduces `forward`'s return type, which an overloaded
+/// `forward` does not have).
+class UNet2DConditionModel : public torch::nn::ModuleHolder<UNet2DConditionModelImpl> {
+ public:
+  using torch::nn::ModuleHolder<UNet2DConditionModelImpl>::ModuleHolder;
+  /// The Impl type.
+  using Impl = UNet2DConditionModelImpl;
+
+  /// `forward(sample, timestep, encoder_hidden_states, residuals)`.
+  torch::Tensor operator()(const torch::Tensor& sample, const torch::Tensor& timestep,
+                           const torch::Tensor& encoder_hidden_states,
+                           const UNetResiduals& residuals = {}) {
+    return get()->forward(sample, timestep, encoder_hidden_states, residuals);
+  }
+
+  /// `forward(sample, timestep, encoder_hidden_states, added, residuals)` (SDXL).
+  torch::Tensor operator()(const torch::Tensor& sample, const torch::Tensor& timestep,
+                           const torch::Tensor& encoder_hidden_states,
+                           const UNetAddedConditions& added, const UNetResiduals& residuals = {}) {
+    return get()->forward(sample, timestep, encoder_hidden_states, added, residuals);
+  }
+};
 
 /// Short name of the `UNet2DConditionModel` holder.
 using UNet = UNet2DConditionModel;
