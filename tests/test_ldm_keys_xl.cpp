@@ -51,18 +51,8 @@ const json& config_of(const std::string& family, const std::string& name) {
   return family_manifest(family).at("configs").at(name);
 }
 
-/// The UNet configuration `name` of `family`. SDXL's added-embedding keys are read here and
-/// dropped from what `UNetConfig::from_json` sees, as this branch's UNetConfig lacks them.
-std::pair<sd::UNetConfig, sd::UNetAddEmbedding> unet_config(const std::string& family,
-                                                           const std::string& name) {
-  json config = config_of(family, name);
-  const bool text_time = config.value("addition_embed_type", "") == "text_time";
-  for (const char* key : {"addition_embed_type", "addition_time_embed_dim",
-                          "projection_class_embeddings_input_dim"}) {
-    config.erase(key);
-  }
-  return {sd::UNetConfig::from_json(config),
-          text_time ? sd::UNetAddEmbedding::kTextTime : sd::UNetAddEmbedding::kNone};
+sd::UNetConfig unet_config(const std::string& family, const std::string& name) {
+  return sd::UNetConfig::from_json(config_of(family, name));
 }
 
 sd::CLIPTextConfig text_config(const std::string& family, const std::string& name) {
@@ -100,14 +90,14 @@ struct Case {
 };
 
 std::vector<Case> full_size_cases() {
-  const auto [unet21, none] = unet_config("sd21", "unet_sd21");
-  const auto [unetxl, text_time] = unet_config("sdxl", "unet_sdxl");
+  const auto unet21 = unet_config("sd21", "unet_sd21");
+  const auto unetxl = unet_config("sdxl", "unet_sdxl");
   const auto& m21 = family_manifest("sd21");
   const auto& mxl = family_manifest("sdxl");
   return {
-      {"sd21 UNet", {sd::kLdmUNetPrefix, sd::ldm_unet_keys(unet21, none), {}},
+      {"sd21 UNet", {sd::kLdmUNetPrefix, sd::ldm_unet_keys(unet21), {}},
        manifest_keys(m21.at("keys_unet_full"))},
-      {"sdxl UNet", {sd::kLdmUNetPrefix, sd::ldm_unet_keys(unetxl, text_time), {}},
+      {"sdxl UNet", {sd::kLdmUNetPrefix, sd::ldm_unet_keys(unetxl), {}},
        manifest_keys(mxl.at("keys_unet_full"))},
       {"sd21 text encoder", sd::ldm_open_clip_keys(text_config("sd21", "text_encoder_sd21")),
        manifest_keys(m21.at("keys_text_encoder_sd21"))},
@@ -182,9 +172,9 @@ TEST(LdmKeysXL, UNetTablesChangeNoTensorAndFollowEachLevel) {
   // SDXL: level 0 has no attention (input_blocks.1/2, output_blocks.6-8 are resnets only), the
   // last up level no upsampler, and no attention key names a transformer_blocks index past its
   // level's depth.
-  const auto [config, text_time] = unet_config("sdxl", "unet_sdxl");
+  const auto config = unet_config("sdxl", "unet_sdxl");
   std::set<std::string> ldm;
-  for (const auto& pair : sd::ldm_unet_keys(config, text_time)) ldm.insert(pair.ldm);
+  for (const auto& pair : sd::ldm_unet_keys(config)) ldm.insert(pair.ldm);
   const std::string p = sd::kLdmUNetPrefix;
   for (const auto& key : ldm) {
     for (const char* block : {"input_blocks.1.1.", "input_blocks.2.1.", "output_blocks.6.1.",
@@ -301,8 +291,8 @@ void expect_same_tensors(const scedit::TensorMap& a, const scedit::TensorMap& b,
 
 /// The SDXL tiny fixtures (and the SD 1.5 tiny VAE, whose layout SDXL shares) as components.
 std::pair<sd::LdmComponents, sd::LdmLayout> sdxl_tiny() {
-  const auto [unet, text_time] = unet_config("sdxl", "unet_tiny");
-  EXPECT_EQ(text_time, sd::UNetAddEmbedding::kTextTime);
+  const auto unet = unet_config("sdxl", "unet_tiny");
+  EXPECT_TRUE(unet.has_text_time());
   sd::LdmComponents parts;
   parts.unet = fixture_of("sdxl", "unet_tiny.safetensors");
   parts.vae = scedit_test::fixture("vae_tiny.safetensors");
@@ -350,7 +340,7 @@ TEST(LdmKeysXL, SDXLRoundTripThroughAFileIsBitwise) {
 }
 
 TEST(LdmKeysXL, SD21RoundTripPassesOverTheUnusedLastBlock) {
-  const auto [unet, none] = unet_config("sd21", "unet_tiny");
+  const auto unet = unet_config("sd21", "unet_tiny");
   const auto text = text_config("sd21", "text_encoder_tiny");
   const auto layout = sd::sd21_ldm_layout(
       unet, sd::VAEConfig::from_json(scedit_test::config_json("vae_tiny")), text);
@@ -439,8 +429,11 @@ TEST(LdmKeysXL, RefusesQKVPartsThatDoNotFuse) {
   EXPECT_THAT(error_of([&] { sd::ldm_to_diffusers(flat, layout); }),
               AllOf(HasSubstr("'conditioner.embedders.1.model.text_projection'"),
                     HasSubstr("[1920]")));
-  // Without label_emb (a UNet table of SD 2.x), an SDXL file's add embedding is unexpected.
-  const auto [unet, text_time] = unet_config("sdxl", "unet_tiny");
+  // Without "text_time" (no label_emb in the table), an SDXL file's add embedding is unexpected.
+  auto unet = unet_config("sdxl", "unet_tiny");
+  unet.addition_embed_type.clear();
+  unet.addition_time_embed_dim = 0;
+  unet.projection_class_embeddings_input_dim = 0;
   auto no_added = layout;
   no_added.unet.pairs = sd::ldm_unet_keys(unet);
   EXPECT_THAT(error_of([&] { sd::ldm_to_diffusers(flat, no_added); }),

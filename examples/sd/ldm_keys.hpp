@@ -31,12 +31,6 @@
 
 namespace sd {
 
-/// Extra UNet tensors that `UNetConfig`'s fields do not describe (yet).
-enum class UNetAddEmbedding {
-  kNone,     ///< SD 1.x / 2.x: none.
-  kTextTime  ///< SDXL (`addition_embed_type` "text_time"): `add_embedding.linear_{1,2}`.
-};
-
 namespace detail {
 
 /// True when a diffusers block type has attention layers (`CrossAttnDownBlock2D`, ...).
@@ -101,8 +95,8 @@ inline void vae_attention(KeyTable& t, const std::string& ldm, const std::string
 /// embedding, `input_blocks` (conv_in and the encoder) and `middle_block`. LDM numbers the
 /// encoder `input_blocks.{k}`: k = 0 is conv_in; then, per level, one block per resnet
 /// (+attention) and one for the downsampler.
-inline void ldm_unet_encoder_keys(KeyTable& t, const UNetConfig& config, const std::string& p,
-                                  UNetAddEmbedding add_embedding = UNetAddEmbedding::kNone) {
+inline void ldm_unet_encoder_keys(KeyTable& t, const UNetConfig& config,
+                                  const std::string& p) {
   const auto& channels = config.block_out_channels;
   const int64_t levels = static_cast<int64_t>(channels.size());
   const int64_t layers = config.layers_per_block;
@@ -110,7 +104,7 @@ inline void ldm_unet_encoder_keys(KeyTable& t, const UNetConfig& config, const s
 
   t.wb(p + "time_embed.0", "time_embedding.linear_1");
   t.wb(p + "time_embed.2", "time_embedding.linear_2");
-  if (add_embedding == UNetAddEmbedding::kTextTime) {
+  if (config.has_text_time()) {
     // sgm's `label_emb`: Sequential(Sequential(linear, SiLU, linear)) (num_classes "sequential").
     t.wb(p + "label_emb.0.0", "add_embedding.linear_1");
     t.wb(p + "label_emb.0.2", "add_embedding.linear_2");
@@ -176,14 +170,14 @@ inline void clip_text_keys(KeyTable& t, const CLIPTextConfig& config, const std:
 /// (`input_blocks.{k}.0`), its decoder upsampler is `output_blocks.{k}.1.conv`, and a transformer
 /// of depth D has `transformer_blocks.{0..D-1}` (the mid block the last level's depth, up block i
 /// level n-1-i's). `use_linear_projection` changes only proj_in/proj_out's shapes ([C, C] in both
-/// layouts), no name. SDXL adds `label_emb.0.{0,2}` (`add_embedding`, see `UNetAddEmbedding`).
-inline std::vector<KeyPair> ldm_unet_keys(const UNetConfig& config,
-                                          UNetAddEmbedding add_embedding) {
+/// layouts), no name. SDXL ("text_time" added conditioning) adds `label_emb.0.{0,2}`
+/// (`add_embedding.linear_{1,2}`).
+inline std::vector<KeyPair> ldm_unet_keys(const UNetConfig& config) {
   const std::string p = kLdmUNetPrefix;
   const int64_t levels = static_cast<int64_t>(config.block_out_channels.size());
   const int64_t layers = config.layers_per_block;
   detail::KeyTable t;
-  detail::ldm_unet_encoder_keys(t, config, p, add_embedding);
+  detail::ldm_unet_encoder_keys(t, config, p);
 
   // Decoder: level i holds `layers + 1` resnets (+ attentions); the last one of every level but
   // the final carries the upsampler (`.1.conv` without attention, `.2.conv` with).
@@ -207,11 +201,6 @@ inline std::vector<KeyPair> ldm_unet_keys(const UNetConfig& config,
   t.wb(p + "out.0", "conv_norm_out");
   t.wb(p + "out.2", "conv_out");
   return t.pairs;
-}
-
-/// SD 1.x / 2.x's UNet tensors (no added embedding); see the overload above.
-inline std::vector<KeyPair> ldm_unet_keys(const UNetConfig& config) {
-  return ldm_unet_keys(config, UNetAddEmbedding::kNone);
 }
 
 /// Every VAE tensor: LDM `first_stage_model.*` <-> diffusers `AutoencoderKL` keys.

@@ -6,8 +6,8 @@
 /// the diffusers / transformers layout of this example's models.
 ///
 /// The UNet and the VAE use ldm_keys.hpp's tables, which follow every level's configuration
-/// (attention or not, transformer depth, linear projections); SDXL adds `label_emb`
-/// (`UNetAddEmbedding::kTextTime`). The text encoders differ:
+/// (attention or not, transformer depth, linear projections, SDXL's `label_emb` for its
+/// "text_time" added conditioning). The text encoders differ:
 /// - SD 2.x's OpenCLIP ViT-H (`FrozenOpenCLIPEmbedder`) keeps OpenCLIP's names:
 ///   `token_embedding.weight`, `positional_embedding`, `transformer.resblocks.{i}.{ln_1,
 ///   attn.in_proj_{weight,bias}, attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}`, `ln_final`, with q,
@@ -146,10 +146,11 @@ inline LdmLayout sd21_ldm_layout(const UNetConfig& unet, const VAEConfig& vae,
           std::nullopt};
 }
 
-/// SDXL base: the UNet with `label_emb` (text_time), the VAE, CLIP ViT-L and OpenCLIP ViT-bigG.
+/// SDXL base: the UNet (with `label_emb` where the configuration has "text_time" added
+/// conditioning, as SDXL's does), the VAE, CLIP ViT-L and OpenCLIP ViT-bigG.
 inline LdmLayout sdxl_ldm_layout(const UNetConfig& unet, const VAEConfig& vae,
                                  const CLIPTextConfig& text, const CLIPTextConfig& text_2) {
-  return {{kLdmUNetPrefix, ldm_unet_keys(unet, UNetAddEmbedding::kTextTime), {}},
+  return {{kLdmUNetPrefix, ldm_unet_keys(unet), {}},
           {kLdmVAEPrefix, ldm_vae_keys(vae), {}},
           sdxl_clip_keys(text),
           sdxl_open_clip_keys(text_2)};
