@@ -10,7 +10,9 @@
 #include <nlohmann/json.hpp>
 
 #include <scedit/safetensors.hpp>
+#include <sd/clip_projection.hpp>
 #include <sd/ldm_keys_xl.hpp>
+#include <sd/unet.hpp>
 
 #include "test_util.hpp"
 
@@ -20,7 +22,6 @@
 #include <map>
 #include <numeric>
 #include <set>
-#include <sstream>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -59,23 +60,22 @@ sd::CLIPTextConfig text_config(const std::string& family, const std::string& nam
   return sd::CLIPTextConfig::from_json(config_of(family, name));
 }
 
-/// Keys without transformers' `text_model.` (this example's layout), the rest as they are.
-std::map<std::string, torch::Tensor> without_text_model(const scedit::TensorMap& tensors) {
-  scedit::TensorMap out;
-  for (const auto& [key, tensor] : tensors) {
-    out.emplace(key.rfind("text_model.", 0) == 0 ? key.substr(11) : key, tensor);
+/// `map` with transformers' `text_model.` taken off its keys when `strip` (`CLIPTextModel`'s
+/// layout here; `CLIPTextModelWithProjection` keeps it).
+template <typename V>
+std::map<std::string, V> without_text_model(const std::map<std::string, V>& map,
+                                            bool strip = true) {
+  std::map<std::string, V> out;
+  for (const auto& [key, value] : map) {
+    out.emplace(strip && key.rfind("text_model.", 0) == 0 ? key.substr(11) : key, value);
   }
   return out;
 }
 
-/// A manifest key list (diffusers key -> shape), keys without `text_model.`.
-std::map<std::string, std::vector<int64_t>> manifest_keys(const json& keys) {
-  std::map<std::string, std::vector<int64_t>> out;
-  for (const auto& [key, shape] : keys.items()) {
-    out.emplace(key.rfind("text_model.", 0) == 0 ? key.substr(11) : key,
-                shape.get<std::vector<int64_t>>());
-  }
-  return out;
+/// A manifest key list: diffusers key -> shape.
+using Shapes = std::map<std::string, std::vector<int64_t>>;
+Shapes manifest_keys(const json& keys, bool strip = true) {
+  return without_text_model(keys.get<Shapes>(), strip);
 }
 
 scedit::TensorMap fixture_of(const std::string& family, const std::string& file) {
@@ -86,7 +86,7 @@ scedit::TensorMap fixture_of(const std::string& family, const std::string& file)
 struct Case {
   std::string name;
   sd::LdmComponentKeys keys;
-  std::map<std::string, std::vector<int64_t>> diffusers;  // key -> shape
+  Shapes diffusers;
 };
 
 std::vector<Case> full_size_cases() {
@@ -104,7 +104,7 @@ std::vector<Case> full_size_cases() {
       {"sdxl text encoder", sd::sdxl_clip_keys(text_config("sdxl", "text_encoder_sdxl")),
        manifest_keys(mxl.at("keys_text_encoder_sdxl"))},
       {"sdxl text encoder 2", sd::sdxl_open_clip_keys(text_config("sdxl", "text_encoder_2_sdxl")),
-       manifest_keys(mxl.at("keys_text_encoder_2_sdxl"))},
+       manifest_keys(mxl.at("keys_text_encoder_2_sdxl"), /*strip=*/false)},
   };
 }
 
@@ -187,6 +187,27 @@ TEST(LdmKeysXL, UNetTablesChangeNoTensorAndFollowEachLevel) {
   EXPECT_EQ(ldm.count(p + "input_blocks.5.1.transformer_blocks.2.attn1.to_q.weight"), 0u);
 }
 
+TEST(LdmKeysXL, TablesNameTheParametersOfThisExamplesModules) {
+  // What a file converts to loads straight into the modules: the diffusers side is their keys.
+  const auto module_keys = [](const torch::nn::Module& module) {
+    std::set<std::string> out;
+    for (const auto& item : module.named_parameters()) out.insert(item.key());
+    return out;
+  };
+  const auto table_keys = [](const std::vector<sd::KeyPair>& pairs) {
+    std::set<std::string> out;
+    for (const auto& pair : pairs) out.insert(pair.diffusers);
+    return out;
+  };
+  const auto unet = unet_config("sdxl", "unet_tiny");
+  EXPECT_EQ(module_keys(*sd::UNet(unet)), table_keys(sd::ldm_unet_keys(unet)));
+  const auto text_2 = text_config("sdxl", "text_encoder_2_tiny");
+  EXPECT_EQ(module_keys(*sd::CLIPTextModelWithProjection(text_2)),
+            table_keys(sd::sdxl_open_clip_keys(text_2).pairs));
+  const auto text = text_config("sd21", "text_encoder_tiny");
+  EXPECT_EQ(module_keys(*sd::CLIPTextModel(text)), table_keys(sd::ldm_open_clip_keys(text).pairs));
+}
+
 // ---- names from the reference converters --------------------------------------------------------
 
 TEST(LdmKeysXL, KnownNamesFromTheReferenceConverters) {
@@ -209,9 +230,9 @@ TEST(LdmKeysXL, KnownNamesFromTheReferenceConverters) {
        "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight",
        "embeddings.position_embedding.weight", T::kNone},
       {"sdxl text encoder 2", "conditioner.embedders.1.model.positional_embedding",
-       "embeddings.position_embedding.weight", T::kNone},
+       "text_model.embeddings.position_embedding.weight", T::kNone},
       {"sdxl text encoder 2", x2 + "transformer.resblocks.9.mlp.c_proj.bias",
-       "encoder.layers.9.mlp.fc2.bias", T::kNone},
+       "text_model.encoder.layers.9.mlp.fc2.bias", T::kNone},
       // The same file, DIFFUSERS_TO_LDM_MAPPING: "addition_embed_type" and "openclip".
       {"sdxl UNet", u + "label_emb.0.0.weight", "add_embedding.linear_1.weight", T::kNone},
       {"sdxl UNet", u + "label_emb.0.2.bias", "add_embedding.linear_2.bias", T::kNone},
@@ -227,7 +248,7 @@ TEST(LdmKeysXL, KnownNamesFromTheReferenceConverters) {
       {"sd21 text encoder", "cond_stage_model.model.transformer.resblocks.22.attn.in_proj_weight",
        "encoder.layers.22.self_attn.v_proj.weight", T::kFusedQKV},
       {"sdxl text encoder 2", x2 + "transformer.resblocks.31.attn.in_proj_bias",
-       "encoder.layers.31.self_attn.q_proj.bias", T::kFusedQKV},
+       "text_model.encoder.layers.31.self_attn.q_proj.bias", T::kFusedQKV},
       // diffusers scripts/convert_diffusers_to_original_sdxl.py (unet_conversion_map_layer):
       // input_blocks.{3(i+1)}.0.op, output_blocks.{3i+j}.1 (i < 2), the upsamplers at
       // output_blocks.{2,5}.2.conv, middle_block.{0,1,2}.
@@ -297,7 +318,7 @@ std::pair<sd::LdmComponents, sd::LdmLayout> sdxl_tiny() {
   parts.unet = fixture_of("sdxl", "unet_tiny.safetensors");
   parts.vae = scedit_test::fixture("vae_tiny.safetensors");
   parts.text_encoder = without_text_model(fixture_of("sdxl", "text_encoder_tiny.safetensors"));
-  parts.text_encoder_2 = without_text_model(fixture_of("sdxl", "text_encoder_2_tiny.safetensors"));
+  parts.text_encoder_2 = fixture_of("sdxl", "text_encoder_2_tiny.safetensors");
   const auto vae = sd::VAEConfig::from_json(scedit_test::config_json("vae_tiny"));
   return {parts, sd::sdxl_ldm_layout(unet, vae, text_config("sdxl", "text_encoder_tiny"),
                                      text_config("sdxl", "text_encoder_2_tiny"))};
@@ -308,7 +329,7 @@ TEST(LdmKeysXL, SDXLRoundTripThroughAFileIsBitwise) {
   const auto file = sd::diffusers_to_ldm(parts, layout);
   // Fused q/k/v: q, k, v stacked along dim 0; the projection transposed; label_emb as it was.
   const std::string b = "conditioner.embedders.1.model.transformer.resblocks.3.attn.";
-  const std::string d = "encoder.layers.3.self_attn.";
+  const std::string d = "text_model.encoder.layers.3.self_attn.";
   const auto& te2 = parts.text_encoder_2;
   EXPECT_TRUE(torch::equal(file.at(b + "in_proj_weight"),
                            torch::cat({te2.at(d + "q_proj.weight"), te2.at(d + "k_proj.weight"),
@@ -389,11 +410,9 @@ TEST(LdmKeysXL, RefusesAFusedProjectionOfTheWrongSize) {
   for (const auto& shape : shapes) {
     auto bad = file;
     bad[key] = torch::zeros(shape);
-    std::ostringstream printed;
-    printed << c10::IntArrayRef(shape);
     EXPECT_THAT(error_of([&] { sd::ldm_to_diffusers(bad, layout); }),
                 AllOf(HasSubstr("'" + key + "'"), HasSubstr("3 x 48 = 144 rows, [144, 48]"),
-                      HasSubstr("got " + printed.str())));
+                      HasSubstr("got " + c10::str(c10::IntArrayRef(shape)))));
   }
   auto bad_bias = file;
   const std::string bias = blocks + "0.attn.in_proj_bias";
@@ -406,16 +425,16 @@ TEST(LdmKeysXL, RefusesQKVPartsThatDoNotFuse) {
   const auto tiny = sdxl_tiny();
   const sd::LdmComponents& parts = tiny.first;
   const sd::LdmLayout& layout = tiny.second;
-  const std::string k = "encoder.layers.2.self_attn.k_proj.weight";
+  const std::string k = "text_model.encoder.layers.2.self_attn.k_proj.weight";
   auto wrong = parts;
   wrong.text_encoder_2[k] = torch::zeros({47, 48});
   EXPECT_THAT(error_of([&] { sd::diffusers_to_ldm(wrong, layout); }),
               AllOf(HasSubstr("'" + k + "'"), HasSubstr("[47, 48]"),
                     HasSubstr("model.transformer.resblocks.2.attn.in_proj_weight")));
   auto missing = parts;
-  missing.text_encoder_2.erase("encoder.layers.0.self_attn.v_proj.bias");
+  missing.text_encoder_2.erase("text_model.encoder.layers.0.self_attn.v_proj.bias");
   EXPECT_THAT(error_of([&] { sd::diffusers_to_ldm(missing, layout); }),
-              HasSubstr("lack key 'encoder.layers.0.self_attn.v_proj.bias'"));
+              HasSubstr("lack key 'text_model.encoder.layers.0.self_attn.v_proj.bias'"));
   // A fused part cannot be converted alone; a projection must be a matrix.
   const auto& pairs = layout.text_encoder_2->pairs;
   const auto fused = std::find_if(pairs.begin(), pairs.end(), [](const sd::KeyPair& p) {

@@ -273,8 +273,8 @@ struct LdmComponents {
   scedit::TensorMap unet;          ///< `UNet2DConditionModel` keys.
   scedit::TensorMap vae;           ///< `AutoencoderKL` keys.
   scedit::TensorMap text_encoder;  ///< `CLIPTextModel` keys without `text_model.`.
-  /// SDXL's second text encoder: `CLIPTextModelWithProjection` keys without `text_model.`
-  /// (ldm_keys_xl.hpp); empty for SD 1.x and 2.x.
+  /// SDXL's second text encoder: `CLIPTextModelWithProjection` keys (`text_model.*`,
+  /// `text_projection.weight`; ldm_keys_xl.hpp); empty for SD 1.x and 2.x.
   scedit::TensorMap text_encoder_2;
 };
 

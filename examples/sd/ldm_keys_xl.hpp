@@ -26,9 +26,10 @@
 ///   projection] (used as `x @ P`), transformers' `text_projection.weight` [projection, hidden]
 ///   transposed (`KeyTransform::kTranspose`). `logit_scale` is passed over.
 ///
-/// The diffusers side is this example's: transformers keys without `text_model.`, and the
-/// second SDXL encoder's projection as `text_projection.weight`. SDXL's refiner (OpenCLIP bigG
-/// alone, as `conditioner.embedders.0.model.`) is not covered.
+/// The diffusers side is the state dict of this example's modules: `CLIPTextModel`'s keys
+/// without `text_model.` (SD 2.x's and SDXL's first encoder), `CLIPTextModelWithProjection`'s
+/// with it, beside `text_projection.weight` (SDXL's second, as transformers names it). SDXL's
+/// refiner (OpenCLIP bigG alone, as `conditioner.embedders.0.model.`) is not covered.
 ///
 /// Example:
 /// @code
@@ -61,16 +62,17 @@ inline constexpr const char* kSgmOpenCLIPPrefix = "conditioner.embedders.1.model
 
 namespace detail {
 
-/// OpenCLIP's text transformer under `p` <-> transformers `CLIPTextModel` keys without
-/// `text_model.`, for the config's `num_hidden_layers` blocks.
-inline void open_clip_text_keys(KeyTable& t, const CLIPTextConfig& config, const std::string& p) {
+/// OpenCLIP's text transformer under `p` <-> transformers `CLIPTextModel` keys under `dp` ("" or
+/// "text_model."), for the config's `num_hidden_layers` blocks.
+inline void open_clip_text_keys(KeyTable& t, const CLIPTextConfig& config, const std::string& p,
+                                const std::string& dp) {
   config.validate();
   const int64_t width = config.hidden_size;  // the rows of each of q, k, v
-  t.add(p + "token_embedding.weight", "embeddings.token_embedding.weight");
-  t.add(p + "positional_embedding", "embeddings.position_embedding.weight");  // a bare Parameter
+  t.add(p + "token_embedding.weight", dp + "embeddings.token_embedding.weight");
+  t.add(p + "positional_embedding", dp + "embeddings.position_embedding.weight");  // a Parameter
   for (int64_t i = 0; i < config.num_hidden_layers; ++i) {
     const std::string ldm = p + "transformer.resblocks." + std::to_string(i) + ".";
-    const std::string d = "encoder.layers." + std::to_string(i) + ".";
+    const std::string d = dp + "encoder.layers." + std::to_string(i) + ".";
     t.wb(ldm + "ln_1", d + "layer_norm1");
     for (const char* kind : {"weight", "bias"}) {
       const std::string suffix = std::string("_proj.") + kind;
@@ -82,7 +84,7 @@ inline void open_clip_text_keys(KeyTable& t, const CLIPTextConfig& config, const
     t.wb(ldm + "mlp.c_fc", d + "mlp.fc1");
     t.wb(ldm + "mlp.c_proj", d + "mlp.fc2");
   }
-  t.wb(p + "ln_final", "final_layer_norm");
+  t.wb(p + "ln_final", dp + "final_layer_norm");
 }
 
 }  // namespace detail
@@ -93,7 +95,7 @@ inline void open_clip_text_keys(KeyTable& t, const CLIPTextConfig& config, const
 inline LdmComponentKeys ldm_open_clip_keys(const CLIPTextConfig& config) {
   const std::string p = kLdmOpenCLIPPrefix;
   detail::KeyTable t;
-  detail::open_clip_text_keys(t, config, p);
+  detail::open_clip_text_keys(t, config, p, "");
   return {p, t.pairs,
           {p + "transformer.resblocks." + std::to_string(config.num_hidden_layers) + ".",
            p + "text_projection", p + "logit_scale"}};
@@ -109,13 +111,13 @@ inline LdmComponentKeys sdxl_clip_keys(const CLIPTextConfig& config) {
 }
 
 /// SDXL's second text encoder: `conditioner.embedders.1.model.*` <->
-/// `CLIPTextModelWithProjection` keys without `text_model.` (`text_projection.weight`
-/// [projection_dim, hidden] is the file's `text_projection` [hidden, projection_dim]
-/// transposed; `logit_scale` passed over).
+/// `CLIPTextModelWithProjection` keys (`text_model.*` and `text_projection.weight`
+/// [projection_dim, hidden], the file's `text_projection` [hidden, projection_dim] transposed;
+/// `logit_scale` passed over).
 inline LdmComponentKeys sdxl_open_clip_keys(const CLIPTextConfig& config) {
   const std::string p = kSgmOpenCLIPPrefix;
   detail::KeyTable t;
-  detail::open_clip_text_keys(t, config, p);
+  detail::open_clip_text_keys(t, config, p, "text_model.");
   t.add(p + "text_projection", "text_projection.weight", KeyTransform::kTranspose);
   return {p, t.pairs, {p + "logit_scale"}};
 }
