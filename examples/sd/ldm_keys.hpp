@@ -9,9 +9,11 @@
 /// block, channels), following diffusers' conversion (`scripts/convert_original_stable_diffusion_
 /// to_diffusers.py`, `loaders/single_file_utils.py`: `convert_ldm_unet_checkpoint`,
 /// `convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint`), so the tiny test configurations
-/// and SD 1.5 use the same code. Every entry names one tensor on both sides; the only tensor
+/// and SD 1.5 use the same code. Every entry names one tensor on both sides; SD 1.5's only tensor
 /// change is the VAE mid-block attention, whose LDM 1×1 convolutions `q/k/v/proj_out` ([C, C, 1,
-/// 1]) are diffusers linears `to_q/to_k/to_v/to_out.0` ([C, C]).
+/// 1]) are diffusers linears `to_q/to_k/to_v/to_out.0` ([C, C]). The OpenCLIP text encoders of
+/// SD 2.x and SDXL (ldm_keys_xl.hpp) add two: a fused q/k/v projection split in three, and a
+/// transposed text projection. How the tensors move along a table: ldm_key_pairs.hpp.
 
 #include <torch/torch.h>
 
@@ -19,6 +21,7 @@
 
 #include <sd/clip.hpp>
 #include <sd/config.hpp>
+#include <sd/ldm_key_pairs.hpp>
 
 #include <map>
 #include <set>
@@ -28,45 +31,7 @@
 
 namespace sd {
 
-/// Key prefix of the UNet inside an LDM checkpoint.
-inline constexpr const char* kLdmUNetPrefix = "model.diffusion_model.";
-/// Key prefix of the VAE (the "first stage") inside an LDM checkpoint.
-inline constexpr const char* kLdmVAEPrefix = "first_stage_model.";
-/// Key prefix of the CLIP text encoder inside an LDM checkpoint (followed by `text_model.` in
-/// most checkpoints; older ones omit it).
-inline constexpr const char* kLdmTextPrefix = "cond_stage_model.transformer.";
-
-/// How a tensor changes between the two layouts.
-enum class KeyTransform {
-  kNone,            ///< Same tensor, same shape.
-  kConv1x1ToLinear  ///< LDM 1×1 convolution weight [O, I, 1, 1] <-> diffusers linear [O, I].
-};
-
-/// One tensor in both layouts.
-struct KeyPair {
-  /// Full key in the LDM single-file checkpoint (with its component prefix).
-  std::string ldm;
-  /// Key in the diffusers / transformers state dict of the component (no prefix).
-  std::string diffusers;
-  /// The tensor change between the two.
-  KeyTransform transform = KeyTransform::kNone;
-};
-
 namespace detail {
-
-/// Collects key pairs; `wb` adds the `.weight` and `.bias` of one layer.
-struct KeyTable {
-  std::vector<KeyPair> pairs;
-  void add(const std::string& ldm, const std::string& diffusers,
-           KeyTransform transform = KeyTransform::kNone) {
-    pairs.push_back({ldm, diffusers, transform});
-  }
-  void wb(const std::string& ldm, const std::string& diffusers,
-          KeyTransform weight_transform = KeyTransform::kNone) {
-    add(ldm + ".weight", diffusers + ".weight", weight_transform);
-    add(ldm + ".bias", diffusers + ".bias");
-  }
-};
 
 /// True when a diffusers block type has attention layers (`CrossAttnDownBlock2D`, ...).
 inline bool has_cross_attention(const std::string& block_type) {
@@ -139,6 +104,11 @@ inline void ldm_unet_encoder_keys(KeyTable& t, const UNetConfig& config,
 
   t.wb(p + "time_embed.0", "time_embedding.linear_1");
   t.wb(p + "time_embed.2", "time_embedding.linear_2");
+  if (config.has_text_time()) {
+    // sgm's `label_emb`: Sequential(Sequential(linear, SiLU, linear)) (num_classes "sequential").
+    t.wb(p + "label_emb.0.0", "add_embedding.linear_1");
+    t.wb(p + "label_emb.0.2", "add_embedding.linear_2");
+  }
   t.wb(p + "input_blocks.0.0", "conv_in");
 
   // Encoder: level i holds `layers` resnets (+ attentions), then a downsampler except at the end.
@@ -169,6 +139,26 @@ inline void ldm_unet_encoder_keys(KeyTable& t, const UNetConfig& config,
   detail::unet_resnet(t, p + "middle_block.2", "mid_block.resnets.1", false);
 }
 
+/// A transformers `CLIPTextModel` under `p` (`...text_model.`) <-> the same keys without
+/// `text_model.` (SD 1.x's `cond_stage_model.transformer.`, SDXL's first text encoder).
+inline void clip_text_keys(KeyTable& t, const CLIPTextConfig& config, const std::string& p) {
+  config.validate();
+  auto same = [&](const std::string& name) { t.wb(p + name, name); };
+  t.add(p + "embeddings.token_embedding.weight", "embeddings.token_embedding.weight");
+  t.add(p + "embeddings.position_embedding.weight", "embeddings.position_embedding.weight");
+  for (int64_t i = 0; i < config.num_hidden_layers; ++i) {
+    const std::string layer = "encoder.layers." + std::to_string(i) + ".";
+    for (const char* proj : {"k_proj", "v_proj", "q_proj", "out_proj"}) {
+      same(layer + "self_attn." + proj);
+    }
+    same(layer + "layer_norm1");
+    same(layer + "mlp.fc1");
+    same(layer + "mlp.fc2");
+    same(layer + "layer_norm2");
+  }
+  same("final_layer_norm");
+}
+
 }  // namespace detail
 
 /// Every UNet tensor: LDM `model.diffusion_model.*` <-> diffusers `UNet2DConditionModel` keys.
@@ -176,7 +166,12 @@ inline void ldm_unet_encoder_keys(KeyTable& t, const UNetConfig& config,
 /// LDM numbers the encoder `input_blocks.{k}` (k = 0 is conv_in; then, per level, one block per
 /// resnet (+attention) and one for the downsampler), the decoder `output_blocks.{k}`
 /// (layers_per_block + 1 per level, the last one holding the upsampler) and the middle
-/// `middle_block.{0,1,2}`.
+/// `middle_block.{0,1,2}`. A level without attention (SDXL's first) has resnets only
+/// (`input_blocks.{k}.0`), its decoder upsampler is `output_blocks.{k}.1.conv`, and a transformer
+/// of depth D has `transformer_blocks.{0..D-1}` (the mid block the last level's depth, up block i
+/// level n-1-i's). `use_linear_projection` changes only proj_in/proj_out's shapes ([C, C] in both
+/// layouts), no name. SDXL ("text_time" added conditioning) adds `label_emb.0.{0,2}`
+/// (`add_embedding.linear_{1,2}`).
 inline std::vector<KeyPair> ldm_unet_keys(const UNetConfig& config) {
   const std::string p = kLdmUNetPrefix;
   const int64_t levels = static_cast<int64_t>(config.block_out_channels.size());
@@ -268,91 +263,19 @@ inline std::vector<KeyPair> ldm_vae_keys(const VAEConfig& config) {
 /// transformers `CLIPTextModel` keys without their `text_model.` prefix (this example's layout).
 /// Checkpoints without the `text_model.` segment are read by `ldm_to_diffusers` too.
 inline std::vector<KeyPair> ldm_clip_keys(const CLIPTextConfig& config) {
-  const std::string p = std::string(kLdmTextPrefix) + "text_model.";
-  config.validate();
   detail::KeyTable t;
-  auto same = [&](const std::string& name) { t.wb(p + name, name); };
-  t.add(p + "embeddings.token_embedding.weight", "embeddings.token_embedding.weight");
-  t.add(p + "embeddings.position_embedding.weight", "embeddings.position_embedding.weight");
-  for (int64_t i = 0; i < config.num_hidden_layers; ++i) {
-    const std::string layer = "encoder.layers." + std::to_string(i) + ".";
-    for (const char* proj : {"k_proj", "v_proj", "q_proj", "out_proj"}) {
-      same(layer + "self_attn." + proj);
-    }
-    same(layer + "layer_norm1");
-    same(layer + "mlp.fc1");
-    same(layer + "mlp.fc2");
-    same(layer + "layer_norm2");
-  }
-  same("final_layer_norm");
+  detail::clip_text_keys(t, config, std::string(kLdmTextPrefix) + "text_model.");
   return t.pairs;
 }
 
-/// An LDM tensor in diffusers form (`kConv1x1ToLinear`: [O, I, 1, 1] -> [O, I]; a tensor already
-/// [O, I] passes, as some converted checkpoints store it so). A view, never a copy.
-inline torch::Tensor ldm_tensor_to_diffusers(const torch::Tensor& tensor, const KeyPair& pair) {
-  if (pair.transform == KeyTransform::kNone || tensor.dim() == 2) return tensor;
-  TORCH_CHECK(tensor.dim() == 4 && tensor.size(2) == 1 && tensor.size(3) == 1, "LDM key '",
-              pair.ldm, "': expected a 1x1 convolution weight [O, I, 1, 1], got ", tensor.sizes());
-  return tensor.flatten(1);  // [O, I, 1, 1] -> [O, I]
-}
-
-/// A diffusers tensor in LDM form (`kConv1x1ToLinear`: [O, I] -> [O, I, 1, 1]). A view.
-inline torch::Tensor diffusers_tensor_to_ldm(const torch::Tensor& tensor, const KeyPair& pair) {
-  if (pair.transform == KeyTransform::kNone) return tensor;
-  TORCH_CHECK(tensor.dim() == 2, "diffusers key '", pair.diffusers,
-              "': expected a linear weight [O, I], got ", tensor.sizes());
-  return tensor.unsqueeze(-1).unsqueeze(-1);  // [O, I] -> [O, I, 1, 1]
-}
-
-/// LDM checkpoint keys that carry no weights and are ignored (`position_ids` buffers).
-inline bool is_ignored_ldm_key(const std::string& key) {
-  const std::string suffix = "embeddings.position_ids";
-  return key.rfind(kLdmTextPrefix, 0) == 0 && key.size() >= suffix.size() &&
-         key.compare(key.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
-/// The tensors of one component of an LDM checkpoint under their diffusers names.
-///
-/// Strict: every key of `table` must be present (an error names the first missing LDM key and
-/// `source`), and every checkpoint key under `prefix` must be in the table (or ignorable). Keys
-/// outside `prefix` (other components, `model_ema.*`, `alphas_cumprod`, ...) are not looked at.
-/// For the text encoder, keys lacking the `text_model.` segment are accepted as well.
-/// The tensors returned are views of the checkpoint's (reshaped where the table says so).
-/// `file_keys`, when given, receives each diffusers key's checkpoint key (for messages).
-inline scedit::TensorMap ldm_component_to_diffusers(
-    const scedit::TensorMap& checkpoint, const std::vector<KeyPair>& table,
-    const std::string& prefix, const std::string& source = "the checkpoint",
-    std::map<std::string, std::string>* file_keys = nullptr) {
-  const std::string text_model = std::string(kLdmTextPrefix) + "text_model.";
-  scedit::TensorMap out;
-  std::set<std::string> used;
-  for (const auto& pair : table) {
-    auto it = checkpoint.find(pair.ldm);
-    if (it == checkpoint.end() && pair.ldm.rfind(text_model, 0) == 0) {
-      // Older checkpoints: cond_stage_model.transformer.<key> without text_model.
-      it = checkpoint.find(kLdmTextPrefix + pair.ldm.substr(text_model.size()));
-    }
-    TORCH_CHECK(it != checkpoint.end(), "missing key '", pair.ldm, "' (diffusers '", pair.diffusers,
-                "') in ", source);
-    used.insert(it->first);
-    if (file_keys != nullptr) (*file_keys)[pair.diffusers] = it->first;
-    TORCH_CHECK(out.emplace(pair.diffusers, ldm_tensor_to_diffusers(it->second, pair)).second,
-                "duplicate diffusers key '", pair.diffusers, "' in the key table");
-  }
-  for (const auto& [key, tensor] : checkpoint) {
-    if (key.rfind(prefix, 0) != 0 || used.count(key) != 0 || is_ignored_ldm_key(key)) continue;
-    TORCH_CHECK(false, "unexpected key '", key, "' in ", source,
-                " (not a tensor of this model configuration)");
-  }
-  return out;
-}
-
-/// The three components of an LDM single-file checkpoint, in diffusers / transformers layout.
+/// The components of an LDM single-file checkpoint, in diffusers / transformers layout.
 struct LdmComponents {
   scedit::TensorMap unet;          ///< `UNet2DConditionModel` keys.
   scedit::TensorMap vae;           ///< `AutoencoderKL` keys.
   scedit::TensorMap text_encoder;  ///< `CLIPTextModel` keys without `text_model.`.
+  /// SDXL's second text encoder: `CLIPTextModelWithProjection` keys (`text_model.*`,
+  /// `text_projection.weight`; ldm_keys_xl.hpp); empty for SD 1.x and 2.x.
+  scedit::TensorMap text_encoder_2;
 };
 
 /// Splits and renames a whole LDM checkpoint (strict per component, see
@@ -367,27 +290,6 @@ inline LdmComponents ldm_to_diffusers(const scedit::TensorMap& checkpoint,
   out.text_encoder =
       ldm_component_to_diffusers(checkpoint, ldm_clip_keys(text), kLdmTextPrefix, source);
   return out;
-}
-
-/// One component's diffusers tensors under their LDM names, added to `checkpoint`. Strict: each
-/// table key must be in `tensors` and `tensors` may hold no other key (`what` names the
-/// component in the error).
-inline void diffusers_component_to_ldm(const scedit::TensorMap& tensors,
-                                       const std::vector<KeyPair>& table, const std::string& what,
-                                       scedit::TensorMap& checkpoint) {
-  std::set<std::string> known;
-  for (const auto& pair : table) {
-    auto it = tensors.find(pair.diffusers);
-    TORCH_CHECK(it != tensors.end(), "diffusers_to_ldm: the ", what, " tensors lack key '",
-                pair.diffusers, "'");
-    known.insert(pair.diffusers);
-    TORCH_CHECK(checkpoint.emplace(pair.ldm, diffusers_tensor_to_ldm(it->second, pair)).second,
-                "diffusers_to_ldm: duplicate LDM key '", pair.ldm, "'");
-  }
-  for (const auto& [key, tensor] : tensors) {
-    TORCH_CHECK(known.count(key) != 0, "diffusers_to_ldm: unexpected ", what, " key '", key,
-                "' (not a tensor of this model configuration)");
-  }
 }
 
 /// A whole LDM single-file checkpoint from the three components' diffusers state dicts (views
