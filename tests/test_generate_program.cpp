@@ -129,7 +129,9 @@ TEST(GenerateProgram, BadInputsEndWithOneClearLine) {
   for (const auto& [arguments, expected, before_model] : cases) {
     const auto result = run_generate(arguments + " --output '" + (scratch() / "bad").string() + "'");
     EXPECT_NE(result.code, 0) << arguments;
-    if (before_model) EXPECT_EQ(result.out.find("no --model given"), std::string::npos) << arguments << "\n" << result.out;
+    if (before_model) {
+      EXPECT_EQ(result.out.find("no --model given"), std::string::npos) << arguments << "\n" << result.out;
+    }
     EXPECT_NE(result.err.find(expected), std::string::npos) << arguments << "\nstderr: " << result.err;
     EXPECT_EQ(std::count(result.err.begin(), result.err.end(), '\n'), 1) << arguments << "\nstderr: " << result.err;
   }

@@ -391,7 +391,9 @@ TEST(LoRAKeys, ClassifiesEveryLayout) {
     SCOPED_TRACE(c.key);
     const auto k = scedit::classify_lora_key(c.key);
     EXPECT_EQ(k.part, c.part);
-    if (c.part != P::alpha) EXPECT_EQ(k.format, c.format);  // an alpha does not tell the format
+    if (c.part != P::alpha) {  // an alpha does not tell the format
+      EXPECT_EQ(k.format, c.format);
+    }
     EXPECT_EQ(k.role, c.role);
     EXPECT_EQ(k.module, c.module);
   }
