@@ -95,9 +95,9 @@ struct LoRAKey {
   /// The key's part: LoRA's down (A) or up (B) weight, its alpha, a weight of a format this
   /// library does not read, or no LoRA key at all.
   enum class Part { down, up, alpha, unsupported, not_lora };
-  Part part = Part::not_lora;
-  LoRAFormat format = LoRAFormat::peft;
-  LoRARole role = LoRARole::unet;
+  Part part = Part::not_lora;            ///< What the key holds.
+  LoRAFormat format = LoRAFormat::peft;  ///< The layout its name is in.
+  LoRARole role = LoRARole::unet;        ///< The model it addresses.
   /// The module as the file names it (dots; Kohya's underscored), role prefix removed.
   std::string module;
   /// Whether `module` lost its dots (Kohya): it is matched against underscored paths.

@@ -126,7 +126,7 @@ struct LoRATarget {
 
 /// What a load did for one model.
 struct LoRARoleResult {
-  LoRARole role = LoRARole::unet;
+  LoRARole role = LoRARole::unet;        ///< The model.
   LoRAFormat format = LoRAFormat::peft;  ///< The layout of its keys.
   std::vector<std::string> paths;        ///< Module paths that received weights, in file order.
   std::vector<std::string> created;      ///< Of those, where the adapter was created / injected.
@@ -134,8 +134,9 @@ struct LoRARoleResult {
 
 /// What a load did.
 struct LoRALoadResult {
-  /// The layout family and format of the first model loaded (the UNet's when it has keys).
+  /// The layout family of the first model loaded (the UNet's when it has keys).
   LoRALayout layout = LoRALayout::peft;
+  /// The format of the first model loaded (the UNet's when it has keys).
   LoRAFormat format = LoRAFormat::peft;
   /// Module paths that received weights (every model's, in file order).
   std::vector<std::string> paths;
