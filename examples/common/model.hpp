@@ -23,28 +23,50 @@ namespace common {
 
 /// The `--model` and `--tokenizer` flags.
 struct ModelFlags {
-  /// A diffusers folder or a single-file checkpoint; empty: the built-in tiny model;
-  /// `random:sd15` / `random:sd21`: SD 1.5's / SD 2.1's architecture with random weights.
+  /// A diffusers folder or a single-file checkpoint; empty: the built-in tiny model; one of
+  /// `kBuiltIn`'s names: another model with random weights.
   std::string model;
   /// A tokenizer folder (vocab.json, merges.txt), which a single-file checkpoint lacks.
   std::string tokenizer;
 
-  /// Whether the model has random weights (the built-in tiny model, `random:sd15` or
-  /// `random:sd21`): such a model can train on generated demo data, but its images are noise.
-  bool random_weights() const {
-    return model.empty() || model == kRandomSD15 || model == kRandomSD21;
+  /// A model with random weights that `--model` can name.
+  struct BuiltIn {
+    const char* name;  ///< the `--model` value
+    const char* what;  ///< what it is, printed when it is chosen
+    sd::StableDiffusion (*make)(uint64_t seed, torch::Dtype dtype);  ///< builds it on the CPU
+  };
+  /// The models with random weights `--model` can name: the tiny SDXL (for trying the programs on
+  /// SDXL's layout) and the full-size architectures (for measuring speed and memory).
+  static constexpr BuiltIn kBuiltIn[] = {
+      {"tiny:sdxl", "the built-in tiny SDXL (SDXL base's layout, random weights): it runs the "
+                    "whole SDXL path in seconds, but its images are noise", sd::tiny_sdxl_pipeline},
+      {"random:sd15", "SD 1.5's architecture with random weights, for measuring speed and memory "
+                      "at real size", sd::random_sd15_pipeline},
+      {"random:sd21", "SD 2.1's architecture (768-v) with random weights, for measuring speed and "
+                      "memory at real size", sd::random_sd21_pipeline},
+      {"random:sdxl", "SDXL base's architecture with random weights, for measuring speed and "
+                      "memory at real size", sd::random_sdxl_pipeline},
+  };
+
+  /// The built-in model `--model` names, or null for weights from a file or folder (and for
+  /// the default tiny model, which `model` leaves empty).
+  const BuiltIn* built_in() const {
+    for (const auto& entry : kBuiltIn) {
+      if (model == entry.name) return &entry;
+    }
+    return nullptr;
   }
-  /// The `--model` value of SD 1.5's architecture with random weights.
-  static constexpr const char* kRandomSD15 = "random:sd15";
-  /// The `--model` value of SD 2.1's (768-v) architecture with random weights.
-  static constexpr const char* kRandomSD21 = "random:sd21";
+  /// Whether the model has random weights (the built-in tiny model or one of `kBuiltIn`): such a
+  /// model can train on generated demo data, but its images are noise.
+  bool random_weights() const { return model.empty() || built_in() != nullptr; }
 };
 
 /// Adds `--model` and `--tokenizer` to `app`.
 inline void add_model_flags(CLI::App& app, ModelFlags& flags) {
   app.add_option("--model", flags.model, "Diffusers folder, or single-file checkpoint (.safetensors or .ckpt) "
-                 "(empty: the built-in tiny model; random:sd15 / random:sd21: SD 1.5's / SD 2.1's "
-                 "architecture with random weights, for speed and memory measurements)")->group("Model");
+                 "of SD 1.x, 2.x or SDXL (empty: the built-in tiny model; tiny:sdxl: a tiny SDXL; "
+                 "random:sd15 / random:sd21 / random:sdxl: the full architectures with random weights, "
+                 "for speed and memory measurements)")->group("Model");
   app.add_option("--tokenizer", flags.tokenizer, "Tokenizer folder (vocab.json, merges.txt) for "
                  "a single-file checkpoint")->group("Model");
 }
@@ -81,20 +103,19 @@ inline sd::StableDiffusion load_model(const ModelFlags& flags, const torch::Devi
   check_model_flags(flags);
   const auto dtype = sd::compute_dtype(precision);
   sd::StableDiffusion pipe;
+  if (const auto* built_in = flags.built_in()) {
+    std::printf("--model %s: %s\n", built_in->name, built_in->what);
+    pipe = built_in->make(seed, torch::kFloat32);
+  } else if (flags.model.empty()) {
+    std::printf("no --model given: the built-in tiny model (SD 1.5's layout, random weights): it "
+                "runs the whole path in seconds, but its images are noise\n");
+    pipe = sd::tiny_pipeline(seed);
+  }
   if (flags.random_weights()) {
-    const bool tiny = flags.model.empty();
-    const bool sd21 = flags.model == ModelFlags::kRandomSD21;
-    std::printf("%s\n", tiny ? "no --model given: the built-in tiny model (SD 1.5's layout, random "
-                               "weights): it runs the whole path in seconds, but its images are noise"
-                 : sd21 ? "--model random:sd21: SD 2.1's architecture (768-v) with random weights, "
-                          "for measuring speed and memory at real size"
-                        : "--model random:sd15: SD 1.5's architecture with random weights, for "
-                          "measuring speed and memory at real size");
-    pipe = tiny ? sd::tiny_pipeline(seed)
-                : sd21 ? sd::random_sd21_pipeline(seed) : sd::random_sd15_pipeline(seed);
-    pipe.unet->to(device, dtype);
-    pipe.vae->to(device, dtype);
-    pipe.text_encoder->to(device, dtype);
+    for (auto* module : std::initializer_list<torch::nn::Module*>{
+             pipe.unet.get(), pipe.vae.get(), pipe.text_encoder.get(), pipe.text_encoder_2.get()}) {
+      if (module != nullptr) module->to(device, dtype);
+    }
   } else {
     const auto start = std::chrono::steady_clock::now();
     auto options = sd::WeightsOptions().dtype(dtype).device(device);
@@ -103,7 +124,9 @@ inline sd::StableDiffusion load_model(const ModelFlags& flags, const torch::Devi
     std::printf("model: %s (%.1f s)\n", flags.model.c_str(),
                 std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   }
-  for (auto* module : std::initializer_list<torch::nn::Module*>{pipe.vae.get(), pipe.text_encoder.get()}) {
+  for (auto* module : std::initializer_list<torch::nn::Module*>{pipe.vae.get(), pipe.text_encoder.get(),
+                                                              pipe.text_encoder_2.get()}) {
+    if (module == nullptr) continue;
     module->eval();
     for (auto& p : module->parameters()) p.set_requires_grad(false);
   }

@@ -1,15 +1,18 @@
 #pragma once
 /// @file stable_diffusion.hpp
-/// @brief A Stable Diffusion as one value — the UNet, the VAE, the text encoder, the tokenizer and
-/// their configurations — and what every user of it needs: prompts to text embeddings, images to
-/// latents and back (the VAE's scaling and shift factors, in one place), and the image sizes the
-/// model takes.
+/// @brief A Stable Diffusion as one value — the UNet, the VAE, the text encoder(s), the
+/// tokenizer(s) and their configurations, for SD 1.x, SD 2.x and SDXL alike — and what every user
+/// of it needs: prompts to text conditioning (SDXL's pooled embedding and size conditioning
+/// included), images to latents and back (the VAE's scaling and shift factors, in one place), and
+/// the image sizes the model takes.
 ///
 /// Images reach the models as float [B, 3, H, W] in [-1, 1] (`to_float`) and leave them as uint8
 /// [B, H, W, 3] (`to_uint8`); latents are what the UNet sees: `(z − shift) · scaling_factor`.
 
 #include <sd/clip.hpp>
+#include <sd/clip_projection.hpp>
 #include <sd/config.hpp>
+#include <sd/embeddings.hpp>
 #include <sd/tokenizer.hpp>
 #include <sd/unet.hpp>
 #include <sd/vae.hpp>
@@ -26,20 +29,78 @@
 
 namespace sd {
 
-/// A Stable Diffusion: the three models, the tokenizer and their configurations. Made by
+/// A Stable Diffusion: the models, the tokenizers and their configurations. SD 1.x and 2.x have
+/// one text encoder; SDXL has a second one with its own tokenizer (`text_encoder_2`,
+/// `tokenizer_2`, set together) and a UNet that takes added conditioning (`is_sdxl`). Made by
 /// `load_pipeline` (weights.hpp) or, with random weights, by tiny.hpp.
 struct StableDiffusion {
   UNet unet{nullptr};                   ///< The denoiser.
   VAE vae{nullptr};                     ///< Image <-> latent autoencoder.
-  CLIPTextModel text_encoder{nullptr};  ///< Prompt encoder.
+  CLIPTextModel text_encoder{nullptr};  ///< Prompt encoder (SDXL: CLIP ViT-L).
   std::optional<CLIPTokenizer> tokenizer;  ///< Prompt tokenizer (always set by load_pipeline).
+  /// SDXL's second prompt encoder (OpenCLIP ViT-bigG with its projection); empty otherwise.
+  CLIPTextModelWithProjection text_encoder_2{nullptr};
+  /// SDXL's second tokenizer (it pads with "!" where the first pads with its end token).
+  std::optional<CLIPTokenizer> tokenizer_2;
   UNetConfig unet_config;               ///< The UNet's configuration.
   VAEConfig vae_config;                 ///< The VAE's configuration (its scaling and shift factors).
   CLIPTextConfig text_config;           ///< The text encoder's configuration.
+  CLIPTextConfig text_config_2;         ///< `text_encoder_2`'s configuration (SDXL only).
   /// `scheduler/scheduler_config.json` when the folder has one, else null.
   nlohmann::json scheduler_config;
-  /// Where each part came from: "unet", "vae", "text_encoder" (weights files), "tokenizer".
+  /// Where each part came from: "unet", "vae", "text_encoder", "text_encoder_2" (weights
+  /// files), "tokenizer", "tokenizer_2".
   std::map<std::string, std::filesystem::path> files;
+
+  /// Whether this is an SDXL: a second text encoder, and a UNet that reads the pooled prompt
+  /// embedding and the size conditioning (`UNetAddedConditions`).
+  bool is_sdxl() const { return !text_encoder_2.is_empty(); }
+};
+
+/// A batch of prompts as the UNet reads them.
+struct TextConditioning {
+  /// [B, 77, D]: the UNet's `encoder_hidden_states`.
+  torch::Tensor context;
+  /// [B, P]: SDXL's pooled embedding (`text_embeds`, P = 1280); undefined for SD 1.x and 2.x.
+  torch::Tensor pooled;
+
+  /// The rows `start` to `end` of both.
+  TextConditioning slice(int64_t start, int64_t end) const {
+    return {context.slice(0, start, end), pooled.defined() ? pooled.slice(0, start, end) : pooled};
+  }
+  /// Both on `device` in `dtype`.
+  TextConditioning to(torch::Device device, torch::Dtype dtype) const {
+    return {context.to(device, dtype), pooled.defined() ? pooled.to(device, dtype) : pooled};
+  }
+};
+
+/// SDXL's size conditioning of one image, in pixels (diffusers' `original_size`,
+/// `crops_coords_top_left`, `target_size`): the size of the image the model should take it to
+/// have come from, where the crop that made it began, and the size made. Training records what
+/// the dataset did to each image; generation asks for an uncropped image of the size it makes.
+struct SizeConditioning {
+  int64_t original_height = 0;  ///< Height of the source image.
+  int64_t original_width = 0;   ///< Width of the source image.
+  int64_t crop_top = 0;         ///< Top of the crop taken from it (after resizing).
+  int64_t crop_left = 0;        ///< Left of the crop taken from it (after resizing).
+  int64_t target_height = 0;    ///< Height of the image made.
+  int64_t target_width = 0;     ///< Width of the image made.
+
+  /// An uncropped `height` × `width` image from a source of the same size.
+  static SizeConditioning uncropped(int64_t height, int64_t width) {
+    return {height, width, 0, 0, height, width};
+  }
+  /// The six time ids in the UNet's order: float32 [6].
+  torch::Tensor time_ids() const {
+    for (int64_t v : {original_height, original_width, target_height, target_width}) {
+      TORCH_CHECK(v > 0, "size conditioning: sizes must be positive, got original ",
+                  original_height, "x", original_width, ", target ", target_height, "x", target_width);
+    }
+    TORCH_CHECK(crop_top >= 0 && crop_left >= 0, "size conditioning: the crop must start at or "
+                "after the top left, got (", crop_top, ", ", crop_left, ")");
+    return torch::tensor({original_height, original_width, crop_top, crop_left, target_height,
+                          target_width}, torch::kFloat32);
+  }
 };
 
 namespace detail {
@@ -68,16 +129,63 @@ inline int64_t default_image_size(const StableDiffusion& sd) {
 
 // ---- text --------------------------------------------------------------------------------------
 
-/// Text embeddings of `prompts`: tokenized, then the text encoder's last hidden state,
-/// [B, 77, D], on the text encoder's device and in its dtype (no graph).
-inline torch::Tensor encode_prompts(StableDiffusion& sd, const std::vector<std::string>& prompts) {
-  TORCH_CHECK(sd.tokenizer.has_value(), "encode_prompts: the pipeline has no tokenizer");
-  TORCH_CHECK(!sd.text_encoder.is_empty(), "encode_prompts: the pipeline has no text encoder");
-  TORCH_CHECK(!prompts.empty(), "encode_prompts: no prompts");
-  torch::NoGradGuard no_grad;
+/// The token ids of `prompts` for `sd`'s text encoder(s), on the text encoder's device: int64
+/// [B, 77], or for SDXL [B, 2, 77] (the first tokenizer's ids, then the second's).
+inline torch::Tensor tokenize_prompts(const StableDiffusion& sd, const std::vector<std::string>& prompts) {
+  TORCH_CHECK(sd.tokenizer.has_value(), "tokenize_prompts: the pipeline has no tokenizer");
+  TORCH_CHECK(!sd.text_encoder.is_empty(), "tokenize_prompts: the pipeline has no text encoder");
+  TORCH_CHECK(!prompts.empty(), "tokenize_prompts: no prompts");
   const auto device = detail::first_parameter(*sd.text_encoder, "text encoder").device();
-  const torch::Tensor ids = (*sd.tokenizer)(prompts).to(device);  // int64 [B, 77]
-  return sd.text_encoder->forward(ids).last_hidden_state;        // [B, 77, D]
+  if (!sd.is_sdxl()) return (*sd.tokenizer)(prompts).to(device);  // [B, 77]
+  TORCH_CHECK(sd.tokenizer_2.has_value(), "tokenize_prompts: the SDXL pipeline has no second tokenizer");
+  return torch::stack({(*sd.tokenizer)(prompts), (*sd.tokenizer_2)(prompts)}, 1).to(device);  // [B, 2, 77]
+}
+
+/// The conditioning of token ids from `tokenize_prompts`, with the graph of whatever in the
+/// text encoders trains: SD 1.x and 2.x, the text encoder's last hidden state (after its final
+/// LayerNorm); SDXL, both encoders' penultimate layers side by side and the second's pooled
+/// projection (`sdxl_text_conditioning`).
+inline TextConditioning encode_tokens(StableDiffusion& sd, const torch::Tensor& ids) {
+  if (!sd.is_sdxl()) {
+    TORCH_CHECK(ids.dim() == 2, "encode_tokens: expected token ids [B, L], got ", ids.sizes());
+    return {sd.text_encoder->forward(ids).last_hidden_state, {}};  // [B, 77, D]
+  }
+  TORCH_CHECK(ids.dim() == 3 && ids.size(1) == 2,
+              "encode_tokens: SDXL takes the ids of both tokenizers [B, 2, L], got ", ids.sizes());
+  auto text = sdxl_text_conditioning(*sd.text_encoder, *sd.text_encoder_2, ids.select(1, 0),
+                                     ids.select(1, 1));
+  return {std::move(text.context), std::move(text.text_embeds)};  // [B, 77, D1 + D2], [B, P]
+}
+
+/// The conditioning of `prompts` (`tokenize_prompts`, then `encode_tokens`), on the text
+/// encoder's device and in its dtype, without a graph.
+inline TextConditioning encode_text(StableDiffusion& sd, const std::vector<std::string>& prompts) {
+  torch::NoGradGuard no_grad;
+  return encode_tokens(sd, tokenize_prompts(sd, prompts));
+}
+
+/// The context alone of `encode_text` ([B, 77, D]): all an SD 1.x or 2.x UNet reads.
+inline torch::Tensor encode_prompts(StableDiffusion& sd, const std::vector<std::string>& prompts) {
+  return encode_text(sd, prompts).context;
+}
+
+/// What an SDXL UNet reads beside the context: `pooled` [B, P] and one size conditioning for the
+/// whole batch or one per row, as time ids [B, 6] on `pooled`'s device and in its dtype. Empty
+/// (nothing to add) for a UNet without added conditioning, whatever is given.
+inline UNetAddedConditions added_conditions(const StableDiffusion& sd, const torch::Tensor& pooled,
+                                            const std::vector<SizeConditioning>& sizes) {
+  if (!sd.unet_config.has_text_time()) return {};
+  TORCH_CHECK(pooled.defined() && pooled.dim() == 2, "added_conditions: the UNet reads a pooled "
+              "text embedding [B, P] (SDXL's second text encoder), got ",
+              pooled.defined() ? pooled.sizes() : torch::IntArrayRef{});
+  const int64_t batch = pooled.size(0);
+  TORCH_CHECK(sizes.size() == 1 || static_cast<int64_t>(sizes.size()) == batch, "added_conditions: ",
+              sizes.size(), " size conditionings for a batch of ", batch);
+  std::vector<torch::Tensor> rows;
+  for (const auto& size : sizes) rows.push_back(size.time_ids());
+  auto time_ids = torch::stack(rows);  // [1 or B, 6]
+  if (time_ids.size(0) != batch) time_ids = time_ids.expand({batch, -1});
+  return {pooled, time_ids.to(pooled.device(), pooled.scalar_type()).contiguous()};
 }
 
 // ---- pixels ------------------------------------------------------------------------------------

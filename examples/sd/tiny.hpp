@@ -124,7 +124,9 @@ inline std::vector<std::string> clip_byte_symbols() {
 /// temporary folder, read and removed. Its merges file must hold at least one rule; the one
 /// written (`<|startoftext|> <|endoftext|>`) can never fire, since BPE only ever sees byte
 /// symbols and their concatenations, so the tokenizer is purely byte-level.
-inline CLIPTokenizer tiny_tokenizer() {
+///
+/// `options` as for any CLIP tokenizer (SDXL's second pads with `!`).
+inline CLIPTokenizer tiny_tokenizer(CLIPTokenizerOptions options = {}) {
   const auto symbols = detail::clip_byte_symbols();
   nlohmann::json vocab = nlohmann::json::object();
   int64_t id = 0;
@@ -160,23 +162,32 @@ inline CLIPTokenizer tiny_tokenizer() {
     out << "#version: 0.2\n" << CLIPTokenizer::kBosToken << ' ' << CLIPTokenizer::kEosToken << '\n';
     TORCH_CHECK(out.good(), "tiny_tokenizer: cannot write '", (folder / "merges.txt").string(), "'");
   }
-  return CLIPTokenizer(folder.string());
+  return CLIPTokenizer(folder.string(), std::move(options));
 }
 
 /// A Stable Diffusion of the given configurations with random weights drawn from `seed` (the
 /// same seed gives the same weights; the global random generator's state is restored afterwards;
 /// do not build modules on other threads meanwhile), in `dtype`, on the CPU, in eval mode, with
-/// the byte-level tokenizer (its ids fit any CLIP vocabulary of at least `kTinyVocabSize`).
+/// the byte-level tokenizer (its ids fit any CLIP vocabulary of at least `kTinyVocabSize`). With
+/// `text_config_2` it is an SDXL: a second text encoder with its projection, and a second
+/// byte-level tokenizer that pads with `!` as SDXL's does.
 inline StableDiffusion random_pipeline(const UNetConfig& unet_config, const VAEConfig& vae_config,
                                        const CLIPTextConfig& text_config, uint64_t seed = 0,
-                                       torch::Dtype dtype = torch::kFloat32) {
-  TORCH_CHECK(text_config.vocab_size >= kTinyVocabSize, "random_pipeline: the text encoder's "
-              "vocabulary (", text_config.vocab_size, ") is smaller than the byte-level tokenizer's ",
-              kTinyVocabSize, " ids");
+                                       torch::Dtype dtype = torch::kFloat32,
+                                       const std::optional<CLIPTextConfig>& text_config_2 = std::nullopt) {
+  for (const auto* config : {&text_config, text_config_2 ? &*text_config_2 : &text_config}) {
+    TORCH_CHECK(config->vocab_size >= kTinyVocabSize, "random_pipeline: the text encoder's "
+                "vocabulary (", config->vocab_size, ") is smaller than the byte-level tokenizer's ",
+                kTinyVocabSize, " ids");
+  }
+  TORCH_CHECK(unet_config.has_text_time() == text_config_2.has_value(), "random_pipeline: a UNet ",
+              unet_config.has_text_time() ? "with" : "without", " added conditioning goes with ",
+              unet_config.has_text_time() ? "two text encoders" : "one text encoder");
   StableDiffusion sd;
   sd.unet_config = unet_config;
   sd.vae_config = vae_config;
   sd.text_config = text_config;
+  if (text_config_2) sd.text_config_2 = *text_config_2;
   {
     // Module constructors draw from the default CPU generator: seed it for the build only.
     // (Not under the generator's mutex: the initialisers lock it themselves.)
@@ -187,6 +198,7 @@ inline StableDiffusion random_pipeline(const UNetConfig& unet_config, const VAEC
       sd.unet = UNet(sd.unet_config);
       sd.vae = VAE(sd.vae_config);
       sd.text_encoder = CLIPTextModel(sd.text_config);
+      if (text_config_2) sd.text_encoder_2 = CLIPTextModelWithProjection(sd.text_config_2);
     } catch (...) {
       generator.set_state(saved);
       throw;
@@ -209,6 +221,11 @@ inline StableDiffusion random_pipeline(const UNetConfig& unet_config, const VAEC
   sd.vae->eval();
   sd.text_encoder->eval();
   sd.tokenizer = tiny_tokenizer();
+  if (text_config_2) {
+    sd.text_encoder_2->to(dtype);
+    sd.text_encoder_2->eval();
+    sd.tokenizer_2 = tiny_tokenizer(CLIPTokenizerOptions().pad_token("!"));
+  }
   return sd;
 }
 
@@ -252,6 +269,59 @@ inline StableDiffusion random_sd21_pipeline(uint64_t seed = 0, torch::Dtype dtyp
                          {"prediction_type", "v_prediction"}, {"timestep_spacing", "leading"}};
   sd.files = {{"unet", "<random sd21>"}, {"vae", "<random sd21>"},
               {"text_encoder", "<random sd21>"}, {"tokenizer", "<built-in byte-level>"}};
+  return sd;
+}
+
+/// SDXL base's scheduler configuration (stabilityai/stable-diffusion-xl-base-1.0's
+/// `scheduler/scheduler_config.json`, read as a DDIM one): ε, SD's betas, "leading" spacing.
+inline nlohmann::json sdxl_scheduler_config() {
+  return {{"_class_name", "EulerDiscreteScheduler"}, {"num_train_timesteps", 1000},
+          {"beta_start", 0.00085}, {"beta_end", 0.012}, {"beta_schedule", "scaled_linear"},
+          {"steps_offset", 1}, {"set_alpha_to_one", false}, {"clip_sample", false},
+          {"prediction_type", "epsilon"}, {"timestep_spacing", "leading"}};
+}
+
+/// The tiny SDXL: SDXL base's layout (three levels, the first without attention, 1, 1, 2
+/// transformer layers, linear projections, "text_time" added conditioning, two text encoders —
+/// CLIP-L-like with quick GELU and a bigG-like one with exact GELU and a projection — and their
+/// two tokenizers) at the tiny model's widths, with the tiny VAE. 9 skips, as SDXL's. It predicts
+/// v, as the tiny SD does (see `tiny_pipeline`).
+inline StableDiffusion tiny_sdxl_pipeline(uint64_t seed = 0, torch::Dtype dtype = torch::kFloat32) {
+  UNetConfig unet = UNetConfig::sdxl();
+  unet.sample_size = 8;                        // 64-pixel images (SDXL: 128, 1024 pixels)
+  unet.block_out_channels = {32, 64, 64};      // SDXL: 320, 640, 1280
+  unet.transformer_layers_per_block = {1, 1, 2};  // SDXL: 1, 2, 10
+  unet.attention_head_dim = {2, 4, 4};         // heads; 16 channels each (SDXL: 64)
+  unet.norm_num_groups = 8;
+  CLIPTextConfig text = tiny_text_config(), text_2 = tiny_text_config();
+  text_2.hidden_size = 48;                     // SDXL: 768 and 1280
+  text_2.intermediate_size = 96;
+  text_2.hidden_act = "gelu";
+  text_2.projection_dim = 40;                  // SDXL: 1280
+  text_2.num_hidden_layers = 3;
+  unet.cross_attention_dim = text.hidden_size + text_2.hidden_size;  // 80 (SDXL: 2048)
+  unet.addition_time_embed_dim = 8;                                   // SDXL: 256
+  unet.projection_class_embeddings_input_dim =
+      text_2.projection_dim + UNetConfig::kTextTimeIds * unet.addition_time_embed_dim;  // 88
+  auto sd = random_pipeline(unet, tiny_vae_config(), text, seed, dtype, text_2);
+  sd.scheduler_config = sdxl_scheduler_config();
+  sd.scheduler_config["prediction_type"] = "v_prediction";
+  sd.files = {{"unet", "<built-in tiny sdxl>"}, {"vae", "<built-in tiny sdxl>"},
+              {"text_encoder", "<built-in tiny sdxl>"}, {"text_encoder_2", "<built-in tiny sdxl>"},
+              {"tokenizer", "<built-in tiny>"}, {"tokenizer_2", "<built-in tiny>"}};
+  return sd;
+}
+
+/// The full-size SDXL base architecture (UNet 2,567.5M, VAE 83.7M, CLIP-L 123.1M and OpenCLIP
+/// bigG 694.7M parameters) with random weights and SDXL's scheduler configuration
+/// (`--model random:sdxl` in the programs). Its images are noise.
+inline StableDiffusion random_sdxl_pipeline(uint64_t seed = 0, torch::Dtype dtype = torch::kFloat32) {
+  auto sd = random_pipeline(UNetConfig::sdxl(), VAEConfig::sdxl(), CLIPTextConfig::sd15(), seed, dtype,
+                            CLIPTextConfig::sdxl_2());
+  sd.scheduler_config = sdxl_scheduler_config();
+  sd.files = {{"unet", "<random sdxl>"}, {"vae", "<random sdxl>"}, {"text_encoder", "<random sdxl>"},
+              {"text_encoder_2", "<random sdxl>"}, {"tokenizer", "<built-in byte-level>"},
+              {"tokenizer_2", "<built-in byte-level>"}};
   return sd;
 }
 
