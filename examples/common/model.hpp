@@ -5,6 +5,7 @@
 /// device and in the precision asked, the same way in every program.
 
 #include <sd/precision.hpp>
+#include <sd/scheduler.hpp>
 #include <sd/stable_diffusion.hpp>
 #include <sd/tiny.hpp>
 #include <sd/weights.hpp>
@@ -21,13 +22,17 @@
 
 namespace common {
 
-/// The `--model` and `--tokenizer` flags.
+/// The `--model`, `--tokenizer` and `--zero-terminal-snr` flags.
 struct ModelFlags {
   /// A diffusers folder or a single-file checkpoint; empty: the built-in tiny model; one of
   /// `kBuiltIn`'s names: another model with random weights.
   std::string model;
   /// A tokenizer folder (vocab.json, merges.txt), which a single-file checkpoint lacks.
   std::string tokenizer;
+  /// Rescale the noise schedule to zero terminal SNR (the scheduler config's
+  /// `rescale_betas_zero_snr`), for models trained so (sampling) or to train one; needs v
+  /// prediction.
+  bool zero_terminal_snr = false;
 
   /// A model with random weights that `--model` can name.
   struct BuiltIn {
@@ -61,7 +66,7 @@ struct ModelFlags {
   bool random_weights() const { return model.empty() || built_in() != nullptr; }
 };
 
-/// Adds `--model` and `--tokenizer` to `app`.
+/// Adds `--model`, `--tokenizer` and `--zero-terminal-snr` to `app`.
 inline void add_model_flags(CLI::App& app, ModelFlags& flags) {
   app.add_option("--model", flags.model, "Diffusers folder, or single-file checkpoint (.safetensors or .ckpt) "
                  "of SD 1.x, 2.x or SDXL (empty: the built-in tiny model; tiny:sdxl: a tiny SDXL; "
@@ -69,6 +74,9 @@ inline void add_model_flags(CLI::App& app, ModelFlags& flags) {
                  "for speed and memory measurements)")->group("Model");
   app.add_option("--tokenizer", flags.tokenizer, "Tokenizer folder (vocab.json, merges.txt) for "
                  "a single-file checkpoint")->group("Model");
+  app.add_flag("--zero-terminal-snr", flags.zero_terminal_snr, "Rescale the noise schedule to zero "
+               "terminal SNR (diffusers' rescale_betas_zero_snr; Lin et al. 2023), for a model "
+               "trained so or to train one; needs v prediction")->group("Model");
 }
 
 /// Checks the model flags without loading anything: the paths exist.
@@ -97,7 +105,8 @@ inline torch::Device resolve_device(const std::string& flag) {
 
 /// The model `flags` name, with its weights in `precision`'s dtype on `device`; the random
 /// weights of the built-in models are drawn from `seed`. The VAE and the text encoder are
-/// frozen (eval mode, no gradients); the UNet is as loaded.
+/// frozen (eval mode, no gradients); the UNet is as loaded. `--zero-terminal-snr` sets the
+/// scheduler config's `rescale_betas_zero_snr`, which sampling and `sd::noise_schedule` read.
 inline sd::StableDiffusion load_model(const ModelFlags& flags, const torch::Device& device,
                                       sd::Precision precision, uint64_t seed) {
   check_model_flags(flags);
@@ -130,6 +139,7 @@ inline sd::StableDiffusion load_model(const ModelFlags& flags, const torch::Devi
     module->eval();
     for (auto& p : module->parameters()) p.set_requires_grad(false);
   }
+  if (flags.zero_terminal_snr) sd::set_scheduler_option(pipe.scheduler_config, "rescale_betas_zero_snr", true);
   return pipe;
 }
 

@@ -1,5 +1,5 @@
-// generate: text-to-image and image-to-image with Stable Diffusion 1.5 in C++, with SCEdit's
-// SC-Tuners, CSC-Tuners and LoRA files applied at any strength.
+// generate: text-to-image and image-to-image with Stable Diffusion 1.5, 2.1 and SDXL in C++,
+// with SCEdit's SC-Tuners, CSC-Tuners and LoRA files applied at any strength.
 //
 // With no --model it runs the built-in tiny model (SD 1.5 layout, random weights), so the whole
 // path can be tried in seconds without a download. See README.md for the flags and examples.
@@ -24,9 +24,11 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <optional>
 #include <regex>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -38,7 +40,11 @@ namespace {
 
 /// The command line.
 struct Flags {
-  common::ModelFlags model;           // --model, --tokenizer
+  common::ModelFlags model;           // --model, --tokenizer, --zero-terminal-snr
+  std::string prediction;             // the scheduler config's prediction_type; empty: as it says
+  std::string original_size;          // SDXL: "HEIGHT,WIDTH"; empty: the image's size
+  std::string crop_top_left;          // SDXL: "TOP,LEFT"; empty: 0,0
+  std::string target_size;            // SDXL: "HEIGHT,WIDTH"; empty: the image's size
   std::vector<std::string> prompts;   // --prompt, repeatable
   std::string prompts_file;           // one prompt per line
   std::string negative_prompt;        // "" (SCEdit's recipe)
@@ -84,6 +90,53 @@ TunerFlag parse_tuner_flag(const std::string& flag, const std::string& text) {
   TORCH_CHECK(fs::exists(text), flag, ": '", number, "' in '", text, "' is not a scale (give ",
               "FILE[:SCALE], e.g. style.safetensors:0.8), and no file is called '", text, "'");
   return {text, 1.0};
+}
+
+/// The two non-negative integers of a `A,B` flag value (`--original-size 1024,768`), naming the
+/// flag and what it wants (`what`: "HEIGHT,WIDTH") when the text is not that.
+std::pair<int64_t, int64_t> parse_pair(const std::string& flag, const std::string& text,
+                                       const char* what) {
+  static const std::regex pattern(R"((\d{1,9}),(\d{1,9}))");
+  std::smatch match;
+  TORCH_CHECK(std::regex_match(text, match, pattern), flag, " takes ", what,
+              " (two whole numbers, diffusers' order), got '", text, "'");
+  return {std::stoll(match[1]), std::stoll(match[2])};
+}
+
+/// SDXL's size conditioning of `flags` for images of `height` × `width` (diffusers' defaults for
+/// what is not given: the image's size, no crop); unset when no size flag is given.
+std::optional<sd::SizeConditioning> size_conditioning(const Flags& flags, int64_t height, int64_t width) {
+  if (flags.original_size.empty() && flags.crop_top_left.empty() && flags.target_size.empty()) return {};
+  auto size = sd::SizeConditioning::uncropped(height, width);
+  if (!flags.original_size.empty()) {
+    std::tie(size.original_height, size.original_width) =
+        parse_pair("--original-size", flags.original_size, "HEIGHT,WIDTH");
+  }
+  if (!flags.crop_top_left.empty()) {
+    std::tie(size.crop_top, size.crop_left) = parse_pair("--crop-top-left", flags.crop_top_left, "TOP,LEFT");
+  }
+  if (!flags.target_size.empty()) {
+    std::tie(size.target_height, size.target_width) =
+        parse_pair("--target-size", flags.target_size, "HEIGHT,WIDTH");
+  }
+  for (const auto& [flag, value] : {std::make_pair("--original-size", size.original_height),
+                                    std::make_pair("--original-size", size.original_width),
+                                    std::make_pair("--target-size", size.target_height),
+                                    std::make_pair("--target-size", size.target_width)}) {
+    TORCH_CHECK(value > 0, flag, " must be positive, got ", value);
+  }
+  return size;
+}
+
+/// The size flags given, for an error message: "--original-size, --target-size".
+std::string size_flags_given(const Flags& flags) {
+  std::string names;
+  for (const auto& [flag, value] : {std::make_pair("--original-size", &flags.original_size),
+                                    std::make_pair("--crop-top-left", &flags.crop_top_left),
+                                    std::make_pair("--target-size", &flags.target_size)}) {
+    if (!value->empty()) names += (names.empty() ? "" : ", ") + std::string(flag);
+  }
+  return names;
 }
 
 /// Refuses a prompt that is not valid UTF-8 before any model loads, naming where it came from
@@ -142,6 +195,11 @@ std::string parameters_text(const Flags& flags, const std::string& prompt, uint6
       << ", Guidance rescale: " << number(options.guidance_rescale)
       << ", Eta: " << number(options.eta) << ", Seed: " << seed << ", Size: " << options.width
       << "x" << options.height << ", Model: " << model << ", Precision: " << sd::to_string(options.precision);
+  if (const auto& size = options.size_conditioning) {  // diffusers' (height, width) / (top, left) order
+    out << ", Original size: " << size->original_height << "," << size->original_width
+        << ", Crop top left: " << size->crop_top << "," << size->crop_left
+        << ", Target size: " << size->target_height << "," << size->target_width;
+  }
   if (!tuners.tuners.empty()) out << ", Tuners: [" << tuners.describe() << "]";
   for (const auto& condition : flags.conditions) {
     out << ", Condition: " << fs::path(condition).filename().string();
@@ -190,6 +248,7 @@ void check_flags(const Flags& flags) {
               "--mask needs --init-image (the image whose masked region is made anew)");
   TORCH_CHECK(std::isfinite(flags.control_scale), "--control-scale must be finite, got ",
               flags.control_scale);
+  size_conditioning(flags, 8, 8);  // the flags' syntax, before the model loads
   for (const auto& [flag, path] : {std::make_pair("--prompts-file", flags.prompts_file),
                                    std::make_pair("--init-image", flags.init_image),
                                    std::make_pair("--mask", flags.mask)}) {
@@ -240,6 +299,13 @@ int run(Flags flags) {
   // The model: weights in the compute dtype (as the training programs), autocast for what mixes
   // dtypes (tuners).
   auto pipe = common::load_model(flags.model, device, precision, /*seed=*/0);
+  if (!flags.prediction.empty()) {  // e.g. an SD 2.1-v single file, whose scheduler config is a guess
+    sd::set_scheduler_option(pipe.scheduler_config, "prediction_type", flags.prediction);
+  }
+  const auto scheduler = sd::make_scheduler(pipe, flags.spacing);  // refuses ε with zero terminal SNR
+  TORCH_CHECK(pipe.unet_config.has_text_time() || size_flags_given(flags).empty(), size_flags_given(flags),
+              ": size conditioning is SDXL's, and this model (", flags.model.model.empty() ? "built-in tiny"
+              : flags.model.model, ") is not an SDXL: its UNet takes no size conditioning");
   const std::string model_name = flags.model.model.empty() ? "built-in tiny (seed 0)"
                                                            : fs::path(flags.model.model).filename().string();
   if (precision == sd::Precision::kFP16 && pipe.vae_config.force_upcast) {
@@ -294,6 +360,7 @@ int run(Flags flags) {
   options.precision = precision;
   options.device = device;
   options.strength = flags.strength;
+  options.size_conditioning = size_conditioning(flags, options.height, options.width);
   for (size_t i = 0; i < csc_names.size(); ++i) {
     options.conditions.push_back(
         {csc_names[i], read_image_sized("--condition", flags.conditions[i], options.height, options.width)});
@@ -320,10 +387,11 @@ int run(Flags flags) {
   for (const auto& prompt : prompts) jobs.insert(jobs.end(), flags.images_per_prompt, prompt);
   const int64_t total = static_cast<int64_t>(jobs.size());
   const int64_t batches = (total + flags.batch_size - 1) / flags.batch_size;
-  std::printf("generating %lld image%s of %lldx%lld, %lld steps, on %s (%s)\n",
+  std::printf("generating %lld image%s of %lldx%lld, %lld steps (%s), on %s (%s)\n",
               static_cast<long long>(total), total == 1 ? "" : "s",
               static_cast<long long>(options.width), static_cast<long long>(options.height),
-              static_cast<long long>(options.steps), device.str().c_str(), flags.precision.c_str());
+              static_cast<long long>(options.steps), scheduler.options().prediction_type().c_str(),
+              device.str().c_str(), flags.precision.c_str());
   const bool interactive = isatty(fileno(stdout)) != 0;  // step-by-step progress on a terminal
   const auto start_time = std::chrono::steady_clock::now();
   for (int64_t start = 0, batch = 0; start < total; start += flags.batch_size, ++batch) {
@@ -365,7 +433,7 @@ int run(Flags flags) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"Text-to-image (and image-to-image) with Stable Diffusion 1.5 and SCEdit tuners. "
+  CLI::App app{"Text-to-image (and image-to-image) with Stable Diffusion 1.5, 2.1 and SDXL and SCEdit tuners. "
                "With no --model: the built-in tiny model (random weights), for trying it out."};
   app.option_defaults()->always_capture_default();
   Flags flags;
@@ -373,10 +441,21 @@ int main(int argc, char** argv) {
   app.add_option("--prompt", flags.prompts, "Prompt (repeatable)")->allow_extra_args(false);
   app.add_option("--prompts-file", flags.prompts_file, "File with one prompt per line");
   app.add_option("--negative-prompt", flags.negative_prompt, "Negative (unconditional) prompt");
+  app.add_option("--prediction", flags.prediction, "What the model predicts, overriding its scheduler "
+                 "config: epsilon | v_prediction (SD 2.1 768-v; needed for its single file)")
+      ->check(CLI::IsMember({"epsilon", "v_prediction"}))->default_str("the model's");
   app.add_option("--width", flags.width, "Image width, a multiple of 8")
-      ->default_str("512 (64 for the built-in model)");
+      ->default_str("the model's: 512 SD 1.5, 768 SD 2.1, 1024 SDXL, 64 the built-in models");
   app.add_option("--height", flags.height, "Image height, a multiple of 8")
-      ->default_str("512 (64 for the built-in model)");
+      ->default_str("the model's: 512 SD 1.5, 768 SD 2.1, 1024 SDXL, 64 the built-in models");
+  app.add_option("--original-size", flags.original_size, "SDXL: size conditioning HEIGHT,WIDTH of "
+                 "the source the image should seem made from (diffusers' original_size)")
+      ->default_str("the image's size");
+  app.add_option("--crop-top-left", flags.crop_top_left, "SDXL: size conditioning TOP,LEFT of the "
+                 "crop the image should seem cut at (diffusers' crops_coords_top_left)")
+      ->default_str("0,0");
+  app.add_option("--target-size", flags.target_size, "SDXL: size conditioning HEIGHT,WIDTH of the "
+                 "image made (diffusers' target_size)")->default_str("the image's size");
   app.add_option("--steps", flags.steps, "DDIM steps (> 0)");
   app.add_option("--guidance-scale", flags.guidance_scale, "Classifier-free guidance scale (<= 1: off)");
   app.add_option("--guidance-rescale", flags.guidance_rescale, "Guidance rescale in [0, 1]");

@@ -7,7 +7,10 @@
 /// The sampler follows diffusers' `StableDiffusionPipeline` / `StableDiffusionImg2ImgPipeline`
 /// (`__call__`): one batched UNet call over [uncond; cond] per step when guidance > 1, then
 /// `classifier_free_guidance` with diffusers' `rescale_noise_cfg` (scheduler.hpp), the DDIM
-/// step, and `vae.decode(latents / scaling_factor + shift)`. The defaults are SCEdit's sampling
+/// step, and `vae.decode(latents / scaling_factor + shift)`. For SDXL it follows
+/// `StableDiffusionXLPipeline`: both text encoders (`encode_text`), and the pooled embedding and
+/// size conditioning (`added_conditions`) in every UNet call, for both halves of guidance. The
+/// defaults are SCEdit's sampling
 /// recipe (DDIM, eta 0, 50 steps, trailing timesteps, guidance 7.5, guidance rescale 0.5, empty
 /// negative prompt).
 ///
@@ -81,7 +84,19 @@ struct GenerateOptions {
   double guidance_rescale = 0.5;   ///< diffusers' rescale_noise_cfg φ in [0, 1] (0: off).
   double eta = 0.0;                ///< DDIM η (0: deterministic DDIM).
   uint64_t seed = 0;               ///< Image i uses a CPU generator seeded with seed + i.
-  std::string negative_prompt;     ///< The unconditional prompt ("" as in the recipe).
+  /// The unconditional prompt ("" as in the recipe). SDXL with an empty one gets zeros for its
+  /// context and pooled embedding instead of the empty prompt's encoding, as diffusers'
+  /// StableDiffusionXLPipeline does for SDXL base (`force_zeros_for_empty_prompt`, true in its
+  /// model_index.json).
+  std::string negative_prompt;
+  /// SDXL's size conditioning of the images (diffusers' `original_size`,
+  /// `crops_coords_top_left`, `target_size`); unset: `SizeConditioning::uncropped(height,
+  /// width)`, diffusers' defaults. Refused for a UNet that takes no added conditioning.
+  std::optional<SizeConditioning> size_conditioning;
+  /// SDXL's size conditioning of the unconditional half of guidance (diffusers'
+  /// `negative_original_size`, `negative_crops_coords_top_left`, `negative_target_size`); unset:
+  /// the same as `size_conditioning`, as diffusers.
+  std::optional<SizeConditioning> negative_size_conditioning;
   std::string timestep_spacing = "trailing";  ///< "trailing" (recipe), "leading" or "linspace".
   int64_t batch_size = 1;          ///< Images per UNet batch (the UNet sees 2× that with guidance).
   int64_t images_per_prompt = 1;   ///< Images made from each prompt.
@@ -127,6 +142,9 @@ struct GenerateOptions {
                 images_per_prompt);
     TORCH_CHECK(strength >= 0 && strength <= 1, "generate: strength must be in [0, 1], got ",
                 strength);
+    for (const auto* size : {&size_conditioning, &negative_size_conditioning}) {
+      if (size->has_value()) (*size)->time_ids();  // throws naming the sizes when one is not positive
+    }
     auto check_image = [&](const torch::Tensor& image, const std::string& what) {
       TORCH_CHECK(image.defined() && image.scalar_type() == torch::kUInt8 && image.dim() == 3 &&
                       image.size(2) == 3,
@@ -164,26 +182,29 @@ inline uint64_t image_seed(const GenerateOptions& options, int64_t index) {
   return options.seed + static_cast<uint64_t>(index);
 }
 
-/// The DDIM sampler of `sd`: its `scheduler_config.json` when it has one (SD 1.5: scaled_linear
-/// 0.00085 → 0.012, steps_offset 1, set_alpha_to_one false), else SD 1.5's settings; with
-/// `spacing` as timestep spacing.
-inline DDIMScheduler make_scheduler(const StableDiffusion& sd, const std::string& spacing) {
-  DDIMSchedulerOptions options = sd.scheduler_config.is_object()
-                                     ? DDIMSchedulerOptions::from_json(sd.scheduler_config)
-                                     : DDIMSchedulerOptions();
-  options.timestep_spacing(spacing);
-  return DDIMScheduler(options);
+/// The DDIM settings of `sd`: its `scheduler_config.json` when it has one (SD 1.5: scaled_linear
+/// 0.00085 → 0.012, steps_offset 1, set_alpha_to_one false), else SD 1.5's settings.
+inline DDIMSchedulerOptions scheduler_options(const StableDiffusion& sd) {
+  return sd.scheduler_config.is_object() ? DDIMSchedulerOptions::from_json(sd.scheduler_config)
+                                         : DDIMSchedulerOptions();
 }
 
-/// The noise schedule `sd` was trained with: its scheduler config's betas (SD 1.5's without one).
+/// The DDIM sampler of `sd` (`scheduler_options`) with `spacing` as timestep spacing.
+inline DDIMScheduler make_scheduler(const StableDiffusion& sd, const std::string& spacing) {
+  return DDIMScheduler(scheduler_options(sd).timestep_spacing(spacing));
+}
+
+/// The noise schedule `sd` was trained with: its scheduler config's betas (SD 1.5's without one),
+/// zero-terminal-SNR rescaled when the config says so. Whatever the config's prediction type:
+/// training may choose its own target (`NoiseSchedule::prediction_target` checks it).
 inline NoiseSchedule noise_schedule(const StableDiffusion& sd) {
-  return make_scheduler(sd, "leading").schedule();
+  return NoiseSchedule(scheduler_options(sd).schedule());
 }
 
 /// What `sd`'s UNet predicts: its scheduler config's `prediction_type` (epsilon, SD 1.5's,
 /// without one).
 inline std::string prediction_type(const StableDiffusion& sd) {
-  return make_scheduler(sd, "leading").options().prediction_type();
+  return scheduler_options(sd).prediction_type();
 }
 
 /// A ControlNet as one step of the sampler runs it: the model, its condition image float
@@ -198,16 +219,31 @@ struct ControlInput {
 /// [uncond; cond] ([2B, …]) and classifier-free guidance with rescale; without: the
 /// conditional prediction alone. `latents` [B, C, h, w], `cond` / `uncond` [B, 77, D]; the
 /// result is in the latents' dtype. Each ControlNet of `controls` sees the same batch and its
-/// image for every row (both halves of guidance); their residuals add up.
+/// image for every row (both halves of guidance); their residuals add up. An SDXL UNet also
+/// reads `added_cond` and, with guidance, `added_uncond` (`added_conditions`, [B, …] each);
+/// ControlNets take no added conditioning, so they cannot join it.
 inline torch::Tensor predict_noise(UNet& unet, const torch::Tensor& latents, int64_t t,
                                    const torch::Tensor& cond, const torch::Tensor& uncond,
                                    double guidance_scale, double guidance_rescale,
-                                   const std::vector<ControlInput>& controls = {}) {
+                                   const std::vector<ControlInput>& controls = {},
+                                   const UNetAddedConditions& added_cond = {},
+                                   const UNetAddedConditions& added_uncond = {}) {
   const auto dtype = detail::first_parameter(*unet, "UNet").scalar_type();
   const torch::Tensor timestep = torch::full({1}, t, torch::kInt64);
   const bool guided = uncond.defined();
   const auto input = (guided ? torch::cat({latents, latents}) : latents).to(dtype);  // [2B or B, C, h, w]
   const auto context = (guided ? torch::cat({uncond, cond}) : cond).to(dtype);       // [2B or B, 77, D]
+  UNetAddedConditions added;
+  if (added_cond.defined()) {
+    TORCH_CHECK(!guided || added_uncond.defined(), "predict_noise: guidance on a UNet with added "
+                "conditioning needs the unconditional half's (added_uncond)");
+    TORCH_CHECK(controls.empty(), "predict_noise: ControlNets take no added (SDXL) conditioning");
+    const auto join = [&](const torch::Tensor& u, const torch::Tensor& c) {
+      return (guided ? torch::cat({u, c}) : c).to(dtype);  // [2B or B, …]
+    };
+    added = {join(added_uncond.text_embeds, added_cond.text_embeds),
+             join(added_uncond.time_ids, added_cond.time_ids)};
+  }
   UNetResiduals residuals;
   for (const auto& control : controls) {
     const auto control_dtype = detail::first_parameter(*control.model, "ControlNet").scalar_type();
@@ -224,7 +260,7 @@ inline torch::Tensor predict_noise(UNet& unet, const torch::Tensor& latents, int
   }
   for (auto& r : residuals.down) r = r.to(dtype);
   if (residuals.mid.defined()) residuals.mid = residuals.mid.to(dtype);
-  const auto eps = unet(input, timestep, context, residuals).to(latents.scalar_type());
+  const auto eps = unet(input, timestep, context, added, residuals).to(latents.scalar_type());
   if (!guided) return eps;
   const auto halves = eps.chunk(2);
   return classifier_free_guidance(halves[0], halves[1], guidance_scale, guidance_rescale);
@@ -292,10 +328,19 @@ inline void sample_batches(StableDiffusion& sd, const std::vector<std::string>& 
   }
   for (const auto& [module, name] :
        {std::make_pair(static_cast<torch::nn::Module*>(sd.vae.get()), "VAE"),
-        std::make_pair(static_cast<torch::nn::Module*>(sd.text_encoder.get()), "text encoder")}) {
+        std::make_pair(static_cast<torch::nn::Module*>(sd.text_encoder.get()), "text encoder"),
+        std::make_pair(static_cast<torch::nn::Module*>(sd.text_encoder_2.get()), "second text encoder")}) {
+    if (module == nullptr) continue;  // no second text encoder: not an SDXL
     TORCH_CHECK(detail::first_parameter(*module, name).device() == device, "generate: the ", name,
                 " is on ", detail::first_parameter(*module, name).device(), " but the UNet on ", device);
   }
+  const bool added = sd.unet_config.has_text_time();  // SDXL: pooled text and size conditioning
+  TORCH_CHECK(added || (!options.size_conditioning && !options.negative_size_conditioning),
+              "generate: size conditioning (original size, crop, target size) is SDXL's; this "
+              "model's UNet takes none");
+  TORCH_CHECK(!added || options.controlnets.empty(), "generate: ControlNets are not supported on "
+              "SDXL here: the ControlNet model (controlnet.hpp) takes no SDXL added conditioning "
+              "(pooled text embedding and size ids)");
   check_precision(options.precision, device);
   const torch::Dtype compute = compute_dtype(options.precision);
 #if !SCEDIT_TORCH_2
@@ -357,11 +402,18 @@ inline void sample_batches(StableDiffusion& sd, const std::vector<std::string>& 
     set_conditions(sd, options, conditions);
   }
   const bool guided = options.guidance_scale > 1.0;  // diffusers: do_classifier_free_guidance
-  torch::Tensor negative;                            // [1, 77, D]
+  TextConditioning negative;                         // [1, 77, D] (and SDXL's pooled [1, P])
   if (guided) {
     scedit::compat::AutocastGuard autocast(device.type(), compute);
-    negative = encode_prompts(sd, {options.negative_prompt});
+    negative = encode_text(sd, {options.negative_prompt});
+    if (sd.is_sdxl() && options.negative_prompt.empty()) {  // force_zeros_for_empty_prompt
+      negative = {torch::zeros_like(negative.context), torch::zeros_like(negative.pooled)};
+    }
   }
+  // SDXL's size conditioning, the same for every image (diffusers' _get_add_time_ids).
+  const auto size = options.size_conditioning.value_or(
+      SizeConditioning::uncropped(options.height, options.width));
+  const auto negative_size = options.negative_size_conditioning.value_or(size);
 
   const int64_t total = static_cast<int64_t>(prompts.size()) * options.images_per_prompt;
   const int64_t batches = (total + options.batch_size - 1) / options.batch_size;
@@ -382,8 +434,13 @@ inline void sample_batches(StableDiffusion& sd, const std::vector<std::string>& 
     torch::Tensor latents;
     {
       scedit::compat::AutocastGuard autocast(device.type(), compute);
-      const auto cond = encode_prompts(sd, batch_prompts);                     // [n, 77, D]
-      const auto uncond = guided ? negative.expand({n, -1, -1}) : torch::Tensor();
+      const auto text = encode_text(sd, batch_prompts);                         // [n, 77, D]
+      const auto uncond = guided ? negative.context.expand({n, -1, -1}) : torch::Tensor();
+      UNetAddedConditions added_cond, added_uncond;  // SDXL only; empty otherwise
+      if (added) {
+        added_cond = added_conditions(sd, text.pooled, {size});
+        if (guided) added_uncond = added_conditions(sd, negative.pooled.expand({n, -1}), {negative_size});
+      }
       if (!init_latents.defined()) {
         latents = initial * scheduler.init_noise_sigma();
       } else if (timesteps.empty()) {
@@ -399,8 +456,8 @@ inline void sample_batches(StableDiffusion& sd, const std::vector<std::string>& 
       for (size_t i = 0; i < timesteps.size(); ++i) {
         const int64_t t = timesteps[i];
         const auto input = scheduler.scale_model_input(latents, t);
-        const auto eps = predict_noise(sd.unet, input, t, cond, uncond, options.guidance_scale,
-                                       options.guidance_rescale, controls);
+        const auto eps = predict_noise(sd.unet, input, t, text.context, uncond, options.guidance_scale,
+                                       options.guidance_rescale, controls, added_cond, added_uncond);
         torch::Tensor variance_noise;
         if (options.eta > 0) {
           std::vector<torch::Tensor> z;

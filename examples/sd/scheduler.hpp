@@ -42,6 +42,11 @@ struct NoiseScheduleOptions {
   TORCH_ARG(double, beta_end) = 0.012;
   /// "scaled_linear" (SD: linear in √β) or "linear" (DDPM).
   TORCH_ARG(std::string, beta_schedule) = "scaled_linear";
+  /// Rescale the betas to zero terminal SNR, ᾱ_{T−1} = 0 (Lin et al. 2023, "Common Diffusion
+  /// Noise Schedules and Sample Steps are Flawed", algorithm 1; diffusers'
+  /// `rescale_betas_zero_snr`). Only a model that predicts v (or x₀) can sample from such a
+  /// schedule: at ᾱ = 0 the sample is pure noise and says nothing of x₀ that ε could recover.
+  TORCH_ARG(bool, rescale_betas_zero_snr) = false;
 };
 
 /// β_t, ᾱ_t and the training-time noising / targets.
@@ -72,14 +77,8 @@ class NoiseSchedule {
       TORCH_CHECK(false, "NoiseSchedule: beta_schedule must be \"scaled_linear\" or \"linear\", got \"",
                   options_.beta_schedule(), "\"");
     }
-    // alphas = 1 - betas; alphas_cumprod = torch.cumprod(alphas, 0): float32 values, but
-    // PyTorch's CPU cumprod accumulates in double (acc_type<float>) and rounds each output.
-    std::vector<float> cumprod(betas.size());
-    double product = 1.0;
-    for (size_t i = 0; i < betas.size(); ++i) {
-      product *= static_cast<double>(1.0f - betas[i]);
-      cumprod[i] = static_cast<float>(product);
-    }
+    if (options_.rescale_betas_zero_snr()) betas = rescale_zero_terminal_snr(betas);
+    const std::vector<float> cumprod = cumulative_alphas(betas);
     betas_ = torch::tensor(betas, torch::kFloat32);
     alphas_cumprod_ = torch::tensor(cumprod, torch::kFloat32);
     alphas_cumprod64_ = alphas_cumprod_.to(torch::kFloat64);
@@ -113,9 +112,11 @@ class NoiseSchedule {
   }
 
   /// What the model learns to predict (diffusers' training scripts): ε for "epsilon",
-  /// `velocity` for "v_prediction", x₀ for "sample".
+  /// `velocity` for "v_prediction", x₀ for "sample". ε on a zero-terminal-SNR schedule is
+  /// refused (`check_prediction`).
   torch::Tensor prediction_target(const std::string& kind, const torch::Tensor& x0,
                                   const torch::Tensor& noise, const torch::Tensor& t) const {
+    check_prediction(kind, "NoiseSchedule::prediction_target");
     if (kind == "epsilon") return noise;
     if (kind == "v_prediction") return velocity(x0, noise, t);
     if (kind == "sample") return x0;
@@ -123,7 +124,48 @@ class NoiseSchedule {
                 "or \"sample\", got \"", kind, "\"");
   }
 
+  /// Refuses ε prediction on a zero-terminal-SNR schedule, naming `caller`: at t = T − 1 the
+  /// sample is pure noise (ᾱ = 0), so ε is the sample itself and x̂₀ = (x − √(1 − ᾱ)·ε)/√ᾱ divides
+  /// by zero (Lin et al. 2023, sec. 3.2: such a schedule needs v prediction).
+  void check_prediction(const std::string& kind, const char* caller) const {
+    TORCH_CHECK(!(options_.rescale_betas_zero_snr() && kind == "epsilon"), caller,
+                ": a zero-terminal-SNR schedule (rescale_betas_zero_snr, --zero-terminal-snr) needs "
+                "prediction_type v_prediction, not epsilon: at the last timestep ᾱ = 0, the sample "
+                "is pure noise and an ε prediction says nothing of the image (x̂₀ divides by √ᾱ = 0)");
+  }
+
  private:
+  /// ᾱ_t = cumprod(1 − β) as diffusers' `torch.cumprod(1.0 - betas, dim=0)`: float32 values, but
+  /// PyTorch's CPU cumprod accumulates in double (acc_type<float>) and rounds each output.
+  static std::vector<float> cumulative_alphas(const std::vector<float>& betas) {
+    std::vector<float> cumprod(betas.size());
+    double product = 1.0;
+    for (size_t i = 0; i < betas.size(); ++i) {
+      product *= static_cast<double>(1.0f - betas[i]);
+      cumprod[i] = static_cast<float>(product);
+    }
+    return cumprod;
+  }
+
+  /// diffusers' `rescale_zero_terminal_snr` (schedulers/scheduling_ddim.py; Lin et al. 2023,
+  /// algorithm 1), in its float32 arithmetic: shift √ᾱ so that its last value is 0, scale it so
+  /// that its first is unchanged, and turn the squares back into betas
+  /// (α_0 = ᾱ_0, α_t = ᾱ_t / ᾱ_{t−1}, β = 1 − α; the last β is exactly 1).
+  static std::vector<float> rescale_zero_terminal_snr(const std::vector<float>& betas) {
+    std::vector<float> root = cumulative_alphas(betas);
+    for (float& a : root) a = std::sqrt(a);
+    const float first = root.front(), last = root.back();
+    const float scale = first / (first - last);  // a 0-dim float32 tensor in diffusers
+    for (float& a : root) a = (a - last) * scale;
+    std::vector<float> rescaled(betas.size());
+    for (size_t i = 0; i < root.size(); ++i) {
+      const float alpha_bar = root[i] * root[i];
+      const float alpha = i == 0 ? alpha_bar : alpha_bar / (root[i - 1] * root[i - 1]);
+      rescaled[i] = 1.0f - alpha;
+    }
+    return rescaled;
+  }
+
   /// `torch.linspace(start, end, steps, dtype=torch.float32)` as PyTorch 2.x's CPU kernel yields
   /// it (aten/src/ATen/native/cpu/RangeFactoriesKernel.cpp): step = (end − start) / (steps − 1)
   /// in float; the first half start + step·i, the second half end − step·(steps − 1 − i), each
@@ -217,7 +259,7 @@ struct DDIMSchedulerOptions {
   /// Reads diffusers `scheduler_config.json` keys; a missing key takes diffusers'
   /// DDIMScheduler default (linear 0.0001 → 0.02, leading, steps_offset 0, set_alpha_to_one and
   /// clip_sample true). Keys of other schedulers (e.g. PNDM's skip_prk_steps) are ignored;
-  /// trained_betas, thresholding and rescale_betas_zero_snr are refused when set.
+  /// trained_betas and thresholding are refused when set.
   static DDIMSchedulerOptions from_json(const nlohmann::json& j) {
     TORCH_CHECK(j.is_object(), "DDIMSchedulerOptions::from_json: expected a JSON object, got ",
                 j.dump());
@@ -235,14 +277,13 @@ struct DDIMSchedulerOptions {
                 "DDIMSchedulerOptions::from_json: trained_betas is not supported");
     TORCH_CHECK(!get("thresholding", false),
                 "DDIMSchedulerOptions::from_json: thresholding is not supported");
-    TORCH_CHECK(!get("rescale_betas_zero_snr", false),
-                "DDIMSchedulerOptions::from_json: rescale_betas_zero_snr is not supported");
     DDIMSchedulerOptions o;
     o.schedule(NoiseScheduleOptions()
                    .num_train_timesteps(get("num_train_timesteps", int64_t{1000}))
                    .beta_start(get("beta_start", 0.0001))
                    .beta_end(get("beta_end", 0.02))
-                   .beta_schedule(get("beta_schedule", std::string("linear"))));
+                   .beta_schedule(get("beta_schedule", std::string("linear")))
+                   .rescale_betas_zero_snr(get("rescale_betas_zero_snr", false)));
     o.timestep_spacing(get("timestep_spacing", std::string("leading")));
     o.steps_offset(get("steps_offset", int64_t{0}));
     o.set_alpha_to_one(get("set_alpha_to_one", true));
@@ -251,7 +292,28 @@ struct DDIMSchedulerOptions {
     o.clip_sample_range(get("clip_sample_range", 1.0));
     return o;
   }
+
+  /// The options as `scheduler_config.json` keys, every one written: `from_json(to_json())`
+  /// gives them back.
+  nlohmann::json to_json() const {
+    const auto& s = schedule_;
+    return {{"_class_name", "DDIMScheduler"}, {"num_train_timesteps", s.num_train_timesteps()},
+            {"beta_start", s.beta_start()}, {"beta_end", s.beta_end()},
+            {"beta_schedule", s.beta_schedule()}, {"rescale_betas_zero_snr", s.rescale_betas_zero_snr()},
+            {"timestep_spacing", timestep_spacing_}, {"steps_offset", steps_offset_},
+            {"set_alpha_to_one", set_alpha_to_one_}, {"prediction_type", prediction_type_},
+            {"clip_sample", clip_sample_}, {"clip_sample_range", clip_sample_range_}};
+  }
 };
+
+/// Sets `key` of a model's scheduler configuration (`StableDiffusion::scheduler_config`) to
+/// `value`. A model without one (null) first gets SD 1.5's settings, `DDIMSchedulerOptions()`,
+/// which it samples with (sampler.hpp): a lone key would bring in diffusers' DDIM defaults
+/// (linear betas) instead.
+inline void set_scheduler_option(nlohmann::json& config, const std::string& key, nlohmann::json value) {
+  if (!config.is_object()) config = DDIMSchedulerOptions().to_json();
+  config[key] = std::move(value);
+}
 
 /// What one DDIM step computes (diffusers' `DDIMSchedulerOutput`).
 struct DDIMStepOutput {
@@ -276,6 +338,7 @@ class DDIMScheduler {
     TORCH_CHECK(kind == "epsilon" || kind == "v_prediction" || kind == "sample",
                 "DDIMScheduler: prediction_type must be \"epsilon\", \"v_prediction\" or \"sample\", "
                 "got \"", kind, "\"");
+    schedule_.check_prediction(kind, "DDIMScheduler");
     TORCH_CHECK(options_.steps_offset() >= 0, "DDIMScheduler: steps_offset must be >= 0, got ",
                 options_.steps_offset());
     TORCH_CHECK(options_.clip_sample_range() > 0,
