@@ -85,7 +85,8 @@ TEST(GenerateProgram, HelpListsEveryFlag) {
                            "--width", "--height", "--steps", "--guidance-scale", "--guidance-rescale",
                            "--eta", "--seed", "--spacing", "--batch-size", "--images-per-prompt",
                            "--precision", "--device", "--tuner", "--condition", "--init-image",
-                           "--strength", "--mask", "--control-scale", "--output"}) {
+                           "--strength", "--mask", "--control-scale", "--output", "--prediction",
+                           "--zero-terminal-snr", "--original-size", "--crop-top-left", "--target-size"}) {
     EXPECT_NE(result.out.find(flag), std::string::npos) << flag;
   }
   EXPECT_NE(result.out.find("7.5"), std::string::npos) << "defaults are shown";
@@ -125,6 +126,15 @@ TEST(GenerateProgram, BadInputsEndWithOneClearLine) {
       {"--prompt x --steps 1 --condition '" + image + "'", "give one --condition image per CSC-Tuner", true},
       {"--prompt x --steps 1 --tuner '" + csc_tuner_file() + "'", "give one --condition image per CSC-Tuner", true},
       {"--prompt x --steps 1 --mask '" + image + "'", "--mask needs --init-image", true},
+      {"--prompt x --original-size 64x64", "--original-size takes HEIGHT,WIDTH (two whole numbers", true},
+      {"--prompt x --crop-top-left 4", "--crop-top-left takes TOP,LEFT", true},
+      {"--prompt x --target-size 0,64", "--target-size must be positive, got 0", true},
+      {"--prompt x --prediction sample", "--prediction", true},
+      // The built-in tiny model is SD 1.5's layout: no size conditioning.
+      {"--prompt x --steps 1 --original-size 64,64 --crop-top-left 0,0", "--original-size, --crop-top-left: "
+       "size conditioning is SDXL's, and this model (built-in tiny) is not an SDXL", false},
+      {"--prompt x --steps 1 --zero-terminal-snr --prediction epsilon", "needs prediction_type v_prediction, "
+       "not epsilon", false},
   };
   for (const auto& [arguments, expected, before_model] : cases) {
     const auto result = run_generate(arguments + " --output '" + (scratch() / "bad").string() + "'");
@@ -213,4 +223,45 @@ TEST(GenerateProgram, TunerPathWithAColonIsTheWholePathWhenThatFileExists) {
                                    (scratch() / "colon").string() + "'");
   ASSERT_EQ(result.code, 0) << result.err;
   EXPECT_NE(result.out.find("tuner: " + path.string() + " (SC-Tuners"), std::string::npos) << result.out;
+}
+
+// SDXL's size conditioning from the flags, in diffusers' (height, width) and (top, left) order:
+// the PNG is the library's image with the same conditioning, and says what it was.
+TEST(GenerateProgram, SdxlWithSizeConditioningMatchesTheLibrary) {
+  SKIP_WITHOUT_PROGRAM();
+  const auto output = scratch() / "sdxl";
+  const auto result = run_generate("--model tiny:sdxl --prompt 'a red circle' --steps 2 --seed 5 "
+                                   "--original-size 128,96 --crop-top-left 8,4 --output '" + output.string() + "'");
+  ASSERT_EQ(result.code, 0) << result.err;
+  const auto png = output / "00000-5.png";
+  ASSERT_TRUE(fs::exists(png)) << result.out;
+  const auto image = common::read_image(png.string());
+  EXPECT_EQ(image.sizes(), (std::vector<int64_t>{64, 64, 3}));  // the tiny SDXL's native size
+  const auto text = common::read_png_text(png.string());
+  ASSERT_FALSE(text.empty());
+  EXPECT_NE(text[0].second.find("Original size: 128,96, Crop top left: 8,4, Target size: 64,64"),
+            std::string::npos) << text[0].second;
+
+  auto pipe = sd::tiny_sdxl_pipeline(0);
+  auto options = small_options(5);
+  options.steps = 2;
+  options.size_conditioning = sd::SizeConditioning{128, 96, 8, 4, 64, 64};
+  EXPECT_TRUE(torch::equal(image, sd::generate(pipe, {"a red circle"}, options)[0]));
+  options.size_conditioning.reset();
+  EXPECT_FALSE(torch::equal(image, sd::generate(pipe, {"a red circle"}, options)[0]));
+}
+
+// --zero-terminal-snr on the tiny model (v prediction): the library's image on the rescaled schedule.
+TEST(GenerateProgram, ZeroTerminalSnrSamplesOnTheRescaledSchedule) {
+  SKIP_WITHOUT_PROGRAM();
+  const auto output = scratch() / "zero_snr";
+  const auto result = run_generate("--prompt x --steps 2 --seed 2 --zero-terminal-snr --output '" +
+                                   output.string() + "'");
+  ASSERT_EQ(result.code, 0) << result.err;
+  auto pipe = sd::tiny_pipeline(0);
+  sd::set_scheduler_option(pipe.scheduler_config, "rescale_betas_zero_snr", true);
+  auto options = small_options(2);
+  options.steps = 2;
+  EXPECT_TRUE(torch::equal(common::read_image((output / "00000-2.png").string()),
+                           sd::generate(pipe, {"x"}, options)[0]));
 }

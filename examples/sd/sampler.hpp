@@ -10,9 +10,8 @@
 /// step, and `vae.decode(latents / scaling_factor + shift)`. For SDXL it follows
 /// `StableDiffusionXLPipeline`: both text encoders (`encode_text`), and the pooled embedding and
 /// size conditioning (`added_conditions`) in every UNet call, for both halves of guidance. The
-/// defaults are SCEdit's sampling
-/// recipe (DDIM, eta 0, 50 steps, trailing timesteps, guidance 7.5, guidance rescale 0.5, empty
-/// negative prompt).
+/// defaults are SCEdit's sampling recipe (DDIM, eta 0, 50 steps, trailing timesteps, guidance 7.5,
+/// guidance rescale 0.5, empty negative prompt).
 ///
 /// Determinism: image `i` of a call (prompt-major: prompt p, copy k → i = p·images_per_prompt
 /// + k) draws all its noise — the initial latents, then each step's DDIM noise when eta > 0 —
