@@ -289,6 +289,7 @@ TEST(GenerateSdxl, SameSeedSameImageAndTheFamilysDefaultSize) {
   // The native sizes generate defaults to: UNet sample_size × VAE factor of each family.
   sd::StableDiffusion sd21, sdxl;
   sd21.unet_config = sd::UNetConfig::sd21();
+  sd21.vae_config = sd::VAEConfig::sd15();
   sdxl.unet_config = sd::UNetConfig::sdxl();
   sdxl.vae_config = sd::VAEConfig::sdxl();
   EXPECT_EQ(sd::default_image_size(sd21), 768);

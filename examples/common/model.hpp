@@ -120,9 +120,13 @@ inline sd::StableDiffusion load_model(const ModelFlags& flags, const torch::Devi
                 "runs the whole path in seconds, but its images are noise\n");
     pipe = sd::tiny_pipeline(seed);
   }
+  // SDXL's second text encoder, or null (`get` on an empty holder throws).
+  const auto text_encoder_2 = [&pipe]() -> torch::nn::Module* {
+    return pipe.text_encoder_2.is_empty() ? nullptr : pipe.text_encoder_2.get();
+  };
   if (flags.random_weights()) {
     for (auto* module : std::initializer_list<torch::nn::Module*>{
-             pipe.unet.get(), pipe.vae.get(), pipe.text_encoder.get(), pipe.text_encoder_2.get()}) {
+             pipe.unet.get(), pipe.vae.get(), pipe.text_encoder.get(), text_encoder_2()}) {
       if (module != nullptr) module->to(device, dtype);
     }
   } else {
@@ -134,7 +138,7 @@ inline sd::StableDiffusion load_model(const ModelFlags& flags, const torch::Devi
                 std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   }
   for (auto* module : std::initializer_list<torch::nn::Module*>{pipe.vae.get(), pipe.text_encoder.get(),
-                                                              pipe.text_encoder_2.get()}) {
+                                                              text_encoder_2()}) {
     if (module == nullptr) continue;
     module->eval();
     for (auto& p : module->parameters()) p.set_requires_grad(false);

@@ -328,7 +328,8 @@ inline void sample_batches(StableDiffusion& sd, const std::vector<std::string>& 
   for (const auto& [module, name] :
        {std::make_pair(static_cast<torch::nn::Module*>(sd.vae.get()), "VAE"),
         std::make_pair(static_cast<torch::nn::Module*>(sd.text_encoder.get()), "text encoder"),
-        std::make_pair(static_cast<torch::nn::Module*>(sd.text_encoder_2.get()), "second text encoder")}) {
+        std::make_pair(sd.is_sdxl() ? static_cast<torch::nn::Module*>(sd.text_encoder_2.get()) : nullptr,
+                       "second text encoder")}) {
     if (module == nullptr) continue;  // no second text encoder: not an SDXL
     TORCH_CHECK(detail::first_parameter(*module, name).device() == device, "generate: the ", name,
                 " is on ", detail::first_parameter(*module, name).device(), " but the UNet on ", device);
