@@ -92,7 +92,7 @@ TunerFlag parse_tuner_flag(const std::string& flag, const std::string& text) {
   return {text, 1.0};
 }
 
-/// The two non-negative integers of a `A,B` flag value (`--original-size 1024,768`), naming the
+/// The two non-negative integers of an `A,B` flag value (`--original-size 1024,768`), naming the
 /// flag and what it wants (`what`: "HEIGHT,WIDTH") when the text is not that.
 std::pair<int64_t, int64_t> parse_pair(const std::string& flag, const std::string& text,
                                        const char* what) {
