@@ -142,12 +142,8 @@ inline Trainable control_trainable(sd::UNet unet, ControlTuners& tuners, const C
 
 /// A ControlNet made from `unet` (diffusers' `from_unet`: its encoder copied, its zero
 /// convolutions zero, so it adds nothing until trained), float32 on `device`, to train; the UNet
-/// frozen entirely. Refuses an SDXL UNet: sd/controlnet.hpp's ControlNet takes no added
-/// conditioning.
+/// frozen entirely. On SDXL it reads the batch's added conditioning as its UNet does.
 inline sd::ControlNetModel make_controlnet(sd::UNet& unet, const torch::Device& device) {
-  TORCH_CHECK(!unet->config.has_text_time(), "--method controlnet: the ControlNet baseline is built "
-              "for SD 1.x and 2.x UNets (sd/controlnet.hpp takes no SDXL added conditioning); on SDXL "
-              "train a CSC-Tuner (--method csc or csc+sc)");
   for (auto& p : unet->parameters()) p.set_requires_grad(false);
   auto controlnet = sd::controlnet_from_unet(unet);
   controlnet->to(device, torch::kFloat32);
@@ -168,7 +164,7 @@ inline Trainable controlnet_trainable(sd::UNet unet, sd::ControlNetModel control
                                           const std::vector<torch::Tensor>& conditions) mutable {
     TORCH_CHECK(conditions.size() == 1, "a ControlNet trains on one condition image per sample, got ",
                 conditions.size());
-    return unet->forward(noisy, t, text, added, controlnet->forward(noisy, t, text, conditions.front()));
+    return unet->forward(noisy, t, text, added, controlnet->forward(noisy, t, text, added, conditions.front()));
   };
   trainable.settings = {{"method", "controlnet"}};
   trainable.save = [controlnet](const std::filesystem::path& folder) {
