@@ -9,7 +9,7 @@
 #   bash scripts/gpu_session.sh controlnet # memory_vs_controlnet at SD 1.5 size: CSC-Tuner (kernel 1, 3) vs ControlNet, bf16w and fp32, batches 1, 8, 30
 #   bash scripts/gpu_session.sh train   # issue 4: train_style at SD 1.5 size, 512 px, bf16, SCEdit and LoRA
 #   bash scripts/gpu_session.sh profile # where a batch-30 SCEdit step's time goes, operator by operator
-#   bash scripts/gpu_session.sh sdxl    # issue 19: SDXL at 1024 px, bf16w, batches 8, 4, 1: SCEdit vs LoRA, then
+#   bash scripts/gpu_session.sh sdxl    # issue 19: SDXL at 1024 px, bf16w, batches 1, 4, 8: SCEdit vs LoRA, then
 #                                       # memory_vs_controlnet (CSC-Tuner vs ControlNet); bench/RESULTS.md's prediction
 #
 # The sdxl stage after a build on a fresh machine, inside one 10-minute call:
@@ -159,12 +159,13 @@ EOF
 }
 
 # Issue 19: SDXL base at 1024 px (128x128 latents, with its added conditioning), bf16w, the default
-# levers, batches 8, 4, 1 (the most telling first). memory_vs_lora first (SCEdit against LoRA),
+# levers, batches 1, 4, 8 (a batch that runs out of memory ends its bench: the smaller rows come
+# first and are printed). memory_vs_lora first (SCEdit against LoRA),
 # then memory_vs_controlnet (CSC-Tuner with SDXL's hint encoder against SDXL's ControlNet); a
 # bench not started 150 s before SCEDIT_DEADLINE is skipped, and the rows each printed are kept
 # in sdxl.md even where its timeout cut it short (the JSON is written at the end of a run).
 stage_sdxl() {
-  local config=${SCEDIT_SDXL_CONFIG:-sdxl} batches=${SCEDIT_SDXL_BATCHES:-8,4,1} bench rows=()
+  local config=${SCEDIT_SDXL_CONFIG:-sdxl} batches=${SCEDIT_SDXL_BATCHES:-1,4,8} bench rows=()
   local flags=(--config "$config" --precisions bf16w --batch-sizes "$batches" --warmup 2 --steps 4)
   : > "$OUT/sdxl.md"
   for bench in memory_vs_lora memory_vs_controlnet; do
