@@ -215,7 +215,7 @@ TEST(Train, GraphedStepIsTrainStepWhenUncaptured) {
     EXPECT_EQ(state.step(), 5);
   }
   // CUDA graphs replay fixed shapes: another batch size is refused, naming both.
-  common::TrainBatch half{graphed.batch.latents.slice(0, 0, 2), graphed.batch.text.slice(0, 0, 2), {}};
+  common::TrainBatch half{graphed.batch.latents.slice(0, 0, 2), graphed.batch.text.slice(0, 0, 2), {}, {}};
   const auto message = error_of([&] { graphed_step.run(half, 1e-3); });
   EXPECT_NE(message.find("[2, 4, 8, 8]"), std::string::npos) << message;
   EXPECT_NE(message.find("[4, 4, 8, 8]"), std::string::npos) << message;
@@ -399,7 +399,7 @@ class ConditionedSamples : public common::ImageSource {
       image = image.flip({2});
       condition = condition.flip({2});
     }
-    return {image, "sample " + std::to_string(index), "", {condition}};
+    return {image, "sample " + std::to_string(index), "", {condition}, {}};
   }
 };
 
@@ -517,7 +517,7 @@ TEST(Train, TextEncoderLoRATrainsFromTokensInItsOwnGroup) {
   const auto before = trainable.tensors();
   std::vector<torch::Tensor> start;
   for (const auto& p : before) start.push_back(p.detach().clone());
-  common::TrainBatch batch{torch::randn({2, 4, 8, 8}), tokens, {}};
+  common::TrainBatch batch{torch::randn({2, 4, 8, 8}), tokens, {}, {}};
   auto generator = common::step_generator(0, 0);
   step.forward_backward(batch, generator);
   ASSERT_TRUE(step.optimizer_step(lr));
@@ -695,7 +695,7 @@ TEST(Train, SDXLTextEncoderLoRATrainsBothEncodersFromTokens) {
   optim.lr = lr;
   common::TrainStep step(trainable.denoiser, trainable.tensors(), sd::NoiseSchedule(), optim,
                          sd::Precision::kFP32, torch::kCPU, "epsilon", trainable.groups);
-  common::TrainBatch batch{torch::randn({2, 4, 8, 8}), ids, {{}, time_ids}};
+  common::TrainBatch batch{torch::randn({2, 4, 8, 8}), ids, {{}, time_ids}, {}};
   auto generator = common::step_generator(0, 0);
   EXPECT_TRUE(std::isfinite(step.forward_backward(batch, generator).item<double>()));
   double second = 0;
