@@ -95,6 +95,11 @@ inline torch::Device resolve_device(const std::string& flag) {
   return device;
 }
 
+/// SDXL's second text encoder, or null (`ModuleHolder::get` refuses an empty holder).
+inline torch::nn::Module* second_text_encoder(sd::StableDiffusion& pipe) {
+  return pipe.text_encoder_2.is_empty() ? nullptr : pipe.text_encoder_2.get();
+}
+
 /// The model `flags` name, with its weights in `precision`'s dtype on `device`; the random
 /// weights of the built-in models are drawn from `seed`. The VAE and the text encoder are
 /// frozen (eval mode, no gradients); the UNet is as loaded.
@@ -113,7 +118,7 @@ inline sd::StableDiffusion load_model(const ModelFlags& flags, const torch::Devi
   }
   if (flags.random_weights()) {
     for (auto* module : std::initializer_list<torch::nn::Module*>{
-             pipe.unet.get(), pipe.vae.get(), pipe.text_encoder.get(), pipe.text_encoder_2.get()}) {
+             pipe.unet.get(), pipe.vae.get(), pipe.text_encoder.get(), second_text_encoder(pipe)}) {
       if (module != nullptr) module->to(device, dtype);
     }
   } else {
@@ -125,7 +130,7 @@ inline sd::StableDiffusion load_model(const ModelFlags& flags, const torch::Devi
                 std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   }
   for (auto* module : std::initializer_list<torch::nn::Module*>{pipe.vae.get(), pipe.text_encoder.get(),
-                                                              pipe.text_encoder_2.get()}) {
+                                                              second_text_encoder(pipe)}) {
     if (module == nullptr) continue;
     module->eval();
     for (auto& p : module->parameters()) p.set_requires_grad(false);
