@@ -1,6 +1,6 @@
 // memory_vs_controlnet: trainable parameters, peak memory and speed of one training step for
-// controllable generation on the Stable Diffusion 1.5 UNet — the CSC-Tuner (dense hint convs of
-// kernel 1 and 3) against ControlNet, with SCEdit's SC-Tuners measured in the same run for the
+// controllable generation on the Stable Diffusion 1.5 UNet (or SD 2.1's, SDXL's: --config) — the
+// CSC-Tuner (dense hint convs of kernel 1 and 3, with the layout's hint encoder) against ControlNet, with SCEdit's SC-Tuners measured in the same run for the
 // step the CSC-Tuner builds on. Measured with this project's own models and training step.
 //
 // One step = forward, MSE on ε, backward, AdamW step (common::TrainStep on the method's
@@ -91,9 +91,9 @@ class Attached {
 
  private:
   sd::UNet unet_;
-  common::MethodOptions sc_options_;  // SC-Tuners on the 12 skips, as memory_vs_lora's `scedit`
+  common::MethodOptions sc_options_;  // SC-Tuners on every skip, as memory_vs_lora's `scedit`
   common::TrainedTuners sc_;
-  common::ControlOptions control_options_;  // the released SD 1.5 CSC settings, but the kernel
+  common::ControlOptions control_options_;  // the layout's released CSC settings (SDXL: r = 2, P = 320), but the kernel
   common::ControlTuners control_;
   sd::ControlNetModel controlnet_{nullptr};
   common::Trainable trainable_;
@@ -117,8 +117,8 @@ std::vector<Count> count_methods(sd::UNet& unet, const bench::Run& run) {
   return counts;
 }
 
-/// Prints the parameter table and the parameter target (of the configuration: at `reduced` only
-/// an indication of SD 1.5's ratio, which `--config sd15 --params-only` gives exactly).
+/// Prints the parameter table and the parameter target (SD 1.5's: at other configurations an
+/// indication only; `--config sd15 --params-only` gives SD 1.5's ratio exactly).
 void print_params(const std::vector<Count>& counts, const sd::UNet& unet, const bench::Run& run) {
   const auto& controlnet = counts[0];
   std::printf("trainable parameters, config %s (UNet %.3f M frozen, VAE + text encoder %.3f M):\n\n",
@@ -132,7 +132,7 @@ void print_params(const std::vector<Count>& counts, const sd::UNet& unet, const 
   const double ratio = static_cast<double>(counts[1].trainable) / controlnet.trainable;
   std::printf("\ntarget: csc-k1 trainable ≤ %.0f%% of controlnet's: %.2f%% — %s%s\n\n",
               100 * kParamRatioTarget, 100 * ratio, ratio <= kParamRatioTarget ? "met" : "NOT met",
-              run.config == "sd15" ? "" : " (reduced config: an indication for SD 1.5 only)");
+              run.config == "sd15" ? "" : (" (config " + run.config + ": the target is SD 1.5's, an indication only)").c_str());
 }
 
 /// Measures one row: `method` attached to `unet` (frozen weights on the device in the precision's
@@ -167,8 +167,8 @@ const bench::Row* find_row(const std::vector<bench::Row>& rows, const std::strin
 void print_targets(const std::vector<bench::Row>& rows, const std::vector<int64_t>& batches,
                    const bench::Run& run) {
   const bool gpu = run.device.is_cuda();
-  std::printf("\ntargets%s:\n", gpu ? "" : " (on the CPU: memory ratios of the reduced model are an "
-                                           "indication for SD 1.5 only; time targets are judged on the GPU only)");
+  std::printf("\ntargets%s%s:\n", run.config == "sd15" ? "" : " (SD 1.5's, an indication only at this config)",
+              gpu ? "" : " (on the CPU: time targets are judged on the GPU only)");
   const int64_t speed_batch = std::count(batches.begin(), batches.end(), kSpeedTargetBatch) > 0
                                   ? kSpeedTargetBatch : *std::max_element(batches.begin(), batches.end());
   for (const auto& precision : run.precision_list) {
@@ -218,10 +218,10 @@ int main(int argc, char** argv) {
   bool params_only = false;
   bench::Run run;
   CLI::App app{"memory_vs_controlnet: trainable parameters, peak memory and speed of one SD 1.5 "
-               "training step with condition images, CSC-Tuner (kernel 1 and 3) vs ControlNet, "
+               "(SD 2.1, SDXL) training step with condition images, CSC-Tuner (kernel 1 and 3) vs ControlNet, "
                "and the SC-Tuners' step beside them"};
   app.option_defaults()->always_capture_default();
-  app.add_option("--batch-sizes", batches, "Comma-separated batch sizes (auto: 1,8,30 for sd15, 1,2 for reduced)");
+  app.add_option("--batch-sizes", batches, "Comma-separated batch sizes (auto: 1,8,30 for sd15, 1,4,8 for sd21 and sdxl, 1,2 for the reduced ones)");
   app.add_option("--methods", methods, "Comma-separated: controlnet, csc-k1, csc-k3, scedit (a row's ratios to ControlNet need controlnet before it)");
   app.add_flag("--params-only", params_only, "Print the trainable parameters of every method and the parameter target, and measure no step");
   bench::add_run_flags(app, run);
@@ -237,7 +237,9 @@ int main(int argc, char** argv) {
       TORCH_CHECK(std::count(all_methods().begin(), all_methods().end(), m) > 0, "--methods: '", m,
                   "' is not controlnet, csc-k1, csc-k3 or scedit");
     }
-    if (batches == "auto") batches = run.config == "sd15" ? "1,8,30" : "1,2";
+    if (batches == "auto") {
+      batches = run.config == "sd15" ? "1,8,30" : run.config == "sd21" || run.config == "sdxl" ? "1,4,8" : "1,2";
+    }
     const auto batch_sizes = bench::parse_ints(batches, "--batch-sizes");
     bench::FrozenEncoders encoders(run);
 

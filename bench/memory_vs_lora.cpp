@@ -1,9 +1,10 @@
 // memory_vs_lora: the seed's table — training memory and speed of SCEdit against LoRA on the
-// Stable Diffusion 1.5 UNet — measured with this project's own model and training step.
+// Stable Diffusion 1.5 UNet (or SD 2.1's, SDXL's: --config) — measured with this project's own
+// model and training step.
 //
 // One step = forward, MSE on ε, backward, AdamW step (common::TrainStep on the tuners'
 // Trainable, what train_style runs). Peak memory, the configurations and the shared flags:
-// step_bench.hpp. Without a GPU it runs a reduced model of the same layout by default (--config).
+// step_bench.hpp. Without a GPU it runs a reduced model of SD 1.5's layout by default (--config).
 
 #include "step_bench.hpp"
 
@@ -45,10 +46,10 @@ bench::Row measure(sd::UNet& unet, const std::string& method, const std::string&
 int main(int argc, char** argv) {
   std::string batches = "auto", methods = "lora,scedit";
   bench::Run run;
-  CLI::App app{"memory_vs_lora: peak memory and speed of one SD 1.5 training step, SCEdit vs LoRA "
-               "(r=64 on to_q/to_k/to_v/to_out.0/ff.net.0.proj/ff.net.2)"};
+  CLI::App app{"memory_vs_lora: peak memory and speed of one SD 1.5 (SD 2.1, SDXL) training step, "
+               "SCEdit vs LoRA (r=64 on to_q/to_k/to_v/to_out.0/ff.net.0.proj/ff.net.2)"};
   app.option_defaults()->always_capture_default();
-  app.add_option("--batch-sizes", batches, "Comma-separated batch sizes (auto: 1,10,30 for sd15, 1,4 for reduced)");
+  app.add_option("--batch-sizes", batches, "Comma-separated batch sizes (auto: 1,10,30 for sd15, 1,4,8 for sd21 and sdxl, 1,4 for the reduced ones)");
   app.add_option("--methods", methods, "Comma-separated: lora, scedit");
   bench::add_run_flags(app, run);
   try {
@@ -58,7 +59,9 @@ int main(int argc, char** argv) {
   }
   try {
     bench::resolve(run);
-    if (batches == "auto") batches = run.config == "sd15" ? "1,10,30" : "1,4";
+    if (batches == "auto") {
+      batches = run.config == "sd15" ? "1,10,30" : run.config == "sd21" || run.config == "sdxl" ? "1,4,8" : "1,4";
+    }
     const auto batch_sizes = bench::parse_ints(batches, "--batch-sizes");
     const auto method_list = common::split_list(methods);
     for (const auto& m : method_list) {

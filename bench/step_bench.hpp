@@ -7,9 +7,12 @@
 /// One step = forward, MSE on ε, backward, AdamW step: `common::TrainStep` on the method's
 /// `Trainable`, what the training programs run. Peak memory: on CUDA the caching allocator's peak
 /// allocated bytes (what the Python peer reports too: bench/RESULTS.md), on the CPU an exact count
-/// of tensor bytes (examples/common/counting_allocator.hpp); weights included. Without a GPU a run
-/// measures a reduced model of SD 1.5's layout by default (`--config`), whose CPU byte counts are
-/// deterministic: a change to a bench can be checked against them.
+/// of tensor bytes (examples/common/counting_allocator.hpp); weights included. The configurations
+/// (`--config`): SD 1.5, SD 2.1 and SDXL at their native sizes, and reduced models of SD 1.5's and
+/// SDXL's layouts. Without a GPU a run measures the reduced SD 1.5 by default, whose CPU byte counts
+/// are deterministic: a change to a bench can be checked against them. SDXL's UNet reads its added
+/// conditioning (a pooled text embedding and the size conditioning's time ids) in every forward
+/// pass: `random_batch` gives it with the batch.
 ///
 /// A bench declares its own flags (methods, batch sizes) and the shared ones (`add_run_flags`),
 /// resolves them (`resolve`), and for each row attaches its method to the UNet, makes the batch
@@ -26,7 +29,9 @@
 #include <common/strings.hpp>
 #include <common/train_step.hpp>
 #include <sd/clip.hpp>
+#include <sd/clip_projection.hpp>
 #include <sd/precision.hpp>
+#include <sd/stable_diffusion.hpp>
 #include <sd/tiny.hpp>
 #include <sd/unet.hpp>
 #include <sd/vae.hpp>
@@ -57,12 +62,17 @@ struct Shapes {
   sd::UNetConfig unet;     ///< the UNet (and the ControlNet made from it)
   sd::VAEConfig vae;       ///< counted towards the pipeline; resident with `--pipeline`
   sd::CLIPTextConfig text; ///< counted towards the pipeline; resident with `--pipeline`
+  /// SDXL's second text encoder (with its projection): counted and resident as `text`; none else.
+  std::optional<sd::CLIPTextConfig> text_2;
   int64_t latent = 64;     ///< latent side (64 = 512 px)
-  std::string name;        ///< sd15 | reduced
+  std::string name;        ///< sd15 | sd21 | sdxl | reduced | reduced-sdxl
 };
 
-/// The configuration `name`: `sd15` (SD 1.5 at 512 px) or `reduced` (SD 1.5's layout, narrower
-/// and at 128 px, which two CPU cores measure in seconds).
+/// The configuration `name`: `sd15` (SD 1.5 at 512 px), `sd21` (SD 2.1 at 768 px), `sdxl`
+/// (SDXL base at 1024 px),
+/// `reduced` (SD 1.5's layout, narrower and at 128 px, which two CPU cores measure in seconds) or
+/// `reduced-sdxl` (SDXL's layout — 3 levels, 9 skips, 1, 2, 10 transformer layers, added
+/// conditioning, two text encoders — narrower and at 128 px).
 inline Shapes make_shapes(const std::string& name) {
   Shapes s;
   s.name = name;
@@ -71,6 +81,33 @@ inline Shapes make_shapes(const std::string& name) {
     s.vae = sd::VAEConfig::sd15();
     s.text = sd::CLIPTextConfig::sd15();
     s.latent = 64;
+  } else if (name == "sd21") {  // the architecture of random_sd21_pipeline (examples/sd/tiny.hpp)
+    s.unet = sd::UNetConfig::sd21();
+    s.vae = sd::VAEConfig::sd15();
+    s.text = sd::CLIPTextConfig::sd21();
+    s.latent = 96;  // 768 px
+  } else if (name == "sdxl" || name == "reduced-sdxl") {
+    // The architecture of random_sdxl_pipeline (examples/sd/tiny.hpp).
+    s.unet = sd::UNetConfig::sdxl();
+    s.vae = sd::VAEConfig::sdxl();
+    s.text = sd::CLIPTextConfig::sd15();
+    s.text_2 = sd::CLIPTextConfig::sdxl_2();
+    s.latent = 128;  // 1024 px
+    if (name == "reduced-sdxl") {
+      // SDXL's layout (its depth at the last level included: that is where it differs most from
+      // SD 1.5) at widths two CPU cores measure in seconds.
+      s.unet.block_out_channels = {32, 64, 128};     // SDXL: 320, 640, 1280
+      s.unet.attention_head_dim = {2, 4, 8};         // heads of 16 channels (SDXL: 64)
+      s.unet.norm_num_groups = 16;                   // SDXL: 32
+      s.text = sd::tiny_text_config();               // SDXL: CLIP ViT-L
+      s.text_2 = sd::tiny_text_config();             // SDXL: OpenCLIP bigG
+      s.unet.cross_attention_dim = s.text.hidden_size + s.text_2->hidden_size;  // 64 (SDXL: 2048)
+      s.unet.addition_time_embed_dim = 8;                                         // SDXL: 256
+      s.unet.projection_class_embeddings_input_dim =
+          s.text_2->projection_dim + sd::UNetConfig::kTextTimeIds * s.unet.addition_time_embed_dim;
+      s.vae = sd::tiny_vae_config();
+      s.latent = 16;  // 128 px
+    }
   } else if (name == "reduced") {
     // SD 1.5's layout (4 levels, 12 skips, cross-attention in the first three) at a width and
     // latent size two CPU cores measure in seconds.
@@ -83,7 +120,7 @@ inline Shapes make_shapes(const std::string& name) {
     s.text.hidden_size = 64;
     s.latent = 16;  // 128 px
   } else {
-    TORCH_CHECK(false, "--config must be sd15 or reduced, got '", name, "'");
+    TORCH_CHECK(false, "--config must be sd15, sd21, sdxl, reduced or reduced-sdxl, got '", name, "'");
   }
   return s;
 }
@@ -105,7 +142,7 @@ struct Row {
 /// then what `resolve` derives from them.
 struct Run {
   // ---- as given ------------------------------------------------------------------------------
-  std::string config = "auto";          ///< sd15 | reduced | auto
+  std::string config = "auto";          ///< sd15 | sd21 | sdxl | reduced | reduced-sdxl | auto
   int64_t latent = 0;                   ///< latent side; 0: the configuration's
   std::string precisions = "fp32,bf16w";  ///< comma-separated: fp32 | bf16w
   std::string device_flag = "auto";     ///< auto | cpu | cuda[:N]
@@ -133,8 +170,8 @@ struct Run {
 
 /// Declares the shared flags on `app`, writing into `run`.
 inline void add_run_flags(CLI::App& app, Run& run) {
-  app.add_option("--config", run.config, "sd15 | reduced | auto (sd15 on CUDA, reduced on the CPU)");
-  app.add_option("--latent", run.latent, "Latent side (0: the config's, 64 = 512 px for sd15, 16 for reduced)")->check(CLI::NonNegativeNumber);
+  app.add_option("--config", run.config, "sd15 | sd21 | sdxl | reduced | reduced-sdxl | auto (sd15 on CUDA, reduced on the CPU); reduced-sdxl is SDXL's layout at reduced width");
+  app.add_option("--latent", run.latent, "Latent side (0: the config's: 64 = 512 px for sd15, 96 = 768 px for sd21, 128 = 1024 px for sdxl, 16 = 128 px for the reduced ones)")->check(CLI::NonNegativeNumber);
   app.add_option("--precisions", run.precisions, "Comma-separated: fp32 (TF32 matmuls allowed), bf16w (frozen bf16, trainable fp32, bf16 autocast)");
   app.add_option("--device", run.device_flag, "auto | cpu | cuda[:N]");
   app.add_option("--warmup", run.warmup, "Warm-up steps (not timed)");
@@ -194,27 +231,32 @@ inline torch::Dtype frozen_dtype(const std::string& name) {
 /// The VAE and text encoder: counted towards the percentages (as the seed computes them), and with
 /// `--pipeline` kept on the device in the frozen dtype while the UNet trains.
 struct FrozenEncoders {
-  sd::VAE vae{nullptr};
-  sd::CLIPTextModel text_encoder{nullptr};
+  sd::VAE vae{nullptr};                                      ///< the VAE
+  sd::CLIPTextModel text_encoder{nullptr};                   ///< the (first) text encoder
+  sd::CLIPTextModelWithProjection text_encoder_2{nullptr};  ///< SDXL's second; else empty
 
-  /// Builds both (seed 0), counts them into `run.pipeline_params`, and frees them again unless
+  /// Builds them (seed 0), counts them into `run.pipeline_params`, and frees them again unless
   /// `--pipeline`, so that the CPU's byte count holds only what the GPU's would.
   explicit FrozenEncoders(Run& run) {
     torch::manual_seed(0);
     vae = sd::VAE(run.shapes.vae);
     text_encoder = sd::CLIPTextModel(run.shapes.text);
-    run.pipeline_params = scedit::count_parameters(*vae).total() + scedit::count_parameters(*text_encoder).total();
+    if (run.shapes.text_2) text_encoder_2 = sd::CLIPTextModelWithProjection(*run.shapes.text_2);
+    run.pipeline_params = scedit::count_parameters(*vae).total() + scedit::count_parameters(*text_encoder).total() +
+                          (text_encoder_2.is_empty() ? 0 : scedit::count_parameters(*text_encoder_2).total());
     if (!run.pipeline) {
       vae = sd::VAE(nullptr);
       text_encoder = sd::CLIPTextModel(nullptr);
+      text_encoder_2 = sd::CLIPTextModelWithProjection(nullptr);
     }
   }
 
-  /// With `--pipeline`, moves both to the device in precision `name`'s frozen dtype.
+  /// With `--pipeline`, moves them to the device in precision `name`'s frozen dtype.
   void to(const Run& run, const std::string& name) {
     if (vae.is_empty()) return;
     vae->to(run.device, frozen_dtype(name));
     text_encoder->to(run.device, frozen_dtype(name));
+    if (!text_encoder_2.is_empty()) text_encoder_2->to(run.device, frozen_dtype(name));
   }
 };
 
@@ -246,10 +288,16 @@ inline std::string settings_line(const Run& run) {
   if (run.cudnn_benchmark) settings += ", cuDNN benchmark";
   if (run.attention != "auto") settings += ", " + run.attention + " attention";
   const auto& s = run.shapes;
+  char added[128] = "";
+  if (s.unet.has_text_time()) {
+    std::snprintf(added, sizeof(added), ", pooled %lld, time ids of %lldx%lld px",
+                  static_cast<long long>(s.unet.text_embeds_dim()), static_cast<long long>(8 * s.latent),
+                  static_cast<long long>(8 * s.latent));
+  }
   char line[1024];
-  std::snprintf(line, sizeof(line), "config %s (latents 4x%lldx%lld, text 77x%lld), device %s, %lld warm-up + %lld timed steps%s, lean %s, %s\n",
+  std::snprintf(line, sizeof(line), "config %s (latents 4x%lldx%lld, text 77x%lld%s), device %s, %lld warm-up + %lld timed steps%s, lean %s, %s\n",
                 run.config.c_str(), static_cast<long long>(s.latent), static_cast<long long>(s.latent),
-                static_cast<long long>(s.unet.cross_attention_dim), run.device_name.c_str(),
+                static_cast<long long>(s.unet.cross_attention_dim), added, run.device_name.c_str(),
                 static_cast<long long>(run.warmup), static_cast<long long>(run.steps), settings.c_str(),
                 common::to_string(run.lean).c_str(),
                 run.cuda_graph ? (run.device.is_cuda() ? "captured AdamW, CUDA graph replays" : "capturable AdamW, uncaptured on the CPU")
@@ -281,7 +329,9 @@ inline void synchronize(const torch::Device& device) {
 }
 
 /// A batch of random latents [B, 4, l, l] (float32) and text embeddings [B, 77, D] (the frozen
-/// dtype), from the global generator, and `conditions` condition images [B, 3, 8l, 8l], uniform in
+/// dtype), from the global generator; for a UNet with added conditioning (SDXL) a random pooled
+/// embedding [B, P] (the frozen dtype) and the time ids of an uncropped 8l × 8l image, as
+/// training at that size gives them; and `conditions` condition images [B, 3, 8l, 8l], uniform in
 /// [0, 1] (float32, as `BatchSource` gives them), drawn after them: random, and fixed for the row.
 inline common::TrainBatch random_batch(const Run& run, int64_t batch, const std::string& precision,
                                        int64_t conditions = 0) {
@@ -289,6 +339,12 @@ inline common::TrainBatch random_batch(const Run& run, int64_t batch, const std:
   common::TrainBatch inputs;
   inputs.latents = torch::randn({batch, 4, s.latent, s.latent}).to(run.device);
   inputs.text = torch::randn({batch, 77, s.unet.cross_attention_dim}).to(run.device, frozen_dtype(precision));
+  if (s.unet.has_text_time()) {
+    const auto pooled = torch::randn({batch, s.unet.text_embeds_dim()});
+    const auto time_ids = sd::SizeConditioning::uncropped(8 * s.latent, 8 * s.latent).time_ids();
+    inputs.added = {pooled.to(run.device, frozen_dtype(precision)),
+                    time_ids.expand({batch, -1}).to(run.device, frozen_dtype(precision))};
+  }
   for (int64_t i = 0; i < conditions; ++i) {
     inputs.conditions.push_back(torch::rand({batch, 3, 8 * s.latent, 8 * s.latent}).to(run.device));
   }

@@ -9,13 +9,21 @@
 #   bash scripts/gpu_session.sh controlnet # memory_vs_controlnet at SD 1.5 size: CSC-Tuner (kernel 1, 3) vs ControlNet, bf16w and fp32, batches 1, 8, 30
 #   bash scripts/gpu_session.sh train   # issue 4: train_style at SD 1.5 size, 512 px, bf16, SCEdit and LoRA
 #   bash scripts/gpu_session.sh profile # where a batch-30 SCEdit step's time goes, operator by operator
+#   bash scripts/gpu_session.sh sdxl    # issue 19: SDXL at 1024 px, bf16w, batches 1, 4, 8: SCEdit vs LoRA, then
+#                                       # memory_vs_controlnet (CSC-Tuner vs ControlNet); bench/RESULTS.md's prediction
+#
+# The sdxl stage after a build on a fresh machine, inside one 10-minute call:
+#   SCEDIT_GPU_TARGETS="memory_vs_lora memory_vs_controlnet" SCEDIT_DEADLINE=$(($(date +%s) + 560)) \
+#     bash scripts/gpu_session.sh build sdxl
+# (SCEDIT_SDXL_CONFIG and SCEDIT_SDXL_BATCHES run the same stage at another size, e.g.
+# reduced-sdxl and 1 on the CPU with BUILD=build, to check its commands.)
 #
 # Stages chain (`build tests kernels bench profile train`, the default). SCEDIT_DEADLINE (seconds since the epoch)
 # stops starting benchmark rows and the training run after that time, so that one call ends inside
 # its limit with what it measured so far. Results go to $OUT (default ./gpu-results), at most eight
 # files as the device tool returns them: build.log, tests.log, kernels.md, bench.md, bench.json,
-# profile.md, train.log (and controlnet.md, controlnet.json from the controlnet stage, which the
-# default chain leaves out: name it, e.g. `build controlnet`).
+# profile.md, train.log (and controlnet.md, controlnet.json from the controlnet stage, sdxl.md and
+# sdxl.json from the sdxl stage, which the default chain leaves out: name them, e.g. `build sdxl`).
 # CLI11 and stb are not installed on the GPU machine: their headers are taken from
 # $SCEDIT_EXTRA_INCLUDE (default .deps/include, filled by `cp -r /usr/include/CLI /usr/include/stb`;
 # carry .deps). The tests' reference data travel with the repository (tests/data).
@@ -150,6 +158,42 @@ EOF
   cat "$OUT/controlnet.md"
 }
 
+# Issue 19: SDXL base at 1024 px (128x128 latents, with its added conditioning), bf16w, the default
+# levers, batches 1, 4, 8 (a batch that runs out of memory ends its bench: the smaller rows come
+# first and are printed). memory_vs_lora first (SCEdit against LoRA),
+# then memory_vs_controlnet (CSC-Tuner with SDXL's hint encoder against SDXL's ControlNet); a
+# bench not started 150 s before SCEDIT_DEADLINE is skipped, one started runs until the deadline
+# at most, and the rows each printed are kept in sdxl.md even where its timeout cut it short (the
+# JSON is written at the end of a run).
+stage_sdxl() {
+  local config=${SCEDIT_SDXL_CONFIG:-sdxl} batches=${SCEDIT_SDXL_BATCHES:-1,4,8} bench limit rows=()
+  local flags=(--config "$config" --precisions bf16w --batch-sizes "$batches" --warmup 2 --steps 4)
+  : > "$OUT/sdxl.md"
+  for bench in memory_vs_lora memory_vs_controlnet; do
+    if ! time_left 150; then
+      echo "== $bench: skipped, too near SCEDIT_DEADLINE" >> "$OUT/sdxl.md"
+      continue
+    fi
+    limit=270  # building SDXL's UNet (and a ControlNet per row) on the host takes its share
+    [ "$DEADLINE" -gt 0 ] && [ $((DEADLINE - $(date +%s))) -lt $limit ] && limit=$((DEADLINE - $(date +%s)))
+    echo "== $bench ${flags[*]} ($(date -u +%T), at most $limit s)" >> "$OUT/sdxl.md"
+    timeout "$limit" "$BUILD/bin/$bench" "${flags[@]}" --json "$OUT/sdxl_$bench.json" >> "$OUT/sdxl.md" 2>&1 ||
+      echo "exit $?" >> "$OUT/sdxl.md"
+    [ -f "$OUT/sdxl_$bench.json" ] && rows+=("$OUT/sdxl_$bench.json")
+  done
+  python3 - "$OUT/sdxl.json" "${rows[@]}" <<'EOF'
+import json, os, sys
+rows = []
+for path in sys.argv[2:]:
+    for row in json.load(open(path)):
+        row["bench"] = os.path.basename(path)[len("sdxl_"):-len(".json")]
+        rows.append(row)
+    os.remove(path)  # one file back: the device tool returns at most eight
+json.dump(rows, open(sys.argv[1], "w"), indent=1)
+EOF
+  cat "$OUT/sdxl.md"
+}
+
 stage_profile() {
   local flags=(--precisions bf16w --methods scedit --batch-sizes 30 --steps 3 --op-profile 45)
   {
@@ -163,8 +207,8 @@ stage_profile() {
 status=0
 for stage in "$@"; do
   case $stage in
-    build | tests | kernels | train | bench | profile | controlnet) "stage_$stage" || status=1 ;;
-    *) echo "unknown stage '$stage' (build, tests, kernels, train, bench, profile, controlnet)" >&2; exit 2 ;;
+    build | tests | kernels | train | bench | profile | controlnet | sdxl) "stage_$stage" || status=1 ;;
+    *) echo "unknown stage '$stage' (build, tests, kernels, train, bench, profile, controlnet, sdxl)" >&2; exit 2 ;;
   esac
 done
 exit $status

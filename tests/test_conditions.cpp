@@ -431,6 +431,39 @@ TEST_F(ConditionsTest, ConditionIsCutWithTheImagesCropAndFlip) {
   }
 }
 
+// SDXL's size conditioning of each sample says what was done to it, as diffusers'
+// train_text_to_image_sdxl.py records it: the image's size before the resize, the target R x R,
+// and the window's top left in the resized image (in the mirrored image when mirrored: diffusers
+// mirrors, then crops). Checked against the coordinate-coded pixels each sample shows.
+TEST_F(ConditionsTest, EachSampleRecordsItsOriginalSizeAndItsCrop) {
+  const auto coded = coordinates(40, 90);
+  common::write_png((dir_ / "img.png").string(), coded);
+  common::write_png((dir_ / "map.png").string(), coded);
+  write_jsonl(dir_ / "metadata.jsonl", {record("img.png", "map.png", "same")});
+  const auto resized = common::resize_short_side(coded, R);
+  for (bool cache : {false, true}) {
+    common::ConditionedImageDataset data(dir_, common::ConditionSource::listed(),
+                                         common::DatasetOptions(R).random_flip(true).cache_images(cache));
+    auto generator = common::make_cpu_generator(5);
+    std::set<std::pair<int64_t, bool>> views;
+    for (int draw = 0; draw < 16; ++draw) {
+      const auto sample = data.get(0, generator);
+      const auto& size = sample.size;
+      EXPECT_EQ(std::vector<int64_t>({size.original_height, size.original_width, size.target_height, size.target_width}),
+                std::vector<int64_t>({40, 90, R, R}));
+      EXPECT_EQ(size.crop_top, 0);  // the short side is the height: no room to move
+      ASSERT_GE(size.crop_left, 0);
+      ASSERT_LE(size.crop_left + R, resized.size(1));
+      const auto image = pixels_of_image(sample.image);
+      const bool plain = resized.slice(1, size.crop_left, size.crop_left + R).equal(image);
+      const bool mirrored = common::hflip(resized).slice(1, size.crop_left, size.crop_left + R).equal(image);
+      EXPECT_TRUE(plain || mirrored) << "draw " << draw << ": crop_left " << size.crop_left;
+      views.insert({size.crop_left, mirrored});
+    }
+    EXPECT_GT(views.size(), 3u);
+  }
+}
+
 TEST_F(ConditionsTest, BadConditionsAreSkippedOrFatalNamingTheFile) {
   common::write_png((dir_ / "img.png").string(), random_image(R, R + 8));
   common::write_png((dir_ / "good.png").string(), random_image(R, R + 8));

@@ -16,6 +16,8 @@
 #include <sd/controlnet.hpp>
 #include <sd/controlnet_weights.hpp>
 #include <sd/ldm_keys.hpp>
+#include <sd/stable_diffusion.hpp>
+#include <sd/tiny.hpp>
 #include <sd/unet.hpp>
 #include <sd/weights.hpp>
 
@@ -262,6 +264,67 @@ TEST_F(ControlNet, FromUNetLeavesTheUNetUnchanged) {
   const auto t = cases().at("input.timestep");
   EXPECT_TRUE(torch::equal(unet(sample, t, context, run(controlnet, torch::kFloat32)),
                            unet(sample, t, context)));
+}
+
+// SDXL's layout (tiny: 3 levels, no attention at the first, 1, 1, 2 transformer layers, linear
+// projections, "text_time"): from_unet copies the added embedding with the encoder, so that with
+// the zero convolutions set to the identity its residuals are the UNet's own skip features and
+// middle output — they differ if the added conditioning were left out or not copied — and at
+// init (zero convolutions zero) the UNet's output is unchanged.
+TEST_F(ControlNet, FromUNetOnSdxlReproducesTheUNetsSkipsAndAddsNothingAtInit) {
+  auto sd = sd::tiny_sdxl_pipeline(/*seed=*/3);
+  auto unet = sd.unet;
+  auto controlnet = sd::controlnet_from_unet(unet);
+  ASSERT_FALSE(controlnet->add_embedding.is_empty());
+  EXPECT_EQ(controlnet->zero_convs.size(), unet->sites.size());
+  const int64_t b = 2, latent = 8, factor = controlnet->config.conditioning_factor();
+  torch::NoGradGuard no_grad;
+  const auto sample = torch::randn({b, sd.unet_config.in_channels, latent, latent});
+  const auto context = torch::randn({b, 77, sd.unet_config.cross_attention_dim});
+  const auto t = torch::tensor({999, 250}, torch::kInt64);
+  const auto added = sd::added_conditions(sd, torch::randn({b, sd.unet_config.text_embeds_dim()}),
+                                          {sd::SizeConditioning::uncropped(64, 64)});
+  const auto cond = torch::rand({b, 3, factor * latent, factor * latent});
+
+  const auto at_init = controlnet(sample, t, context, added, cond);
+  for (size_t i = 0; i < at_init.down.size(); ++i) {
+    EXPECT_EQ(at_init.down[i].abs().max().item<double>(), 0.0) << "residual " << i;
+  }
+  EXPECT_EQ(at_init.mid.abs().max().item<double>(), 0.0);
+  EXPECT_TRUE(torch::equal(unet(sample, t, context, added, at_init), unet(sample, t, context, added)));
+
+  // The zero convolutions as identities: the residuals are the encoder's features themselves.
+  auto identity = [](torch::nn::Conv2d& conv) {
+    conv->weight.copy_(torch::eye(conv->weight.size(0)).view(conv->weight.sizes()));
+    conv->bias.zero_();
+  };
+  for (auto& conv : controlnet->zero_convs) identity(conv);
+  identity(controlnet->controlnet_mid_block);
+  const auto copied = controlnet(sample, t, context, added, cond);
+  const auto features = unet->encode(sample, t, context, added);
+  ASSERT_EQ(copied.down.size(), features.skips.size());
+  for (size_t i = 0; i < copied.down.size(); ++i) {
+    EXPECT_LE(rel_err(copied.down[i], features.skips[i]), 1e-6) << "skip " << i;
+  }
+  EXPECT_LE(rel_err(copied.mid, features.mid_output), 1e-6);
+  // Other size conditioning, other features: the added embedding reaches the encoder.
+  const auto other = sd::added_conditions(sd, added.text_embeds, {sd::SizeConditioning::uncropped(32, 48)});
+  EXPECT_GT(rel_err(controlnet(sample, t, context, other, cond).mid, features.mid_output), 1e-3);
+
+  // Without the added conditioning, or with it on a ControlNet without "text_time": an error
+  // naming what is expected.
+  EXPECT_THAT(error_of([&] { controlnet(sample, t, context, cond); }),
+              AllOf(HasSubstr("text_time"), HasSubstr("text_embeds [2, 40]")));
+  auto sd15 = tiny_controlnet(torch::kFloat32);
+  const auto sd15_sample = input("input.sample", torch::kFloat32);
+  const int64_t f = sd15->config.conditioning_factor();
+  const auto sd15_cond = torch::rand({sd15_sample.size(0), sd15->config.conditioning_channels,
+                                      f * sd15_sample.size(2), f * sd15_sample.size(3)});
+  EXPECT_THAT(error_of([&] {
+                sd15(sd15_sample, cases().at("input.timestep"),
+                     input("input.encoder_hidden_states", torch::kFloat32), added, sd15_cond);
+              }),
+              HasSubstr("no addition_embed_type"));
 }
 
 // ---- module behaviour ------------------------------------------------------------------------

@@ -1,11 +1,13 @@
 // The shared training step and checkpoints (examples/common): schedules, a short seeded run on
 // the tiny model lowers the loss, the gradient hook, the sample order of one or several
-// processes, batches with conditions. Checkpoints and the output folder: test_checkpoints.cpp.
+// processes, batches with conditions; SDXL's batches (pooled captions, size conditioning), steps
+// and text-encoder LoRA on the tiny SDXL. Checkpoints and the output folder: test_checkpoints.cpp.
 
 #include <common/batches.hpp>
 #include <common/checkpoint.hpp>
 #include <common/graphed_step.hpp>
 #include <common/lean.hpp>
+#include <common/png.hpp>
 #include <common/run.hpp>
 #include <common/sample_order.hpp>
 #include <common/train_step.hpp>
@@ -19,7 +21,9 @@
 
 #include <cstdio>
 #include <filesystem>
+#include <algorithm>
 #include <fstream>
+#include <optional>
 #include <set>
 #include <vector>
 
@@ -211,7 +215,7 @@ TEST(Train, GraphedStepIsTrainStepWhenUncaptured) {
     EXPECT_EQ(state.step(), 5);
   }
   // CUDA graphs replay fixed shapes: another batch size is refused, naming both.
-  common::TrainBatch half{graphed.batch.latents.slice(0, 0, 2), graphed.batch.text.slice(0, 0, 2), {}};
+  common::TrainBatch half{graphed.batch.latents.slice(0, 0, 2), graphed.batch.text.slice(0, 0, 2), {}, {}};
   const auto message = error_of([&] { graphed_step.run(half, 1e-3); });
   EXPECT_NE(message.find("[2, 4, 8, 8]"), std::string::npos) << message;
   EXPECT_NE(message.find("[4, 4, 8, 8]"), std::string::npos) << message;
@@ -309,7 +313,7 @@ TEST(Train, TunerTrainableIsWhatTheOptimizerAndCheckpointsSee) {
   // SC-Tuners and LoRA take no condition.
   auto x = torch::randn({1, 4, 8, 8});
   EXPECT_NE(error_of([&] {
-              trainable.denoiser(x, torch::tensor({1}), torch::randn({1, 77, 32}), {torch::rand({1, 3, 64, 64})});
+              trainable.denoiser(x, torch::tensor({1}), torch::randn({1, 77, 32}), {}, {torch::rand({1, 3, 64, 64})});
             }).find("take no condition images"),
             std::string::npos);
 }
@@ -395,7 +399,7 @@ class ConditionedSamples : public common::ImageSource {
       image = image.flip({2});
       condition = condition.flip({2});
     }
-    return {image, "sample " + std::to_string(index), "", {condition}};
+    return {image, "sample " + std::to_string(index), "", {condition}, {}};
   }
 };
 
@@ -429,7 +433,7 @@ TEST(Train, BatchesCarryConditionsAndACSCTunerTrainsOnThem) {
   scedit::attach_csc_tuner(*pipe.unet, csc, "canny");
   auto unet = pipe.unet;
   common::Denoiser denoiser = [unet, csc](const torch::Tensor& noisy, const torch::Tensor& t,
-                                          const torch::Tensor& text,
+                                          const torch::Tensor& text, const sd::UNetAddedConditions&,
                                           const std::vector<torch::Tensor>& conditions) mutable {
     scedit::ConditionScope scope;
     scope.set(csc, conditions.at(0));
@@ -472,10 +476,10 @@ TEST(Train, TextEncoderLoRATrainsFromTokensInItsOwnGroup) {
   options.train_text_encoder = true;
   options.text_encoder_lr = 2e-3;
   auto tuners = common::attach_tuners(pipe.unet, options, torch::kCPU);
-  common::attach_text_encoder_lora(tuners, pipe.text_encoder, options, torch::kCPU);
+  common::attach_text_encoder_lora(tuners, pipe, options, torch::kCPU);
   ASSERT_TRUE(tuners.text_lora.has_value());
   const double lr = 1e-3;
-  const auto trainable = common::tuner_trainable(pipe.unet, tuners, options, pipe.text_encoder, lr);
+  const auto trainable = common::tuner_trainable(pipe.unet, tuners, options, &pipe, lr);
   EXPECT_TRUE(trainable.text_as_tokens);
   const auto unet_count = scedit::tuner_parameters(*pipe.unet).size();
   const auto text_count = scedit::tuner_parameters(*pipe.text_encoder).size();
@@ -498,7 +502,7 @@ TEST(Train, TextEncoderLoRATrainsFromTokensInItsOwnGroup) {
   {
     torch::NoGradGuard no_grad;
     const auto frozen = pipe.unet->forward(noisy, t, sd::encode_prompts(pipe, captions));
-    EXPECT_TRUE(torch::allclose(trainable.denoiser(noisy, t, tokens, {}), frozen, 1e-5, 1e-6));
+    EXPECT_TRUE(torch::allclose(trainable.denoiser(noisy, t, tokens, {}, {}), frozen, 1e-5, 1e-6));
   }
 
   // One step: AdamW's first update is ±lr per element, so each group moves at its own rate, and
@@ -513,7 +517,7 @@ TEST(Train, TextEncoderLoRATrainsFromTokensInItsOwnGroup) {
   const auto before = trainable.tensors();
   std::vector<torch::Tensor> start;
   for (const auto& p : before) start.push_back(p.detach().clone());
-  common::TrainBatch batch{torch::randn({2, 4, 8, 8}), tokens, {}};
+  common::TrainBatch batch{torch::randn({2, 4, 8, 8}), tokens, {}, {}};
   auto generator = common::step_generator(0, 0);
   step.forward_backward(batch, generator);
   ASSERT_TRUE(step.optimizer_step(lr));
@@ -535,4 +539,180 @@ TEST(Train, TextEncoderLoRANeedsLoRA) {
   options.method = "lora";
   options.text_encoder_lr = -1;
   EXPECT_NE(error_of([&] { common::check_method_options(options); }).find("--text-encoder-lr"), std::string::npos);
+}
+
+// ---- SDXL ------------------------------------------------------------------------------------
+
+namespace {
+
+/// Two captioned images of other sizes than the resolution (64): "wide" 160x128 (W x H) and
+/// "tall" 96x192, captions beside them.
+fs::path write_two_sizes(const fs::path& folder) {
+  fs::create_directories(folder);
+  auto gen = common::make_cpu_generator(1);
+  common::write_png((folder / "wide.png").string(), torch::randint(0, 256, {128, 160, 3}, gen, torch::kLong).to(torch::kUInt8));
+  common::write_png((folder / "tall.png").string(), torch::randint(0, 256, {192, 96, 3}, gen, torch::kLong).to(torch::kUInt8));
+  std::ofstream(folder / "wide.txt") << "a wide image";
+  std::ofstream(folder / "tall.txt") << "a tall image";
+  return folder;
+}
+
+/// diffusers' add_time_ids of each of the two images at 64 px, centre-cropped, by hand:
+/// (original h, w, crop top, left, target h, w). wide 128x160 -> 64x80, crop from column 8;
+/// tall 192x96 -> 128x64, crop from row 32.
+std::vector<float> expected_time_ids(const std::string& file) {
+  if (file.find("wide") != std::string::npos) return {128, 160, 0, 8, 64, 64};
+  return {192, 96, 32, 0, 64, 64};
+}
+
+}  // namespace
+
+TEST(Train, SDXLBatchesCarryThePooledCaptionsAndEachSamplesSizeAndCrop) {
+  scedit_test::TempDir dir("sdxl_batches");
+  auto pipe = sd::tiny_sdxl_pipeline();
+  common::CaptionedImageDataset data(write_two_sizes(dir.path() / "data"), common::DatasetOptions(64).center_crop(true));
+  ASSERT_EQ(data.size(), 2);
+  const std::vector<int64_t> indices = {1, 0};
+  std::vector<std::string> captions;
+  for (auto i : indices) captions.push_back(data.items()[i].caption);
+  const auto text = sd::encode_text(pipe, captions);
+  const auto empty = sd::encode_text(pipe, {""});
+  for (const bool cache : {false, true}) {
+    common::BatchSource batches(pipe, data, common::BatchOptions().cache(cache), torch::kCPU, torch::kFloat32);
+    auto generator = common::step_generator(0, 0);
+    const auto batch = batches.get(indices, generator);
+    EXPECT_EQ(batch.text.sizes(), (std::vector<int64_t>{2, 77, 80})) << "cache " << cache;
+    ASSERT_TRUE(batch.added.text_embeds.defined());
+    EXPECT_EQ(batch.added.text_embeds.sizes(), (std::vector<int64_t>{2, 40}));
+    EXPECT_TRUE(torch::allclose(batch.added.text_embeds, text.pooled, 1e-5, 1e-6));
+    EXPECT_TRUE(torch::allclose(batch.text, text.context, 1e-5, 1e-6));
+    ASSERT_EQ(batch.added.time_ids.sizes(), (std::vector<int64_t>{2, 6}));
+    for (int64_t b = 0; b < 2; ++b) {
+      const auto& file = data.items()[indices[b]].file;
+      EXPECT_TRUE(torch::equal(batch.added.time_ids[b], torch::tensor(expected_time_ids(file)))) << file << ": "
+          << batch.added.time_ids[b];
+    }
+  }
+  // A dropped caption is the empty prompt's, its pooled embedding too (diffusers encodes "").
+  common::BatchSource dropped(pipe, data, common::BatchOptions().caption_dropout(1.0), torch::kCPU, torch::kFloat32);
+  auto generator = common::step_generator(0, 0);
+  const auto batch = dropped.get(indices, generator);
+  for (int64_t b = 0; b < 2; ++b) {
+    EXPECT_TRUE(torch::equal(batch.text[b], empty.context[0])) << b;
+    EXPECT_TRUE(torch::equal(batch.added.text_embeds[b], empty.pooled[0])) << b;
+  }
+  // Token ids for a text encoder that trains: both tokenizers', and the time ids alone.
+  common::BatchSource tokens(pipe, data, common::BatchOptions().tokens(true), torch::kCPU, torch::kFloat32);
+  auto again = common::step_generator(0, 0);
+  const auto ids = tokens.get(indices, again);
+  EXPECT_TRUE(torch::equal(ids.text, sd::tokenize_prompts(pipe, captions)));
+  EXPECT_FALSE(ids.added.text_embeds.defined());
+  EXPECT_TRUE(torch::equal(ids.added.time_ids, batch.added.time_ids));
+  // SD 1.5 batches carry none.
+  auto sd15 = sd::tiny_pipeline();
+  common::BatchSource plain(sd15, data, common::BatchOptions(), torch::kCPU, torch::kFloat32);
+  auto third = common::step_generator(0, 0);
+  EXPECT_FALSE(plain.get(indices, third).added.defined());
+}
+
+TEST(Train, TinySDXLTrainsSCTunersEagerAndGraphedAlike) {
+  scedit_test::TempDir dir("sdxl_steps");
+  common::CaptionedImageDataset data(write_two_sizes(dir.path() / "data"), common::DatasetOptions(64));
+  common::OptimOptions optim;
+  optim.lr = 1e-3;
+  auto run = [&](bool graphed) {
+    auto pipe = sd::tiny_sdxl_pipeline();
+    torch::manual_seed(0);
+    common::MethodOptions options;
+    auto tuners = common::attach_tuners(pipe.unet, options, torch::kCPU);
+    EXPECT_EQ(tuners.sc.size(), 9u);
+    pipe.unet->train();
+    const auto trainable = common::tuner_trainable(pipe.unet, tuners, options);
+    common::TrainStep step(trainable.denoiser, trainable.tensors(), sd::noise_schedule(pipe), optim,
+                           sd::Precision::kFP32, torch::kCPU, "v_prediction");
+    common::BatchSource batches(pipe, data, common::BatchOptions(), torch::kCPU, torch::kFloat32);
+    auto generator = common::step_generator(0, 0);
+    const auto batch = batches.get({0, 1, 0, 1}, generator);
+    std::optional<common::GraphedTrainStep> graphed_step;
+    if (graphed) graphed_step.emplace(step, /*seed=*/5);
+    auto draws = torch::make_generator<at::CPUGeneratorImpl>(5);  // what the graphed step draws from
+    std::vector<double> losses;
+    for (int s = 0; s < 4; ++s) {
+      if (graphed) {
+        losses.push_back(graphed_step->run(batch, optim.lr).item<double>());
+      } else {
+        losses.push_back(step.forward_backward(batch, draws).item<double>());
+        step.optimizer_step(optim.lr);
+      }
+      EXPECT_TRUE(std::isfinite(losses.back())) << "step " << s;
+    }
+    double moved = 0;
+    for (const auto& tuner : tuners.sc) moved = std::max(moved, tuner->tuner_op->ln2->weight.abs().max().item<double>());
+    EXPECT_GT(moved, 0.0) << "the SC-Tuners' zero-initialised ln2 trained";
+    return losses;
+  };
+  const auto eager = run(false), graphed = run(true);
+  for (size_t s = 0; s < eager.size(); ++s) EXPECT_NEAR(graphed[s], eager[s], 1e-6 * eager[s]) << "step " << s;
+}
+
+TEST(Train, SDXLTextEncoderLoRATrainsBothEncodersFromTokens) {
+  scedit_test::TempDir dir("sdxl_text_lora");
+  auto pipe = sd::tiny_sdxl_pipeline();
+  torch::manual_seed(0);
+  common::MethodOptions options;
+  options.method = "lora";
+  options.lora_rank = 4;
+  options.train_text_encoder = true;
+  auto tuners = common::attach_tuners(pipe.unet, options, torch::kCPU);
+  common::attach_text_encoder_lora(tuners, pipe, options, torch::kCPU);
+  ASSERT_TRUE(tuners.text_lora.has_value());
+  ASSERT_TRUE(tuners.text_lora_2.has_value());
+  const double lr = 1e-3;
+  const auto trainable = common::tuner_trainable(pipe.unet, tuners, options, &pipe, lr);
+  EXPECT_TRUE(trainable.text_as_tokens);
+  const auto text_count = scedit::tuner_parameters(*pipe.text_encoder).size() +
+                          scedit::tuner_parameters(*pipe.text_encoder_2).size();
+  ASSERT_EQ(trainable.groups.size(), 2u);
+  EXPECT_EQ(trainable.groups[1].first, text_count);
+  EXPECT_EQ(trainable.parameters.back().first.rfind("text_encoder_2.", 0), 0u) << trainable.parameters.back().first;
+
+  // At init the denoiser on token ids and time ids is the UNet on the frozen encoders'
+  // context and pooled embedding.
+  const std::vector<std::string> captions = {"a red circle", "a cat"};
+  const auto ids = sd::tokenize_prompts(pipe, captions);
+  const auto sizes = std::vector<sd::SizeConditioning>{sd::SizeConditioning::uncropped(64, 64)};
+  auto noisy = torch::randn({2, 4, 8, 8});
+  auto t = torch::tensor({10, 700}, torch::kLong);
+  const auto time_ids = sd::SizeConditioning::uncropped(64, 64).time_ids().expand({2, 6});
+  {
+    torch::NoGradGuard no_grad;
+    const auto text = sd::encode_text(pipe, captions);
+    const auto frozen = pipe.unet->forward(noisy, t, text.context, sd::added_conditions(pipe, text.pooled, sizes));
+    EXPECT_TRUE(torch::allclose(trainable.denoiser(noisy, t, ids, {{}, time_ids}, {}), frozen, 1e-5, 1e-6));
+  }
+  // One step reaches the second encoder's LoRA (its B, zero at init, gets a gradient).
+  common::OptimOptions optim;
+  optim.lr = lr;
+  common::TrainStep step(trainable.denoiser, trainable.tensors(), sd::NoiseSchedule(), optim,
+                         sd::Precision::kFP32, torch::kCPU, "epsilon", trainable.groups);
+  common::TrainBatch batch{torch::randn({2, 4, 8, 8}), ids, {{}, time_ids}, {}};
+  auto generator = common::step_generator(0, 0);
+  EXPECT_TRUE(std::isfinite(step.forward_backward(batch, generator).item<double>()));
+  double second = 0;
+  for (const auto& p : scedit::tuner_parameters(*pipe.text_encoder_2)) {
+    if (p.grad().defined()) second = std::max(second, p.grad().abs().max().item<double>());
+  }
+  EXPECT_GT(second, 0.0);
+  ASSERT_TRUE(step.optimizer_step(lr));
+
+  // Saved: a peft folder per text encoder, and one Kohya file naming them te1 and te2.
+  const auto written = tuners.save(dir.path() / "out");
+  EXPECT_TRUE(fs::exists(dir.path() / "out" / "lora_text_encoder_2" / "adapter_model.safetensors"));
+  const auto kohya = scedit::safetensors::load((dir.path() / "out" / "lora_kohya.safetensors").string());
+  bool te1 = false, te2 = false;
+  for (const auto& entry : kohya) {
+    te1 |= entry.first.rfind("lora_te1_", 0) == 0;
+    te2 |= entry.first.rfind("lora_te2_", 0) == 0;
+  }
+  EXPECT_TRUE(te1 && te2);
 }

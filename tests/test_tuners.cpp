@@ -1,10 +1,13 @@
-// SC-Tuner, CSC-Tuner, skip sites, trainability helpers and tuner files.
+// SC-Tuner, CSC-Tuner, skip sites, trainability helpers and tuner files; SC- and CSC-Tuners on
+// the tiny SDXL UNet.
 
 #include <scedit/csctuner.hpp>
 #include <scedit/sctuner.hpp>
 #include <scedit/sites.hpp>
 #include <scedit/trainable.hpp>
 #include <scedit/tuner_io.hpp>
+#include <sd/stable_diffusion.hpp>
+#include <sd/tiny.hpp>
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -495,4 +498,97 @@ TEST_F(Tuners, FilesHoldingNaNOrInfAreRefusedNamingTheTensor) {
   const auto before = fresh[1]->tuner_op->ln2->weight.clone();
   EXPECT_THAT(error_of([&] { scedit::load_sc_tuners(sc_path, fresh); }), HasSubstr(sc_key));
   EXPECT_TRUE(torch::equal(fresh[1]->tuner_op->ln2->weight, before));
+}
+
+namespace {
+
+/// The tiny SDXL in float64 with the inputs of one forward pass: latents, timesteps, the
+/// prompts' context and the added conditioning of two uncropped 64-pixel images.
+struct TinySDXLCall {
+  sd::StableDiffusion pipe = sd::tiny_sdxl_pipeline(0, torch::kFloat64);
+  torch::Tensor x = torch::randn({2, 4, 8, 8}, torch::kFloat64);
+  torch::Tensor t = torch::tensor({10, 700}, torch::kLong);
+  sd::TextConditioning text = sd::encode_text(pipe, {"a red circle", "a cat"});
+  sd::UNetAddedConditions added =
+      sd::added_conditions(pipe, text.pooled, {sd::SizeConditioning::uncropped(64, 64)});
+
+  /// The UNet's prediction, with `residuals` added to its skips.
+  torch::Tensor operator()(const sd::UNetResiduals& residuals = {}) {
+    torch::NoGradGuard no_grad;
+    return pipe.unet->forward(x, t, text.context, added, residuals);
+  }
+  /// The skip features the encoder hands the decoder, encoder order.
+  std::vector<torch::Tensor> skips() {
+    torch::NoGradGuard no_grad;
+    return pipe.unet->encode(x, t, text.context, added).skips;
+  }
+};
+
+/// A CSC-Tuner for `unet` with SCEdit.md's SDXL hint encoder (r = 2, P = 320).
+scedit::CSCTuner sdxl_csc_tuner(sd::UNet& unet) {
+  return scedit::CSCTuner(scedit::CSCTunerOptions(unet->skip_channels(), unet->skip_down_flags())
+                              .hint_ratio(2)
+                              .hint_channels(320));
+}
+
+}  // namespace
+
+TEST_F(Tuners, SCAndCSCTunersOnTheTinySDXLUNetAreTheIdentityAtInit) {
+  TinySDXLCall call;
+  ASSERT_TRUE(call.pipe.unet_config.has_text_time());
+  const auto base = call();
+  auto sc = scedit::attach_sc_tuners(*call.pipe.unet);
+  EXPECT_EQ(sc.size(), 9u);  // SDXL's skips
+  for (auto& tuner : sc) tuner->to(torch::kFloat64);
+  EXPECT_LE((call() - base).abs().max().item<double>(), 1e-6);
+  auto csc = sdxl_csc_tuner(call.pipe.unet);
+  csc->to(torch::kFloat64);
+  scedit::attach_csc_tuner(*call.pipe.unet, csc, "canny");
+  EXPECT_EQ(csc->pre_hint_blocks[0]->as<torch::nn::Conv2dImpl>()->weight.size(0), 32);  // 16·r
+  EXPECT_EQ(csc->pre_hint_blocks[12]->as<torch::nn::Conv2dImpl>()->weight.size(0), 320);  // P
+  scedit::ConditionScope conditions;
+  conditions.set(csc, torch::rand({2, 3, 64, 64}, torch::kFloat64));
+  EXPECT_LE((call() - base).abs().max().item<double>(), 1e-6);
+}
+
+// With random tuner weights, each edited skip is the formula computed by hand from the skip
+// features of the untuned encoder: SC s + (T(s) − s) = s + MLP(s); CSC s + c_k + MLP_k(s + c_k).
+// The UNet without tuners given those edits as residuals must predict what the tuned UNet does.
+TEST_F(Tuners, SCAndCSCTunersOnTheTinySDXLUNetMatchTheFormula) {
+  for (const bool controlled : {false, true}) {
+    TinySDXLCall plain, tuned;  // the same seeded weights and inputs
+    tuned.x = plain.x;
+    const auto skips = plain.skips();
+    const auto n = skips.size();
+    ASSERT_EQ(n, 9u);
+    sd::UNetResiduals edits;
+    if (!controlled) {
+      auto sc = scedit::attach_sc_tuners(*tuned.pipe.unet);
+      for (auto& tuner : sc) {
+        randomize(*tuner);
+        tuner->to(torch::kFloat64);
+      }
+      for (size_t j = 0; j < n; ++j) edits.down.push_back(mlp_by_hand(skips[j], sc[n - 1 - j]->tuner_op));
+      EXPECT_LT(rel_err(tuned(), plain(edits)), 1e-10);
+      continue;
+    }
+    auto csc = sdxl_csc_tuner(tuned.pipe.unet);
+    randomize(*csc);
+    csc->to(torch::kFloat64);
+    scedit::attach_csc_tuner(*tuned.pipe.unet, csc, "canny");
+    const auto hint = torch::rand({2, 3, 64, 64}, torch::kFloat64);
+    std::vector<torch::Tensor> features;
+    {
+      torch::NoGradGuard no_grad;
+      features = csc->hint_features(hint);  // decoder order
+    }
+    for (size_t j = 0; j < n; ++j) {
+      const auto k = n - 1 - j;
+      auto mlp = csc->lsc_tuner_blocks[k]->as<scedit::SCTunerImpl>()->tuner_op;
+      edits.down.push_back(features[k] + mlp_by_hand(skips[j] + features[k], mlp));
+    }
+    scedit::ConditionScope conditions;
+    conditions.set(csc, hint);
+    EXPECT_LT(rel_err(tuned(), plain(edits)), 1e-10);
+  }
 }

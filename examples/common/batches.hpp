@@ -1,8 +1,9 @@
 #pragma once
 /// @file batches.hpp
 /// @brief Training micro-batches from a dataset: images through the frozen VAE (a draw from its
-/// posterior), captions through the frozen text encoder (or as token ids, for a text encoder
-/// that trains), condition images as they come — the
+/// posterior), captions through the frozen text encoder(s) (or as token ids, for a text encoder
+/// that trains), SDXL's added conditioning (the pooled caption and each sample's size
+/// conditioning), condition images as they come — the
 /// frozen half of a training step's data path, done without a graph and, with `cache`, once.
 
 #include <common/dataset.hpp>
@@ -54,15 +55,19 @@ struct BatchOptions {
   TORCH_ARG(bool, cache) = false;
   /// Probability of training a sample on the empty caption (for classifier-free guidance).
   TORCH_ARG(double, caption_dropout) = 0.0;
-  /// Give the captions as token ids [B, 77] int64 instead of text embeddings, for a `Trainable`
-  /// that runs (and trains) the text encoder itself.
+  /// Give the captions as token ids (`sd::tokenize_prompts`: [B, 77], SDXL [B, 2, 77]) instead
+  /// of text embeddings, for a `Trainable` that runs (and trains) the text encoder itself; the
+  /// pooled embedding of SDXL's added conditioning is then the `Trainable`'s to compute.
   TORCH_ARG(bool, tokens) = false;
 };
 
 /// Micro-batches of a dataset as `TrainBatch`es on the device.
 ///
 /// All randomness of a batch comes from the caller's CPU generator, in this order: each sample's
-/// own draws (crop, flip; `ImageSource::get`), the posterior noise, the caption dropout.
+/// own draws (crop, flip; `ImageSource::get`), the posterior noise, the caption dropout. For an
+/// SDXL (a UNet with added conditioning) a batch also carries `added`: the captions' pooled
+/// embeddings (the empty caption's where it is dropped, as diffusers' SDXL script encodes "")
+/// and each sample's `CaptionedImage::size` as time ids.
 class BatchSource {
  public:
   /// Batches of `data` through `pipe`'s VAE and text encoder (frozen, on `device` in `dtype`).
@@ -76,7 +81,7 @@ class BatchSource {
     torch::NoGradGuard no_grad;
     empty_text_ = encode({""});
     if (!options_.cache()) return;
-    std::map<std::string, torch::Tensor> by_caption;
+    std::map<std::string, sd::TextConditioning> by_caption;
     for (int64_t i = 0; i < data_.size(); ++i) {
       auto generator = make_cpu_generator(0);  // one view of each sample
       auto sample = data_.get(i, generator);
@@ -86,6 +91,7 @@ class BatchSource {
       auto it = by_caption.find(sample.caption);
       if (it == by_caption.end()) it = by_caption.emplace(sample.caption, encode({sample.caption})).first;
       texts_.push_back(it->second);
+      sizes_.push_back(sample.size);
       conditions_.push_back(sample.conditions);
     }
     std::printf("cached %lld latents and %zu caption embeddings\n",
@@ -98,16 +104,20 @@ class BatchSource {
     sd::LatentDistribution posterior;
     TrainBatch batch;
     std::vector<std::vector<torch::Tensor>> conditions;  // per sample
+    std::vector<sd::SizeConditioning> sizes;             // per sample
+    sd::TextConditioning text;
     if (options_.cache()) {
-      std::vector<torch::Tensor> means, logvars, texts;
+      std::vector<torch::Tensor> means, logvars, contexts, pooled;
       for (int64_t i : indices) {
         means.push_back(means_[i]);
         logvars.push_back(logvars_[i]);
-        texts.push_back(texts_[i]);
+        contexts.push_back(texts_[i].context);
+        if (texts_[i].pooled.defined()) pooled.push_back(texts_[i].pooled);
+        sizes.push_back(sizes_[i]);
         conditions.push_back(conditions_[i]);
       }
       posterior = {torch::cat(means), torch::cat(logvars)};
-      batch.text = torch::cat(texts);
+      text = {torch::cat(contexts), pooled.empty() ? torch::Tensor() : torch::cat(pooled)};
     } else {
       // One VAE and one text-encoder call for the whole batch.
       std::vector<torch::Tensor> images;
@@ -116,10 +126,11 @@ class BatchSource {
         auto sample = data_.get(i, generator);
         images.push_back(sample.image);
         captions.push_back(sample.caption);
+        sizes.push_back(sample.size);
         conditions.push_back(sample.conditions);
       }
       posterior = pipe_.vae->encode(torch::stack(images).to(device_, dtype_));  // [B, 3, R, R]
-      batch.text = encode(captions);
+      text = encode(captions);
     }
     // z ~ N(mean, exp(logvar)), noise drawn on the CPU (diffusers train_text_to_image.py).
     const auto noise = torch::randn(posterior.mean.sizes(), generator, torch::kFloat32);
@@ -127,18 +138,35 @@ class BatchSource {
     if (options_.caption_dropout() > 0) {
       auto drop = torch::rand({static_cast<int64_t>(indices.size())}, generator) < options_.caption_dropout();
       for (int64_t b = 0; b < drop.size(0); ++b) {
-        if (drop[b].item<bool>()) batch.text[b].copy_(empty_text_[0]);
+        if (!drop[b].item<bool>()) continue;
+        text.context[b].copy_(empty_text_.context[0]);
+        if (text.pooled.defined()) text.pooled[b].copy_(empty_text_.pooled[0]);
       }
     }
+    batch.text = text.context;
+    batch.added = added_conditions(text.pooled, sizes);
     batch.conditions = stack_conditions(conditions);
     return batch;
   }
 
  private:
-  // The captions' embeddings, or their token ids with `options_.tokens`.
-  torch::Tensor encode(const std::vector<std::string>& captions) {
-    if (options_.tokens()) return (*pipe_.tokenizer)(captions).to(device_);
-    return sd::encode_prompts(pipe_, captions).to(device_);
+  // The captions' embeddings (context and, for SDXL, pooled) on the device, or with
+  // `options_.tokens` their token ids as the context (copies: a caption dropout writes into them).
+  sd::TextConditioning encode(const std::vector<std::string>& captions) {
+    if (options_.tokens()) return {sd::tokenize_prompts(pipe_, captions).to(device_), {}};
+    auto text = sd::encode_text(pipe_, captions);
+    return {text.context.to(device_), text.pooled.defined() ? text.pooled.to(device_) : text.pooled};
+  }
+
+  // SDXL's added conditioning of a batch (empty for SD 1.x and 2.x): the pooled embeddings and
+  // the samples' time ids; with token ids the time ids alone, the denoiser pooling the captions.
+  sd::UNetAddedConditions added_conditions(const torch::Tensor& pooled,
+                                           const std::vector<sd::SizeConditioning>& sizes) const {
+    if (!pipe_.unet_config.has_text_time()) return {};
+    if (pooled.defined()) return sd::added_conditions(pipe_, pooled, sizes);
+    std::vector<torch::Tensor> rows;
+    for (const auto& size : sizes) rows.push_back(size.time_ids());
+    return {{}, torch::stack(rows).to(device_)};  // [B, 6] float32
   }
 
   // Per-sample lists of conditions -> one [B, 3, R, R] tensor per condition, on the device.
@@ -162,8 +190,10 @@ class BatchSource {
   BatchOptions options_;
   torch::Device device_;
   torch::Dtype dtype_;
-  torch::Tensor empty_text_;
-  std::vector<torch::Tensor> means_, logvars_, texts_;      // the cache (texts_: as encode gives them)
+  sd::TextConditioning empty_text_;
+  std::vector<torch::Tensor> means_, logvars_;              // the cache
+  std::vector<sd::TextConditioning> texts_;                 // the cache's captions, as encode gives them
+  std::vector<sd::SizeConditioning> sizes_;                 // the cache's size conditioning
   std::vector<std::vector<torch::Tensor>> conditions_;      // the cache's condition images
 };
 

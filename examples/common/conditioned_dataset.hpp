@@ -107,7 +107,8 @@ class ConditionedImageDataset : public ImageSource {
                                ? apply_view(resized_condition(index), view)
                                : make_condition(source_.kind, pixels, generator);
     return CaptionedImage{sd::to_float(pixels), item.caption, item.file,
-                          {sd::condition_to_float(condition)}};  // [3, R, R] each
+                          {sd::condition_to_float(condition)},  // [3, R, R] each
+                          data_.size_conditioning(index, image, view)};
   }
 
  private:

@@ -31,8 +31,10 @@ namespace common {
 struct ControlOptions {
   std::string method = "csc";  ///< csc | csc+sc | controlnet
   int64_t kernel_size = 3;     ///< dense hint convs: 3 (the released configurations) or 1 (the paper's count)
-  int64_t hint_ratio = 1;      ///< width multiplier r of the pre-hint convs (1 for SD 1.5)
-  int64_t hint_channels = 256;  ///< output channels P of the pre-hint encoder (256 for SD 1.5)
+  /// Width multiplier r of the pre-hint convs; 0: the model's (`with_model_defaults`).
+  int64_t hint_ratio = 0;
+  /// Output channels P of the pre-hint encoder; 0: the model's (`with_model_defaults`).
+  int64_t hint_channels = 0;
   double down_ratio = 1.0;     ///< per-skip MLP hidden width / skip channels
   std::string skips;  ///< regex over the skip sites the CSC-Tuner edits (lsc_identity.0 … 11); empty = all
 };
@@ -62,18 +64,30 @@ inline void check_control_options(const ControlOptions& options) {
               "--method must be csc, csc+sc or controlnet, got '", options.method, "'");
   TORCH_CHECK(options.kernel_size == 1 || options.kernel_size == 3, "--hint-kernel must be 1 or 3, got ",
               options.kernel_size);
-  TORCH_CHECK(options.hint_ratio > 0, "--hint-ratio must be positive, got ", options.hint_ratio);
-  TORCH_CHECK(options.hint_channels > 0, "--hint-channels must be positive, got ", options.hint_channels);
+  TORCH_CHECK(options.hint_ratio >= 0, "--hint-ratio must be positive (0: the model's), got ", options.hint_ratio);
+  TORCH_CHECK(options.hint_channels >= 0, "--hint-channels must be positive (0: the model's), got ",
+              options.hint_channels);
   TORCH_CHECK(std::isfinite(options.down_ratio) && options.down_ratio > 0,
               "--csc-down-ratio must be a positive number, got ", options.down_ratio);
   check_regex_flag("--csc-skips", options.skips);
 }
 
+/// `options` with the hint encoder the model's layout takes where they leave it to the model
+/// (0): SCEdit.md's r = 2, P = 320 for SDXL (a UNet with added conditioning), r = 1, P = 256
+/// for SD 1.x and 2.x.
+inline ControlOptions with_model_defaults(ControlOptions options, const sd::UNetConfig& unet) {
+  const bool sdxl = unet.has_text_time();
+  if (options.hint_ratio == 0) options.hint_ratio = sdxl ? 2 : 1;
+  if (options.hint_channels == 0) options.hint_channels = sdxl ? 320 : 256;
+  return options;
+}
+
 /// Attaches a fresh CSC-Tuner (and SC-Tuners for `csc+sc`) to `unet`, freezes everything else,
 /// and keeps the trainable weights in float32 on `device`.
-inline ControlTuners attach_control_tuners(sd::UNet& unet, const ControlOptions& options,
+inline ControlTuners attach_control_tuners(sd::UNet& unet, const ControlOptions& flags,
                                            const torch::Device& device) {
-  check_control_options(options);
+  check_control_options(flags);
+  const auto options = with_model_defaults(flags, unet->config);
   TORCH_CHECK(options.method != "controlnet", "attach_control_tuners: a ControlNet is made by make_controlnet");
   ControlTuners tuners;
   // Which skips it edits, decoder order: the sites (decoder order) whose path matches.
@@ -104,18 +118,20 @@ inline ControlTuners attach_control_tuners(sd::UNet& unet, const ControlOptions&
 
 /// What training `tuners` on `unet` is: their parameters; the UNet as the denoiser, the CSC-Tuner
 /// given the batch's first condition through a `scedit::ConditionScope` for each forward pass; the
-/// CSC (and SC) files at the end. `tuners` must outlive the result.
-inline Trainable control_trainable(sd::UNet unet, ControlTuners& tuners, const ControlOptions& options) {
+/// CSC (and SC) files at the end. Its settings record the hint encoder as built (the model's
+/// where `options` leave it 0). `tuners` must outlive the result.
+inline Trainable control_trainable(sd::UNet unet, ControlTuners& tuners, const ControlOptions& flags) {
+  const auto options = with_model_defaults(flags, unet->config);
   Trainable trainable;
   trainable.parameters = trainable_parameters(*unet);
   trainable.denoiser = [unet, csc = tuners.csc](const torch::Tensor& noisy, const torch::Tensor& t,
-                                                const torch::Tensor& text,
+                                                const torch::Tensor& text, const sd::UNetAddedConditions& added,
                                                 const std::vector<torch::Tensor>& conditions) mutable {
     TORCH_CHECK(conditions.size() == 1, "a CSC-Tuner trains on one condition image per sample, got ",
                 conditions.size());
     scedit::ConditionScope scope;
     scope.set(csc, conditions.front());
-    return unet->forward(noisy, t, text);
+    return unet->forward(noisy, t, text, added);
   };
   trainable.settings = {{"method", options.method}, {"kernel_size", options.kernel_size},
                         {"hint_ratio", options.hint_ratio}, {"hint_channels", options.hint_channels},
@@ -126,7 +142,7 @@ inline Trainable control_trainable(sd::UNet unet, ControlTuners& tuners, const C
 
 /// A ControlNet made from `unet` (diffusers' `from_unet`: its encoder copied, its zero
 /// convolutions zero, so it adds nothing until trained), float32 on `device`, to train; the UNet
-/// frozen entirely.
+/// frozen entirely. On SDXL it reads the batch's added conditioning as its UNet does.
 inline sd::ControlNetModel make_controlnet(sd::UNet& unet, const torch::Device& device) {
   for (auto& p : unet->parameters()) p.set_requires_grad(false);
   auto controlnet = sd::controlnet_from_unet(unet);
@@ -144,11 +160,11 @@ inline Trainable controlnet_trainable(sd::UNet unet, sd::ControlNetModel control
     trainable.parameters.emplace_back("controlnet." + p.first, p.second);
   }
   trainable.denoiser = [unet, controlnet](const torch::Tensor& noisy, const torch::Tensor& t,
-                                          const torch::Tensor& text,
+                                          const torch::Tensor& text, const sd::UNetAddedConditions& added,
                                           const std::vector<torch::Tensor>& conditions) mutable {
     TORCH_CHECK(conditions.size() == 1, "a ControlNet trains on one condition image per sample, got ",
                 conditions.size());
-    return unet->forward(noisy, t, text, controlnet->forward(noisy, t, text, conditions.front()));
+    return unet->forward(noisy, t, text, added, controlnet->forward(noisy, t, text, added, conditions.front()));
   };
   trainable.settings = {{"method", "controlnet"}};
   trainable.save = [controlnet](const std::filesystem::path& folder) {

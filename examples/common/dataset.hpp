@@ -102,6 +102,10 @@ struct CaptionedImage {
   /// The condition images that go with it (controllable generation), each float [3, R, R] in
   /// [0, 1] and cropped and flipped as the image; none for a plain captioned dataset.
   std::vector<torch::Tensor> conditions;
+  /// What SDXL's size conditioning says of it (diffusers' train_text_to_image_sdxl.py): the
+  /// image's size as read, before the resize; the top left of the window in the resized image
+  /// (in the mirrored image when it was mirrored); the target R x R.
+  sd::SizeConditioning size;
 };
 
 /// What the training run reads samples from: `size()` samples, sample `i` with all its randomness
@@ -125,6 +129,8 @@ struct CaptionedItem {
   std::string condition;
   /// Where it is listed, for messages: "train.csv line 4", "metadata.jsonl line 2", "a.txt".
   std::string origin;
+  int64_t height = 0;  ///< its image's height as read (before any resize)
+  int64_t width = 0;   ///< its image's width as read
 };
 
 class CaptionedImageDataset;
@@ -269,7 +275,19 @@ class CaptionedImageDataset : public ImageSource {
     const auto image = resized(index);  // [h, w, 3], short side R
     const auto view = draw_view(image.size(0), image.size(1), generator);
     const auto& item = items_[static_cast<size_t>(index)];
-    return CaptionedImage{sd::to_float(apply_view(image, view)), item.caption, item.file, {}};
+    return CaptionedImage{sd::to_float(apply_view(image, view)), item.caption, item.file, {},
+                          size_conditioning(index, image, view)};
+  }
+
+  /// The size conditioning of item `index` cut by `view` from its resized image `resized`
+  /// ([h, w, C]): its size as read, the window's top left (mirrored with the window: diffusers
+  /// mirrors before it crops), the resolution as the target.
+  sd::SizeConditioning size_conditioning(int64_t index, const torch::Tensor& resized,
+                                         const SampleView& view) const {
+    const auto& item = items_.at(static_cast<size_t>(index));
+    const int64_t r = options_.resolution();
+    const int64_t left = view.flip ? resized.size(1) - view.box.left - view.box.width : view.box.left;
+    return {item.height, item.width, view.box.top, left, r, r};
   }
 
   /// The image of item `index` resized to the resolution on its short side: uint8 [h, w, 3].
@@ -490,7 +508,8 @@ class CaptionedImageDataset : public ImageSource {
                std::to_string(r) + " on its short side");
         continue;
       }
-      CaptionedItem item{c.image.string(), c.caption, c.condition.string(), c.origin};
+      CaptionedItem item{c.image.string(), c.caption, c.condition.string(), c.origin, image.size(0),
+                         image.size(1)};
       if (check) {
         const auto problem = check(item, image, *this);
         if (!problem.empty()) {

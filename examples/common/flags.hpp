@@ -19,7 +19,7 @@ namespace common {
 /// Where the training images come from and how they are prepared.
 struct DataFlags {
   std::string data;         ///< captioned image folder; empty (random-weight models): demo data
-  int64_t resolution = 0;   ///< training image side; 0: 512 for real models, 64 for the tiny one
+  int64_t resolution = 0;   ///< training image side; 0: the model's native size (`TrainingRun::resolution`)
   bool random_crop = false;  ///< random instead of centre crops
   bool random_flip = false;  ///< mirror at random
   double caption_dropout = 0.0;  ///< probability of the empty caption
@@ -108,7 +108,7 @@ inline void add_run_flags(CLI::App& app, RunFlags& flags) {
   auto& d = flags.data;
   const char* data = "Data";
   app.add_option("--data", d.data, "Image folder with captions: CSV (Image:FILE,Text), metadata.jsonl, or .txt beside each image")->group(data);
-  app.add_option("--resolution", d.resolution, "Training image side (multiple of 8; 0: 512, or 64 for the tiny model)")->group(data);
+  app.add_option("--resolution", d.resolution, "Training image side (multiple of 8; 0: the model's native size: 512 SD 1.5, 768 SD 2.1, 1024 SDXL, 64 the tiny models)")->group(data);
   app.add_flag("--random-crop", d.random_crop, "Random instead of centre crop")->group(data);
   app.add_flag("--random-flip", d.random_flip, "Mirror images left-right at random")->group(data);
   app.add_option("--caption-dropout", d.caption_dropout, "Probability of training on the empty caption")->check(CLI::Range(0.0, 1.0))->group(data);

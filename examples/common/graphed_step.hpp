@@ -5,7 +5,7 @@
 /// of small kernels, and a replay launches them all at once.
 ///
 /// What makes the step capturable: noise and timesteps are drawn on the device from a generator
-/// the graph advances on each replay; the batch (latents, text, conditions) is copied into fixed
+/// the graph advances on each replay; the batch (latents, text, SDXL's added conditioning, conditions) is copied into fixed
 /// ("static") tensors the graph reads; AdamW keeps its step count and learning rate on the device
 /// (`scedit::CapturableAdamW`); gradient clipping reads no norm on the host; the gradients are
 /// allocated by the captured backward pass itself. fp16 (whose loss scaling reads the gradients
@@ -144,13 +144,18 @@ class GraphedTrainStep {
   void set_inputs(const TrainBatch& batch) {
     auto all = [](const TrainBatch& b) {
       std::vector<torch::Tensor> tensors{b.latents, b.text};
+      for (const auto& part : {b.added.text_embeds, b.added.time_ids}) {
+        if (part.defined()) tensors.push_back(part);
+      }
       tensors.insert(tensors.end(), b.conditions.begin(), b.conditions.end());
       return tensors;
     };
     if (!static_.latents.defined()) {
-      static_.latents = batch.latents.to(step_.device()).clone();
-      static_.text = batch.text.to(step_.device()).clone();
-      for (const auto& c : batch.conditions) static_.conditions.push_back(c.to(step_.device()).clone());
+      auto fixed = [&](const torch::Tensor& x) { return x.defined() ? x.to(step_.device()).clone() : x; };
+      static_.latents = fixed(batch.latents);
+      static_.text = fixed(batch.text);
+      static_.added = {fixed(batch.added.text_embeds), fixed(batch.added.time_ids)};
+      for (const auto& c : batch.conditions) static_.conditions.push_back(fixed(c));
       return;
     }
     const auto fixed = all(static_), given = all(batch);

@@ -103,6 +103,11 @@ inline torch::Device resolve_device(const std::string& flag) {
   return device;
 }
 
+/// SDXL's second text encoder, or null (`ModuleHolder::get` refuses an empty holder).
+inline torch::nn::Module* second_text_encoder(sd::StableDiffusion& pipe) {
+  return pipe.text_encoder_2.is_empty() ? nullptr : pipe.text_encoder_2.get();
+}
+
 /// The model `flags` name, with its weights in `precision`'s dtype on `device`; the random
 /// weights of the built-in models are drawn from `seed`. The VAE and the text encoder are
 /// frozen (eval mode, no gradients); the UNet is as loaded. `--zero-terminal-snr` sets the
@@ -120,13 +125,9 @@ inline sd::StableDiffusion load_model(const ModelFlags& flags, const torch::Devi
                 "runs the whole path in seconds, but its images are noise\n");
     pipe = sd::tiny_pipeline(seed);
   }
-  // SDXL's second text encoder, or null (`get` on an empty holder throws).
-  const auto text_encoder_2 = [&pipe]() -> torch::nn::Module* {
-    return pipe.text_encoder_2.is_empty() ? nullptr : pipe.text_encoder_2.get();
-  };
   if (flags.random_weights()) {
     for (auto* module : std::initializer_list<torch::nn::Module*>{
-             pipe.unet.get(), pipe.vae.get(), pipe.text_encoder.get(), text_encoder_2()}) {
+             pipe.unet.get(), pipe.vae.get(), pipe.text_encoder.get(), second_text_encoder(pipe)}) {
       if (module != nullptr) module->to(device, dtype);
     }
   } else {
@@ -138,7 +139,7 @@ inline sd::StableDiffusion load_model(const ModelFlags& flags, const torch::Devi
                 std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   }
   for (auto* module : std::initializer_list<torch::nn::Module*>{pipe.vae.get(), pipe.text_encoder.get(),
-                                                              text_encoder_2()}) {
+                                                              second_text_encoder(pipe)}) {
     if (module == nullptr) continue;
     module->eval();
     for (auto& p : module->parameters()) p.set_requires_grad(false);

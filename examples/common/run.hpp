@@ -64,7 +64,8 @@ class TrainingRun {
  public:
   /// Checks every flag that needs neither model nor data, so that a mistake is reported before
   /// anything expensive; resolves the device, the precision and the lean levers; fills in the
-  /// defaults that depend on the model (resolution, learning rate); then claims the output folder
+  /// defaults that depend on the model (learning rate; the resolution of the built-in tiny model,
+  /// other models' when first asked: `resolution`); then claims the output folder
   /// (`claim_output`).
   TrainingRun(std::string program, RunFlags flags) : program_(std::move(program)), flags_(std::move(flags)) {
     auto& f = flags_;
@@ -73,9 +74,9 @@ class TrainingRun {
     lean_ = parse_lean_activations(f.compute.lean, device_);
     sd::check_precision(precision_, device_);
     const bool tiny = f.model.model.empty();
-    if (f.data.resolution == 0) f.data.resolution = tiny ? 64 : 512;
+    if (f.data.resolution == 0 && tiny) f.data.resolution = 64;
     if (f.optim.optim.lr == 0) f.optim.optim.lr = tiny ? 1e-3 : 1e-4;
-    TORCH_CHECK(f.data.resolution > 0 && f.data.resolution % 8 == 0,
+    TORCH_CHECK(f.data.resolution >= 0 && f.data.resolution % 8 == 0,
                 "--resolution must be a positive multiple of 8, got ", f.data.resolution);
     check_optim_options(f.optim.optim);
     TORCH_CHECK(f.optim.batch_size > 0, "--batch-size must be positive, got ", f.optim.batch_size);
@@ -106,7 +107,8 @@ class TrainingRun {
     claim_output();
   }
 
-  /// The flags, with the model-dependent defaults filled in.
+  /// The flags, with the model-dependent defaults filled in (the resolution once `resolution`
+  /// has been asked).
   const RunFlags& flags() const { return flags_; }
   /// The device the run trains on.
   const torch::Device& device() const { return device_; }
@@ -118,9 +120,27 @@ class TrainingRun {
   int64_t start_step() const { return resumed_ ? resumed_->state.step : 0; }
 
   /// The model the flags name (model.hpp's `load_model`), its random weights, if any, from the
-  /// run's seed.
-  sd::StableDiffusion load_model() const {
-    return common::load_model(flags_.model, device_, precision_, flags_.optim.seed);
+  /// run's seed: the one `resolution` loaded, if it did.
+  sd::StableDiffusion load_model() {
+    if (!model_) return common::load_model(flags_.model, device_, precision_, flags_.optim.seed);
+    auto pipe = std::move(*model_);
+    model_.reset();
+    return pipe;
+  }
+
+  /// The training image side: `--resolution`, else the model's native size
+  /// (`sd::default_image_size`: 512 for SD 1.5, 768 for SD 2.1-v, 1024 for SDXL, 64 for the tiny
+  /// models). Finding the latter brings up the model (kept for `load_model`), so a program asks
+  /// once its flags are checked.
+  int64_t resolution() {
+    auto& r = flags_.data.resolution;
+    if (r > 0) return r;
+    model_ = common::load_model(flags_.model, device_, precision_, flags_.optim.seed);
+    r = sd::default_image_size(*model_);
+    TORCH_CHECK(r > 0 && r % 8 == 0, "the model's native image size is ", r,
+                ", not a positive multiple of 8: give --resolution");
+    std::printf("--resolution %lld: the model's native size\n", static_cast<long long>(r));
+    return r;
   }
 
   /// The folder of training data: `--data`, or, for a model with random weights and no `--data`,
@@ -132,7 +152,7 @@ class TrainingRun {
     if (!flags_.data.data.empty()) return flags_.data.data;
     TORCH_CHECK(flags_.model.random_weights(), "--data is required with --model (a folder of images with captions)");
     if (flags_.output.validation_prompts.empty()) flags_.output.validation_prompts = demo_prompts;
-    return make_demo(output() / "demo_data", flags_.data.resolution, flags_.optim.seed);
+    return make_demo(output() / "demo_data", resolution(), flags_.optim.seed);
   }
 
   /// The optimizer steps of the run on `images` training images: `--max-steps`, else `--epochs`
@@ -150,8 +170,8 @@ class TrainingRun {
   }
 
   /// How the dataset prepares images: resolution, crops, flips, bad-data policy.
-  DatasetOptions dataset_options() const {
-    return DatasetOptions(flags_.data.resolution)
+  DatasetOptions dataset_options() {
+    return DatasetOptions(resolution())
         .center_crop(!flags_.data.random_crop)
         .random_flip(flags_.data.random_flip)
         .bad_data(flags_.data.bad_data == "skip" ? BadDataPolicy::skip : BadDataPolicy::fatal);
@@ -172,6 +192,7 @@ class TrainingRun {
   /// The settings of a validation grid: the training resolution, `--validation-steps` DDIM
   /// steps, the run's seed and precision.
   sd::GenerateOptions sample_options() const {
+    TORCH_CHECK(flags_.data.resolution > 0, "TrainingRun::sample_options: the resolution is not known yet");
     sd::GenerateOptions options;
     options.width = options.height = flags_.data.resolution;
     options.steps = flags_.output.validation_steps;
@@ -229,9 +250,15 @@ class TrainingRun {
 
     // Checkpoints hold the trainable tensors by name; the run's settings must match on resume.
     const auto tensors = trainable.by_name();
+    // The model's scheduler too: resuming under another prediction or beta schedule (e.g.
+    // without zero terminal SNR) would train towards another target.
+    const auto& scheduler = pipe.scheduler_config;
     nlohmann::json settings = {{"precision", f.compute.precision}, {"batch_size", f.optim.batch_size},
                                {"grad_accum", f.optim.grad_accum}, {"model", f.model.model},
-                               {"prediction", objective.prediction_type}};
+                               {"prediction", objective.prediction_type},
+                               {"scheduler_prediction", sd::prediction_type(pipe)},
+                               {"zero_terminal_snr", scheduler.is_object() &&
+                                                         scheduler.value("rescale_betas_zero_snr", false)}};
     settings.update(trainable.settings);
     const auto checkpoints = output() / "checkpoints";
     const int64_t start = start_step();
@@ -465,6 +492,7 @@ class TrainingRun {
   sd::LeanActivations lean_;
   std::unique_ptr<OutputLock> lock_;
   std::optional<VerifiedCheckpoint> resumed_;
+  std::optional<sd::StableDiffusion> model_;  // loaded by `resolution`, until `load_model` takes it
 };
 
 }  // namespace common

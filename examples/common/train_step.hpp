@@ -8,6 +8,7 @@
 /// call that reaches them (`Trainable`), so SC-Tuners, CSC-Tuners with their conditions, LoRA or
 /// a ControlNet all train through the same code. The data path is docs/ARCHITECTURE.md's.
 
+#include <sd/embeddings.hpp>
 #include <sd/precision.hpp>
 #include <sd/scheduler.hpp>
 
@@ -37,19 +38,25 @@ namespace common {
 struct TrainBatch {
   /// The UNet's latents [B, 4, h, w] (a VAE posterior draw, × scaling factor), float32.
   torch::Tensor latents;
-  /// Text embeddings [B, 77, D] from the frozen text encoder, or the captions' token ids
-  /// [B, 77] int64 for a `Trainable` that runs (and trains) the text encoder itself.
+  /// Text embeddings [B, 77, D] from the frozen text encoder(s), or the captions' token ids
+  /// (`sd::tokenize_prompts`: [B, 77], SDXL [B, 2, 77], int64) for a `Trainable` that runs (and
+  /// trains) the text encoder itself.
   torch::Tensor text;
+  /// SDXL's added conditioning: the pooled text embedding [B, P] (undefined when the denoiser
+  /// computes it from token ids) and the size conditioning's time ids [B, 6]; empty for SD 1.x
+  /// and 2.x.
+  sd::UNetAddedConditions added;
   /// Condition images, one tensor per condition, each [B, 3, 8h, 8w] in [0, 1] (none for style).
   std::vector<torch::Tensor> conditions;
 };
 
-/// The model call of a training step: noisy latents [B, 4, h, w] and the batch's text (embeddings
-/// [B, 77, D], both in the frozen weights' dtype; or token ids, see `Trainable::text_as_tokens`),
-/// timesteps [B] int64 and the batch's conditions -> the prediction [B, 4, h, w]. It runs under the step's autocast; every trainable parameter must be
-/// reached from it.
+/// The model call of a training step: noisy latents [B, 4, h, w], timesteps [B] int64, the
+/// batch's text (embeddings [B, 77, D], in the frozen weights' dtype as the latents; or token ids,
+/// see `Trainable::text_as_tokens`), its added conditioning (`TrainBatch::added`, floating parts
+/// in the frozen dtype; empty but for SDXL) and its conditions -> the prediction [B, 4, h, w].
+/// It runs under the step's autocast; every trainable parameter must be reached from it.
 using Denoiser = std::function<torch::Tensor(const torch::Tensor& noisy, const torch::Tensor& timesteps,
-                                             const torch::Tensor& text,
+                                             const torch::Tensor& text, const sd::UNetAddedConditions& added,
                                              const std::vector<torch::Tensor>& conditions)>;
 
 /// What a program trains: the parameters, the model call that reaches them, and how its final
@@ -100,8 +107,11 @@ struct DenoisingLoss {
     auto noisy = schedule.add_noise(x0, noise, t);  // q(x_t | x_0)
     auto target = schedule.prediction_target(prediction_type, x0, noise, t);
     scedit::compat::AutocastGuard autocast(noise.device().type(), frozen);
-    const auto text = batch.text.is_floating_point() ? batch.text.to(frozen) : batch.text;
-    auto prediction = denoiser(noisy.to(frozen), t, text, batch.conditions);
+    auto frozen_dtype = [&](const torch::Tensor& x) {
+      return x.defined() && x.is_floating_point() ? x.to(frozen) : x;
+    };
+    const sd::UNetAddedConditions added{frozen_dtype(batch.added.text_embeds), frozen_dtype(batch.added.time_ids)};
+    auto prediction = denoiser(noisy.to(frozen), t, frozen_dtype(batch.text), added, batch.conditions);
     return torch::mse_loss(prediction.to(torch::kFloat32), target);
   }
 };

@@ -8,6 +8,7 @@
 #include <common/train_step.hpp>
 
 #include <sd/clip.hpp>
+#include <sd/stable_diffusion.hpp>
 #include <sd/unet.hpp>
 
 #include <scedit/lora.hpp>
@@ -43,7 +44,7 @@ struct MethodOptions {
   int64_t lora_rank = 64;         ///< LoRA rank r (the seed's table uses 64)
   double lora_alpha = 8;          ///< LoRA alpha; scale alpha / r (the seed's table uses 8)
   std::string lora_targets = kDefaultLoRATargets;  ///< comma-separated peft-style module names
-  bool train_text_encoder = false;  ///< LoRA in the text encoder too (same rank and alpha)
+  bool train_text_encoder = false;  ///< LoRA in the text encoder(s) too (same rank and alpha)
   double text_encoder_lr = 0;       ///< its learning rate; 0: the run's
   std::string text_encoder_targets = kDefaultTextEncoderLoRATargets;  ///< its LoRA's modules
 };
@@ -53,17 +54,21 @@ struct TrainedTuners {
   std::vector<scedit::SCTuner> sc;            ///< SC-Tuners in decoder order (empty without SCEdit)
   std::optional<scedit::LoRAInjection> lora;  ///< LoRA layers (absent without LoRA)
   std::optional<scedit::LoRAInjection> text_lora;  ///< the text encoder's (`--train-text-encoder`)
+  /// SDXL's second text encoder's, with `text_lora` (`--train-text-encoder` on SDXL).
+  std::optional<scedit::LoRAInjection> text_lora_2;
 
   /// LoRA is injected weight-side: rebind the effective weights before each forward.
   void refresh() {
     if (lora) lora->refresh();
     if (text_lora) text_lora->refresh();
+    if (text_lora_2) text_lora_2->refresh();
   }
 
   /// Writes the final weights in the library's formats into `folder`: `sc_tuners.safetensors`
   /// (+ `.json`), and for LoRA `lora_kohya.safetensors` and `lora_diffusers.safetensors` (the
-  /// UNet's and the text encoder's adapters in one file each, as sd-scripts and diffusers write
-  /// them) plus peft folders `lora/` and `lora_text_encoder/`.
+  /// UNet's and the text encoders' adapters in one file each, as sd-scripts and diffusers write
+  /// them: `lora_te1_` / `lora_te2_` with two text encoders) plus peft folders `lora/`,
+  /// `lora_text_encoder/` and (SDXL) `lora_text_encoder_2/`.
   std::vector<std::string> save(const std::filesystem::path& folder) const {
     std::filesystem::create_directories(folder);
     std::vector<std::string> written;
@@ -76,11 +81,15 @@ struct TrainedTuners {
       std::vector<scedit::LoRAPart> parts;
       if (lora) parts.push_back({scedit::LoRARole::unet, &*lora});
       if (text_lora) parts.push_back({scedit::LoRARole::text_encoder, &*text_lora});
+      if (text_lora_2) parts.push_back({scedit::LoRARole::text_encoder_2, &*text_lora_2});
       if (lora) scedit::save_lora_peft(note("lora"), *lora);
       // Named as peft names a transformers CLIPTextModel's modules (`text_model.…`), which is
       // also how loaders tell a text encoder's peft folder from a UNet's.
       if (text_lora) scedit::save_lora_peft(note("lora_text_encoder"), *text_lora, "default",
                                             "base_model.model.text_model.");
+      // The second encoder's paths already start at `text_model.` (its module holds one, beside
+      // `text_projection`), as in transformers' CLIPTextModelWithProjection.
+      if (text_lora_2) scedit::save_lora_peft(note("lora_text_encoder_2"), *text_lora_2);
       scedit::export_lora_diffusers(note("lora_diffusers.safetensors"), parts);
       scedit::export_lora_kohya(note("lora_kohya.safetensors"), parts);
     }
@@ -108,18 +117,23 @@ inline void check_method_options(const MethodOptions& options) {
 }
 
 /// With `options.train_text_encoder`: injects LoRA (`--lora-rank`, `--lora-alpha`) into the
-/// text encoder's `--text-encoder-lora-targets`, freezes the rest of it, and keeps the LoRA
-/// weights in float32 on `device`.
-inline void attach_text_encoder_lora(TrainedTuners& tuners, sd::CLIPTextModel& text_encoder,
+/// `--text-encoder-lora-targets` of `pipe`'s text encoder and, for SDXL, of its second one,
+/// freezes the rest of them, and keeps the LoRA weights in float32 on `device`.
+inline void attach_text_encoder_lora(TrainedTuners& tuners, sd::StableDiffusion& pipe,
                                      const MethodOptions& options, const torch::Device& device) {
   check_method_options(options);
   if (!options.train_text_encoder) return;
-  tuners.text_lora = scedit::inject_lora(
-      *text_encoder, scedit::LoRAConfig(scedit::LoRAOptions(options.lora_rank).alpha(options.lora_alpha))
-                         .target_modules(split_list(options.text_encoder_targets)));
-  scedit::freeze_except_tuners(*text_encoder);
-  torch::NoGradGuard no_grad;
-  for (auto& p : scedit::tuner_parameters(*text_encoder)) p.set_data(p.data().to(device, torch::kFloat32));
+  auto inject = [&](torch::nn::Module& encoder) {
+    auto injection = scedit::inject_lora(
+        encoder, scedit::LoRAConfig(scedit::LoRAOptions(options.lora_rank).alpha(options.lora_alpha))
+                     .target_modules(split_list(options.text_encoder_targets)));
+    scedit::freeze_except_tuners(encoder);
+    torch::NoGradGuard no_grad;
+    for (auto& p : scedit::tuner_parameters(encoder)) p.set_data(p.data().to(device, torch::kFloat32));
+    return injection;
+  };
+  tuners.text_lora = inject(*pipe.text_encoder);
+  if (pipe.is_sdxl()) tuners.text_lora_2 = inject(*pipe.text_encoder_2);
 }
 
 /// Attaches the tuners `options` asks for to `unet`, freezes everything else, and keeps the
@@ -160,35 +174,44 @@ inline std::vector<std::pair<std::string, torch::Tensor>> trainable_parameters(c
 
 /// What training `tuners` on `unet` is: their parameters, the UNet as the denoiser (LoRA's
 /// weights rebound before each forward), `sc_tuners.safetensors` and the LoRA files at the end.
-/// With a text-encoder LoRA (`attach_text_encoder_lora` on `text_encoder`) the denoiser takes
-/// token ids and runs `text_encoder` first; its LoRA parameters (named `text_encoder.<path>`)
-/// form a second optimizer group at `--text-encoder-lr`, relative to the run's `lr`.
-/// `tuners` must outlive the result.
+/// With a text-encoder LoRA (`attach_text_encoder_lora` on `text`, which must outlive the result)
+/// the denoiser takes token ids and runs `sd::encode_tokens` first (for SDXL both encoders, the
+/// pooled embedding then coming from the second); their LoRA parameters (named
+/// `text_encoder.<path>`, `text_encoder_2.<path>`) form a second optimizer group at
+/// `--text-encoder-lr`, relative to the run's `lr`. `tuners` must outlive the result.
 inline Trainable tuner_trainable(sd::UNet unet, TrainedTuners& tuners, const MethodOptions& options,
-                                 sd::CLIPTextModel text_encoder = nullptr, double lr = 0) {
+                                 sd::StableDiffusion* text = nullptr, double lr = 0) {
   Trainable trainable;
   trainable.parameters = trainable_parameters(*unet);
   trainable.settings = {{"method", options.method}};
   if (tuners.text_lora) {
-    TORCH_CHECK(!text_encoder.is_empty(), "tuner_trainable: the text encoder that carries the LoRA is missing");
+    TORCH_CHECK(text != nullptr, "tuner_trainable: the pipeline whose text encoder carries the LoRA is missing");
     TORCH_CHECK(lr > 0, "tuner_trainable: the run's learning rate is needed for --text-encoder-lr");
     const size_t unet_count = trainable.parameters.size();
-    for (auto& [name, tensor] : trainable_parameters(*text_encoder)) {
+    for (auto& [name, tensor] : trainable_parameters(*text->text_encoder)) {
       trainable.parameters.emplace_back("text_encoder." + name, tensor);
+    }
+    if (tuners.text_lora_2) {
+      for (auto& [name, tensor] : trainable_parameters(*text->text_encoder_2)) {
+        trainable.parameters.emplace_back("text_encoder_2." + name, tensor);
+      }
     }
     const double text_lr = options.text_encoder_lr > 0 ? options.text_encoder_lr : lr;
     trainable.groups = {{unet_count, 1.0}, {trainable.parameters.size() - unet_count, text_lr / lr}};
     trainable.text_as_tokens = true;
     trainable.settings["text_encoder_lora"] = options.text_encoder_targets;
   }
-  trainable.denoiser = [unet, text_encoder, &tuners](const torch::Tensor& noisy, const torch::Tensor& t,
-                                                     const torch::Tensor& text,
-                                                     const std::vector<torch::Tensor>& conditions) mutable {
+  trainable.denoiser = [unet, text, &tuners](const torch::Tensor& noisy, const torch::Tensor& t,
+                                             const torch::Tensor& ids, const sd::UNetAddedConditions& added,
+                                             const std::vector<torch::Tensor>& conditions) mutable {
     TORCH_CHECK(conditions.empty(), "SC-Tuners and LoRA take no condition images, got ",
                 conditions.size());
     tuners.refresh();
-    if (!tuners.text_lora) return unet->forward(noisy, t, text);
-    return unet->forward(noisy, t, text_encoder->forward(text).last_hidden_state.to(noisy.scalar_type()));
+    if (!tuners.text_lora) return unet->forward(noisy, t, ids, added);
+    auto encoded = sd::encode_tokens(*text, ids);
+    auto with_pooled = added;  // the batch's time ids, the pooled embedding of the LoRA'd encoder
+    if (encoded.pooled.defined()) with_pooled.text_embeds = encoded.pooled.to(noisy.scalar_type());
+    return unet->forward(noisy, t, encoded.context.to(noisy.scalar_type()), with_pooled);
   };
   trainable.save = [&tuners](const std::filesystem::path& folder) { return tuners.save(folder); };
   return trainable;

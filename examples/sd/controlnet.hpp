@@ -1,8 +1,9 @@
 #pragma once
 /// @file controlnet.hpp
-/// @brief diffusers' `ControlNetModel` for SD 1.x / 2.x: a trainable copy of the UNet's encoder
-/// and middle block that reads a condition image and returns residuals for the UNet's skips and
-/// middle output (`sd::UNetResiduals`, taken by `UNet2DConditionModel::forward`).
+/// @brief diffusers' `ControlNetModel` for SD 1.x / 2.x / XL: a trainable copy of the UNet's
+/// encoder and middle block (with SDXL's "text_time" added embedding) that reads a condition
+/// image and returns residuals for the UNet's skips and middle output (`sd::UNetResiduals`,
+/// taken by `UNet2DConditionModel::forward`).
 ///
 /// The encoder blocks are built as the UNet builds its own (`detail::unet_down_block_options`),
 /// so a ControlNet and its UNet cannot drift apart; the state-dict keys and shapes are
@@ -14,6 +15,7 @@
 /// auto controlnet = sd::controlnet_from_unet(unet);  // encoder copied, zero convolutions zero
 /// auto residuals = controlnet(latents, t, text, condition);  // condition [B, 3, 8H, 8W] in [0, 1]
 /// auto eps = unet(latents, t, text, residuals);
+/// auto xl_residuals = xl_controlnet(latents, t, text, added, condition);  // SDXL: + added
 /// @endcode
 
 #include <sd/config.hpp>
@@ -122,16 +124,18 @@ class ControlNetConditioningEmbeddingImpl
 /// Holder of `ControlNetConditioningEmbeddingImpl`.
 TORCH_MODULE(ControlNetConditioningEmbedding);
 
-/// diffusers' `ControlNetModel` (guess_mode false): the UNet's conv_in, time embedding, encoder
-/// and middle block, a condition embedding added to conv_in's output, and one zero-initialised
-/// 1×1 convolution per encoder feature and for the middle output, whose outputs are the residuals.
+/// diffusers' `ControlNetModel` (guess_mode false): the UNet's conv_in, time embedding (with
+/// SDXL's `add_embedding` for a "text_time" UNet), encoder and middle block, a condition embedding
+/// added to conv_in's output, and one zero-initialised 1×1 convolution per encoder feature and for
+/// the middle output, whose outputs are the residuals.
 class ControlNetModelImpl : public detail::BoundCloneable<ControlNetModelImpl> {
  public:
   /// Builds the model (random init, zero convolutions zero) from `config`.
   explicit ControlNetModelImpl(ControlNetConfig config) : config(std::move(config)) { reset(); }
 
-  /// Registers conv_in, time_embedding, controlnet_cond_embedding, down_blocks,
-  /// controlnet_down_blocks, controlnet_mid_block and mid_block (diffusers' order).
+  /// Registers conv_in, time_embedding, add_embedding ("text_time" only),
+  /// controlnet_cond_embedding, down_blocks, controlnet_down_blocks, controlnet_mid_block and
+  /// mid_block (diffusers' order).
   void reset() override {
     config.validate();
     const auto& c = config.unet;
@@ -140,6 +144,11 @@ class ControlNetModelImpl : public detail::BoundCloneable<ControlNetModelImpl> {
         "conv_in", torch::nn::Conv2d(torch::nn::Conv2dOptions(c.in_channels, ch[0], 3).padding(1)));
     time_embedding = register_module(
         "time_embedding", TimestepEmbedding(TimestepEmbeddingOptions(ch[0], c.time_embed_dim())));
+    if (c.has_text_time()) {  // as the UNet's: diffusers' ControlNetModel takes the same keys
+      add_embedding = register_module(
+          "add_embedding", TimestepEmbedding(TimestepEmbeddingOptions(
+                               c.projection_class_embeddings_input_dim, c.time_embed_dim())));
+    }
     controlnet_cond_embedding =
         register_module("controlnet_cond_embedding",
                         ControlNetConditioningEmbedding(
@@ -183,17 +192,29 @@ class ControlNetModelImpl : public detail::BoundCloneable<ControlNetModelImpl> {
   /// encoder_hidden_states [B, L, cross_attention_dim], controlnet_cond [B, 3, 8H, 8W] in [0, 1]
   /// (factor: `config.conditioning_factor()`) -> one down residual per skip of the UNet, shaped
   /// like it, in encoder order (12 for SD), and the middle one, each multiplied by
-  /// `conditioning_scale`.
+  /// `conditioning_scale`. A "text_time" ControlNet (SDXL's) needs the overload with
+  /// `UNetAddedConditions`.
   UNetResiduals forward(const torch::Tensor& sample, const torch::Tensor& timestep,
                         const torch::Tensor& encoder_hidden_states,
                         const torch::Tensor& controlnet_cond, double conditioning_scale = 1.0) {
+    return forward(sample, timestep, encoder_hidden_states, UNetAddedConditions{}, controlnet_cond,
+                   conditioning_scale);
+  }
+
+  /// As above, with SDXL's added conditioning, as its UNet takes it: `added.text_embeds`
+  /// [B, text_embeds_dim] and `added.time_ids` [B, 6] for a "text_time" ControlNet.
+  UNetResiduals forward(const torch::Tensor& sample, const torch::Tensor& timestep,
+                        const torch::Tensor& encoder_hidden_states,
+                        const UNetAddedConditions& added, const torch::Tensor& controlnet_cond,
+                        double conditioning_scale = 1.0) {
     check_sample(sample);
     TORCH_CHECK(
         timestep.dim() <= 1 && (timestep.numel() == 1 || timestep.numel() == sample.size(0)),
         "ControlNetModel: expected timestep [", sample.size(0), "], [1] or a scalar, got shape ",
         timestep.sizes());
     return forward_with_time_features(sample, time_features(timestep, sample),
-                                      encoder_hidden_states, controlnet_cond, conditioning_scale);
+                                      encoder_hidden_states, added, controlnet_cond,
+                                      conditioning_scale);
   }
 
   /// The sinusoidal timestep features [B, block_out_channels[0]] (float32), exactly as the UNet
@@ -209,12 +230,28 @@ class ControlNetModelImpl : public detail::BoundCloneable<ControlNetModelImpl> {
                                            const torch::Tensor& encoder_hidden_states,
                                            const torch::Tensor& controlnet_cond,
                                            double conditioning_scale = 1.0) {
+    return forward_with_time_features(sample, features, encoder_hidden_states,
+                                      UNetAddedConditions{}, controlnet_cond, conditioning_scale);
+  }
+
+  /// As above, with SDXL's added conditioning (see the `forward` that takes it).
+  UNetResiduals forward_with_time_features(const torch::Tensor& sample,
+                                           const torch::Tensor& features,
+                                           const torch::Tensor& encoder_hidden_states,
+                                           const UNetAddedConditions& added,
+                                           const torch::Tensor& controlnet_cond,
+                                           double conditioning_scale = 1.0) {
     check_inputs(sample, encoder_hidden_states, controlnet_cond);
+    check_added(sample, added);
     const int64_t c0 = config.unet.block_out_channels[0];
     TORCH_CHECK(features.dim() == 2 && features.size(0) == sample.size(0) && features.size(1) == c0,
                 "ControlNetModel: expected timestep features [", sample.size(0), ", ", c0,
                 "], got shape ", features.sizes());
-    const auto emb = time_embedding(features.to(sample.scalar_type()));  // [B, C0] -> [B, 4·C0]
+    auto emb = time_embedding(features.to(sample.scalar_type()));  // [B, C0] -> [B, 4·C0]
+    if (config.unet.has_text_time()) {
+      // [B, D + 6·addition_time_embed_dim] -> [B, 4·C0], as the UNet adds it
+      emb = emb + add_embedding(detail::text_time_input(config.unet, added, sample.scalar_type()));
+    }
     const auto& context = encoder_hidden_states;
 
     auto input = sample;
@@ -268,7 +305,7 @@ class ControlNetModelImpl : public detail::BoundCloneable<ControlNetModelImpl> {
 
   /// Prints `sd::ControlNetModel(block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
   /// cross_attention_dim=768, conditioning_embedding_out_channels=[16, 32, 96, 256])` (and the
-  /// channel order and conditioning channels when not rgb and 3).
+  /// added conditioning, channel order and conditioning channels where SDXL's, not rgb, not 3).
   void pretty_print(std::ostream& stream) const override {
     stream << "sd::ControlNetModel(block_out_channels="
            << torch::IntArrayRef(config.unet.block_out_channels)
@@ -276,6 +313,7 @@ class ControlNetModelImpl : public detail::BoundCloneable<ControlNetModelImpl> {
            << ", cross_attention_dim=" << config.unet.cross_attention_dim
            << ", conditioning_embedding_out_channels="
            << torch::IntArrayRef(config.conditioning_embedding_out_channels);
+    if (config.unet.has_text_time()) stream << ", addition_embed_type=text_time";
     if (config.conditioning_channels != 3) {
       stream << ", conditioning_channels=" << config.conditioning_channels;
     }
@@ -292,6 +330,8 @@ class ControlNetModelImpl : public detail::BoundCloneable<ControlNetModelImpl> {
   torch::nn::Conv2d conv_in{nullptr};
   /// Time embedding MLP (the UNet's; time_proj has no parameters).
   TimestepEmbedding time_embedding{nullptr};
+  /// SDXL's added-conditioning MLP (the UNet's; "text_time" only, else empty).
+  TimestepEmbedding add_embedding{nullptr};
   /// Condition image -> a feature added to conv_in's output.
   ControlNetConditioningEmbedding controlnet_cond_embedding{nullptr};
   /// Encoder levels (the UNet's).
@@ -350,6 +390,28 @@ class ControlNetModelImpl : public detail::BoundCloneable<ControlNetModelImpl> {
                 sample.sizes());
   }
 
+  /// Checks the added conditioning against the configuration, as the UNet does: required by a
+  /// "text_time" ControlNet, refused by any other.
+  void check_added(const torch::Tensor& sample, const UNetAddedConditions& added) const {
+    const auto& c = config.unet;
+    const int64_t b = sample.size(0);
+    if (!c.has_text_time()) {
+      TORCH_CHECK(!added.defined(), "ControlNetModel: added conditions (text_embeds, time_ids) "
+                  "were given, but this ControlNet has no addition_embed_type");
+      return;
+    }
+    TORCH_CHECK(added.text_embeds.defined() && added.time_ids.defined() &&
+                    added.text_embeds.dim() == 2 && added.text_embeds.size(0) == b &&
+                    added.text_embeds.size(1) == c.text_embeds_dim() &&
+                    added.time_ids.dim() == 2 && added.time_ids.size(0) == b &&
+                    added.time_ids.size(1) == UNetConfig::kTextTimeIds,
+                "ControlNetModel: this ControlNet (addition_embed_type text_time) needs "
+                "UNetAddedConditions: text_embeds [", b, ", ", c.text_embeds_dim(), "] and time_ids [",
+                b, ", ", UNetConfig::kTextTimeIds, "], got ",
+                added.text_embeds.defined() ? added.text_embeds.sizes() : torch::IntArrayRef{}, " and ",
+                added.time_ids.defined() ? added.time_ids.sizes() : torch::IntArrayRef{});
+  }
+
   /// Checks the inputs' shapes against each other and the configuration.
   void check_inputs(const torch::Tensor& sample, const torch::Tensor& context,
                     const torch::Tensor& cond) const {
@@ -368,8 +430,32 @@ class ControlNetModelImpl : public detail::BoundCloneable<ControlNetModelImpl> {
   }
 };
 
-/// Holder of `ControlNetModelImpl`.
-TORCH_MODULE(ControlNetModel);
+/// Holder of `ControlNetModelImpl`: `TORCH_MODULE`'s expansion, with a call operator per
+/// `forward` overload (as `UNet2DConditionModel`'s holder).
+class ControlNetModel : public torch::nn::ModuleHolder<ControlNetModelImpl> {
+ public:
+  using torch::nn::ModuleHolder<ControlNetModelImpl>::ModuleHolder;
+  /// The Impl type.
+  using Impl = ControlNetModelImpl;
+
+  /// `forward(sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale)`.
+  UNetResiduals operator()(const torch::Tensor& sample, const torch::Tensor& timestep,
+                           const torch::Tensor& encoder_hidden_states,
+                           const torch::Tensor& controlnet_cond, double conditioning_scale = 1.0) {
+    return get()->forward(sample, timestep, encoder_hidden_states, controlnet_cond,
+                          conditioning_scale);
+  }
+
+  /// `forward(sample, timestep, encoder_hidden_states, added, controlnet_cond,
+  /// conditioning_scale)` (SDXL).
+  UNetResiduals operator()(const torch::Tensor& sample, const torch::Tensor& timestep,
+                           const torch::Tensor& encoder_hidden_states,
+                           const UNetAddedConditions& added, const torch::Tensor& controlnet_cond,
+                           double conditioning_scale = 1.0) {
+    return get()->forward(sample, timestep, encoder_hidden_states, added, controlnet_cond,
+                          conditioning_scale);
+  }
+};
 
 /// Short name of the `ControlNetModel` holder.
 using ControlNet = ControlNetModel;

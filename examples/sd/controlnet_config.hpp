@@ -65,8 +65,6 @@ struct ControlNetConfig {
                 unet.time_embedding_dim, " is not supported (only 4 · block_out_channels[0])");
     TORCH_CHECK(unet.resnet_out_scale_factor == 1.0, m, "resnet_out_scale_factor ",
                 unet.resnet_out_scale_factor, " is not supported (only 1)");
-    TORCH_CHECK(!unet.has_text_time(), m,
-                "addition_embed_type text_time (SDXL's added conditioning) is not supported");
     bool positive = conditioning_channels > 0 && !conditioning_embedding_out_channels.empty();
     for (int64_t c : conditioning_embedding_out_channels) positive = positive && c > 0;
     TORCH_CHECK(positive, m, "conditioning_channels (", conditioning_channels,

@@ -77,12 +77,14 @@ struct ControlNetFromUNetOptions {
   TORCH_ARG(int64_t, conditioning_channels) = 3;
   /// "rgb" or "bgr".
   TORCH_ARG(std::string, controlnet_conditioning_channel_order) = "rgb";
-  /// Copy conv_in, time_embedding, down_blocks and mid_block from the UNet (false: random init).
+  /// Copy conv_in, time_embedding (add_embedding), down_blocks and mid_block from the UNet
+  /// (false: random init).
   TORCH_ARG(bool, load_weights_from_unet) = true;
 };
 
 /// diffusers' `ControlNetModel.from_unet`: a ControlNet of the UNet's configuration whose
-/// conv_in, time_embedding, down_blocks and mid_block are copies of the UNet's, and whose zero
+/// conv_in, time_embedding (and SDXL's add_embedding), down_blocks and mid_block are copies of
+/// the UNet's, and whose zero
 /// convolutions are zero, so that it adds nothing to the UNet until trained. Built in the default
 /// dtype (float32: what diffusers trains) on the UNet's device; the UNet's values are converted.
 /// A UNet whose encoder carries adapters (LoRA) is refused, naming the keys.
@@ -96,7 +98,8 @@ inline ControlNetModel controlnet_from_unet(const UNet2DConditionModel& unet,
   controlnet->to(unet->conv_in->weight.device());
   if (!options.load_weights_from_unet()) return controlnet;
   auto shared = [](const std::string& key) {
-    for (const char* prefix : {"conv_in.", "time_embedding.", "down_blocks.", "mid_block."}) {
+    for (const char* prefix :
+         {"conv_in.", "time_embedding.", "add_embedding.", "down_blocks.", "mid_block."}) {
       if (key.rfind(prefix, 0) == 0) return true;
     }
     return false;

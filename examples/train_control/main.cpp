@@ -1,10 +1,11 @@
-// train_control: train Stable Diffusion 1.5 for controllable generation — a CSC-Tuner (SCEdit's
+// train_control: train Stable Diffusion (1.5, 2.1 or SDXL) for controllable generation — a CSC-Tuner (SCEdit's
 // controllable skip tuner, optionally with SC-Tuners) that makes the image follow a condition
 // map: edges, depth, segmentation, pose, colours, an inpainting mask, or anything else; or, as
 // the baseline to beat, a ControlNet.
 //
-// The recipe: frozen SD 1.5; a CSC-Tuner whose hint encoder turns each sample's condition image
-// into features that edit the 12 skip connections; AdamW; MSE on the noise. A held-out slice of
+// The recipe: frozen SD; a CSC-Tuner whose hint encoder turns each sample's condition image
+// into features that edit the skip connections (12 for SD 1.x/2.x, 9 for SDXL, whose hint
+// encoder is wider: r = 2, P = 320, as SCEDIT.md says); AdamW; MSE on the noise. A held-out slice of
 // the data measures whether the tuner uses its condition: its loss with each sample's own
 // condition against the loss with another sample's (validation.json). Everything else — flags,
 // model, loop, checkpoints, samples — is the shared training run (examples/common/run.hpp).
@@ -142,7 +143,7 @@ int main(int argc, char** argv) {
   common::RunFlags run_flags;
   run_flags.output.output = "out/train_control";
   ControlFlags flags;
-  CLI::App app{"train_control: train Stable Diffusion 1.5 to follow a condition map with SCEdit's "
+  CLI::App app{"train_control: train Stable Diffusion (1.5, 2.1 or SDXL) to follow a condition map with SCEdit's "
                "CSC-Tuner. With no --model: the built-in tiny model on generated shapes and their layouts."};
   app.option_defaults()->always_capture_default();
   common::add_run_flags(app, run_flags);
@@ -154,8 +155,8 @@ int main(int argc, char** argv) {
   app.add_option("--condition-folder", flags.condition_folder, "Folder of condition images named as the images (else metadata.jsonl's conditioning_image)")->group(group);
   app.add_option("--hint-kernel", t.kernel_size, "Kernel of the dense hint convs: 3 (SCEdit's released configurations) or 1 (the paper's parameter count)")
       ->check(CLI::IsMember({1, 3}))->group(group);
-  app.add_option("--hint-ratio", t.hint_ratio, "Width multiplier of the pre-hint convs (1 for SD 1.5, 2 for SDXL)")->group(group);
-  app.add_option("--hint-channels", t.hint_channels, "Output channels of the pre-hint encoder (256 for SD 1.5)")->group(group);
+  app.add_option("--hint-ratio", t.hint_ratio, "Width multiplier of the pre-hint convs (0: the model's: 2 for SDXL, else 1)")->group(group);
+  app.add_option("--hint-channels", t.hint_channels, "Output channels of the pre-hint encoder (0: the model's: 320 for SDXL, else 256)")->group(group);
   app.add_option("--csc-down-ratio", t.down_ratio, "Hidden width of the per-skip MLPs / skip channels")->group(group);
   app.add_option("--csc-skips", t.skips, "Regex over the skip sites the CSC-Tuner edits (lsc_identity.0 … 11, decoder order); empty = all")->group(group);
   app.add_option("--validation-samples", flags.validation_samples, "Samples held out of training for validation.json and the condition grids (0: none)")->group(group);

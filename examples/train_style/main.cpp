@@ -1,6 +1,7 @@
-// train_style: fine-tune Stable Diffusion 1.5 for a style with SCEdit's SC-Tuners, LoRA, or both.
+// train_style: fine-tune Stable Diffusion (1.5, 2.1 or SDXL) for a style with SCEdit's SC-Tuners,
+// LoRA, or both.
 //
-// The recipe: frozen SD 1.5; SC-Tuners on the 12 skip connections (and/or LoRA in the attention
+// The recipe: frozen SD; SC-Tuners on the 12 skip connections (and/or LoRA in the attention
 // and feed-forward layers); AdamW; MSE on the noise. Everything else — flags, the model, the
 // data, the loop, checkpoints, samples — is the shared training run (examples/common/run.hpp).
 //
@@ -49,7 +50,7 @@ int train(const common::RunFlags& flags, const common::MethodOptions& method) {
   // so that a run is a pure function of its flags.
   torch::manual_seed(flags.optim.seed);
   auto tuners = common::attach_tuners(pipe.unet, method, run.device());
-  common::attach_text_encoder_lora(tuners, pipe.text_encoder, method, run.device());
+  common::attach_text_encoder_lora(tuners, pipe, method, run.device());
   const auto count = scedit::count_parameters(*pipe.unet);
   std::printf("method %s: %lld trainable parameters (%.3f%% of the UNet)\n", method.method.c_str(),
               static_cast<long long>(count.trainable), 100.0 * count.trainable / count.total());
@@ -58,12 +59,17 @@ int train(const common::RunFlags& flags, const common::MethodOptions& method) {
     std::printf("text encoder LoRA: %lld trainable parameters (%.3f%% of the text encoder)\n",
                 static_cast<long long>(text.trainable), 100.0 * text.trainable / text.total());
   }
+  if (tuners.text_lora_2) {
+    const auto text = scedit::count_parameters(*pipe.text_encoder_2);
+    std::printf("text encoder 2 LoRA: %lld trainable parameters (%.3f%% of the second text encoder)\n",
+                static_cast<long long>(text.trainable), 100.0 * text.trainable / text.total());
+  }
 
   auto validation = [&](int64_t /*step*/, const std::filesystem::path& grid) {
     tuners.refresh();  // LoRA's effective weights, as trained
     common::write_sample_grid(pipe, run.validation_prompts(), run.sample_options(), grid);
   };
-  run.train(pipe, data, common::tuner_trainable(pipe.unet, tuners, method, pipe.text_encoder, run.flags().optim.optim.lr), validation);
+  run.train(pipe, data, common::tuner_trainable(pipe.unet, tuners, method, &pipe, run.flags().optim.optim.lr), validation);
   return 0;
 }
 
@@ -73,7 +79,7 @@ int main(int argc, char** argv) {
   common::RunFlags flags;
   flags.output.output = "out/train_style";
   common::MethodOptions method;
-  CLI::App app{"train_style: fine-tune Stable Diffusion 1.5 for a style with SCEdit (SC-Tuners), "
+  CLI::App app{"train_style: fine-tune Stable Diffusion (1.5, 2.1 or SDXL) for a style with SCEdit (SC-Tuners), "
                "LoRA, or both. With no --model: the built-in tiny model on generated demo data."};
   app.option_defaults()->always_capture_default();
   common::add_run_flags(app, flags);
