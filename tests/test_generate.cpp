@@ -352,18 +352,33 @@ TEST(GenerateSdxl, SizeConditioningChangesTheImageAndDefaultsToTheImageSize) {
             std::string::npos);
 }
 
-TEST(GenerateSdxl, RefusesSizeConditioningOnSD15AndControlNetsOnSdxl) {
+TEST(GenerateSdxl, RefusesSizeConditioningOnSD15AndGivesControlNetsTheAddedConditioning) {
   auto sd15 = sd::tiny_pipeline();
   auto options = small_options();
   options.size_conditioning = sd::SizeConditioning::uncropped(64, 64);
   EXPECT_NE(error_of([&] { sd::generate(sd15, {"a cat"}, options); })
                 .find("size conditioning (original size, crop, target size) is SDXL's"),
             std::string::npos);
+  // A ControlNet made from the SDXL UNet adds nothing until its zero convolutions learn; then its
+  // residuals, which read the pooled text and the size ids as the UNet does, change the image.
   auto sdxl = sd::tiny_sdxl_pipeline();
   options = small_options();
-  options.controlnets = {{sd::controlnet_from_unet(sd15.unet), random_image(2), 1.0}};
-  EXPECT_NE(error_of([&] { sd::generate(sdxl, {"a cat"}, options); })
-                .find("ControlNets are not supported on SDXL"),
+  const auto plain = sd::sample_latents(sdxl, {"a cat"}, options);
+  auto controlnet = sd::controlnet_from_unet(sdxl.unet);
+  options.controlnets = {{controlnet, scedit_test::random_image(64, 64, 2), 1.0}};
+  EXPECT_TRUE(torch::equal(sd::sample_latents(sdxl, {"a cat"}, options), plain));
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : controlnet->controlnet_mid_block->parameters()) p.normal_(0.0, 0.05);
+  }
+  const auto controlled = sd::sample_latents(sdxl, {"a cat"}, options);
+  EXPECT_FALSE(torch::allclose(controlled, plain, 1e-3, 1e-3));
+  options.size_conditioning = sd::SizeConditioning{256, 128, 0, 0, 64, 64};
+  EXPECT_FALSE(torch::allclose(sd::sample_latents(sdxl, {"a cat"}, options), controlled, 1e-3, 1e-3));
+  // SD 1.5's ControlNet reads no added conditioning: refused, not run on the wrong inputs.
+  options = small_options();
+  options.controlnets = {{sd::controlnet_from_unet(sd15.unet), scedit_test::random_image(64, 64, 2), 1.0}};
+  EXPECT_NE(error_of([&] { sd::generate(sdxl, {"a cat"}, options); }).find("ControlNetModel"),
             std::string::npos);
 }
 

@@ -219,8 +219,8 @@ struct ControlInput {
 /// conditional prediction alone. `latents` [B, C, h, w], `cond` / `uncond` [B, 77, D]; the
 /// result is in the latents' dtype. Each ControlNet of `controls` sees the same batch and its
 /// image for every row (both halves of guidance); their residuals add up. An SDXL UNet also
-/// reads `added_cond` and, with guidance, `added_uncond` (`added_conditions`, [B, …] each);
-/// ControlNets take no added conditioning, so they cannot join it.
+/// reads `added_cond` and, with guidance, `added_uncond` (`added_conditions`, [B, …] each), and
+/// so do its ControlNets.
 inline torch::Tensor predict_noise(UNet& unet, const torch::Tensor& latents, int64_t t,
                                    const torch::Tensor& cond, const torch::Tensor& uncond,
                                    double guidance_scale, double guidance_rescale,
@@ -236,7 +236,6 @@ inline torch::Tensor predict_noise(UNet& unet, const torch::Tensor& latents, int
   if (added_cond.defined()) {
     TORCH_CHECK(!guided || added_uncond.defined(), "predict_noise: guidance on a UNet with added "
                 "conditioning needs the unconditional half's (added_uncond)");
-    TORCH_CHECK(controls.empty(), "predict_noise: ControlNets take no added (SDXL) conditioning");
     const auto join = [&](const torch::Tensor& u, const torch::Tensor& c) {
       return (guided ? torch::cat({u, c}) : c).to(dtype);  // [2B or B, …]
     };
@@ -246,8 +245,11 @@ inline torch::Tensor predict_noise(UNet& unet, const torch::Tensor& latents, int
   UNetResiduals residuals;
   for (const auto& control : controls) {
     const auto control_dtype = detail::first_parameter(*control.model, "ControlNet").scalar_type();
+    const UNetAddedConditions control_added =
+        added.defined() ? UNetAddedConditions{added.text_embeds.to(control_dtype), added.time_ids}
+                        : UNetAddedConditions{};
     auto r = control.model.ptr()->forward(input.to(control_dtype), timestep,
-                                          context.to(control_dtype),
+                                          context.to(control_dtype), control_added,
                                           control.image.expand({input.size(0), -1, -1, -1}),
                                           control.scale);
     if (residuals.down.empty()) {
@@ -338,9 +340,6 @@ inline void sample_batches(StableDiffusion& sd, const std::vector<std::string>& 
   TORCH_CHECK(added || (!options.size_conditioning && !options.negative_size_conditioning),
               "generate: size conditioning (original size, crop, target size) is SDXL's; this "
               "model's UNet takes none");
-  TORCH_CHECK(!added || options.controlnets.empty(), "generate: ControlNets are not supported on "
-              "SDXL here: the ControlNet model (controlnet.hpp) takes no SDXL added conditioning "
-              "(pooled text embedding and size ids)");
   check_precision(options.precision, device);
   const torch::Dtype compute = compute_dtype(options.precision);
 #if !SCEDIT_TORCH_2
