@@ -64,8 +64,8 @@ inline void check_control_options(const ControlOptions& options) {
               "--method must be csc, csc+sc or controlnet, got '", options.method, "'");
   TORCH_CHECK(options.kernel_size == 1 || options.kernel_size == 3, "--hint-kernel must be 1 or 3, got ",
               options.kernel_size);
-  TORCH_CHECK(options.hint_ratio >= 0, "--hint-ratio must be positive (0: the model's), got ", options.hint_ratio);
-  TORCH_CHECK(options.hint_channels >= 0, "--hint-channels must be positive (0: the model's), got ",
+  TORCH_CHECK(options.hint_ratio >= 0, "--hint-ratio must be positive, or 0 for the model's, got ", options.hint_ratio);
+  TORCH_CHECK(options.hint_channels >= 0, "--hint-channels must be positive, or 0 for the model's, got ",
               options.hint_channels);
   TORCH_CHECK(std::isfinite(options.down_ratio) && options.down_ratio > 0,
               "--csc-down-ratio must be a positive number, got ", options.down_ratio);

@@ -174,25 +174,25 @@ inline std::vector<std::pair<std::string, torch::Tensor>> trainable_parameters(c
 
 /// What training `tuners` on `unet` is: their parameters, the UNet as the denoiser (LoRA's
 /// weights rebound before each forward), `sc_tuners.safetensors` and the LoRA files at the end.
-/// With a text-encoder LoRA (`attach_text_encoder_lora` on `text`, which must outlive the result)
+/// With a text-encoder LoRA (`attach_text_encoder_lora` on `pipe`, which must outlive the result)
 /// the denoiser takes token ids and runs `sd::encode_tokens` first (for SDXL both encoders, the
 /// pooled embedding then coming from the second); their LoRA parameters (named
 /// `text_encoder.<path>`, `text_encoder_2.<path>`) form a second optimizer group at
 /// `--text-encoder-lr`, relative to the run's `lr`. `tuners` must outlive the result.
 inline Trainable tuner_trainable(sd::UNet unet, TrainedTuners& tuners, const MethodOptions& options,
-                                 sd::StableDiffusion* text = nullptr, double lr = 0) {
+                                 sd::StableDiffusion* pipe = nullptr, double lr = 0) {
   Trainable trainable;
   trainable.parameters = trainable_parameters(*unet);
   trainable.settings = {{"method", options.method}};
   if (tuners.text_lora) {
-    TORCH_CHECK(text != nullptr, "tuner_trainable: the pipeline whose text encoder carries the LoRA is missing");
+    TORCH_CHECK(pipe != nullptr, "tuner_trainable: the pipeline whose text encoder carries the LoRA is missing");
     TORCH_CHECK(lr > 0, "tuner_trainable: the run's learning rate is needed for --text-encoder-lr");
     const size_t unet_count = trainable.parameters.size();
-    for (auto& [name, tensor] : trainable_parameters(*text->text_encoder)) {
+    for (auto& [name, tensor] : trainable_parameters(*pipe->text_encoder)) {
       trainable.parameters.emplace_back("text_encoder." + name, tensor);
     }
     if (tuners.text_lora_2) {
-      for (auto& [name, tensor] : trainable_parameters(*text->text_encoder_2)) {
+      for (auto& [name, tensor] : trainable_parameters(*pipe->text_encoder_2)) {
         trainable.parameters.emplace_back("text_encoder_2." + name, tensor);
       }
     }
@@ -201,14 +201,14 @@ inline Trainable tuner_trainable(sd::UNet unet, TrainedTuners& tuners, const Met
     trainable.text_as_tokens = true;
     trainable.settings["text_encoder_lora"] = options.text_encoder_targets;
   }
-  trainable.denoiser = [unet, text, &tuners](const torch::Tensor& noisy, const torch::Tensor& t,
-                                             const torch::Tensor& ids, const sd::UNetAddedConditions& added,
+  trainable.denoiser = [unet, pipe, &tuners](const torch::Tensor& noisy, const torch::Tensor& t,
+                                             const torch::Tensor& text, const sd::UNetAddedConditions& added,
                                              const std::vector<torch::Tensor>& conditions) mutable {
     TORCH_CHECK(conditions.empty(), "SC-Tuners and LoRA take no condition images, got ",
                 conditions.size());
     tuners.refresh();
-    if (!tuners.text_lora) return unet->forward(noisy, t, ids, added);
-    auto encoded = sd::encode_tokens(*text, ids);
+    if (!tuners.text_lora) return unet->forward(noisy, t, text, added);
+    auto encoded = sd::encode_tokens(*pipe, text);  // `text` holds token ids
     auto with_pooled = added;  // the batch's time ids, the pooled embedding of the LoRA'd encoder
     if (encoded.pooled.defined()) with_pooled.text_embeds = encoded.pooled.to(noisy.scalar_type());
     return unet->forward(noisy, t, encoded.context.to(noisy.scalar_type()), with_pooled);
