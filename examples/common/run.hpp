@@ -265,7 +265,14 @@ class TrainingRun {
     std::filesystem::path last_checkpoint;  // the newest good one, named when the run stops early
     if (resumed_) {
       const auto& folder = resumed_->folder;
-      TORCH_CHECK(resumed_->state.run == settings, "checkpoint '", folder.string(), "' comes from a run with ",
+      // Checkpoints of earlier versions lack the scheduler's keys: they trained on the model's own
+      // scheduler, never with zero terminal SNR (it was refused).
+      nlohmann::json earlier = resumed_->state.run;
+      if (earlier.is_object() && !earlier.contains("zero_terminal_snr")) earlier["zero_terminal_snr"] = false;
+      if (earlier.is_object() && !earlier.contains("scheduler_prediction")) {
+        earlier["scheduler_prediction"] = settings["scheduler_prediction"];
+      }
+      TORCH_CHECK(earlier == settings, "checkpoint '", folder.string(), "' comes from a run with ",
                   resumed_->state.run.dump(), ", this run has ", settings.dump());
       step.set_loss_scale(load_checkpoint(*resumed_, tensors, step.optimizer()).loss_scale);
       last_checkpoint = folder;
