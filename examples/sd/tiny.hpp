@@ -257,16 +257,22 @@ inline StableDiffusion random_sd15_pipeline(uint64_t seed = 0, torch::Dtype dtyp
   return sd;
 }
 
+/// SD 2.1's scheduler configuration (stabilityai/stable-diffusion-2-1's
+/// `scheduler/scheduler_config.json`, read as a DDIM one) predicting `prediction`: "v_prediction"
+/// (SD 2.1, 768-v) or "epsilon" (SD 2.1-base, 512 pixels).
+inline nlohmann::json sd21_scheduler_config(const std::string& prediction) {
+  return {{"_class_name", "DDIMScheduler"}, {"num_train_timesteps", 1000},
+          {"beta_start", 0.00085}, {"beta_end", 0.012}, {"beta_schedule", "scaled_linear"},
+          {"steps_offset", 1}, {"set_alpha_to_one", false}, {"clip_sample", false},
+          {"prediction_type", prediction}, {"timestep_spacing", "leading"}};
+}
+
 /// The full-size SD 2.1 (768-v) architecture (UNet 865.9M, VAE 83.7M, OpenCLIP ViT-H text
 /// 340.4M parameters) with random weights and SD 2.1's v-prediction scheduler configuration
 /// (`--model random:sd21` in the programs). Its images are noise.
 inline StableDiffusion random_sd21_pipeline(uint64_t seed = 0, torch::Dtype dtype = torch::kFloat32) {
   auto sd = random_pipeline(UNetConfig::sd21(), VAEConfig::sd15(), CLIPTextConfig::sd21(), seed, dtype);
-  sd.scheduler_config = {{"_class_name", "DDIMScheduler"}, {"num_train_timesteps", 1000},
-                         {"beta_start", 0.00085}, {"beta_end", 0.012},
-                         {"beta_schedule", "scaled_linear"}, {"steps_offset", 1},
-                         {"set_alpha_to_one", false}, {"clip_sample", false},
-                         {"prediction_type", "v_prediction"}, {"timestep_spacing", "leading"}};
+  sd.scheduler_config = sd21_scheduler_config("v_prediction");
   sd.files = {{"unet", "<random sd21>"}, {"vae", "<random sd21>"},
               {"text_encoder", "<random sd21>"}, {"tokenizer", "<built-in byte-level>"}};
   return sd;
