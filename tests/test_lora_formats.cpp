@@ -44,6 +44,7 @@
 #include <memory>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "lora_models.hpp"
@@ -179,14 +180,17 @@ void write_as(Tool tool, const std::vector<Module>& modules, const std::string& 
   scedit::safetensors::save(file, t, header);
 }
 
-/// A fresh tiny pipeline with a file's LoRA loaded through `sd::lora_targets`.
+/// A fresh tiny pipeline (`model`, the tiny SD 1.5 unless given) with a file's LoRA loaded
+/// through `sd::lora_targets`.
 struct Loaded {
-  sd::StableDiffusion pipe = sd::tiny_pipeline(0);
+  sd::StableDiffusion pipe;
   std::unique_ptr<scedit::LoRAInjection> unet = std::make_unique<scedit::LoRAInjection>();
   std::unique_ptr<scedit::LoRAInjection> text = std::make_unique<scedit::LoRAInjection>();
   std::unique_ptr<scedit::LoRAInjection> text_2 = std::make_unique<scedit::LoRAInjection>();
   scedit::LoRALoadResult result;
-  explicit Loaded(const std::string& file, const scedit::LoRALoadOptions& options = {}) {
+  explicit Loaded(const std::string& file, const scedit::LoRALoadOptions& options = {},
+                  sd::StableDiffusion model = sd::tiny_pipeline(0))
+      : pipe(std::move(model)) {
     result = scedit::load_lora(file, sd::lora_targets(pipe, *unet, *text, *text_2), options);
   }
   torch::nn::Module& model(LoRARole role) {
@@ -546,7 +550,7 @@ TEST_F(LoRAFormats, SdxlLoRAOnBothTextEncodersLoadsThroughLoraTargets) {
   for (const auto& [file, format] : {std::make_pair(kohya, LoRAFormat::kohya),
                                      std::make_pair(diffusers, LoRAFormat::diffusers)}) {
     SCOPED_TRACE(file);
-    Loaded loaded(file);
+    Loaded loaded(file, {}, sd::tiny_sdxl_pipeline(0));
     ASSERT_EQ(loaded.result.roles.size(), 3u);
     const auto* second = loaded.result.role(LoRARole::text_encoder_2);
     ASSERT_NE(second, nullptr);

@@ -744,7 +744,9 @@ TEST_F(Weights, Sd21AndSdxlSingleFilesAndFoldersGiveTheSameWeights) {
       EXPECT_EQ(loaded->unet_config.to_json(), original.unet_config.to_json());
       EXPECT_EQ(loaded->vae_config.to_json(), original.vae_config.to_json());
       EXPECT_EQ(loaded->text_config.to_json(), original.text_config.to_json());
-      if (xl) EXPECT_EQ(loaded->text_config_2.to_json(), original.text_config_2.to_json());
+      if (xl) {
+        EXPECT_EQ(loaded->text_config_2.to_json(), original.text_config_2.to_json());
+      }
       expect_same_weights(*loaded, original);
       // The tokenizers' ids (the second's padding with "!" read from tokenizer_config.json).
       EXPECT_TRUE(torch::equal(sd::tokenize_prompts(*loaded, prompts), sd::tokenize_prompts(original, prompts)));

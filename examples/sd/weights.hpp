@@ -352,12 +352,16 @@ ComponentWeights read_model(const std::filesystem::path& path, const Component& 
 /// attached tuners' keys and `extra_skip`'s.
 inline void load_into(torch::nn::Module& module, const ComponentWeights& weights,
                       const std::function<bool(const std::string&)>& extra_skip) {
-  // Keyed as in the file, renamed back by the load, so that messages name the file's keys.
+  // Keyed as in the file, renamed back by the load, so that messages name the file's keys. A
+  // file key that holds several module tensors (OpenCLIP's fused q/k/v) is named with each.
+  std::map<std::string, int> file_key_uses;
+  for (const auto& [key, file_key] : weights.file_keys) ++file_key_uses[file_key];
   scedit::TensorMap by_file_key;
   auto to_module = std::make_shared<std::map<std::string, std::string>>();
   for (const auto& [key, tensor] : weights.tensors) {
     const auto renamed = weights.file_keys.find(key);
-    const std::string& file_key = renamed == weights.file_keys.end() ? key : renamed->second;
+    std::string file_key = renamed == weights.file_keys.end() ? key : renamed->second;
+    if (file_key_uses[file_key] > 1) file_key += " (its part '" + key + "')";
     TORCH_CHECK(tensor.is_floating_point(), "key '", file_key, "' in '", weights.file.string(),
                 "' has dtype ", tensor.scalar_type(),
                 "; model weights must be F16, BF16, F32 or F64");
