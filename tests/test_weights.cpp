@@ -837,6 +837,14 @@ TEST_F(Weights, RefusesIncompleteSdxlFoldersAndFiles) {
   scedit::safetensors::save(broken.string(), ldm);
   EXPECT_THAT(error_of([&] { sd::load_pipeline(broken, single_file_options_of(xl, folder)); }),
               AllOf(HasSubstr(gone), HasSubstr(broken.string())));
+  // A fused q/k/v tensor of integers: named with the part it was read for.
+  ldm = scedit::safetensors::load(file.string());
+  const std::string fused = "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight";
+  ldm[fused] = torch::ones(ldm.at(fused).sizes(), torch::kInt64);
+  scedit::safetensors::save(broken.string(), ldm);
+  EXPECT_THAT(error_of([&] { sd::load_pipeline(broken, single_file_options_of(xl, folder)); }),
+              AllOf(HasSubstr(fused + " (its part 'text_model.encoder.layers.0.self_attn."),
+                    HasSubstr(broken.string()), HasSubstr("dtype")));
   const auto unknown = scratch_.path() / "unknown.safetensors";
   scedit::safetensors::save(unknown.string(), {{"transformer.blocks.0.weight", torch::ones({2})}});
   EXPECT_THAT(error_of([&] { sd::load_pipeline(unknown, single_file_options_of(xl, folder)); }),
