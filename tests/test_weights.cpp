@@ -707,22 +707,28 @@ std::map<std::string, const torch::nn::Module*> models_of(const sd::StableDiffus
   return out;
 }
 
-/// Every parameter of every model of `loaded` is `original`'s, bitwise (rounded once to float16
-/// and back when `via_float16`).
+/// Every parameter of `loaded` is `original`'s, bitwise (rounded once to float16 and back when
+/// `via_float16`).
+void expect_same_parameters(const torch::nn::Module& loaded, const torch::nn::Module& original,
+                            const std::string& name, bool via_float16 = false) {
+  const auto expected = scedit::state_dict(original);
+  const auto got = scedit::state_dict(loaded);
+  ASSERT_EQ(got.size(), expected.size()) << name;
+  for (const auto& [key, tensor] : expected) {
+    ASSERT_TRUE(got.count(key)) << name << " " << key;
+    const auto want = via_float16 ? tensor.to(torch::kFloat16).to(torch::kFloat32) : tensor;
+    EXPECT_TRUE(torch::equal(got.at(key), want)) << name << " " << key;
+  }
+}
+
+/// `expect_same_parameters` for every model of the two pipelines.
 void expect_same_weights(const sd::StableDiffusion& loaded, const sd::StableDiffusion& original,
                          bool via_float16 = false) {
   const auto models = models_of(original);
   const auto loaded_models = models_of(loaded);
   ASSERT_EQ(loaded_models.size(), models.size());
   for (const auto& [name, module] : models) {
-    const auto expected = scedit::state_dict(*module);
-    const auto got = scedit::state_dict(*loaded_models.at(name));
-    ASSERT_EQ(got.size(), expected.size()) << name;
-    for (const auto& [key, tensor] : expected) {
-      ASSERT_TRUE(got.count(key)) << name << " " << key;
-      const auto want = via_float16 ? tensor.to(torch::kFloat16).to(torch::kFloat32) : tensor;
-      EXPECT_TRUE(torch::equal(got.at(key), want)) << name << " " << key;
-    }
+    expect_same_parameters(*loaded_models.at(name), *module, name, via_float16);
   }
 }
 
@@ -751,6 +757,11 @@ TEST_F(Weights, Sd21AndSdxlSingleFilesAndFoldersGiveTheSameWeights) {
       // The tokenizers' ids (the second's padding with "!" read from tokenizer_config.json).
       EXPECT_TRUE(torch::equal(sd::tokenize_prompts(*loaded, prompts), sd::tokenize_prompts(original, prompts)));
     }
+    // The component loaders read the single file as well.
+    const auto options = single_file_options_of(original, folder);
+    expect_same_parameters(*sd::load_unet(single, options), *original.unet, "unet");
+    expect_same_parameters(*sd::load_vae(single, options), *original.vae, "vae");
+    expect_same_parameters(*sd::load_text_encoder(single, options), *original.text_encoder, "text_encoder");
     EXPECT_EQ(from_folder.scheduler_config, original.scheduler_config);
     EXPECT_EQ(from_file.files.at("unet"), single);
     EXPECT_EQ(from_file.files.at("tokenizer"), folder / "tokenizer");
