@@ -1,7 +1,8 @@
 // Tests of examples/sd/ldm_keys_xl.hpp (and the fused / transposed pairs of ldm_key_pairs.hpp):
 // the single-file key tables of SD 2.1 and SDXL against the full-size diffusers key lists of
 // tests/data/fixtures/{sd21,sdxl}/manifest.json, a round trip of the tiny fixtures' weights
-// through the single-file layout, names taken from the reference converters, and refusals.
+// through the single-file layout, names taken from the reference converters, refusals, and the
+// family of a single file told by its keys (examples/sd/single_file.hpp).
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>

@@ -1,7 +1,7 @@
 // LoRA files as other tools write them, read into the tiny Stable Diffusion (UNet and text
 // encoder): every layout gives the weights of the equivalent Kohya file; round trips of the
-// multi-model exports; text-encoder LoRA in the prompt embeddings; refusals that name the key or
-// the format.
+// multi-model exports; text-encoder LoRA in the prompt embeddings (SDXL's two text encoders
+// too, through `sd::lora_targets`); refusals that name the key or the format.
 //
 // Where the key names come from (each writer below follows one):
 //  - Kohya: sd-scripts `networks/lora.py` — `LORA_PREFIX_UNET = "lora_unet"`,

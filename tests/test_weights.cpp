@@ -1,6 +1,8 @@
 // Tests of examples/sd/ldm_keys.hpp and examples/sd/weights.hpp: the LDM <-> diffusers key
 // tables over the manifest's key lists, and loading diffusers folders and single-file
-// checkpoints written from the tiny fixtures.
+// checkpoints written from the tiny fixtures; SD 2.1 and SDXL folders and single files written
+// from tiny models of the fixtures' configurations (tests/data/fixtures/sd21) and
+// `sd::tiny_sdxl_pipeline`.
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
