@@ -83,10 +83,10 @@ inline LdmFamily detect_ldm_family(const scedit::TensorMap& checkpoint) {
 
 /// The configurations of a single-file checkpoint's models.
 struct LdmConfigs {
-  UNetConfig unet;              ///< The UNet's.
-  VAEConfig vae;                ///< The VAE's.
-  CLIPTextConfig text;          ///< The (first) text encoder's.
-  CLIPTextConfig text_2;        ///< SDXL's second text encoder's (unused otherwise).
+  UNetConfig unet;        ///< The UNet's.
+  VAEConfig vae;          ///< The VAE's.
+  CLIPTextConfig text;    ///< The (first) text encoder's.
+  CLIPTextConfig text_2;  ///< SDXL's second text encoder's (unused otherwise).
 };
 
 /// The released models' configurations of `family`: SD 1.5's (`UNetConfig::sd15()`,

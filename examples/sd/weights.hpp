@@ -290,11 +290,11 @@ ComponentWeights read_component(const std::filesystem::path& path, const Compone
 /// A single-file checkpoint read whole: its family, the configurations of its models (those
 /// `WeightsOptions` gives, else the family's) and its key layout.
 struct SingleFile {
-  std::filesystem::path file;  ///< The file read.
-  scedit::TensorMap tensors;   ///< Every tensor of it (views of the mapped file).
+  std::filesystem::path file;          ///< The file read.
+  scedit::TensorMap tensors;           ///< Every tensor of it (views of the mapped file).
   LdmFamily family = LdmFamily::kSD1;  ///< What its keys say.
-  LdmConfigs configs;          ///< Its models' configurations.
-  LdmLayout layout;            ///< Its keys by model.
+  LdmConfigs configs;                  ///< Its models' configurations.
+  LdmLayout layout;                    ///< Its keys by model.
 
   /// One model's tensors in its module's keys (strict: `ldm_component_to_diffusers`).
   ComponentWeights part(const LdmComponentKeys& keys) const {
