@@ -1,7 +1,8 @@
 // Tests of examples/sd/ldm_keys_xl.hpp (and the fused / transposed pairs of ldm_key_pairs.hpp):
 // the single-file key tables of SD 2.1 and SDXL against the full-size diffusers key lists of
 // tests/data/fixtures/{sd21,sdxl}/manifest.json, a round trip of the tiny fixtures' weights
-// through the single-file layout, names taken from the reference converters, and refusals.
+// through the single-file layout, names taken from the reference converters, refusals, and the
+// family of a single file told by its keys (examples/sd/single_file.hpp).
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -12,6 +13,7 @@
 #include <scedit/safetensors.hpp>
 #include <sd/clip_projection.hpp>
 #include <sd/ldm_keys_xl.hpp>
+#include <sd/single_file.hpp>
 #include <sd/unet.hpp>
 
 #include "test_util.hpp"
@@ -457,6 +459,76 @@ TEST(LdmKeysXL, RefusesQKVPartsThatDoNotFuse) {
   no_added.unet.pairs = sd::ldm_unet_keys(unet);
   EXPECT_THAT(error_of([&] { sd::ldm_to_diffusers(flat, no_added); }),
               HasSubstr("unexpected key 'model.diffusion_model.label_emb.0."));
+}
+
+// ---- the family of a single file ---------------------------------------------------------------
+
+/// A checkpoint of `layout`'s LDM keys (each tensor a placeholder scalar).
+scedit::TensorMap ldm_key_names(const sd::LdmLayout& layout) {
+  scedit::TensorMap out;
+  for (const auto* component : {&layout.unet, &layout.vae, &layout.text_encoder}) {
+    for (const auto& pair : component->pairs) out.emplace(pair.ldm, torch::zeros({}));
+  }
+  if (layout.text_encoder_2) {
+    for (const auto& pair : layout.text_encoder_2->pairs) out.emplace(pair.ldm, torch::zeros({}));
+  }
+  return out;
+}
+
+/// The UNet alone, LDM keys with the manifest's shapes (the UNet's tensors keep theirs), of no
+/// memory (stride 0).
+scedit::TensorMap ldm_unet_only(const sd::UNetConfig& config, const json& keys) {
+  const auto shapes = keys.get<Shapes>();
+  scedit::TensorMap out;
+  for (const auto& pair : sd::ldm_unet_keys(config)) {
+    out.emplace(pair.ldm, torch::zeros({}).expand(shapes.at(pair.diffusers)));
+  }
+  return out;
+}
+
+TEST(LdmKeysXL, FamilyOfASingleFileIsToldByItsKeys) {
+  const auto vae = sd::VAEConfig::from_json(scedit_test::config_json("vae_tiny"));
+  const auto sd15_unet = sd::UNetConfig::from_json(scedit_test::config_json("unet_sd15"));
+  const auto sd15_text = sd::CLIPTextConfig::from_json(scedit_test::config_json("clip_text_l14"));
+  const sd::LdmConfigs sd15{sd15_unet, vae, sd15_text, {}};
+  const sd::LdmConfigs sd21{unet_config("sd21", "unet_sd21"), vae,
+                            text_config("sd21", "text_encoder_sd21"), {}};
+  const sd::LdmConfigs sdxl{unet_config("sdxl", "unet_sdxl"), vae,
+                            text_config("sdxl", "text_encoder_sdxl"),
+                            text_config("sdxl", "text_encoder_2_sdxl")};
+  const std::vector<std::tuple<sd::LdmFamily, sd::LdmConfigs, json>> cases = {
+      {sd::LdmFamily::kSD1, sd15, scedit_test::manifest().at("keys_unet_sd15")},
+      {sd::LdmFamily::kSD2, sd21, family_manifest("sd21").at("keys_unet_full")},
+      {sd::LdmFamily::kSDXL, sdxl, family_manifest("sdxl").at("keys_unet_full")}};
+  for (const auto& [family, configs, unet_keys] : cases) {
+    SCOPED_TRACE(sd::ldm_family_name(family));
+    const auto whole = ldm_key_names(sd::ldm_layout(family, configs));
+    EXPECT_TRUE(sd::is_ldm_checkpoint(whole));
+    EXPECT_EQ(sd::detect_ldm_family(whole), family);
+    // A UNet alone: told by its added embedding (SDXL) or its linear proj_in (SD 2.x).
+    const auto unet = ldm_unet_only(configs.unet, unet_keys);
+    EXPECT_TRUE(sd::is_ldm_checkpoint(unet));
+    EXPECT_EQ(sd::detect_ldm_family(unet), family);
+    // A diffusers model's keys are none of these.
+    scedit::TensorMap diffusers;
+    for (const auto& [key, shape] : unet_keys.items()) diffusers.emplace(key, torch::zeros({}));
+    EXPECT_FALSE(sd::is_ldm_checkpoint(diffusers));
+  }
+  // The released configurations each family defaults to are the manifests' (the text encoders'
+  // layouts; the manifests leave the special token ids out).
+  EXPECT_EQ(sd::default_ldm_configs(sd::LdmFamily::kSD2).unet.to_json(), sd21.unet.to_json());
+  EXPECT_EQ(sd::default_ldm_configs(sd::LdmFamily::kSDXL).unet.to_json(), sdxl.unet.to_json());
+  EXPECT_EQ(sd::default_ldm_configs(sd::LdmFamily::kSD1).unet.to_json(), sd15.unet.to_json());
+  for (const auto& [family, configs, keys] : cases) {
+    const auto defaults = sd::default_ldm_configs(family);
+    EXPECT_EQ(defaults.text.hidden_size, configs.text.hidden_size) << sd::ldm_family_name(family);
+    EXPECT_EQ(defaults.text.num_hidden_layers, configs.text.num_hidden_layers);
+    EXPECT_EQ(defaults.text.hidden_act, configs.text.hidden_act);
+  }
+  EXPECT_EQ(sd::default_ldm_configs(sd::LdmFamily::kSDXL).text_2.num_hidden_layers,
+            sdxl.text_2.num_hidden_layers);
+  EXPECT_EQ(sd::default_ldm_configs(sd::LdmFamily::kSDXL).text_2.projection_dim,
+            sdxl.text_2.projection_dim);
 }
 
 }  // namespace

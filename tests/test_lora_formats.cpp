@@ -1,7 +1,7 @@
 // LoRA files as other tools write them, read into the tiny Stable Diffusion (UNet and text
 // encoder): every layout gives the weights of the equivalent Kohya file; round trips of the
-// multi-model exports; text-encoder LoRA in the prompt embeddings; refusals that name the key or
-// the format.
+// multi-model exports; text-encoder LoRA in the prompt embeddings (SDXL's two text encoders
+// too, through `sd::lora_targets`); refusals that name the key or the format.
 //
 // Where the key names come from (each writer below follows one):
 //  - Kohya: sd-scripts `networks/lora.py` — `LORA_PREFIX_UNET = "lora_unet"`,
@@ -44,6 +44,7 @@
 #include <memory>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "lora_models.hpp"
@@ -179,14 +180,18 @@ void write_as(Tool tool, const std::vector<Module>& modules, const std::string& 
   scedit::safetensors::save(file, t, header);
 }
 
-/// A fresh tiny pipeline with a file's LoRA loaded through `sd::lora_targets`.
+/// A fresh tiny pipeline (`model`, the tiny SD 1.5 unless given) with a file's LoRA loaded
+/// through `sd::lora_targets`.
 struct Loaded {
-  sd::StableDiffusion pipe = sd::tiny_pipeline(0);
+  sd::StableDiffusion pipe;
   std::unique_ptr<scedit::LoRAInjection> unet = std::make_unique<scedit::LoRAInjection>();
   std::unique_ptr<scedit::LoRAInjection> text = std::make_unique<scedit::LoRAInjection>();
+  std::unique_ptr<scedit::LoRAInjection> text_2 = std::make_unique<scedit::LoRAInjection>();
   scedit::LoRALoadResult result;
-  explicit Loaded(const std::string& file, const scedit::LoRALoadOptions& options = {}) {
-    result = scedit::load_lora(file, sd::lora_targets(pipe, *unet, *text), options);
+  explicit Loaded(const std::string& file, const scedit::LoRALoadOptions& options = {},
+                  sd::StableDiffusion model = sd::tiny_pipeline(0))
+      : pipe(std::move(model)) {
+    result = scedit::load_lora(file, sd::lora_targets(pipe, *unet, *text, *text_2), options);
   }
   torch::nn::Module& model(LoRARole role) {
     return role == LoRARole::unet ? static_cast<torch::nn::Module&>(*pipe.unet) : *pipe.text_encoder;
@@ -489,6 +494,76 @@ TEST_F(LoRAFormats, GeneratesTunerFileWithTextEncoderKeysChangesThePromptEmbeddi
       EXPECT_TRUE(torch::equal(embeddings, plain));
     } else {
       EXPECT_GT((embeddings - plain).abs().max().item<double>(), 1e-3);
+    }
+  }
+}
+
+TEST_F(LoRAFormats, SdxlLoRAOnBothTextEncodersLoadsThroughLoraTargets) {
+  // A LoRA on the UNet and on both of SDXL's text encoders, exported as Kohya (lora_unet_,
+  // lora_te1_, lora_te2_) and diffusers (unet., text_encoder., text_encoder_2.) files.
+  auto trained = sd::tiny_sdxl_pipeline(0);
+  torch::manual_seed(11);
+  auto unet = scedit::inject_lora(*trained.unet, scedit::LoRAConfig(scedit::LoRAOptions(4).alpha(8))
+                                                     .target_modules({"to_q", "to_v"}));
+  auto text = scedit::inject_lora(*trained.text_encoder, scedit::LoRAConfig(scedit::LoRAOptions(2).alpha(3))
+                                                             .target_modules({"q_proj", "fc1"}));
+  auto text_2 = scedit::inject_lora(*trained.text_encoder_2, scedit::LoRAConfig(scedit::LoRAOptions(3).alpha(6))
+                                                                 .target_modules({"v_proj", "out_proj", "fc2"}));
+  for (auto* layers : {&unet, &text, &text_2}) scedit_test::randomize_B(*layers);
+  ASSERT_EQ(text_2.paths().front().rfind("text_model.", 0), 0u);  // transformers' own paths
+  const std::vector<scedit::LoRAPart> parts = {{LoRARole::unet, &unet},
+                                               {LoRARole::text_encoder, &text},
+                                               {LoRARole::text_encoder_2, &text_2}};
+  const auto kohya = dir_.file("sdxl_kohya.safetensors");
+  const auto diffusers = dir_.file("sdxl_diffusers.safetensors");
+  scedit::export_lora_kohya(kohya, parts);
+  scedit::export_lora_diffusers(diffusers, parts);
+  EXPECT_TRUE(scedit::safetensors::load(kohya).count(
+      "lora_te2_text_model_encoder_layers_0_self_attn_v_proj.lora_down.weight"));
+  EXPECT_TRUE(scedit::safetensors::load(diffusers).count(
+      "text_encoder_2.text_model.encoder.layers.0.self_attn.v_proj.lora_A.weight"));
+
+  // By hand: W0 + alpha / r · B·A on every adapted Linear of a fresh pipeline.
+  auto by_hand = sd::tiny_sdxl_pipeline(0);
+  const std::vector<std::string> prompts = {"a tiny red house", "two cats"};
+  const auto before = sd::encode_text(by_hand, prompts);
+  {
+    torch::NoGradGuard no_grad;
+    for (const auto& [layers, model] :
+         {std::make_pair(&unet, static_cast<torch::nn::Module*>(by_hand.unet.get())),
+          std::make_pair(&text, static_cast<torch::nn::Module*>(by_hand.text_encoder.get())),
+          std::make_pair(&text_2, static_cast<torch::nn::Module*>(by_hand.text_encoder_2.get()))}) {
+      for (const auto& [path, layer] : layers->entries()) {
+        auto linear = std::dynamic_pointer_cast<torch::nn::LinearImpl>(
+            scedit::detail::lora_find_module(*model, path));
+        ASSERT_TRUE(linear) << path;
+        const auto& options = layer->adapter("default").options;
+        linear->weight.add_(layer->lora_B_weight("default").matmul(layer->lora_A_weight("default")) *
+                            (options.alpha() / static_cast<double>(options.r())));
+      }
+    }
+  }
+  const auto expected = sd::encode_text(by_hand, prompts);
+  EXPECT_GT((expected.context - before.context).abs().max().item<double>(), 1e-3);
+  EXPECT_GT((expected.pooled - before.pooled).abs().max().item<double>(), 1e-3);
+
+  for (const auto& [file, format] : {std::make_pair(kohya, LoRAFormat::kohya),
+                                     std::make_pair(diffusers, LoRAFormat::diffusers)}) {
+    SCOPED_TRACE(file);
+    Loaded loaded(file, {}, sd::tiny_sdxl_pipeline(0));
+    ASSERT_EQ(loaded.result.roles.size(), 3u);
+    const auto* second = loaded.result.role(LoRARole::text_encoder_2);
+    ASSERT_NE(second, nullptr);
+    EXPECT_EQ(second->format, format);
+    EXPECT_EQ(second->paths.size(), text_2.size());
+    EXPECT_EQ(loaded.text_2->size(), text_2.size());
+    EXPECT_TRUE(loaded.result.ignored.empty());
+    const auto got = sd::encode_text(loaded.pipe, prompts);
+    EXPECT_TRUE(torch::allclose(got.context, expected.context, 1e-4, 1e-5));
+    EXPECT_TRUE(torch::allclose(got.pooled, expected.pooled, 1e-4, 1e-5));
+    for (const auto& path : unet.paths()) {
+      EXPECT_TRUE(torch::allclose(effective(*loaded.pipe.unet, path), effective(*by_hand.unet, path),
+                                  1e-5, 1e-6)) << path;
     }
   }
 }

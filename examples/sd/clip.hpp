@@ -126,6 +126,22 @@ struct CLIPTextConfig {
     return c;
   }
 
+  /// The configuration as transformers' config.json keys (every field written out).
+  nlohmann::json to_json() const {
+    return {{"vocab_size", vocab_size},
+            {"hidden_size", hidden_size},
+            {"intermediate_size", intermediate_size},
+            {"num_hidden_layers", num_hidden_layers},
+            {"num_attention_heads", num_attention_heads},
+            {"max_position_embeddings", max_position_embeddings},
+            {"hidden_act", hidden_act},
+            {"layer_norm_eps", layer_norm_eps},
+            {"bos_token_id", bos_token_id},
+            {"eos_token_id", eos_token_id},
+            {"pad_token_id", pad_token_id},
+            {"projection_dim", projection_dim}};
+  }
+
   /// Throws naming the field when a size is not positive, the width does not split into the
   /// heads, or the activation is unknown.
   void validate() const {

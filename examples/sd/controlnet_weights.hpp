@@ -118,8 +118,7 @@ inline ControlNetModel controlnet_from_unet(const UNet2DConditionModel& unet,
 namespace detail {
 
 /// The ControlNet's files.
-inline const Component kControlNetFiles{"ControlNet", "controlnet", "diffusion_pytorch_model",
-                                        kLdmControlNetPrefix};
+inline const Component kControlNetFiles{"ControlNet", "controlnet", "diffusion_pytorch_model"};
 
 /// The prefix of the original ControlNet keys in `file`: `control_model.`, "" for a standalone
 /// original file (`time_embed.0.weight` at the top), none for another layout.
@@ -139,9 +138,7 @@ inline ComponentWeights read_controlnet(const std::filesystem::path& path,
                                         ControlNetConfig& config) {
   TORCH_CHECK(std::filesystem::exists(path), "'", path.string(), "' does not exist");
   if (std::filesystem::is_directory(path)) {
-    auto table = +[](const ControlNetConfig& c) { return ldm_controlnet_keys(c); };
-    return read_component<ControlNetConfig>(path, kControlNetFiles, options, std::nullopt, table,
-                                            config);
+    return read_component<ControlNetConfig>(path, kControlNetFiles, options, std::nullopt, config);
   }
   check_safetensors_path(path);
   ComponentWeights weights;

@@ -1,14 +1,16 @@
 #pragma once
 /// @file lora_targets.hpp
 /// @brief Where a LoRA file's keys land in a Stable Diffusion: the UNet (its modules also known
-/// by their LDM names, as Kohya files from A1111's era and ComfyUI's generic keys spell them)
-/// and the CLIP text encoder (known to other tools under transformers' `text_model.` prefix,
-/// which this CLIP's module paths lack).
+/// by their LDM names, as Kohya files from A1111's era and ComfyUI's generic keys spell them),
+/// the CLIP text encoder (known to other tools under transformers' `text_model.` prefix, which
+/// this CLIP's module paths lack) and SDXL's second text encoder (Kohya `lora_te2_…`, diffusers
+/// `text_encoder_2.…`; its module paths are transformers' own, `text_model.…`).
 ///
 /// Example:
 /// @code
-/// scedit::LoRAInjection unet_lora, text_lora;
-/// auto result = scedit::load_lora("style.safetensors", sd::lora_targets(pipe, unet_lora, text_lora));
+/// scedit::LoRAInjection unet_lora, text_lora, text_lora_2;
+/// auto result = scedit::load_lora("style.safetensors",
+///                                 sd::lora_targets(pipe, unet_lora, text_lora, text_lora_2));
 /// @endcode
 
 #include <sd/ldm_keys.hpp>
@@ -58,16 +60,21 @@ inline std::map<std::string, std::string> clip_lora_aliases(const torch::nn::Mod
   return aliases;
 }
 
-/// The LoRA targets of `sd`: the UNet into `unet` (LDM aliases) and the text encoder into `text`
-/// (transformers' aliases), for `scedit::load_lora(file, targets)`.
+/// The LoRA targets of `sd`, for `scedit::load_lora(file, targets)`: the UNet into `unet` (LDM
+/// aliases), the text encoder into `text` (transformers' aliases) and, for SDXL, the second text
+/// encoder into `text_2` (no aliases: its paths are transformers' names).
 inline std::vector<scedit::LoRATarget> lora_targets(StableDiffusion& sd, scedit::LoRAInjection& unet,
-                                                    scedit::LoRAInjection& text) {
+                                                    scedit::LoRAInjection& text,
+                                                    scedit::LoRAInjection& text_2) {
   TORCH_CHECK(!sd.unet.is_empty(), "lora_targets: the pipeline has no UNet");
   std::vector<scedit::LoRATarget> targets;
   targets.push_back({scedit::LoRARole::unet, &unet, sd.unet.get(), unet_lora_aliases(sd.unet_config)});
   if (!sd.text_encoder.is_empty()) {
     targets.push_back({scedit::LoRARole::text_encoder, &text, sd.text_encoder.get(),
                        clip_lora_aliases(*sd.text_encoder)});
+  }
+  if (!sd.text_encoder_2.is_empty()) {
+    targets.push_back({scedit::LoRARole::text_encoder_2, &text_2, sd.text_encoder_2.get(), {}});
   }
   return targets;
 }

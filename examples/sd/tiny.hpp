@@ -115,6 +115,29 @@ inline std::vector<std::string> clip_byte_symbols() {
 
 }  // namespace detail
 
+/// Writes the tiny tokenizer's files (see `tiny_tokenizer`), `vocab.json` and `merges.txt`, into
+/// the existing `folder`: a tokenizer folder that `load_tokenizer` (weights.hpp) reads.
+inline void write_tiny_tokenizer_files(const std::filesystem::path& folder) {
+  const auto symbols = detail::clip_byte_symbols();
+  nlohmann::json vocab = nlohmann::json::object();
+  int64_t id = 0;
+  for (const auto& s : symbols) vocab[s] = id++;
+  for (const auto& s : symbols) vocab[s + "</w>"] = id++;
+  vocab[CLIPTokenizer::kBosToken] = id++;
+  vocab[CLIPTokenizer::kEosToken] = id++;
+  TORCH_CHECK(id == kTinyVocabSize, "write_tiny_tokenizer_files: built ", id, " ids, expected ", kTinyVocabSize);
+  {
+    std::ofstream out(folder / "vocab.json", std::ios::binary);
+    out << vocab.dump();
+    TORCH_CHECK(out.good(), "write_tiny_tokenizer_files: cannot write '", (folder / "vocab.json").string(), "'");
+  }
+  {
+    std::ofstream out(folder / "merges.txt", std::ios::binary);
+    out << "#version: 0.2\n" << CLIPTokenizer::kBosToken << ' ' << CLIPTokenizer::kEosToken << '\n';
+    TORCH_CHECK(out.good(), "write_tiny_tokenizer_files: cannot write '", (folder / "merges.txt").string(), "'");
+  }
+}
+
 /// The tiny model's tokenizer: CLIP's byte-level BPE with no merges, so every byte of a prompt
 /// is one token (`a cat` → `a</w>`, `c`, `a`, `t</w>`). Vocabulary: the 256 byte symbols (ids
 /// 0–255, as in CLIP's vocab.json), the same with `</w>` (256–511, also as CLIP's), then
@@ -127,15 +150,6 @@ inline std::vector<std::string> clip_byte_symbols() {
 ///
 /// `options` as for any CLIP tokenizer (SDXL's second pads with `!`).
 inline CLIPTokenizer tiny_tokenizer(CLIPTokenizerOptions options = {}) {
-  const auto symbols = detail::clip_byte_symbols();
-  nlohmann::json vocab = nlohmann::json::object();
-  int64_t id = 0;
-  for (const auto& s : symbols) vocab[s] = id++;
-  for (const auto& s : symbols) vocab[s + "</w>"] = id++;
-  vocab[CLIPTokenizer::kBosToken] = id++;
-  vocab[CLIPTokenizer::kEosToken] = id++;
-  TORCH_CHECK(id == kTinyVocabSize, "tiny_tokenizer: built ", id, " ids, expected ", kTinyVocabSize);
-
   static std::atomic<uint64_t> counter{0};
   const auto stamp = std::chrono::steady_clock::now().time_since_epoch().count();
   const auto folder = std::filesystem::temp_directory_path() /
@@ -152,16 +166,7 @@ inline CLIPTokenizer tiny_tokenizer(CLIPTokenizerOptions options = {}) {
       ::rmdir(path.c_str());
     }
   } cleanup{folder};
-  {
-    std::ofstream out(folder / "vocab.json", std::ios::binary);
-    out << vocab.dump();
-    TORCH_CHECK(out.good(), "tiny_tokenizer: cannot write '", (folder / "vocab.json").string(), "'");
-  }
-  {
-    std::ofstream out(folder / "merges.txt", std::ios::binary);
-    out << "#version: 0.2\n" << CLIPTokenizer::kBosToken << ' ' << CLIPTokenizer::kEosToken << '\n';
-    TORCH_CHECK(out.good(), "tiny_tokenizer: cannot write '", (folder / "merges.txt").string(), "'");
-  }
+  write_tiny_tokenizer_files(folder);
   return CLIPTokenizer(folder.string(), std::move(options));
 }
 
@@ -257,16 +262,22 @@ inline StableDiffusion random_sd15_pipeline(uint64_t seed = 0, torch::Dtype dtyp
   return sd;
 }
 
+/// SD 2.1's scheduler configuration (stabilityai/stable-diffusion-2-1's
+/// `scheduler/scheduler_config.json`, read as a DDIM one) predicting `prediction`: "v_prediction"
+/// (SD 2.1, 768-v) or "epsilon" (SD 2.1-base, 512 pixels).
+inline nlohmann::json sd21_scheduler_config(const std::string& prediction) {
+  return {{"_class_name", "DDIMScheduler"}, {"num_train_timesteps", 1000},
+          {"beta_start", 0.00085}, {"beta_end", 0.012}, {"beta_schedule", "scaled_linear"},
+          {"steps_offset", 1}, {"set_alpha_to_one", false}, {"clip_sample", false},
+          {"prediction_type", prediction}, {"timestep_spacing", "leading"}};
+}
+
 /// The full-size SD 2.1 (768-v) architecture (UNet 865.9M, VAE 83.7M, OpenCLIP ViT-H text
 /// 340.4M parameters) with random weights and SD 2.1's v-prediction scheduler configuration
 /// (`--model random:sd21` in the programs). Its images are noise.
 inline StableDiffusion random_sd21_pipeline(uint64_t seed = 0, torch::Dtype dtype = torch::kFloat32) {
   auto sd = random_pipeline(UNetConfig::sd21(), VAEConfig::sd15(), CLIPTextConfig::sd21(), seed, dtype);
-  sd.scheduler_config = {{"_class_name", "DDIMScheduler"}, {"num_train_timesteps", 1000},
-                         {"beta_start", 0.00085}, {"beta_end", 0.012},
-                         {"beta_schedule", "scaled_linear"}, {"steps_offset", 1},
-                         {"set_alpha_to_one", false}, {"clip_sample", false},
-                         {"prediction_type", "v_prediction"}, {"timestep_spacing", "leading"}};
+  sd.scheduler_config = sd21_scheduler_config("v_prediction");
   sd.files = {{"unet", "<random sd21>"}, {"vae", "<random sd21>"},
               {"text_encoder", "<random sd21>"}, {"tokenizer", "<built-in byte-level>"}};
   return sd;

@@ -50,6 +50,7 @@ struct AttachedTuners {
   std::vector<AttachedTuner> tuners;                ///< In attachment order.
   std::shared_ptr<scedit::LoRAInjection> lora;       ///< The UNet's; made by the first LoRA file.
   std::shared_ptr<scedit::LoRAInjection> text_lora;  ///< The text encoder's; made with `lora`.
+  std::shared_ptr<scedit::LoRAInjection> text_lora_2;  ///< SDXL's second text encoder's; made with `lora`.
 
   /// `file:scale` of each tuner, comma-separated ("" when none).
   std::string describe() const {
@@ -156,14 +157,16 @@ inline AttachedTuner attach_tuner_file(StableDiffusion& sd, const std::string& p
       tuner.name = "lora" + index;
       if (!attached.lora) attached.lora = std::make_shared<scedit::LoRAInjection>();
       if (!attached.text_lora) attached.text_lora = std::make_shared<scedit::LoRAInjection>();
-      const auto result =
-          scedit::load_lora(path, lora_targets(sd, *attached.lora, *attached.text_lora),
-                            scedit::LoRALoadOptions().adapter_name(tuner.name));
+      if (!attached.text_lora_2) attached.text_lora_2 = std::make_shared<scedit::LoRAInjection>();
+      const auto result = scedit::load_lora(
+          path, lora_targets(sd, *attached.lora, *attached.text_lora, *attached.text_lora_2),
+          scedit::LoRALoadOptions().adapter_name(tuner.name));
       TORCH_CHECK(!result.paths.empty(), "tuner file '", path,
-                  "' holds no LoRA weights for the UNet or the text encoder");
+                  "' holds no LoRA weights for the UNet or the text encoders");
       for (const auto& role : result.roles) {
-        auto& injection =
-            role.role == scedit::LoRARole::unet ? *attached.lora : *attached.text_lora;
+        auto& injection = role.role == scedit::LoRARole::unet           ? *attached.lora
+                          : role.role == scedit::LoRARole::text_encoder_2 ? *attached.text_lora_2
+                                                                          : *attached.text_lora;
         injection.set_adapter_weight(tuner.name, scale);
         if (scale == 0) injection.set_adapter_enabled(tuner.name, false);
       }

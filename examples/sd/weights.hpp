@@ -1,19 +1,23 @@
 #pragma once
 /// @file weights.hpp
-/// @brief Loading Stable Diffusion weights — a diffusers folder or an original single-file
-/// checkpoint — into this example's UNet, VAE and CLIP text encoder.
+/// @brief Loading Stable Diffusion weights (SD 1.x, SD 2.x, SDXL) — a diffusers folder or an
+/// original single-file checkpoint — into this example's UNet, VAE and CLIP text encoder(s).
 ///
-/// Two layouts are read:
+/// Two layouts are read (docs/FILE_FORMATS.md lists them):
 ///  - a diffusers folder: `model_index.json`; `unet/` and `vae/` with `config.json` and
 ///    `diffusion_pytorch_model[.fp16].safetensors` (or, failing those, the `.bin` `torch.save`
 ///    files of older models); `text_encoder/` with `config.json` and `model[.fp16].safetensors`
 ///    (or `.bin`; keys with or without transformers' `text_model.` prefix);
 ///    `tokenizer/vocab.json` + `merges.txt` (+ `tokenizer_config.json` if present);
-///    `scheduler/scheduler_config.json` if present;
-///  - a single-file original (CompVis LDM) checkpoint, `.safetensors` or a Lightning-era
-///    `.ckpt` (its `state_dict`), mapped with `ldm_keys.hpp`. Its configurations are the
-///    built-in SD 1.5 ones unless given, and its tokenizer comes from
-///    `WeightsOptions::tokenizer`, since a single file carries none.
+///    `scheduler/scheduler_config.json` if present. An SDXL folder (model_index.json names
+///    `text_encoder_2`, or the folder has `text_encoder_2/`) adds `text_encoder_2/` (a
+///    transformers `CLIPTextModelWithProjection`: `text_model.*` and `text_projection.weight`)
+///    and `tokenizer_2/`. Every configuration comes from its component's `config.json`;
+///  - a single-file original checkpoint (CompVis LDM for SD 1.x and 2.x, sgm for SDXL),
+///    `.safetensors` or a Lightning-era `.ckpt` (its `state_dict`): its family is told by its
+///    keys and its configurations are that family's released ones unless given
+///    (single_file.hpp); it is mapped with ldm_keys_xl.hpp's layouts. Its tokenizer(s) come from
+///    `WeightsOptions::tokenizer` (and `tokenizer_2`), since a single file carries none.
 ///
 /// Loads are strict: a missing or unexpected key, a wrong shape, a non-floating tensor, a
 /// truncated file or a missing config is an error naming the key and the file, raised before
@@ -29,6 +33,8 @@
 ///                                   .dtype(torch::kFloat16).device(torch::kCUDA).variant("fp16"));
 /// auto single = sd::load_pipeline("v1-5-pruned-emaonly.safetensors",
 ///                                 sd::WeightsOptions().tokenizer("stable-diffusion-v1-5/tokenizer"));
+/// auto xl = sd::load_pipeline("sd_xl_base_1.0.safetensors",
+///                             sd::WeightsOptions().tokenizer("stable-diffusion-xl-base-1.0"));
 /// @endcode
 
 #include <torch/torch.h>
@@ -41,8 +47,10 @@
 #include <scedit/trainable.hpp>
 
 #include <sd/clip.hpp>
+#include <sd/clip_projection.hpp>
 #include <sd/config.hpp>
-#include <sd/ldm_keys.hpp>
+#include <sd/ldm_keys_xl.hpp>
+#include <sd/single_file.hpp>
 #include <sd/stable_diffusion.hpp>
 #include <sd/tokenizer.hpp>
 #include <sd/unet.hpp>
@@ -76,15 +84,24 @@ struct WeightsOptions {
   /// Weights file to prefer in a diffusers folder: "" (`<name>.safetensors`) or e.g. "fp16"
   /// (`<name>.fp16.safetensors`); the other one is used, with a notice, when it is absent.
   TORCH_ARG(std::string, variant) = "";
-  /// Tokenizer folder (`vocab.json`, `merges.txt`): required for a single-file checkpoint;
-  /// overrides a diffusers folder's `tokenizer/` when set.
+  /// Tokenizer folder (`vocab.json`, `merges.txt`), or a diffusers pipeline folder whose
+  /// `tokenizer/` (and, for SDXL, `tokenizer_2/`) are meant: required for a single-file
+  /// checkpoint; overrides a diffusers folder's `tokenizer/` when set.
   TORCH_ARG(std::filesystem::path, tokenizer) = {};
-  /// UNet configuration of a single-file checkpoint (default `UNetConfig::sd15()`).
+  /// SDXL's second tokenizer folder: overrides the `tokenizer_2/` of the model's folder or of
+  /// `tokenizer`'s pipeline folder; an SDXL single file needs it unless `tokenizer` is a
+  /// pipeline folder.
+  TORCH_ARG(std::filesystem::path, tokenizer_2) = {};
+  /// UNet configuration of a single-file checkpoint (default: its family's, single_file.hpp's
+  /// `default_ldm_configs`).
   TORCH_ARG(std::optional<UNetConfig>, unet_config) = std::nullopt;
-  /// VAE configuration of a single-file checkpoint (default `VAEConfig::sd15()`).
+  /// VAE configuration of a single-file checkpoint (default: its family's).
   TORCH_ARG(std::optional<VAEConfig>, vae_config) = std::nullopt;
-  /// Text-encoder configuration of a single-file checkpoint (default `CLIPTextConfig::sd15()`).
+  /// Text-encoder configuration of a single-file checkpoint (default: its family's).
   TORCH_ARG(std::optional<CLIPTextConfig>, text_config) = std::nullopt;
+  /// SDXL's second text-encoder configuration of a single-file checkpoint (default
+  /// `CLIPTextConfig::sdxl_2()`).
+  TORCH_ARG(std::optional<CLIPTextConfig>, text_config_2) = std::nullopt;
   /// Further module keys not to expect in the file, besides `lsc_identity.*` and the keys of
   /// attached tuners, which are always skipped.
   TORCH_ARG(std::function<bool(const std::string&)>, skip_module_key) = nullptr;
@@ -129,14 +146,18 @@ struct Component {
   const char* name;          ///< "UNet", "VAE", "text encoder" (for messages).
   const char* subfolder;     ///< Folder inside a diffusers pipeline.
   const char* weights_stem;  ///< Weights file name without `.safetensors`.
-  const char* ldm_prefix;    ///< Key prefix inside an LDM single-file checkpoint.
+  /// Text encoders: what their module's text-model keys start with ("" for a `CLIPTextModel`,
+  /// "text_model." for a `CLIPTextModelWithProjection`); null for other models.
+  const char* text_head = nullptr;
 };
 /// The UNet's files.
-inline const Component kUNetFiles{"UNet", "unet", "diffusion_pytorch_model", kLdmUNetPrefix};
+inline const Component kUNetFiles{"UNet", "unet", "diffusion_pytorch_model"};
 /// The VAE's files.
-inline const Component kVAEFiles{"VAE", "vae", "diffusion_pytorch_model", kLdmVAEPrefix};
+inline const Component kVAEFiles{"VAE", "vae", "diffusion_pytorch_model"};
 /// The text encoder's files.
-inline const Component kTextFiles{"text encoder", "text_encoder", "model", kLdmTextPrefix};
+inline const Component kTextFiles{"text encoder", "text_encoder", "model", ""};
+/// SDXL's second text encoder's files.
+inline const Component kText2Files{"second text encoder", "text_encoder_2", "model", "text_model."};
 
 /// Refuses pickles and anything else that is not `.safetensors`.
 inline void check_safetensors_path(const std::filesystem::path& path) {
@@ -202,66 +223,128 @@ inline bool has_prefix(const scedit::safetensors::File& file, const std::string&
                      [&](const auto& info) { return info.name.rfind(prefix, 0) == 0; });
 }
 
-/// True when some key of `tensors` starts with `prefix`.
-inline bool has_prefix(const scedit::TensorMap& tensors, const std::string& prefix) {
-  const auto first = tensors.lower_bound(prefix);
-  return first != tensors.end() && first->first.rfind(prefix, 0) == 0;
-}
-
-/// transformers' CLIPTextModel keys without their `text_model.` prefix; `position_ids` (a
+/// transformers' CLIP keys as the text encoder's module names them: `head` ("" or
+/// "text_model.", `Component::text_head`) before every text-model key, whether or not the file
+/// had transformers' `text_model.` prefix; `text_projection.*` as they are; `position_ids` (a
 /// buffer older transformers saved) dropped.
-inline void strip_text_model_prefix(ComponentWeights& weights) {
+inline void normalize_text_keys(ComponentWeights& weights, const std::string& head) {
   const std::string prefix = "text_model.";
   scedit::TensorMap out;
   for (auto& [key, tensor] : weights.tensors) {
-    const bool prefixed = key.rfind(prefix, 0) == 0;
-    std::string k = prefixed ? key.substr(prefix.size()) : key;
-    if (k == "embeddings.position_ids") continue;
+    std::string k = key;
+    if (key.rfind("text_projection.", 0) != 0) {
+      const std::string bare = key.rfind(prefix, 0) == 0 ? key.substr(prefix.size()) : key;
+      if (bare == "embeddings.position_ids") continue;
+      k = head + bare;
+    }
     TORCH_CHECK(out.emplace(k, std::move(tensor)).second, "key '", k, "' appears both with and "
                 "without the 'text_model.' prefix in '", weights.file.string(), "'");
-    if (prefixed) weights.file_keys[k] = key;
+    if (k != key) weights.file_keys[k] = key;
   }
   weights.tensors = std::move(out);
 }
 
+/// The tensors of a diffusers-layout weights file of `component` in its module's keys;
+/// `config` is `given` or the `config.json` beside the file.
+template <typename Config>
+ComponentWeights diffusers_file_component(const std::filesystem::path& path,
+                                          scedit::TensorMap tensors, const Component& component,
+                                          const std::optional<Config>& given, Config& config) {
+  ComponentWeights weights;
+  weights.file = path;
+  weights.tensors = std::move(tensors);
+  config = given ? *given : read_config<Config>(path.parent_path(), component);
+  if (component.text_head != nullptr) normalize_text_keys(weights, component.text_head);
+  return weights;
+}
+
 /// The weights of `component` in its module's keys, from a diffusers folder (component or
-/// pipeline folder), a single-file LDM checkpoint or a diffusers-layout file with `config.json`
-/// beside it (`.safetensors` or `torch.save`). Sets `config` to the configuration that goes
-/// with them.
+/// pipeline folder) or a diffusers-layout file with `config.json` beside it (`.safetensors` or
+/// `torch.save`; `given` instead of that config when set). Sets `config` to the configuration
+/// that goes with them. Single-file checkpoints: `read_model`.
 template <typename Config>
 ComponentWeights read_component(const std::filesystem::path& path, const Component& component,
-                                const WeightsOptions& options,
-                                const std::optional<Config>& single_file_config,
-                                std::vector<KeyPair> (*table)(const Config&), Config& config) {
+                                const WeightsOptions& options, const std::optional<Config>& given,
+                                Config& config) {
   TORCH_CHECK(std::filesystem::exists(path), "'", path.string(), "' does not exist");
-  ComponentWeights weights;
-  if (std::filesystem::is_directory(path)) {
-    // A component folder holds config.json; a pipeline folder holds the component's subfolder.
-    const bool pipeline = !std::filesystem::exists(path / "config.json") &&
-                          std::filesystem::exists(path / "model_index.json");
-    const auto folder = pipeline ? path / component.subfolder : path;
-    TORCH_CHECK(std::filesystem::is_directory(folder), "missing ", component.name, " folder '",
-                folder.string(), "'");
-    config = read_config<Config>(folder, component);
-    weights.file = resolve_weights_file(folder, component.weights_stem, options.variant(),
-                                        options.verbose());
-    weights.tensors = scedit::load_tensor_file(weights.file.string());
-  } else {
+  if (!std::filesystem::is_directory(path)) {
     check_weights_path(path);
-    weights.file = path;
-    auto all = scedit::load_tensor_file(path.string());
-    if (has_prefix(all, component.ldm_prefix)) {
-      config = single_file_config ? *single_file_config : Config::sd15();
-      weights.tensors = ldm_component_to_diffusers(all, table(config), component.ldm_prefix,
-                                                   "'" + path.string() + "'", &weights.file_keys);
-      return weights;
-    }
-    config = single_file_config ? *single_file_config
-                                : read_config<Config>(path.parent_path(), component);
-    weights.tensors = std::move(all);
+    return diffusers_file_component(path, scedit::load_tensor_file(path.string()), component,
+                                    given, config);
   }
-  if (std::string(component.ldm_prefix) == kLdmTextPrefix) strip_text_model_prefix(weights);
+  // A component folder holds config.json; a pipeline folder holds the component's subfolder.
+  const bool pipeline = !std::filesystem::exists(path / "config.json") &&
+                        std::filesystem::exists(path / "model_index.json");
+  const auto folder = pipeline ? path / component.subfolder : path;
+  TORCH_CHECK(std::filesystem::is_directory(folder), "missing ", component.name, " folder '",
+              folder.string(), "'");
+  ComponentWeights weights;
+  config = read_config<Config>(folder, component);
+  weights.file = resolve_weights_file(folder, component.weights_stem, options.variant(),
+                                      options.verbose());
+  weights.tensors = scedit::load_tensor_file(weights.file.string());
+  if (component.text_head != nullptr) normalize_text_keys(weights, component.text_head);
   return weights;
+}
+
+/// A single-file checkpoint read whole: its family, the configurations of its models (those
+/// `WeightsOptions` gives, else the family's) and its key layout.
+struct SingleFile {
+  std::filesystem::path file;          ///< The file read.
+  scedit::TensorMap tensors;           ///< Every tensor of it (views of the mapped file).
+  LdmFamily family = LdmFamily::kSD1;  ///< What its keys say.
+  LdmConfigs configs;                  ///< Its models' configurations.
+  LdmLayout layout;                    ///< Its keys by model.
+
+  /// One model's tensors in its module's keys (strict: `ldm_component_to_diffusers`).
+  ComponentWeights part(const LdmComponentKeys& keys) const {
+    ComponentWeights weights;
+    weights.file = file;
+    weights.tensors =
+        ldm_component_to_diffusers(tensors, keys, "'" + file.string() + "'", &weights.file_keys);
+    return weights;
+  }
+};
+
+/// `tensors` of the single-file checkpoint `path` with the family and configurations that go
+/// with them. SDXL's refiner (one text encoder, `conditioner.embedders.0.model.`) is refused.
+inline SingleFile read_single_file(const std::filesystem::path& path, scedit::TensorMap tensors,
+                                   const WeightsOptions& options) {
+  SingleFile single;
+  single.file = path;
+  single.tensors = std::move(tensors);
+  single.family = detect_ldm_family(single.tensors);
+  TORCH_CHECK(single.family != LdmFamily::kSDXL ||
+                  !has_prefix(single.tensors, "conditioner.") ||
+                  has_prefix(single.tensors, kSgmCLIPPrefix),
+              "'", path.string(), "' has sgm text-encoder keys (conditioner.embedders.*) but no '",
+              kSgmCLIPPrefix, "*': an SDXL refiner or another sgm model, which is not supported "
+              "(SDXL base has CLIP ViT-L there)");
+  single.configs = default_ldm_configs(single.family);
+  if (options.unet_config()) single.configs.unet = *options.unet_config();
+  if (options.vae_config()) single.configs.vae = *options.vae_config();
+  if (options.text_config()) single.configs.text = *options.text_config();
+  if (options.text_config_2()) single.configs.text_2 = *options.text_config_2();
+  single.layout = ldm_layout(single.family, single.configs);
+  return single;
+}
+
+/// The weights of a model from any layout its loader reads: `read_component`'s, or a
+/// single-file checkpoint, of which `part(single, config)` takes the model's tensors and
+/// configuration. The file is read once.
+template <typename Config, typename Part>
+ComponentWeights read_model(const std::filesystem::path& path, const Component& component,
+                            const WeightsOptions& options, const std::optional<Config>& given,
+                            Config& config, Part part) {
+  if (!std::filesystem::is_regular_file(path)) {
+    return read_component<Config>(path, component, options, given, config);
+  }
+  check_weights_path(path);
+  auto tensors = scedit::load_tensor_file(path.string());
+  if (!is_ldm_checkpoint(tensors)) {
+    return diffusers_file_component(path, std::move(tensors), component, given, config);
+  }
+  return part(read_single_file(path, std::move(tensors), options), config);
 }
 
 /// Copies `tensors` into `module` strictly (keys and shapes checked first, then every tensor
@@ -269,12 +352,16 @@ ComponentWeights read_component(const std::filesystem::path& path, const Compone
 /// attached tuners' keys and `extra_skip`'s.
 inline void load_into(torch::nn::Module& module, const ComponentWeights& weights,
                       const std::function<bool(const std::string&)>& extra_skip) {
-  // Keyed as in the file, renamed back by the load, so that messages name the file's keys.
+  // Keyed as in the file, renamed back by the load, so that messages name the file's keys. A
+  // file key that holds several module tensors (OpenCLIP's fused q/k/v) is named with each.
+  std::map<std::string, int> file_key_uses;
+  for (const auto& [key, file_key] : weights.file_keys) ++file_key_uses[file_key];
   scedit::TensorMap by_file_key;
   auto to_module = std::make_shared<std::map<std::string, std::string>>();
   for (const auto& [key, tensor] : weights.tensors) {
     const auto renamed = weights.file_keys.find(key);
-    const std::string& file_key = renamed == weights.file_keys.end() ? key : renamed->second;
+    std::string file_key = renamed == weights.file_keys.end() ? key : renamed->second;
+    if (file_key_uses[file_key] > 1) file_key += " (its part '" + key + "')";
     TORCH_CHECK(tensor.is_floating_point(), "key '", file_key, "' in '", weights.file.string(),
                 "' has dtype ", tensor.scalar_type(),
                 "; model weights must be F16, BF16, F32 or F64");
@@ -310,14 +397,18 @@ Holder build(const Config& config, const ComponentWeights& weights, const Weight
 /// The UNet's weights (and its configuration into `config`) from any layout `load_unet` reads.
 inline ComponentWeights read_unet(const std::filesystem::path& path, const WeightsOptions& options,
                                   UNetConfig& config) {
-  return read_component<UNetConfig>(path, kUNetFiles, options, options.unet_config(), ldm_unet_keys, config);
+  return read_model<UNetConfig>(path, kUNetFiles, options, options.unet_config(), config,
+                                [](const SingleFile& single, UNetConfig& c) {
+                                  c = single.configs.unet;
+                                  return single.part(single.layout.unet);
+                                });
 }
 
 }  // namespace detail
 
 /// Loads a UNet from a diffusers `unet/` folder (or a pipeline folder, using its `unet/`), a
-/// single-file LDM checkpoint (`.safetensors` or `.ckpt`; config: `options.unet_config()` or
-/// SD 1.5), or a diffusers-layout `.safetensors` or `.bin` with `config.json` beside it.
+/// single-file checkpoint (`.safetensors` or `.ckpt`; config: `options.unet_config()` or its
+/// family's), or a diffusers-layout `.safetensors` or `.bin` with `config.json` beside it.
 inline UNet load_unet(const std::filesystem::path& path, const WeightsOptions& options = {}) {
   UNetConfig config;
   const auto weights = detail::read_unet(path, options, config);
@@ -342,9 +433,12 @@ inline void load_unet_weights(UNet& unet, const std::filesystem::path& path,
 /// Loads a VAE (`vae/` folder, pipeline folder, single-file checkpoint or diffusers file).
 inline VAE load_vae(const std::filesystem::path& path, const WeightsOptions& options = {}) {
   VAEConfig config;
-  const auto weights = detail::read_component<VAEConfig>(path, detail::kVAEFiles, options,
-                                                         options.vae_config(), ldm_vae_keys,
-                                                         config);
+  const auto weights = detail::read_model<VAEConfig>(
+      path, detail::kVAEFiles, options, options.vae_config(), config,
+      [](const detail::SingleFile& single, VAEConfig& c) {
+        c = single.configs.vae;
+        return single.part(single.layout.vae);
+      });
   return detail::build<VAE>(config, weights, options);
 }
 
@@ -354,13 +448,17 @@ inline VAE load_vae(const std::filesystem::path& path, torch::Dtype dtype,
   return load_vae(path, WeightsOptions().dtype(dtype).device(device));
 }
 
-/// Loads the CLIP text encoder (`text_encoder/` folder, pipeline folder, single-file checkpoint
-/// or transformers `model.safetensors` with `config.json` beside it).
+/// Loads the (first) CLIP text encoder (`text_encoder/` folder, pipeline folder, single-file
+/// checkpoint or transformers `model.safetensors` with `config.json` beside it).
 inline CLIPTextModel load_text_encoder(const std::filesystem::path& path,
                                        const WeightsOptions& options = {}) {
   CLIPTextConfig config;
-  const auto weights = detail::read_component<CLIPTextConfig>(
-      path, detail::kTextFiles, options, options.text_config(), ldm_clip_keys, config);
+  const auto weights = detail::read_model<CLIPTextConfig>(
+      path, detail::kTextFiles, options, options.text_config(), config,
+      [](const detail::SingleFile& single, CLIPTextConfig& c) {
+        c = single.configs.text;
+        return single.part(single.layout.text_encoder);
+      });
   return detail::build<CLIPTextModel>(config, weights, options);
 }
 
@@ -395,60 +493,111 @@ inline CLIPTokenizer load_tokenizer(const std::filesystem::path& folder) {
   return CLIPTokenizer(folder.string(), options);
 }
 
-/// Loads a whole Stable Diffusion from a diffusers folder or a single-file LDM checkpoint
-/// (see the file comment). Every file is read and checked before the next model is built; an
-/// error names the file and the key at fault.
+namespace detail {
+
+/// Whether a pipeline's `model_index.json` names `component` (`"text_encoder_2": ["transformers",
+/// ...]`; diffusers writes `[null, null]` for a component a pipeline goes without).
+inline bool names_component(const nlohmann::json& index, const char* component) {
+  const auto it = index.find(component);
+  return it != index.end() && it->is_array() && !it->empty() && !it->front().is_null();
+}
+
+/// The tokenizer folders of a model: `WeightsOptions::tokenizer` (a tokenizer folder, or a
+/// pipeline folder meaning its `tokenizer/` and `tokenizer_2/`) and `tokenizer_2`, else those of
+/// the pipeline folder `pipeline` (empty for a single file). The second is empty unless `sdxl`.
+/// Errors name the model `path` and the folder missing.
+inline std::pair<std::filesystem::path, std::filesystem::path> tokenizer_folders(
+    const std::filesystem::path& path, const std::filesystem::path& pipeline,
+    const WeightsOptions& options, bool sdxl) {
+  std::filesystem::path first = options.tokenizer(), second = options.tokenizer_2();
+  if (!first.empty() && std::filesystem::is_directory(first / "tokenizer")) {
+    if (second.empty() && sdxl) second = first / "tokenizer_2";
+    first = first / "tokenizer";
+  }
+  if (!pipeline.empty() && first.empty()) first = pipeline / "tokenizer";
+  if (!pipeline.empty() && second.empty() && sdxl) second = pipeline / "tokenizer_2";
+  TORCH_CHECK(!first.empty(), "'", path.string(),
+              "' is a single-file checkpoint, which carries no tokenizer: set "
+              "WeightsOptions::tokenizer (--tokenizer) to a folder with vocab.json and "
+              "merges.txt, e.g. a diffusers model's tokenizer/");
+  TORCH_CHECK(!sdxl || !second.empty(), "'", path.string(), "' is an SDXL single-file "
+              "checkpoint, which carries no tokenizers: set WeightsOptions::tokenizer "
+              "(--tokenizer) to a diffusers SDXL model's folder (with tokenizer/ and tokenizer_2/), "
+              "or WeightsOptions::tokenizer_2 to the second tokenizer's folder");
+  for (const auto* folder : {&first, &second}) {
+    TORCH_CHECK(folder->empty() || std::filesystem::is_directory(*folder), "missing tokenizer "
+                "folder '", folder->string(), "' (with vocab.json and merges.txt) for '",
+                path.string(), "'");
+  }
+  return {first, second};
+}
+
+}  // namespace detail
+
+/// Loads a whole Stable Diffusion (SD 1.x, 2.x or SDXL) from a diffusers folder or a single-file
+/// checkpoint (see the file comment). Every file is read and checked before the next model is
+/// built; an error names the file and the key at fault. A single file of SD 2.x or SDXL gets its
+/// family's scheduler configuration (`default_ldm_scheduler_config`, a guess for SD 2.x).
 inline StableDiffusion load_pipeline(const std::filesystem::path& path,
                                      const WeightsOptions& options = {}) {
   TORCH_CHECK(std::filesystem::exists(path), "'", path.string(), "' does not exist");
   StableDiffusion sd;
-  std::filesystem::path tokenizer = options.tokenizer();
-  detail::ComponentWeights unet, vae, text;
+  detail::ComponentWeights unet, vae, text, text_2;
+  bool sdxl = false;
+  std::filesystem::path pipeline;
   if (std::filesystem::is_directory(path)) {
     TORCH_CHECK(std::filesystem::is_regular_file(path / "model_index.json"), "'", path.string(),
                 "' is not a diffusers pipeline folder: it has no model_index.json");
-    if (tokenizer.empty()) tokenizer = path / "tokenizer";
+    const auto index = detail::read_json(path / "model_index.json", "pipeline index");
+    sdxl = detail::names_component(index, "text_encoder_2") ||
+           std::filesystem::is_directory(path / "text_encoder_2");
+    pipeline = path;
     unet = detail::read_component<UNetConfig>(path, detail::kUNetFiles, options, std::nullopt,
-                                              ldm_unet_keys, sd.unet_config);
+                                              sd.unet_config);
     vae = detail::read_component<VAEConfig>(path, detail::kVAEFiles, options, std::nullopt,
-                                            ldm_vae_keys, sd.vae_config);
+                                            sd.vae_config);
     text = detail::read_component<CLIPTextConfig>(path, detail::kTextFiles, options, std::nullopt,
-                                                  ldm_clip_keys, sd.text_config);
+                                                  sd.text_config);
+    if (sdxl) {
+      text_2 = detail::read_component<CLIPTextConfig>(path, detail::kText2Files, options,
+                                                      std::nullopt, sd.text_config_2);
+    }
     const auto scheduler = path / "scheduler" / "scheduler_config.json";
     if (std::filesystem::exists(scheduler)) {
       sd.scheduler_config = detail::read_json(scheduler, "scheduler config");
     }
   } else {
-    // A single-file LDM checkpoint: read once, split into the three components.
+    // A single-file checkpoint: read once, split into its models.
     detail::check_weights_path(path);
-    TORCH_CHECK(!tokenizer.empty(), "'", path.string(),
-                "' is a single-file checkpoint, which carries no tokenizer: set "
-                "WeightsOptions::tokenizer (--tokenizer) to a folder with vocab.json and "
-                "merges.txt, e.g. a diffusers model's tokenizer/");
-    sd.unet_config = options.unet_config() ? *options.unet_config() : UNetConfig::sd15();
-    sd.vae_config = options.vae_config() ? *options.vae_config() : VAEConfig::sd15();
-    sd.text_config = options.text_config() ? *options.text_config() : CLIPTextConfig::sd15();
-    const std::string source = "'" + path.string() + "'";
-    const auto all = scedit::load_tensor_file(path.string());
-    TORCH_CHECK(detail::has_prefix(all, kLdmUNetPrefix), source,
-                " is not an original Stable Diffusion checkpoint (no '", kLdmUNetPrefix,
+    auto all = scedit::load_tensor_file(path.string());
+    TORCH_CHECK(detail::has_prefix(all, kLdmUNetPrefix), "'", path.string(),
+                "' is not an original Stable Diffusion checkpoint (no '", kLdmUNetPrefix,
                 "*' keys); for diffusers weights pass the pipeline folder");
-    const auto part = [&](const std::vector<KeyPair>& table, const char* prefix) {
-      detail::ComponentWeights weights;
-      weights.file = path;
-      weights.tensors = ldm_component_to_diffusers(all, table, prefix, source, &weights.file_keys);
-      return weights;
-    };
-    unet = part(ldm_unet_keys(sd.unet_config), kLdmUNetPrefix);
-    vae = part(ldm_vae_keys(sd.vae_config), kLdmVAEPrefix);
-    text = part(ldm_clip_keys(sd.text_config), kLdmTextPrefix);
+    const auto single = detail::read_single_file(path, std::move(all), options);
+    sdxl = single.family == LdmFamily::kSDXL;
+    sd.unet_config = single.configs.unet;
+    sd.vae_config = single.configs.vae;
+    sd.text_config = single.configs.text;
+    if (sdxl) sd.text_config_2 = single.configs.text_2;
+    sd.scheduler_config = default_ldm_scheduler_config(single.family, sd.unet_config);
+    unet = single.part(single.layout.unet);
+    vae = single.part(single.layout.vae);
+    text = single.part(single.layout.text_encoder);
+    if (sdxl) text_2 = single.part(*single.layout.text_encoder_2);
   }
+  const auto [tokenizer, tokenizer_2] = detail::tokenizer_folders(path, pipeline, options, sdxl);
   sd.tokenizer = load_tokenizer(tokenizer);
+  if (sdxl) sd.tokenizer_2 = load_tokenizer(tokenizer_2);
   sd.unet = detail::build<UNet>(sd.unet_config, unet, options);
   sd.vae = detail::build<VAE>(sd.vae_config, vae, options);
   sd.text_encoder = detail::build<CLIPTextModel>(sd.text_config, text, options);
   sd.files = {{"unet", unet.file}, {"vae", vae.file}, {"text_encoder", text.file},
               {"tokenizer", tokenizer}};
+  if (sdxl) {
+    sd.text_encoder_2 = detail::build<CLIPTextModelWithProjection>(sd.text_config_2, text_2, options);
+    sd.files["text_encoder_2"] = text_2.file;
+    sd.files["tokenizer_2"] = tokenizer_2;
+  }
   return sd;
 }
 
