@@ -218,7 +218,9 @@ class TrainingRun {
     const auto target = flags_.optim.prediction.empty() ? sd::prediction_type(pipe) : flags_.optim.prediction;
     TORCH_CHECK(target == "epsilon" || target == "v_prediction", "the model's scheduler config says "
                 "its UNet predicts '", target, "'; training learns epsilon or v_prediction: give --prediction");
-    return DenoisingLoss{sd::noise_schedule(pipe), target, precision_};
+    auto schedule = sd::noise_schedule(pipe);
+    schedule.check_prediction(target, "training");  // before any step: ε on a zero-terminal-SNR schedule
+    return DenoisingLoss{std::move(schedule), target, precision_};
   }
 
   /// The validation prompts (`--validation-prompt`, the demo data's, or one of SCEdit's).

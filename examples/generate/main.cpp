@@ -442,7 +442,7 @@ int main(int argc, char** argv) {
   app.add_option("--prompts-file", flags.prompts_file, "File with one prompt per line");
   app.add_option("--negative-prompt", flags.negative_prompt, "Negative (unconditional) prompt");
   app.add_option("--prediction", flags.prediction, "What the model predicts, overriding its scheduler "
-                 "config: epsilon | v_prediction (SD 2.1 768-v; needed for its single file)")
+                 "config: epsilon | v_prediction (SD 2.1 768-v predicts v; a single file's is guessed from its family)")
       ->check(CLI::IsMember({"epsilon", "v_prediction"}))->default_str("the model's");
   app.add_option("--width", flags.width, "Image width, a multiple of 8")
       ->default_str("the model's: 512 SD 1.5, 768 SD 2.1, 1024 SDXL, 64 the built-in models");
