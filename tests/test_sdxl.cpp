@@ -154,7 +154,7 @@ TEST(Sd21Sdxl, BuiltInConfigurationsAreTheManifests) {
   EXPECT_TRUE(sd::VAEConfig::sdxl().force_upcast);
 }
 
-TEST(Sd21Sdxl, RefusesAddedConditioningItCannotBuild) {
+TEST(Sd21Sdxl, RefusesAddedConditioningItCannotBuildAndControlNetsKeepIt) {
   auto with = [](const char* key, const nlohmann::json& value) {
     auto json = config_of("sdxl", "unet_tiny");
     json[key] = value;
@@ -166,8 +166,8 @@ TEST(Sd21Sdxl, RefusesAddedConditioningItCannotBuild) {
               HasSubstr("addition_time_embed_dim"));
   EXPECT_THAT(error_of([&] { sd::UNetConfig::from_json(with("addition_embed_type", nullptr)); }),
               HasSubstr("only supported with addition_embed_type text_time"));
-  EXPECT_THAT(error_of([&] { sd::ControlNetConfig::from_unet(unet_config("sdxl")); }),
-              HasSubstr("text_time"));
+  // A ControlNet made from an SDXL UNet keeps its added conditioning (controlnet.hpp builds it).
+  EXPECT_TRUE(sd::ControlNetConfig::from_unet(unet_config("sdxl")).unet.has_text_time());
 }
 
 // ---- UNet structure ----------------------------------------------------------------------------
