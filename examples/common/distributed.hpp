@@ -80,7 +80,7 @@ class Distributed {
   /// NCCL on CUDA). A world of one joins nothing.
   Distributed(const DistributedFlags& flags, const torch::Device& device) {
     rank_ = flags.rank >= 0 ? flags.rank : env_int("RANK", 0);
-    world_ = flags.world_size > 0 ? flags.world_size : env_int("WORLD_SIZE", 1);
+    world_ = world_size_of(flags);
     local_rank_ = env_int("LOCAL_RANK", rank_);
     TORCH_CHECK(world_ >= 1 && rank_ >= 0 && rank_ < world_, "--rank / RANK ", rank_,
                 " is not in a world of ", world_, " processes (--world-size / WORLD_SIZE)");
@@ -130,6 +130,12 @@ class Distributed {
     TORCH_CHECK(false, "a world of ", world_, " processes needs c10d: this build's LibTorch lacks "
                 "torch/csrc/distributed/c10d or the gloo headers (install libgloo-dev and reconfigure)");
 #endif
+  }
+
+  /// The number of processes that `flags` and the environment describe (--world-size, else
+  /// `WORLD_SIZE`, else 1), known before joining them.
+  static int64_t world_size_of(const DistributedFlags& flags) {
+    return flags.world_size > 0 ? flags.world_size : env_int("WORLD_SIZE", 1);
   }
 
   /// This process's rank.

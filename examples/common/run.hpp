@@ -476,10 +476,11 @@ class TrainingRun {
   // unless --device names one. Only rank 0 prints: the others' progress is the same.
   void join_world() {
     auto& f = flags_;
+    const int64_t world = Distributed::world_size_of(f.distributed);
+    TORCH_CHECK(!f.compute.cuda_graph || world == 1, "--cuda-graph with ", world, " processes: the "
+                "captured step has no all-reduce; train on one process, or without --cuda-graph");
     dist_ = std::make_unique<Distributed>(f.distributed, device_);
     if (!dist_->active()) return;
-    TORCH_CHECK(!f.compute.cuda_graph, "--cuda-graph with ", dist_->world_size(), " processes: the "
-                "captured step has no all-reduce; train on one process, or without --cuda-graph");
     if (device_.is_cuda() && f.compute.device.find(':') == std::string::npos) {
       device_ = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(dist_->local_rank()));
     }
