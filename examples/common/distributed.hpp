@@ -210,7 +210,7 @@ class Distributed {
     std::vector<Bucket> buckets;
     int64_t bytes = 0;
     for (const auto& p : parameters) {
-      auto& grad = const_cast<torch::Tensor&>(p).mutable_grad();
+      auto& grad = p.mutable_grad();
       if (!grad.defined()) grad = torch::zeros_like(p);
       const int64_t size = grad.numel() * grad.element_size();
       const bool fits = !buckets.empty() && bytes + size <= bucket_bytes &&
@@ -244,6 +244,7 @@ class Distributed {
   }
 
  private:
+  // The integer in environment variable `name`, else `fallback`; refuses one that is not an integer.
   static int64_t env_int(const char* name, int64_t fallback) {
     const char* value = std::getenv(name);
     if (value == nullptr || *value == '\0') return fallback;
@@ -253,10 +254,12 @@ class Distributed {
     return parsed;
   }
 
+  // Whether `addr` is this machine's loopback, where Gloo binds to that address itself.
   static bool is_loopback(const std::string& addr) {
     return addr == "localhost" || addr.rfind("127.", 0) == 0 || addr == "::1";
   }
 
+  // check_same of a hash: each rank puts its own under a key of this check, then reads everyone's.
   void check_same_hash(const std::string& what, uint64_t hash) {
 #if SCEDIT_WITH_C10D
     if (!active()) return;
@@ -291,11 +294,13 @@ class Distributed {
   }
 
 #if SCEDIT_WITH_C10D
+  // Where the group's collectives take their tensors: the rank's GPU for NCCL, else the CPU.
   torch::Device device_of_group() const {
     return group_->getBackendName() == "nccl" ? torch::Device(torch::kCUDA, static_cast<int>(local_rank_))
                                               : torch::Device(torch::kCPU);
   }
 
+  // Waits for `work`, turning c10d's error (a rank gone, the timeout) into one naming this rank.
   void wait(const c10::intrusive_ptr<c10d::Work>& work, const char* doing) {
     try {
       work->wait();
