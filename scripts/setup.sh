@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Installs what scedit needs on Debian 12 (bookworm) or later: a compiler, CMake, Ninja,
-# LibTorch (CPU), GoogleTest, Google Benchmark, nlohmann-json, stb, CLI11, Doxygen and OpenCV's
+# LibTorch (CPU), the gloo headers of its c10d (training on several processes), GoogleTest, Google Benchmark, nlohmann-json, stb, CLI11, Doxygen and OpenCV's
 # imgproc (optional for the build: only the Canny condition needs it).
 set -euo pipefail
-packages=(g++ cmake ninja-build libtorch-dev libgtest-dev libgmock-dev libbenchmark-dev
+packages=(g++ cmake ninja-build libtorch-dev libgloo-dev libgtest-dev libgmock-dev libbenchmark-dev
           nlohmann-json3-dev libstb-dev libcli11-dev doxygen libopencv-imgproc-dev)
 missing=()
 for p in "${packages[@]}"; do

@@ -5,6 +5,7 @@
 
 #include <common/batches.hpp>
 #include <common/checkpoint.hpp>
+#include <common/distributed.hpp>
 #include <common/graphed_step.hpp>
 #include <common/lean.hpp>
 #include <common/png.hpp>
@@ -25,6 +26,8 @@
 #include <fstream>
 #include <optional>
 #include <set>
+#include <string>
+#include <thread>
 #include <vector>
 
 #include "test_util.hpp"
@@ -716,3 +719,54 @@ TEST(Train, SDXLTextEncoderLoRATrainsBothEncodersFromTokens) {
   }
   EXPECT_TRUE(te1 && te2);
 }
+
+#if SCEDIT_WITH_C10D
+// Two ranks as two threads of this process (Gloo on 127.0.0.1): the gradients are averaged
+// through several buckets (64 bytes: one tensor each, one tensor larger than a bucket), a
+// parameter without a gradient takes part as zeros, and the loss sum is the same on both.
+TEST(Train, DistributedAveragesGradientsInBuckets) {
+  common::DistributedFlags flags;
+  flags.world_size = 2;
+  flags.master_addr = "127.0.0.1";
+  flags.master_port = common::free_local_port();
+  flags.timeout = 60;
+  auto gradients_of = [](int64_t rank) {
+    auto generator = common::step_generator(7, rank);
+    std::vector<torch::Tensor> grads;
+    for (int64_t rows : {5, 6, 2}) grads.push_back(torch::randn({rows, 3}, generator));
+    return grads;
+  };
+  std::vector<std::vector<torch::Tensor>> averaged(2);
+  std::vector<double> sums(2);
+  std::vector<std::string> errors(2);
+  auto rank_body = [&](int64_t rank) {
+    try {
+      auto mine = flags;
+      mine.rank = rank;
+      common::Distributed dist(mine, torch::kCPU);
+      std::vector<torch::Tensor> params;
+      for (const auto& g : gradients_of(rank)) {
+        params.push_back(torch::zeros_like(g).requires_grad_());
+        params.back().mutable_grad() = g.clone();
+      }
+      params.push_back(torch::zeros({4}).requires_grad_());  // no gradient on either rank
+      dist.average_gradients(params, /*bucket_bytes=*/64);
+      for (const auto& p : params) averaged[rank].push_back(p.grad());
+      sums[rank] = dist.sum({static_cast<double>(rank + 1)})[0];
+    } catch (const std::exception& e) {
+      errors[rank] = e.what();
+    }
+  };
+  std::thread other(rank_body, 1);
+  rank_body(0);
+  other.join();
+  ASSERT_TRUE(errors[0].empty() && errors[1].empty()) << errors[0] << errors[1];
+  const auto g0 = gradients_of(0), g1 = gradients_of(1);
+  for (int64_t rank = 0; rank < 2; ++rank) {
+    ASSERT_EQ(averaged[rank].size(), 4u);
+    for (size_t i = 0; i < g0.size(); ++i) EXPECT_TRUE(torch::equal(averaged[rank][i], (g0[i] + g1[i]) / 2)) << i;
+    EXPECT_TRUE(torch::equal(averaged[rank][3], torch::zeros({4})));
+    EXPECT_EQ(sums[rank], 3.0);
+  }
+}
+#endif

@@ -71,6 +71,16 @@ struct OutputFlags {
   int64_t validation_steps = 20;           ///< DDIM steps of the samples
 };
 
+/// Who this process is in a multi-process run: torchrun's environment, or flags that override it.
+struct DistributedFlags {
+  int64_t nproc = 1;           ///< --nproc: local processes to launch (this one is rank 0)
+  int64_t rank = -1;           ///< --rank; -1: `RANK`, else 0
+  int64_t world_size = 0;      ///< --world-size; 0: `WORLD_SIZE`, else 1
+  std::string master_addr;     ///< --master-addr; empty: `MASTER_ADDR`, else 127.0.0.1
+  int64_t master_port = 0;     ///< --master-port; 0: `MASTER_PORT`, else 29500
+  double timeout = 300;        ///< --dist-timeout: seconds a collective or the rendezvous may take
+};
+
 /// Every flag of a training run.
 struct RunFlags {
   ModelFlags model;               ///< --model, --tokenizer
@@ -79,6 +89,7 @@ struct RunFlags {
   OptimFlags optim;               ///< --lr, --batch-size, --max-steps, --seed, ...
   CheckpointFlags checkpoints;    ///< --checkpoint-every, --keep-last, --resume
   OutputFlags output;             ///< --output, --log-every, --validation-*
+  DistributedFlags distributed;   ///< --nproc, --rank, --world-size, --master-*, --dist-timeout
 };
 
 /// Adds the `--method` family (which tuners train) to `app`.
@@ -156,6 +167,15 @@ inline void add_run_flags(CLI::App& app, RunFlags& flags) {
   app.add_option("--validation-every", out.validation_every, "Steps between sample grids (0: only at the end)")->check(CLI::NonNegativeNumber)->group(output);
   app.add_option("--validation-prompt", out.validation_prompts, "Prompt for the sample grid (repeatable)")->group(output);
   app.add_option("--validation-steps", out.validation_steps, "DDIM steps of the samples")->check(CLI::PositiveNumber)->group(output);
+
+  auto& w = flags.distributed;
+  const char* distributed = "Distributed (torchrun's RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT; flags override)";
+  app.add_option("--nproc", w.nproc, "Local processes to train with (this one is rank 0; --batch-size is per process)")->check(CLI::PositiveNumber)->group(distributed);
+  app.add_option("--rank", w.rank, "This process's rank (default: RANK, else 0)")->check(CLI::NonNegativeNumber)->group(distributed);
+  app.add_option("--world-size", w.world_size, "Processes in the run (default: WORLD_SIZE, else 1)")->check(CLI::PositiveNumber)->group(distributed);
+  app.add_option("--master-addr", w.master_addr, "Address of rank 0's rendezvous (default: MASTER_ADDR, else 127.0.0.1)")->group(distributed);
+  app.add_option("--master-port", w.master_port, "Port of rank 0's rendezvous (default: MASTER_PORT, else 29500)")->check(CLI::Range(1, 65535))->group(distributed);
+  app.add_option("--dist-timeout", w.timeout, "Seconds the rendezvous or one collective may take before the run stops")->check(CLI::PositiveNumber)->group(distributed);
 }
 
 }  // namespace common

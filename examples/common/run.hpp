@@ -23,6 +23,7 @@
 #include <common/batches.hpp>
 #include <common/checkpoint.hpp>
 #include <common/dataset.hpp>
+#include <common/distributed.hpp>
 #include <common/flags.hpp>
 #include <common/graphed_step.hpp>
 #include <common/lean.hpp>
@@ -42,6 +43,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <csignal>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -104,6 +106,7 @@ class TrainingRun {
                   "and --random-flip\n");
       f.data.random_crop = f.data.random_flip = false;
     }
+    join_world();
     claim_output();
   }
 
@@ -116,6 +119,8 @@ class TrainingRun {
   sd::Precision precision() const { return precision_; }
   /// The output folder.
   std::filesystem::path output() const { return flags_.output.output; }
+  /// The processes of the run (a world of one unless `RANK`/`WORLD_SIZE` or `--nproc` say otherwise).
+  Distributed& distributed() { return *dist_; }
   /// The step training starts from: the resumed checkpoint's, else 0.
   int64_t start_step() const { return resumed_ ? resumed_->state.step : 0; }
 
@@ -152,7 +157,11 @@ class TrainingRun {
     if (!flags_.data.data.empty()) return flags_.data.data;
     TORCH_CHECK(flags_.model.random_weights(), "--data is required with --model (a folder of images with captions)");
     if (flags_.output.validation_prompts.empty()) flags_.output.validation_prompts = demo_prompts;
-    return make_demo(output() / "demo_data", resolution(), flags_.optim.seed);
+    // Rank 0 writes it; the others read it once it is complete.
+    auto folder = output() / "demo_data";
+    if (dist_->is_main()) folder = make_demo(folder, resolution(), flags_.optim.seed);
+    dist_->barrier();
+    return folder;
   }
 
   /// The optimizer steps of the run on `images` training images: `--max-steps`, else `--epochs`
@@ -162,7 +171,7 @@ class TrainingRun {
     const auto& o = flags_.optim;
     if (o.max_steps > 0) return o.max_steps;
     if (o.epochs == 0) return 300;  // the tiny default (the constructor refuses it elsewhere)
-    const int64_t images_per_step = o.batch_size * o.grad_accum;
+    const int64_t images_per_step = o.batch_size * o.grad_accum * dist_->world_size();
     const double planned = std::ceil(o.epochs * images / images_per_step);
     TORCH_CHECK(planned <= 1e9, "--epochs ", o.epochs, " of ", images, " images at ", images_per_step,
                 " per step makes ", planned, " steps: at most 10^9");
@@ -246,8 +255,11 @@ class TrainingRun {
     const auto objective = loss(pipe);
     TrainStep step(trainable.denoiser, trainable.tensors(), objective.schedule, f.optim.optim,
                    precision_, device_, objective.prediction_type, trainable.groups);
+    auto& dist = *dist_;
+    if (dist.active()) step.set_gradient_hook(dist.gradient_hook());
 
-    const int64_t images_per_step = f.optim.batch_size * f.optim.grad_accum;
+    // The global batch: every rank's micro-batches of every accumulation step.
+    const int64_t images_per_step = f.optim.batch_size * f.optim.grad_accum * dist.world_size();
     const int64_t total = total_steps(data.size());
 
     // Checkpoints hold the trainable tensors by name; the run's settings must match on resume.
@@ -264,6 +276,13 @@ class TrainingRun {
     settings.update(trainable.settings);
     const auto checkpoints = output() / "checkpoints";
     const int64_t start = start_step();
+    if (dist.active()) {  // every rank trains the same tensors the same way from the same step
+      std::string description = settings.dump() + " seed " + std::to_string(f.optim.seed) + " steps " +
+                                std::to_string(start) + "-" + std::to_string(total) + " optim " +
+                                std::to_string(f.optim.optim.lr) + " " + f.optim.optim.schedule;
+      for (const auto& [name, tensor] : tensors) description += " " + name + c10::str(tensor.sizes());
+      dist.check_same("the flags or trainable tensors", description);
+    }
     std::filesystem::path last_checkpoint;  // the newest good one, named when the run stops early
     if (resumed_) {
       const auto& folder = resumed_->folder;
@@ -294,7 +313,7 @@ class TrainingRun {
     }
     // The loss history: loss.csv and loss.png, rewritten with each checkpoint so that a resumed
     // run continues them.
-    std::vector<LossRecord> records = start > 0 ? losses_until(start) : std::vector<LossRecord>{};
+    std::vector<LossRecord> records = start > 0 && dist.is_main() ? losses_until(start) : std::vector<LossRecord>{};
     const double earlier_seconds = records.empty() ? 0.0 : records.back().seconds;
     auto write_losses = [&] {
       if (records.empty()) return;
@@ -319,6 +338,7 @@ class TrainingRun {
     auto save_checkpoint_at = [&](int64_t at) {
       if (graphed) graphed->sync_optimizer_state();
       if (!all_finite(tensors)) stop(at, "the trained weights are no longer finite (a non-finite gradient)");
+      if (!dist.is_main()) return last_checkpoint = checkpoints / checkpoint_name(at);  // rank 0 writes it
       write_losses();
       last_checkpoint = save_checkpoint(checkpoints, tensors, step.optimizer(),
                                         TrainState{at, f.optim.seed, step.loss_scale(), settings},
@@ -328,6 +348,7 @@ class TrainingRun {
     // A grid is a look at the model, not what the run makes: one that cannot be made (latents
     // that overflow, say) is reported, and the run goes on.
     auto validate = [&](int64_t at, const std::filesystem::path& grid) {
+      if (!dist.is_main()) return;
       unet->eval();
       try {
         torch::NoGradGuard no_grad;
@@ -342,7 +363,7 @@ class TrainingRun {
     // The loop. SIGINT and SIGTERM end it after the current step, with a checkpoint.
     std::optional<StopSignals> signals;
     signals.emplace();
-    SampleOrder order(data.size(), f.optim.batch_size, f.optim.seed);
+    SampleOrder order(data.size(), f.optim.batch_size, f.optim.seed, dist.rank(), dist.world_size());
     const auto began = std::chrono::steady_clock::now();
     double smoothed = 0;
     int64_t overflows = 0;  // consecutive fp16 steps skipped by the loss scaler
@@ -351,7 +372,9 @@ class TrainingRun {
       torch::Tensor loss_sum;  // on the device: read once the whole step is queued
       for (int64_t a = 0; a < f.optim.grad_accum; ++a) {
         const int64_t m = s * f.optim.grad_accum + a;
-        auto generator = step_generator(f.optim.seed, m);
+        // The randomness of global micro-batch m · world + rank: a world of W processes draws what
+        // one process accumulating W micro-batches per step would.
+        auto generator = step_generator(f.optim.seed, m * dist.world_size() + dist.rank());
         const auto batch = batches.get(order.indices(m), generator);
         if (graphed) {  // the whole step, optimizer included (--grad-accum is 1)
           loss_sum = graphed->run(batch, lr);
@@ -361,7 +384,11 @@ class TrainingRun {
         }
       }
       const bool applied = graphed || step.optimizer_step(lr);
-      const double loss = loss_sum.item<double>() / f.optim.grad_accum;
+      // The mean loss over the ranks, and whether any of them was asked to stop: all stop together.
+      const int pending = signals->pending();
+      const auto agreed = dist.sum({loss_sum.item<double>() / f.optim.grad_accum, static_cast<double>(pending)});
+      const double loss = agreed[0] / dist.world_size();
+      const int signal = pending != 0 ? pending : agreed[1] > 0 ? SIGTERM : 0;
       // fp16's loss scaler skips a step whose gradients overflowed; anywhere else, and when that
       // goes on, a non-finite loss means training has diverged.
       overflows = applied ? 0 : overflows + 1;
@@ -386,7 +413,7 @@ class TrainingRun {
       if (f.output.validation_every > 0 && (s + 1) % f.output.validation_every == 0 && s + 1 < total) {
         validate(s + 1, output() / "samples" / ("step-" + std::to_string(s + 1) + ".png"));
       }
-      if (const int signal = signals->pending(); signal != 0 && s + 1 < total) {
+      if (signal != 0 && s + 1 < total) {
         const bool saved = last_checkpoint.filename() == checkpoint_name(s + 1);
         const auto folder = saved ? last_checkpoint : save_checkpoint_at(s + 1);
         throw Interrupted(signal, std::string("stopped by ") + StopSignals::name(signal) + " after step " +
@@ -399,6 +426,11 @@ class TrainingRun {
 
     // What a person wants to look at: the weights, the loss curve, samples.
     if (start < total) save_checkpoint_at(total);
+    if (dist.active()) {
+      dist.check_same("the trained weights", trainable.tensors());
+      std::printf("all %lld processes end with the same weights\n", static_cast<long long>(dist.world_size()));
+    }
+    if (!dist.is_main()) return;
     for (const auto& path : trainable.save(output())) std::printf("weights: %s\n", path.c_str());
     if (!records.empty()) {
       write_losses();
@@ -436,6 +468,29 @@ class TrainingRun {
   // earlier run's unless --overwrite removes them; a resumed one checks its checkpoint now, and
   // refuses checkpoints past it unless --overwrite removes them.
   void claim_output() {
+    if (dist_->is_main()) claim_output_as_writer();
+    dist_->barrier();  // the others read the output folder as rank 0 leaves it
+    const auto& resume = flags_.checkpoints.resume;
+    if (!dist_->is_main() && !resume.empty()) resumed_ = resolve_checkpoint(output() / "checkpoints", resume);
+  }
+
+  // Joins the run's processes (distributed.hpp); on CUDA each uses the GPU of its `LOCAL_RANK`
+  // unless --device names one. Only rank 0 prints: the others' progress is the same.
+  void join_world() {
+    auto& f = flags_;
+    const int64_t world = Distributed::world_size_of(f.distributed);
+    TORCH_CHECK(!f.compute.cuda_graph || world == 1, "--cuda-graph with ", world, " processes: the "
+                "captured step has no all-reduce; train on one process, or without --cuda-graph");
+    dist_ = std::make_unique<Distributed>(f.distributed, device_);
+    if (!dist_->active()) return;
+    if (device_.is_cuda() && f.compute.device.find(':') == std::string::npos) {
+      device_ = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(dist_->local_rank()));
+    }
+    if (!dist_->is_main()) TORCH_CHECK(std::freopen("/dev/null", "w", stdout) != nullptr, "cannot silence rank ", dist_->rank());
+  }
+
+  // claim_output on the process that writes the run's files.
+  void claim_output_as_writer() {
     namespace fs = std::filesystem;
     const auto& f = flags_;
     lock_ = std::make_unique<OutputLock>(output());
@@ -500,6 +555,7 @@ class TrainingRun {
   sd::Precision precision_ = sd::Precision::kFP32;
   sd::LeanActivations lean_;
   std::unique_ptr<OutputLock> lock_;
+  std::unique_ptr<Distributed> dist_;
   std::optional<VerifiedCheckpoint> resumed_;
   std::optional<sd::StableDiffusion> model_;  // loaded by `resolution`, until `load_model` takes it
 };

@@ -16,6 +16,7 @@
 #include <common/batches.hpp>
 #include <common/conditioned_dataset.hpp>
 #include <common/conditions.hpp>
+#include <common/distributed.hpp>
 #include <common/control.hpp>
 #include <common/demo_data.hpp>
 #include <common/flags.hpp>
@@ -165,5 +166,7 @@ int main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
-  return common::run_program("train_control", [&] { return train(run_flags, flags); });
+  return common::run_program("train_control", [&] {
+    return common::launch_local(run_flags.distributed.nproc, argv, [&] { return train(run_flags, flags); });
+  });
 }

@@ -10,6 +10,7 @@
 // file.
 
 #include <common/dataset.hpp>
+#include <common/distributed.hpp>
 #include <common/demo_data.hpp>
 #include <common/flags.hpp>
 #include <common/program.hpp>
@@ -89,5 +90,7 @@ int main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
-  return common::run_program("train_style", [&] { return train(flags, method); });
+  return common::run_program("train_style", [&] {
+    return common::launch_local(flags.distributed.nproc, argv, [&] { return train(flags, method); });
+  });
 }
