@@ -12,7 +12,7 @@
 #include <scedit/safetensors.hpp>
 #include <scedit/state_dict.hpp>
 #include <sd/ldm_keys.hpp>
-#include <sd/weights.hpp>
+#include <sd/pipeline.hpp>
 
 #include "test_util.hpp"
 #include "torch_save_writer.hpp"

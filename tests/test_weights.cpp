@@ -17,7 +17,7 @@
 #include <sd/ldm_keys_xl.hpp>
 #include <sd/single_file.hpp>
 #include <sd/tiny.hpp>
-#include <sd/weights.hpp>
+#include <sd/pipeline.hpp>
 
 #include "sd_fixtures.hpp"
 #include "test_util.hpp"

@@ -8,7 +8,7 @@
 #include <sd/scheduler.hpp>
 #include <sd/stable_diffusion.hpp>
 #include <sd/tiny.hpp>
-#include <sd/weights.hpp>
+#include <sd/pipeline.hpp>
 
 #include <CLI/CLI.hpp>
 #include <torch/torch.h>
