@@ -164,9 +164,7 @@ class BatchSource {
                                            const std::vector<sd::SizeConditioning>& sizes) const {
     if (!pipe_.unet_config.has_text_time()) return {};
     if (pooled.defined()) return sd::added_conditions(pipe_, pooled, sizes);
-    std::vector<torch::Tensor> rows;
-    for (const auto& size : sizes) rows.push_back(size.time_ids());
-    return {{}, torch::stack(rows).to(device_)};  // [B, 6] float32
+    return {{}, sd::size_time_ids(sizes, static_cast<int64_t>(sizes.size())).to(device_)};  // [B, 6]
   }
 
   // Per-sample lists of conditions -> one [B, 3, R, R] tensor per condition, on the device.

@@ -17,7 +17,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
-#include <initializer_list>
 #include <string>
 
 namespace common {
@@ -103,11 +102,6 @@ inline torch::Device resolve_device(const std::string& flag) {
   return device;
 }
 
-/// SDXL's second text encoder, or null (`ModuleHolder::get` refuses an empty holder).
-inline torch::nn::Module* second_text_encoder(sd::StableDiffusion& pipe) {
-  return pipe.text_encoder_2.is_empty() ? nullptr : pipe.text_encoder_2.get();
-}
-
 /// The model `flags` name, with its weights in `precision`'s dtype on `device`; the random
 /// weights of the built-in models are drawn from `seed`. The VAE and the text encoder are
 /// frozen (eval mode, no gradients); the UNet is as loaded. `--zero-terminal-snr` sets the
@@ -126,10 +120,9 @@ inline sd::StableDiffusion load_model(const ModelFlags& flags, const torch::Devi
     pipe = sd::tiny_pipeline(seed);
   }
   if (flags.random_weights()) {
-    for (auto* module : std::initializer_list<torch::nn::Module*>{
-             pipe.unet.get(), pipe.vae.get(), pipe.text_encoder.get(), second_text_encoder(pipe)}) {
-      if (module != nullptr) module->to(device, dtype);
-    }
+    pipe.unet->to(device, dtype);
+    pipe.vae->to(device, dtype);
+    for (auto* encoder : pipe.text_encoders()) encoder->to(device, dtype);
   } else {
     const auto start = std::chrono::steady_clock::now();
     auto options = sd::WeightsOptions().dtype(dtype).device(device);
@@ -138,9 +131,9 @@ inline sd::StableDiffusion load_model(const ModelFlags& flags, const torch::Devi
     std::printf("model: %s (%.1f s)\n", flags.model.c_str(),
                 std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   }
-  for (auto* module : std::initializer_list<torch::nn::Module*>{pipe.vae.get(), pipe.text_encoder.get(),
-                                                              second_text_encoder(pipe)}) {
-    if (module == nullptr) continue;
+  auto frozen = pipe.text_encoders();
+  frozen.push_back(pipe.vae.get());
+  for (auto* module : frozen) {
     module->eval();
     for (auto& p : module->parameters()) p.set_requires_grad(false);
   }

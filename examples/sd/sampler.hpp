@@ -327,14 +327,11 @@ inline void sample_batches(StableDiffusion& sd, const std::vector<std::string>& 
                 "generate: asked to run on ", want, " but the UNet is on ", device,
                 "; move the models there first");
   }
-  for (const auto& [module, name] :
-       {std::make_pair(static_cast<torch::nn::Module*>(sd.vae.get()), "VAE"),
-        std::make_pair(static_cast<torch::nn::Module*>(sd.text_encoder.get()), "text encoder"),
-        std::make_pair(sd.is_sdxl() ? static_cast<torch::nn::Module*>(sd.text_encoder_2.get()) : nullptr,
-                       "second text encoder")}) {
-    if (module == nullptr) continue;  // no second text encoder: not an SDXL
-    TORCH_CHECK(detail::first_parameter(*module, name).device() == device, "generate: the ", name,
-                " is on ", detail::first_parameter(*module, name).device(), " but the UNet on ", device);
+  std::vector<std::pair<torch::nn::Module*, std::string>> frozen{{sd.vae.get(), "VAE"}};
+  for (auto* encoder : sd.text_encoders()) frozen.emplace_back(encoder, "text encoder");
+  for (const auto& [module, name] : frozen) {
+    TORCH_CHECK(detail::first_parameter(*module, name.c_str()).device() == device, "generate: the ", name,
+                " is on ", detail::first_parameter(*module, name.c_str()).device(), " but the UNet on ", device);
   }
   const bool added = sd.unet_config.has_text_time();  // SDXL: pooled text and size conditioning
   TORCH_CHECK(added || (!options.size_conditioning && !options.negative_size_conditioning),

@@ -55,6 +55,14 @@ struct StableDiffusion {
   /// Whether this is an SDXL: a second text encoder, and a UNet that reads the pooled prompt
   /// embedding and the size conditioning (`UNetAddedConditions`).
   bool is_sdxl() const { return !text_encoder_2.is_empty(); }
+
+  /// The text encoders that are there (one; SDXL's two), for what is done to each alike.
+  std::vector<torch::nn::Module*> text_encoders() const {
+    std::vector<torch::nn::Module*> encoders;
+    if (!text_encoder.is_empty()) encoders.push_back(text_encoder.ptr().get());
+    if (!text_encoder_2.is_empty()) encoders.push_back(text_encoder_2.ptr().get());
+    return encoders;
+  }
 };
 
 /// A batch of prompts as the UNet reads them.
@@ -169,6 +177,16 @@ inline torch::Tensor encode_prompts(StableDiffusion& sd, const std::vector<std::
   return encode_text(sd, prompts).context;
 }
 
+/// The time ids of a batch of `batch` rows: one size conditioning for all of them or one per row,
+/// float32 [batch, 6] on the CPU.
+inline torch::Tensor size_time_ids(const std::vector<SizeConditioning>& sizes, int64_t batch) {
+  TORCH_CHECK(sizes.size() == 1 || static_cast<int64_t>(sizes.size()) == batch, "size conditioning: ",
+              sizes.size(), " size conditionings for a batch of ", batch);
+  std::vector<torch::Tensor> rows;
+  for (const auto& size : sizes) rows.push_back(size.time_ids());
+  return torch::stack(rows).expand({batch, -1}).contiguous();  // [1 or B, 6] -> [B, 6]
+}
+
 /// What an SDXL UNet reads beside the context: `pooled` [B, P] and one size conditioning for the
 /// whole batch or one per row, as time ids [B, 6] on `pooled`'s device and in its dtype. Empty
 /// (nothing to add) for a UNet without added conditioning, whatever is given.
@@ -178,14 +196,7 @@ inline UNetAddedConditions added_conditions(const StableDiffusion& sd, const tor
   TORCH_CHECK(pooled.defined() && pooled.dim() == 2, "added_conditions: the UNet reads a pooled "
               "text embedding [B, P] (SDXL's second text encoder), got ",
               pooled.defined() ? pooled.sizes() : torch::IntArrayRef{});
-  const int64_t batch = pooled.size(0);
-  TORCH_CHECK(sizes.size() == 1 || static_cast<int64_t>(sizes.size()) == batch, "added_conditions: ",
-              sizes.size(), " size conditionings for a batch of ", batch);
-  std::vector<torch::Tensor> rows;
-  for (const auto& size : sizes) rows.push_back(size.time_ids());
-  auto time_ids = torch::stack(rows);  // [1 or B, 6]
-  if (time_ids.size(0) != batch) time_ids = time_ids.expand({batch, -1});
-  return {pooled, time_ids.to(pooled.device(), pooled.scalar_type()).contiguous()};
+  return {pooled, size_time_ids(sizes, pooled.size(0)).to(pooled.device(), pooled.scalar_type())};
 }
 
 // ---- pixels ------------------------------------------------------------------------------------
