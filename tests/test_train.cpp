@@ -1,12 +1,15 @@
 // The shared training step and checkpoints (examples/common): schedules, a short seeded run on
-// the tiny model lowers the loss, the gradient hook, the sample order of one or several
-// processes, batches with conditions; SDXL's batches (pooled captions, size conditioning), steps
-// and text-encoder LoRA on the tiny SDXL. Checkpoints and the output folder: test_checkpoints.cpp.
+// the tiny model lowers the loss, the gradient reduction (all-reduces overlapped with the
+// backward pass), the sample order of one or several processes, batches with conditions; SDXL's
+// batches (pooled captions, size conditioning), steps and text-encoder LoRA on the tiny SDXL.
+// Checkpoints and the output folder: test_checkpoints.cpp.
 
 #include <common/batches.hpp>
 #include <common/checkpoint.hpp>
 #include <common/distributed.hpp>
+#include <common/gradient_reducer.hpp>
 #include <common/graphed_step.hpp>
+#include <common/launcher.hpp>
 #include <common/lean.hpp>
 #include <common/png.hpp>
 #include <common/run.hpp>
@@ -321,38 +324,52 @@ TEST(Train, TunerTrainableIsWhatTheOptimizerAndCheckpointsSee) {
             std::string::npos);
 }
 
-TEST(Train, GradientHookSeesTheGradientsBeforeTheOptimizer) {
-  // A hook that zeroes every gradient (as an all-reduce with nothing but zeros would): AdamW
-  // without weight decay then leaves the parameters as they were, eager and graphed.
+// Counts what the step tells its gradient reduction, and zeroes the gradients in `finish` (as
+// an all-reduce with nothing but zeros would).
+struct ZeroingReduction : common::GradientReduction {
+  std::vector<torch::Tensor> params;
+  std::vector<bool> begun;  // begin_backward's `last`, call by call
+  int64_t finished = 0;
+  void begin_backward(bool last) override { begun.push_back(last); }
+  void finish() override {
+    ++finished;
+    torch::NoGradGuard no_grad;
+    for (const auto& p : params) {
+      ASSERT_TRUE(p.grad().defined()) << "finish runs after the backward pass";
+      p.grad().zero_();
+    }
+  }
+};
+
+TEST(Train, GradientReductionFinishesBeforeTheOptimizer) {
+  // AdamW without weight decay then leaves the parameters as they were, eager (two micro-steps a
+  // step: the second is the last) and graphed.
   common::OptimOptions optim;
   optim.lr = 1e-2;
   optim.weight_decay = 0;
   for (const bool graphed : {false, true}) {
     TinyTraining t("scedit", sd::Precision::kFP32, torch::kCPU, optim);
-    int64_t calls = 0;
-    t.step->set_gradient_hook([&](const std::vector<torch::Tensor>& params) {
-      ++calls;
-      EXPECT_EQ(params.size(), t.trainable.parameters.size());
-      torch::NoGradGuard no_grad;
-      for (const auto& p : params) {
-        ASSERT_TRUE(p.grad().defined()) << "the hook runs after the backward pass";
-        p.grad().zero_();
-      }
-    });
+    auto reduction = std::make_shared<ZeroingReduction>();
+    reduction->params = t.step->parameters();
+    t.step->set_gradient_reduction(reduction);
     std::vector<torch::Tensor> before;
     for (const auto& p : t.step->parameters()) before.push_back(p.detach().clone());
     if (graphed) {
       common::GraphedTrainStep step(*t.step, /*seed=*/3);
       step.run(t.batch, optim.lr);
       step.run(t.batch, optim.lr);
+      EXPECT_EQ(reduction->begun, std::vector<bool>({true, true}));
     } else {
       for (int s = 0; s < 2; ++s) {
-        auto generator = common::step_generator(0, s);
-        t.step->forward_backward(t.batch, generator);
+        for (int a = 0; a < 2; ++a) {
+          auto generator = common::step_generator(0, 2 * s + a);
+          t.step->forward_backward(t.batch, generator, /*accumulation=*/2);
+        }
         t.step->optimizer_step(optim.lr);
       }
+      EXPECT_EQ(reduction->begun, std::vector<bool>({false, true, false, true}));
     }
-    EXPECT_EQ(calls, 2) << (graphed ? "graphed" : "eager");
+    EXPECT_EQ(reduction->finished, 2) << (graphed ? "graphed" : "eager");
     for (size_t i = 0; i < before.size(); ++i) {
       EXPECT_TRUE(torch::equal(t.step->parameters()[i], before[i])) << "parameter " << i;
     }
@@ -721,38 +738,59 @@ TEST(Train, SDXLTextEncoderLoRATrainsBothEncodersFromTokens) {
 }
 
 #if SCEDIT_WITH_C10D
-// Two ranks as two threads of this process (Gloo on 127.0.0.1): the gradients are averaged
-// through several buckets (64 bytes: one tensor each, one tensor larger than a bucket), a
-// parameter without a gradient takes part as zeros, and the loss sum is the same on both.
-TEST(Train, DistributedAveragesGradientsInBuckets) {
+// Two ranks as two threads of this process (Gloo on 127.0.0.1), each with a chain of four
+// matrices y = x·W4·W3·W2·W1 (the parameters listed as W1, W4, W2, W3) and one parameter the loss
+// never reaches, two micro-steps a step, buckets of one matrix: the gradients are the mean of the
+// two ranks' accumulated ones (the unreached parameter's zeros); the first step learns the order
+// in which the backward pass reaches them (W1 first, then W2, W3, W4) and the second starts its
+// buckets in that order while the backward pass runs.
+TEST(Train, DistributedReducerAveragesWhileTheBackwardPassRuns) {
   common::DistributedFlags flags;
   flags.world_size = 2;
   flags.master_addr = "127.0.0.1";
   flags.master_port = common::free_local_port();
   flags.timeout = 60;
-  auto gradients_of = [](int64_t rank) {
-    auto generator = common::step_generator(7, rank);
-    std::vector<torch::Tensor> grads;
-    for (int64_t rows : {5, 6, 2}) grads.push_back(torch::randn({rows, 3}, generator));
-    return grads;
+  auto inputs_of = [](int64_t rank, int64_t micro) {
+    auto generator = common::step_generator(7, 2 * rank + micro);
+    return torch::randn({3, 4}, generator);
   };
-  std::vector<std::vector<torch::Tensor>> averaged(2);
-  std::vector<double> sums(2);
+  auto make_params = [] {
+    auto generator = common::step_generator(8, 0);
+    std::vector<torch::Tensor> params;
+    for (int i = 0; i < 4; ++i) params.push_back((torch::randn({4, 4}, generator) / 2).requires_grad_());
+    params.push_back(torch::zeros({2}).requires_grad_());  // the loss never reaches it
+    return params;
+  };
+  // y = x·W4·W3·W2·W1 with params {W1, W4, W2, W3, unused}: the backward reaches W1 first.
+  auto loss_of = [](const std::vector<torch::Tensor>& p, const torch::Tensor& x) {
+    return x.mm(p[1]).mm(p[3]).mm(p[2]).mm(p[0]).square().sum();
+  };
+  std::vector<std::vector<torch::Tensor>> reduced(2);
+  std::vector<std::vector<std::vector<size_t>>> buckets(2);
+  std::vector<common::ReducerStats> stats(2);
   std::vector<std::string> errors(2);
   auto rank_body = [&](int64_t rank) {
     try {
       auto mine = flags;
       mine.rank = rank;
       common::Distributed dist(mine, torch::kCPU);
-      std::vector<torch::Tensor> params;
-      for (const auto& g : gradients_of(rank)) {
-        params.push_back(torch::zeros_like(g).requires_grad_());
-        params.back().mutable_grad() = g.clone();
+      auto params = make_params();
+      common::ReducerOptions options;
+      options.first_bucket_bytes = options.bucket_bytes = 64;  // one matrix each
+      common::GradientReducer reducer(dist, params, options);
+      for (int step = 0; step < 2; ++step) {
+        for (int64_t micro = 0; micro < 2; ++micro) {
+          reducer.begin_backward(micro == 1);
+          loss_of(params, inputs_of(rank, micro)).backward();
+        }
+        reducer.finish();
+        if (step == 0) {
+          buckets[rank] = reducer.buckets();
+          for (auto& p : params) p.mutable_grad().zero_();
+        }
       }
-      params.push_back(torch::zeros({4}).requires_grad_());  // no gradient on either rank
-      dist.average_gradients(params, /*bucket_bytes=*/64);
-      for (const auto& p : params) averaged[rank].push_back(p.grad());
-      sums[rank] = dist.sum({static_cast<double>(rank + 1)})[0];
+      for (const auto& p : params) reduced[rank].push_back(p.grad().clone());
+      stats[rank] = reducer.stats();
     } catch (const std::exception& e) {
       errors[rank] = e.what();
     }
@@ -761,12 +799,28 @@ TEST(Train, DistributedAveragesGradientsInBuckets) {
   rank_body(0);
   other.join();
   ASSERT_TRUE(errors[0].empty() && errors[1].empty()) << errors[0] << errors[1];
-  const auto g0 = gradients_of(0), g1 = gradients_of(1);
+  // What each rank's two micro-steps give without any reduction.
+  std::vector<std::vector<torch::Tensor>> local(2);
   for (int64_t rank = 0; rank < 2; ++rank) {
-    ASSERT_EQ(averaged[rank].size(), 4u);
-    for (size_t i = 0; i < g0.size(); ++i) EXPECT_TRUE(torch::equal(averaged[rank][i], (g0[i] + g1[i]) / 2)) << i;
-    EXPECT_TRUE(torch::equal(averaged[rank][3], torch::zeros({4})));
-    EXPECT_EQ(sums[rank], 3.0);
+    auto params = make_params();
+    for (int64_t micro = 0; micro < 2; ++micro) loss_of(params, inputs_of(rank, micro)).backward();
+    for (const auto& p : params) local[rank].push_back(p.grad().defined() ? p.grad() : torch::zeros_like(p));
+  }
+  const std::vector<std::vector<size_t>> arrival_order{{0}, {2}, {3}, {1}, {4}};
+  for (int64_t rank = 0; rank < 2; ++rank) {
+    ASSERT_EQ(reduced[rank].size(), 5u);
+    // The second step's gradients only: finish overwrote the first's.
+    for (size_t i = 0; i < 5; ++i) {
+      EXPECT_TRUE(torch::allclose(reduced[rank][i], (local[0][i] + local[1][i]) / 2, 1e-6, 1e-6)) << i;
+    }
+    EXPECT_TRUE(torch::equal(reduced[rank][0], reduced[1 - rank][0])) << "ranks differ";
+    EXPECT_EQ(buckets[rank], arrival_order) << "rank " << rank;
+    EXPECT_EQ(stats[rank].steps, 2);
+    EXPECT_EQ(stats[rank].buckets, 10);
+    // Step 2 starts W1's to W4's buckets in the backward pass (the unreached one's waits for
+    // finish). Step 1 lays them out in the reversed listing, the unreached one first: nothing
+    // starts before finish.
+    EXPECT_EQ(stats[rank].started_in_backward, 4);
   }
 }
 #endif

@@ -44,6 +44,47 @@ struct TrainState {
   nlohmann::json run;        ///< the run's settings (method, precision, ...), checked on resume
 };
 
+/// How a run splits its global batch: processes × per-process batch × accumulation steps.
+/// Checkpoints record it under the settings' `layout`; a resume may change it as long as the
+/// global batch stays the same (SampleOrder gives every layout the same samples per step).
+struct BatchLayout {
+  int64_t processes = 1;   ///< ranks of the run
+  int64_t batch_size = 1;  ///< --batch-size, per process
+  int64_t grad_accum = 1;  ///< --grad-accum
+
+  /// The global batch: images per optimizer step.
+  int64_t images() const { return processes * batch_size * grad_accum; }
+  /// "4 (2 processes × batch 2 × accumulation 1)".
+  std::string describe() const {
+    std::ostringstream out;
+    out << images() << " (" << processes << (processes == 1 ? " process" : " processes") << " × batch "
+        << batch_size << " × accumulation " << grad_accum << ")";
+    return out.str();
+  }
+  bool operator==(const BatchLayout& other) const {
+    return processes == other.processes && batch_size == other.batch_size && grad_accum == other.grad_accum;
+  }
+  /// `settings` with this layout under `layout`.
+  nlohmann::json put_into(nlohmann::json settings) const {
+    settings["layout"] = {{"processes", processes}, {"batch_size", batch_size}, {"grad_accum", grad_accum}};
+    return settings;
+  }
+  /// The layout that a checkpoint's `settings` record, removed from them (with the global batch
+  /// it implies left in). Checkpoints of earlier versions name batch_size and grad_accum at the
+  /// top level: one process.
+  static BatchLayout take_from(nlohmann::json& settings) {
+    BatchLayout layout;
+    if (!settings.is_object()) return layout;
+    const auto& from = settings.contains("layout") ? settings["layout"] : settings;
+    layout.processes = from.value("processes", int64_t{1});
+    layout.batch_size = from.value("batch_size", int64_t{1});
+    layout.grad_accum = from.value("grad_accum", int64_t{1});
+    for (const char* key : {"layout", "batch_size", "grad_accum"}) settings.erase(key);
+    settings["global_batch"] = layout.images();
+    return layout;
+  }
+};
+
 /// A checkpoint whose files were checked against its `state.json`.
 struct VerifiedCheckpoint {
   std::filesystem::path folder;  ///< the checkpoint's folder

@@ -3,13 +3,18 @@
 /// @brief Training on several processes the way PyTorch users do: LibTorch's c10d process groups
 /// (Gloo on the CPU, NCCL on CUDA) joined through a `TCPStore`, with torchrun's conventions
 /// (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`). A world of one process has
-/// no process group at all: the run is exactly the single-process one. `launch_local` is the
-/// built-in launcher (`--nproc N`) for users without torchrun.
+/// no process group at all: the run is exactly the single-process one. The built-in launcher
+/// (`--nproc N`) is examples/common/launcher.hpp.
 ///
 /// What a run does with it (examples/common/run.hpp): every rank checks that the others run the
-/// same flags and trainable tensors (`check_same`), averages the trainable gradients before each
-/// optimizer step (`gradient_hook`), agrees on the loss and on a pending signal (`sum`), and
-/// rank 0 alone writes files while the others wait where they need them (`barrier`).
+/// same flags and trainable tensors (`check_same`), averages the trainable gradients during and
+/// after the backward pass (examples/common/gradient_reducer.hpp, through `start_sum`), agrees on
+/// the loss and on a pending signal (`sum`), and rank 0 alone writes files while the others wait
+/// where they need them (`barrier`).
+///
+/// Failures: every collective and the rendezvous give up after `--dist-timeout`. Each rank's
+/// heartbeat (a thread counting in the store, with the step the rank is at) then tells which
+/// rank is gone or hung, and the error names it.
 
 #include <common/flags.hpp>
 #include <common/train_step.hpp>
@@ -25,21 +30,16 @@
 #endif
 #endif
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <signal.h>
-#include <sys/prctl.h>
-#include <sys/socket.h>
-#include <sys/wait.h>
-#include <unistd.h>
-
+#include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <functional>
 #include <map>
+#include <mutex>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -60,6 +60,11 @@ using Backend = c10d::ProcessGroup;  ///< what a process group's backend is (1.1
 #endif
 #endif
 }  // namespace compat
+#if SCEDIT_WITH_C10D
+using Work = c10::intrusive_ptr<c10d::Work>;  ///< a collective under way
+#else
+struct Work {};  ///< no collectives without c10d (a world of one never starts one)
+#endif
 // ---- end of compat ----------------------------------------------------------------------------
 
 /// FNV-1a 64 of `bytes`, continuing `hash`: the same on every machine (std::hash is not promised
@@ -75,6 +80,9 @@ class Distributed {
  public:
   /// A world of one process.
   Distributed() = default;
+  Distributed(const Distributed&) = delete;
+  Distributed& operator=(const Distributed&) = delete;
+  ~Distributed() { stop_heartbeat(); }
 
   /// Joins the world that `flags` and the environment describe, on `device` (Gloo on the CPU,
   /// NCCL on CUDA). A world of one joins nothing.
@@ -94,6 +102,10 @@ class Distributed {
     TORCH_CHECK(port > 0 && port < 65536, "--master-port / MASTER_PORT ", port, " is not a TCP port");
 #if SCEDIT_WITH_C10D
     const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(flags.timeout * 1000));
+    addr_ = addr;
+    timeout_ = timeout;
+    port_ = static_cast<uint16_t>(port);
+    beat_ = std::chrono::milliseconds(std::clamp<int64_t>(timeout.count() / 10, 200, 2000));
     c10d::TCPStoreOptions options;
     options.port = static_cast<uint16_t>(port);
     options.isServer = rank_ == 0;
@@ -125,6 +137,7 @@ class Distributed {
       gloo->threads = 2;
       group_ = c10::make_intrusive<c10d::ProcessGroupGloo>(store_, rank_, world_, gloo);
     }
+    start_heartbeat();
 #else
     (void)device;
     TORCH_CHECK(false, "a world of ", world_, " processes needs c10d: this build's LibTorch lacks "
@@ -186,64 +199,141 @@ class Distributed {
     return values;
   }
 
-  /// The gradient hook of `TrainStep` that averages the trainable gradients over the ranks:
-  /// flattened into buckets of about `bucket_bytes`, one all-reduce each, all started before the
-  /// first is waited for. (Overlap with the backward pass is not done yet: the reduction starts
-  /// once the backward pass is complete.)
-  GradientHook gradient_hook(int64_t bucket_bytes = int64_t{25} << 20) {
-    return [this, bucket_bytes](const std::vector<torch::Tensor>& parameters) {
-      average_gradients(parameters, bucket_bytes);
-    };
-  }
-
-  /// Averages the gradients of `parameters` over the ranks in place (see `gradient_hook`). A
-  /// parameter without a gradient takes part with zeros, so that every rank sends the same layout.
-  void average_gradients(const std::vector<torch::Tensor>& parameters, int64_t bucket_bytes) {
+  /// Starts summing `tensor` over the ranks, in place (on the rank's GPU for NCCL, else on the
+  /// CPU); `wait` completes it. Every rank must start the same sums in the same order.
+  Work start_sum(torch::Tensor& tensor) {
 #if SCEDIT_WITH_C10D
-    if (!active()) return;
-    torch::NoGradGuard no_grad;
-    struct Bucket {
-      std::vector<torch::Tensor> grads;
-      std::vector<torch::Tensor> flat;  // one tensor: what the all-reduce works on
-      c10::intrusive_ptr<c10d::Work> work;
-    };
-    std::vector<Bucket> buckets;
-    int64_t bytes = 0;
-    for (const auto& p : parameters) {
-      auto& grad = p.mutable_grad();
-      if (!grad.defined()) grad = torch::zeros_like(p);
-      const int64_t size = grad.numel() * grad.element_size();
-      const bool fits = !buckets.empty() && bytes + size <= bucket_bytes &&
-                        buckets.back().grads.front().scalar_type() == grad.scalar_type();
-      if (!fits) {
-        buckets.emplace_back();
-        bytes = 0;
-      }
-      buckets.back().grads.push_back(grad);
-      bytes += size;
-    }
-    for (auto& bucket : buckets) {
-      std::vector<torch::Tensor> flat;
-      for (const auto& g : bucket.grads) flat.push_back(g.reshape({-1}));
-      bucket.flat = {torch::cat(flat)};
-      bucket.work = group_->allreduce(bucket.flat);
-    }
-    for (auto& bucket : buckets) {
-      wait(bucket.work, "averaging the gradients");
-      auto flat = bucket.flat[0].div_(static_cast<double>(world_));
-      int64_t offset = 0;
-      for (auto& g : bucket.grads) {
-        g.copy_(flat.narrow(0, offset, g.numel()).view_as(g));
-        offset += g.numel();
-      }
-    }
+    std::vector<torch::Tensor> tensors{tensor};
+    return group_->allreduce(tensors);
 #else
-    (void)parameters;
-    (void)bucket_bytes;
+    (void)tensor;
+    TORCH_CHECK(false, "Distributed::start_sum: no c10d in this build");
 #endif
   }
 
+  /// Waits for `work`; when it fails (a rank gone, or --dist-timeout passed) the error says
+  /// what this rank was `doing` and which rank is gone or hung.
+  void wait(const Work& work, const char* doing) {
+#if SCEDIT_WITH_C10D
+    try {
+      work->wait();
+    } catch (const std::exception& e) {
+      const std::string why = e.what();
+      TORCH_CHECK(false, "rank ", rank_, " of ", world_, ": ", doing, " failed: ", missing_ranks(),
+                  " (c10d: ", why.substr(0, why.find('\n')), ")");
+    }
+#else
+    (void)work;
+    (void)doing;
+#endif
+  }
+
+  /// Rank 0's `value`, on every rank (through the store): how ranks agree on what rank 0 chose.
+  std::string share(const std::string& what, const std::string& value) {
+#if SCEDIT_WITH_C10D
+    if (!active()) return value;
+    const std::string key = "scedit/share/" + std::to_string(shares_++);
+    if (is_main()) store_->set(key, std::vector<uint8_t>(value.begin(), value.end()));
+    try {
+      const auto bytes = store_->get(key);
+      return std::string(bytes.begin(), bytes.end());
+    } catch (const std::exception& e) {
+      TORCH_CHECK(false, "rank ", rank_, ": rank 0 did not share ", what, " within --dist-timeout: ", e.what());
+    }
+#endif
+    return value;
+  }
+
+  /// Tells the heartbeat the training step this rank is at (for naming a rank left behind).
+  void set_step(int64_t step) { step_ = step; }
+
  private:
+  // ---- liveness ------------------------------------------------------------------------------
+  // A thread of each rank writes "<beats> <step>" under scedit/alive/<rank> every beat (a tenth
+  // of --dist-timeout, 0.2 to 2 s), through a store connection of its own: a rank that is gone,
+  // or stopped, no longer counts.
+  void start_heartbeat() {
+#if SCEDIT_WITH_C10D
+    auto client = connect(beat_ * 3);
+    heartbeat_ = std::thread([this, client] {
+      const std::string key = "scedit/alive/" + std::to_string(rank_);
+      for (int64_t beats = 1;; ++beats) {
+        const auto value = std::to_string(beats) + " " + std::to_string(step_.load());
+        try {
+          client->set(key, std::vector<uint8_t>(value.begin(), value.end()));
+        } catch (const std::exception&) {
+          return;  // the store is gone with rank 0: the next collective says so
+        }
+        std::unique_lock<std::mutex> lock(beat_mutex_);
+        if (beat_stop_.wait_for(lock, beat_, [this] { return stopping_; })) return;
+      }
+    });
+#endif
+  }
+
+  void stop_heartbeat() {
+    {
+      std::lock_guard<std::mutex> lock(beat_mutex_);
+      stopping_ = true;
+    }
+    beat_stop_.notify_all();
+    if (heartbeat_.joinable()) heartbeat_.join();
+  }
+
+  // Which ranks are gone or hung: the heartbeats read now and again after 2.5 beats; a rank whose
+  // count did not move is named, else one left behind at an earlier step.
+  std::string missing_ranks() {
+#if SCEDIT_WITH_C10D
+    try {
+      auto probe = connect(beat_ * 2);
+      auto read = [&] {
+        std::vector<std::pair<int64_t, int64_t>> beats_and_steps(static_cast<size_t>(world_), {-1, -1});
+        for (int64_t r = 0; r < world_; ++r) {
+          const std::string key = "scedit/alive/" + std::to_string(r);
+          if (!probe->check({key})) continue;
+          const auto bytes = probe->get(key);
+          std::istringstream in(std::string(bytes.begin(), bytes.end()));
+          in >> beats_and_steps[static_cast<size_t>(r)].first >> beats_and_steps[static_cast<size_t>(r)].second;
+        }
+        return beats_and_steps;
+      };
+      const auto before = read();
+      std::this_thread::sleep_for(beat_ * 5 / 2);
+      const auto after = read();
+      std::string silent, behind;
+      for (int64_t r = 0; r < world_; ++r) {
+        if (r == rank_) continue;
+        const auto& [beats, step] = after[static_cast<size_t>(r)];
+        if (beats == before[static_cast<size_t>(r)].first) {
+          silent += (silent.empty() ? "" : ", ") + std::to_string(r);
+        } else if (step < step_) {
+          behind += (behind.empty() ? "" : ", ") + std::to_string(r) + " (at step " + std::to_string(step) + ")";
+        }
+      }
+      if (!silent.empty()) return "rank " + silent + " is gone or hung (no heartbeat)";
+      if (!behind.empty()) return "rank " + behind + " is alive but behind this rank's step " + std::to_string(step_.load());
+      return "every rank still has a heartbeat (a collective took longer than --dist-timeout?)";
+    } catch (const std::exception&) {
+      return "rank 0 is gone or hung (its rendezvous store at " + addr_ + ":" + std::to_string(port_) +
+             " does not answer)";
+    }
+#else
+    return "";
+#endif
+  }
+
+#if SCEDIT_WITH_C10D
+  // A connection of its own to rank 0's store, whose operations give up after `timeout`.
+  c10::intrusive_ptr<c10d::TCPStore> connect(std::chrono::milliseconds timeout) const {
+    c10d::TCPStoreOptions options;
+    options.port = port_;
+    options.isServer = false;
+    options.waitWorkers = false;
+    options.timeout = timeout;
+    return c10::make_intrusive<c10d::TCPStore>(addr_, options);
+  }
+#endif
+
   // The integer in environment variable `name`, else `fallback`; refuses one that is not an integer.
   static int64_t env_int(const char* name, int64_t fallback) {
     const char* value = std::getenv(name);
@@ -279,6 +369,13 @@ class Distributed {
       if (r == 0) first = theirs;
       ranks_by_hash[theirs].push_back(r);
     }
+    // The store lives in rank 0: it leaves only once every rank has read (a check can be the
+    // run's last word).
+    store_->add(prefix + "read", 1);
+    const auto deadline = std::chrono::steady_clock::now() + timeout_;
+    while (is_main() && store_->add(prefix + "read", 0) < world_ && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
     if (ranks_by_hash.size() == 1) return;
     std::string differ;
     for (const auto& [h, ranks] : ranks_by_hash) {
@@ -300,111 +397,21 @@ class Distributed {
                                               : torch::Device(torch::kCPU);
   }
 
-  // Waits for `work`, turning c10d's error (a rank gone, the timeout) into one naming this rank.
-  void wait(const c10::intrusive_ptr<c10d::Work>& work, const char* doing) {
-    try {
-      work->wait();
-    } catch (const std::exception& e) {
-      TORCH_CHECK(false, "rank ", rank_, " of ", world_, ": ", doing, " failed (another rank stopped, "
-                  "or took longer than --dist-timeout): ", e.what());
-    }
-  }
-
   c10::intrusive_ptr<c10d::Store> store_;
   c10::intrusive_ptr<compat::Backend> group_;
 #endif
   int64_t rank_ = 0, world_ = 1, local_rank_ = 0;
   int64_t checks_ = 0;  // check_same calls so far: each compares under keys of its own
+  int64_t shares_ = 0;  // share calls so far: each under a key of its own
+  std::string addr_;    // rank 0's store
+  uint16_t port_ = 0;
+  std::chrono::milliseconds timeout_{300000};  // --dist-timeout
+  std::chrono::milliseconds beat_{1000};
+  std::atomic<int64_t> step_{0};
+  std::thread heartbeat_;
+  std::mutex beat_mutex_;
+  std::condition_variable beat_stop_;
+  bool stopping_ = false;
 };
-
-/// A free TCP port on 127.0.0.1 (asked of the kernel), for a local world's rendezvous.
-inline int free_local_port() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  TORCH_CHECK(fd >= 0, "--nproc: cannot open a socket to find a free port");
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  address.sin_port = 0;
-  socklen_t length = sizeof(address);
-  const bool ok = ::bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) == 0 &&
-                  ::getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length) == 0;
-  ::close(fd);
-  TORCH_CHECK(ok, "--nproc: cannot find a free port on 127.0.0.1");
-  return ntohs(address.sin_port);
-}
-
-/// The built-in launcher: with `nproc` > 1 (and no `RANK` in the environment: not launched
-/// already), starts `nproc` - 1 copies of this program with `argv` and torchrun's environment
-/// (ranks 1…, `MASTER_ADDR` 127.0.0.1, a free `MASTER_PORT`), runs `body` as rank 0, and waits for
-/// them. When a copy fails, the others are stopped and this process exits non-zero, naming it.
-/// Returns `body`'s status, or 1 when a copy failed.
-inline int launch_local(int64_t nproc, char** argv, const std::function<int()>& body) {
-  if (nproc <= 1 || std::getenv("RANK") != nullptr) return body();
-  const auto port = std::to_string(free_local_port());
-  const auto world = std::to_string(nproc);
-  ::setenv("WORLD_SIZE", world.c_str(), 1);
-  ::setenv("MASTER_ADDR", "127.0.0.1", 1);
-  ::setenv("MASTER_PORT", port.c_str(), 1);
-  std::fflush(stdout);
-  std::map<pid_t, int64_t> children;
-  for (int64_t r = 1; r < nproc; ++r) {
-    const pid_t pid = ::fork();
-    TORCH_CHECK(pid >= 0, "--nproc: cannot start rank ", r);
-    if (pid == 0) {
-      const auto rank = std::to_string(r);
-      ::setenv("RANK", rank.c_str(), 1);
-      ::setenv("LOCAL_RANK", rank.c_str(), 1);
-      ::prctl(PR_SET_PDEATHSIG, SIGTERM);  // rank 0 gone: so is the run
-      ::execv("/proc/self/exe", argv);
-      std::perror("--nproc: exec");
-      std::_Exit(127);
-    }
-    children[pid] = r;
-  }
-  ::setenv("RANK", "0", 1);
-  ::setenv("LOCAL_RANK", "0", 1);
-  std::atomic<bool> finishing{false};
-  std::atomic<bool> failed{false};
-  auto stop_children = [&] {
-    for (const auto& child : children) ::kill(child.first, SIGTERM);
-  };
-  // Watches the copies: one that fails stops the run at once, rather than leaving the others
-  // to wait for it until --dist-timeout.
-  std::thread watcher([&] {
-    for (size_t left = children.size(); left > 0; --left) {
-      int status = 0;
-      const pid_t pid = ::waitpid(-1, &status, 0);
-      if (pid < 0) break;
-      const auto it = children.find(pid);
-      if (it == children.end()) continue;
-      const bool ok = WIFEXITED(status) && WEXITSTATUS(status) == 0;
-      if (ok || finishing) {
-        failed = failed || !ok;
-        continue;
-      }
-      std::fflush(stdout);
-      std::fprintf(stderr, "--nproc: rank %lld %s %d: stopping the run\n", static_cast<long long>(it->second),
-                   WIFEXITED(status) ? "exited with status" : "was killed by signal",
-                   WIFEXITED(status) ? WEXITSTATUS(status) : WTERMSIG(status));
-      stop_children();
-      std::_Exit(1);
-    }
-  });
-  int status = 0;
-  try {
-    status = body();
-  } catch (...) {
-    finishing = true;
-    stop_children();
-    watcher.join();
-    throw;
-  }
-  if (status != 0) {
-    finishing = true;
-    stop_children();
-  }
-  watcher.join();
-  return status != 0 ? status : failed ? 1 : 0;
-}
 
 }  // namespace common

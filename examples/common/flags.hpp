@@ -79,6 +79,7 @@ struct DistributedFlags {
   std::string master_addr;     ///< --master-addr; empty: `MASTER_ADDR`, else 127.0.0.1
   int64_t master_port = 0;     ///< --master-port; 0: `MASTER_PORT`, else 29500
   double timeout = 300;        ///< --dist-timeout: seconds a collective or the rendezvous may take
+  double bucket_mb = 25;       ///< --bucket-mb: MiB of gradients per all-reduce (DDP's 25)
 };
 
 /// Every flag of a training run.
@@ -89,7 +90,7 @@ struct RunFlags {
   OptimFlags optim;               ///< --lr, --batch-size, --max-steps, --seed, ...
   CheckpointFlags checkpoints;    ///< --checkpoint-every, --keep-last, --resume
   OutputFlags output;             ///< --output, --log-every, --validation-*
-  DistributedFlags distributed;   ///< --nproc, --rank, --world-size, --master-*, --dist-timeout
+  DistributedFlags distributed;   ///< --nproc, --rank, --world-size, --master-*, --dist-timeout, --bucket-mb
 };
 
 /// Adds the `--method` family (which tuners train) to `app`.
@@ -175,7 +176,8 @@ inline void add_run_flags(CLI::App& app, RunFlags& flags) {
   app.add_option("--world-size", w.world_size, "Processes in the run (default: WORLD_SIZE, else 1)")->check(CLI::PositiveNumber)->group(distributed);
   app.add_option("--master-addr", w.master_addr, "Address of rank 0's rendezvous (default: MASTER_ADDR, else 127.0.0.1)")->group(distributed);
   app.add_option("--master-port", w.master_port, "Port of rank 0's rendezvous (default: MASTER_PORT, else 29500)")->check(CLI::Range(1, 65535))->group(distributed);
-  app.add_option("--dist-timeout", w.timeout, "Seconds the rendezvous or one collective may take before the run stops")->check(CLI::PositiveNumber)->group(distributed);
+  app.add_option("--dist-timeout", w.timeout, "Seconds the rendezvous or one collective may take before the run stops, naming the rank that is gone or hung")->check(CLI::PositiveNumber)->group(distributed);
+  app.add_option("--bucket-mb", w.bucket_mb, "MiB of gradients per all-reduce bucket; each starts while the backward pass goes on (the first bucket holds 1 MiB)")->check(CLI::PositiveNumber)->group(distributed);
 }
 
 }  // namespace common

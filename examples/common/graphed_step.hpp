@@ -133,7 +133,7 @@ class GraphedTrainStep {
     auto t = torch::randint(0, step_.num_train_timesteps(), {static_.latents.size(0)}, generator_,
                             torch::TensorOptions().dtype(torch::kLong).device(device));
     auto loss = step_.loss(static_, noise, t);
-    loss.backward();
+    step_.backward(loss);
     step_.reduce_gradients();
     if (step_.options().max_grad_norm > 0) adamw_.clip_grad_norm(step_.options().max_grad_norm);
     adamw_.step();

@@ -24,6 +24,7 @@
 #include <common/checkpoint.hpp>
 #include <common/dataset.hpp>
 #include <common/distributed.hpp>
+#include <common/gradient_reducer.hpp>
 #include <common/flags.hpp>
 #include <common/graphed_step.hpp>
 #include <common/lean.hpp>
@@ -256,7 +257,11 @@ class TrainingRun {
     TrainStep step(trainable.denoiser, trainable.tensors(), objective.schedule, f.optim.optim,
                    precision_, device_, objective.prediction_type, trainable.groups);
     auto& dist = *dist_;
-    if (dist.active()) step.set_gradient_hook(dist.gradient_hook());
+    if (dist.active()) {
+      ReducerOptions reducer;
+      reducer.bucket_bytes = static_cast<int64_t>(f.distributed.bucket_mb * (1 << 20));
+      step.set_gradient_reduction(std::make_shared<GradientReducer>(dist, trainable.tensors(), reducer));
+    }
 
     // The global batch: every rank's micro-batches of every accumulation step.
     const int64_t images_per_step = f.optim.batch_size * f.optim.grad_accum * dist.world_size();
@@ -267,19 +272,23 @@ class TrainingRun {
     // The model's scheduler too: resuming under another prediction or beta schedule (e.g.
     // without zero terminal SNR) would train towards another target.
     const auto& scheduler = pipe.scheduler_config;
-    nlohmann::json settings = {{"precision", f.compute.precision}, {"batch_size", f.optim.batch_size},
-                               {"grad_accum", f.optim.grad_accum}, {"model", f.model.model},
+    // The global batch must stay the same on resume; how it is split (processes × per-process
+    // batch × accumulation) may change: a checkpoint written by N processes resumes on M.
+    nlohmann::json settings = {{"precision", f.compute.precision}, {"global_batch", images_per_step},
+                               {"model", f.model.model},
                                {"prediction", objective.prediction_type},
                                {"scheduler_prediction", sd::prediction_type(pipe)},
                                {"zero_terminal_snr", scheduler.is_object() &&
                                                          scheduler.value("rescale_betas_zero_snr", false)}};
+    const BatchLayout layout{dist.world_size(), f.optim.batch_size, f.optim.grad_accum};
     settings.update(trainable.settings);
     const auto checkpoints = output() / "checkpoints";
     const int64_t start = start_step();
     if (dist.active()) {  // every rank trains the same tensors the same way from the same step
       std::string description = settings.dump() + " seed " + std::to_string(f.optim.seed) + " steps " +
                                 std::to_string(start) + "-" + std::to_string(total) + " optim " +
-                                std::to_string(f.optim.optim.lr) + " " + f.optim.optim.schedule;
+                                std::to_string(f.optim.optim.lr) + " " + f.optim.optim.schedule +
+                                " bucket-mb " + std::to_string(f.distributed.bucket_mb);
       for (const auto& [name, tensor] : tensors) description += " " + name + c10::str(tensor.sizes());
       dist.check_same("the flags or trainable tensors", description);
     }
@@ -289,12 +298,21 @@ class TrainingRun {
       // Checkpoints of earlier versions lack the scheduler's keys: they trained on the model's own
       // scheduler, never with zero terminal SNR (it was refused).
       nlohmann::json earlier = resumed_->state.run;
+      const auto before = BatchLayout::take_from(earlier);
       if (earlier.is_object() && !earlier.contains("zero_terminal_snr")) earlier["zero_terminal_snr"] = false;
       if (earlier.is_object() && !earlier.contains("scheduler_prediction")) {
         earlier["scheduler_prediction"] = settings["scheduler_prediction"];
       }
+      TORCH_CHECK(before.images() == layout.images(), "checkpoint '", folder.string(), "' trained with a "
+                  "global batch of ", before.describe(), "; this run's is ", layout.describe(),
+                  ": processes × --batch-size × --grad-accum must stay the same");
       TORCH_CHECK(earlier == settings, "checkpoint '", folder.string(), "' comes from a run with ",
                   resumed_->state.run.dump(), ", this run has ", settings.dump());
+      if (!(before == layout)) {
+        std::printf("resuming a global batch of %s as %s%s\n", before.describe().c_str(), layout.describe().c_str(),
+                    before.batch_size == layout.batch_size ? "" : " (another per-process batch: the noise "
+                    "of a micro-batch is drawn anew, so the run differs from an uninterrupted one)");
+      }
       step.set_loss_scale(load_checkpoint(*resumed_, tensors, step.optimizer()).loss_scale);
       last_checkpoint = folder;
       std::printf("resumed from %s at step %lld\n", folder.string().c_str(), static_cast<long long>(start));
@@ -341,7 +359,7 @@ class TrainingRun {
       if (!dist.is_main()) return last_checkpoint = checkpoints / checkpoint_name(at);  // rank 0 writes it
       write_losses();
       last_checkpoint = save_checkpoint(checkpoints, tensors, step.optimizer(),
-                                        TrainState{at, f.optim.seed, step.loss_scale(), settings},
+                                        TrainState{at, f.optim.seed, step.loss_scale(), layout.put_into(settings)},
                                         f.checkpoints.keep_last);
       return last_checkpoint;
     };
@@ -369,6 +387,7 @@ class TrainingRun {
     int64_t overflows = 0;  // consecutive fp16 steps skipped by the loss scaler
     for (int64_t s = start; s < total; ++s) {
       const double lr = learning_rate(f.optim.optim, s, total);
+      dist.set_step(s);
       torch::Tensor loss_sum;  // on the device: read once the whole step is queued
       for (int64_t a = 0; a < f.optim.grad_accum; ++a) {
         const int64_t m = s * f.optim.grad_accum + a;

@@ -27,6 +27,7 @@
 #include <cmath>
 #include <filesystem>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <utility>
@@ -116,9 +117,19 @@ struct DenoisingLoss {
   }
 };
 
-/// Called with the trainable parameters once their gradients for the step are complete, before
-/// the fp16 unscale, the finite check and clipping: where gradients are reduced across processes.
-using GradientHook = std::function<void(const std::vector<torch::Tensor>& parameters)>;
+/// How a step's gradients are reduced across processes (examples/common/gradient_reducer.hpp
+/// averages them over the ranks of a run): told when each backward pass begins, so that it can
+/// start reducing during the step's last one, and asked to finish before the optimizer step.
+class GradientReduction {
+ public:
+  virtual ~GradientReduction() = default;
+  /// Called before each backward pass; `last`: it is the step's last micro-step, after which the
+  /// gradients are complete.
+  virtual void begin_backward(bool last) = 0;
+  /// Called once the step's backward passes are done, before the fp16 unscale, the finite check
+  /// and clipping: on return, the parameters' gradients are the reduced ones.
+  virtual void finish() = 0;
+};
 
 /// One training step (shared by the programs and the benches).
 class TrainStep {
@@ -152,7 +163,7 @@ class TrainStep {
     auto noise = draw_noise(batch.latents.sizes(), generator);
     auto t = torch::randint(0, num_train_timesteps(), {size}, generator, torch::kLong).to(device_);
     auto loss = this->loss(batch, noise, t);
-    (loss * (loss_scale_ / static_cast<double>(accumulation))).backward();
+    backward(loss * (loss_scale_ / static_cast<double>(accumulation)), ++micro_steps_ >= accumulation);
     return loss.detach();
   }
 
@@ -162,7 +173,14 @@ class TrainStep {
     return loss_(denoiser_, batch, noise, t);
   }
 
-  /// Applies the accumulated gradients at learning rate `lr`: reduce (the gradient hook),
+  /// The backward pass of `loss`, adding to the parameters' gradients; `last`: the step's last
+  /// micro-step (the gradient reduction may start during it).
+  void backward(const torch::Tensor& loss, bool last = true) {
+    if (reduction_) reduction_->begin_backward(last);
+    loss.backward();
+  }
+
+  /// Applies the accumulated gradients at learning rate `lr`: reduce (the gradient reduction),
   /// unscale (fp16), skip the step on overflow, clip, AdamW, zero the gradients. Returns false
   /// when an fp16 overflow skipped it.
   bool optimizer_step(double lr) {
@@ -189,6 +207,7 @@ class TrainStep {
       }
     }
     optimizer_.zero_grad();
+    micro_steps_ = 0;
     update_loss_scale(finite);
     return finite;
   }
@@ -200,11 +219,11 @@ class TrainStep {
     return rates;
   }
 
-  /// Sets the hook that reduces the gradients before each optimizer step (none by default).
-  void set_gradient_hook(GradientHook hook) { gradient_hook_ = std::move(hook); }
-  /// Runs the gradient hook, if any, on the parameters (the graphed step calls it too).
+  /// Sets what reduces the gradients before each optimizer step (nothing by default).
+  void set_gradient_reduction(std::shared_ptr<GradientReduction> reduction) { reduction_ = std::move(reduction); }
+  /// Finishes the gradient reduction, if any (the graphed step calls it too).
   void reduce_gradients() {
-    if (gradient_hook_) gradient_hook_(params_);
+    if (reduction_) reduction_->finish();
   }
 
   /// The optimizer (its state goes into checkpoints).
@@ -292,7 +311,8 @@ class TrainStep {
   std::vector<torch::Tensor> params_;
   std::vector<std::pair<size_t, double>> groups_;  // before optimizer_, which is built from it
   torch::optim::AdamW optimizer_;
-  GradientHook gradient_hook_;
+  std::shared_ptr<GradientReduction> reduction_;
+  int64_t micro_steps_ = 0;  // backward passes since the last optimizer step
   double loss_scale_ = loss_.precision == sd::Precision::kFP16 ? 65536.0 : 1.0;
   int64_t clean_steps_ = 0;
 };

@@ -16,10 +16,10 @@
 #include <common/batches.hpp>
 #include <common/conditioned_dataset.hpp>
 #include <common/conditions.hpp>
-#include <common/distributed.hpp>
 #include <common/control.hpp>
 #include <common/demo_data.hpp>
 #include <common/flags.hpp>
+#include <common/launcher.hpp>
 #include <common/program.hpp>
 #include <common/run.hpp>
 #include <common/validation.hpp>

@@ -10,9 +10,9 @@
 // file.
 
 #include <common/dataset.hpp>
-#include <common/distributed.hpp>
 #include <common/demo_data.hpp>
 #include <common/flags.hpp>
+#include <common/launcher.hpp>
 #include <common/program.hpp>
 #include <common/run.hpp>
 #include <common/tuners.hpp>
