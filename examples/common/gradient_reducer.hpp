@@ -21,6 +21,7 @@
 
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <mutex>
@@ -156,8 +157,8 @@ class GradientReducer : public GradientReduction {
     return buckets_[bucket_of_[i]].flat.narrow(0, offset_of_[i], params_[i].numel());
   }
 
-  // Buckets of the parameters in `order`: the first up to first_bucket_bytes, the others up to
-  // bucket_bytes; one dtype per bucket.
+  // Buckets of the parameters in `order`: the first up to first_bucket_bytes (or bucket_bytes,
+  // when smaller), the others up to bucket_bytes; one dtype per bucket.
   void lay_out(const std::vector<size_t>& order) {
     buckets_.clear();
     bucket_of_.assign(params_.size(), 0);
@@ -167,7 +168,8 @@ class GradientReducer : public GradientReduction {
     for (const auto i : order) {
       const auto& p = params_[i];
       const int64_t size = p.numel() * p.element_size();
-      const int64_t cap = buckets_.size() == 1 ? options_.first_bucket_bytes : options_.bucket_bytes;
+      const int64_t cap = buckets_.size() == 1 ? std::min(options_.first_bucket_bytes, options_.bucket_bytes)
+                                               : options_.bucket_bytes;
       const bool fits = !buckets_.empty() && bytes + size <= cap &&
                         params_[buckets_.back().members.front()].scalar_type() == p.scalar_type();
       if (!fits) {
