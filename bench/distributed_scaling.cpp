@@ -5,9 +5,11 @@
 //
 // Each world of N > 1 processes is started by the built-in launcher (examples/common/launcher.hpp)
 // as copies of this program; every rank trains the same UNet with its own random batch. For each
-// world the step is timed twice: with the all-reduces started after the backward pass (`after`:
-// their whole time is added to the step) and started while it runs (`overlap`, what the programs
-// do). The hidden share is 1 − (time in the reduction's finish with overlap) / (without).
+// world the step is timed twice: with the all-reduces started after the backward pass (`after`)
+// and while it runs (`overlap`, what the programs do). Columns: `all-reduce alone`, the buckets
+// all-reduced right after a barrier (the communication itself); `after backward`, the median time
+// the step spends in the reduction's finish once its backward pass is done (the all-reduces left,
+// and waiting for a slower rank); `hidden by overlap`, 1 − overlap's after-backward time ÷ after's.
 // Configurations and shared flags: step_bench.hpp.
 
 #include "step_bench.hpp"
@@ -48,10 +50,16 @@ struct ScalingRow {
   std::string reduction;  // none | after | overlap
   double step_ms = 0;     // median
   double images_per_s = 0;
-  double finish_ms = 0;   // mean time in the reduction's finish per step
+  double finish_ms = 0;   // median time in the reduction's finish per step
+  double alone_ms = 0;    // median time of the same reduction alone, the ranks in step
   int64_t buckets = 0;    // per step
   double started_in_backward = 0;  // share of the buckets
 };
+
+double median(std::vector<double> values) {
+  std::sort(values.begin(), values.end());
+  return values[values.size() / 2];
+}
 
 /// Times `run.warmup` + `run.steps` steps of `method` on this rank; with `overlap` set (and a
 /// world of several processes) the gradients go through a GradientReducer.
@@ -76,11 +84,11 @@ ScalingRow measure(sd::UNet& unet, common::Distributed& dist, const Options& opt
     reducer = std::make_shared<common::GradientReducer>(dist, trainable.tensors(), reducer_options);
     step.set_gradient_reduction(reducer);
   }
-  std::vector<double> times;
+  std::vector<double> times, finish_ms;
   common::ReducerStats before;
   for (int64_t i = 0; i < run.warmup + run.steps; ++i) {
-    if (i == run.warmup && reducer) before = reducer->stats();
-    dist.barrier();  // the ranks start each step together: a rank's wait is the reduction's
+    if (reducer) before = reducer->stats();
+    dist.barrier();  // the ranks start each step together
     bench::synchronize(run.device);
     const auto began = std::chrono::steady_clock::now();
     auto generator = common::step_generator(dist.rank(), i);
@@ -88,21 +96,33 @@ ScalingRow measure(sd::UNet& unet, common::Distributed& dist, const Options& opt
     step.optimizer_step(1e-4);
     bench::synchronize(run.device);
     const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - began).count();
-    if (i >= run.warmup) times.push_back(ms);
+    if (i < run.warmup) continue;
+    times.push_back(ms);
+    if (reducer) finish_ms.push_back(1000.0 * (reducer->stats().finish_seconds - before.finish_seconds));
   }
-  std::sort(times.begin(), times.end());
   ScalingRow row;
   row.processes = dist.world_size();
   row.reduction = reduction;
-  row.step_ms = times[times.size() / 2];
+  row.step_ms = median(times);
   row.images_per_s = options.batch * dist.world_size() * 1000.0 / row.step_ms;
   if (reducer) {
     const auto& after = reducer->stats();
-    const double steps = static_cast<double>(after.steps - before.steps);
-    row.finish_ms = 1000.0 * (after.finish_seconds - before.finish_seconds) / steps;
-    row.buckets = static_cast<int64_t>((after.buckets - before.buckets) / steps);
+    row.finish_ms = median(finish_ms);
+    row.buckets = (after.buckets - before.buckets);
     row.started_in_backward = static_cast<double>(after.started_in_backward - before.started_in_backward) /
                               static_cast<double>(after.buckets - before.buckets);
+    // The reduction alone: the same buckets (zeros) all-reduced right after a barrier, with no
+    // backward pass to hide behind and no rank to wait for.
+    std::vector<double> alone;
+    for (int64_t i = 0; i < run.steps; ++i) {
+      dist.barrier();
+      const auto began = std::chrono::steady_clock::now();
+      reducer->begin_backward(true);
+      reducer->finish();
+      bench::synchronize(run.device);
+      alone.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - began).count());
+    }
+    row.alone_ms = median(alone);
   }
   reducer.reset();
   if (tuners.lora) tuners.lora->unload();
@@ -127,22 +147,24 @@ std::vector<ScalingRow> measure_world(const Options& options, bench::Run& run) {
 void print(const std::vector<ScalingRow>& world, const Options& options) {
   const double after_ms = world.front().reduction == "after" ? world.front().finish_ms : 0;
   for (const auto& r : world) {
-    char reduce[64] = "–", hidden[32] = "–", early[32] = "–";
+    char reduce[64] = "–", alone[32] = "–", hidden[32] = "–", early[32] = "–";
     if (r.reduction != "none") {
-      std::snprintf(reduce, sizeof(reduce), "%.1f (%lld buckets)", r.finish_ms, static_cast<long long>(r.buckets));
+      std::snprintf(alone, sizeof(alone), "%.1f (%lld buckets)", r.alone_ms, static_cast<long long>(r.buckets));
+      std::snprintf(reduce, sizeof(reduce), "%.1f", r.finish_ms);
       std::snprintf(early, sizeof(early), "%.0f%%", 100.0 * r.started_in_backward);
     }
     if (r.reduction == "overlap" && after_ms > 0) std::snprintf(hidden, sizeof(hidden), "%.0f%%", 100.0 * (1 - r.finish_ms / after_ms));
-    std::printf("| %lld | %s | %lld | %lld | %.1f | %.2f | %s | %s | %s |\n", static_cast<long long>(r.processes),
+    std::printf("| %lld | %s | %lld | %lld | %.1f | %.2f | %s | %s | %s | %s |\n", static_cast<long long>(r.processes),
                 r.reduction.c_str(), static_cast<long long>(options.batch),
-                static_cast<long long>(options.batch * r.processes), r.step_ms, r.images_per_s, reduce, early, hidden);
+                static_cast<long long>(options.batch * r.processes), r.step_ms, r.images_per_s, alone, reduce,
+                early, hidden);
   }
   std::fflush(stdout);
 }
 
 nlohmann::json to_json(const ScalingRow& r, const Options& options, const bench::Run& run) {
   return {{"processes", r.processes}, {"reduction", r.reduction}, {"batch_per_process", options.batch},
-          {"step_ms", r.step_ms}, {"images_per_s", r.images_per_s}, {"finish_ms", r.finish_ms},
+          {"step_ms", r.step_ms}, {"images_per_s", r.images_per_s}, {"finish_ms", r.finish_ms}, {"alone_ms", r.alone_ms},
           {"buckets", r.buckets}, {"started_in_backward", r.started_in_backward},
           {"method", options.method}, {"precision", run.precision_list.front()}, {"config", run.config},
           {"device", run.device_name}, {"bucket_mb", options.bucket_mb}};
@@ -186,8 +208,8 @@ int main(int argc, char** argv) {
     std::printf("method %s, %s, buckets of %.3g MiB (the first at most 1 MiB), %lld cores\n\n", options.method.c_str(),
                 run.precision_list.front().c_str(), options.bucket_mb,
                 static_cast<long long>(std::thread::hardware_concurrency()));
-    std::printf("| processes | all-reduce | batch / process | global batch | step ms | images/s | reduction after backward ms | buckets started in backward | hidden by overlap |\n");
-    std::printf("|---|---|---|---|---|---|---|---|---|\n");
+    std::printf("| processes | all-reduce | batch / process | global batch | step ms | images/s | all-reduce alone ms | after backward ms | buckets started in backward | hidden by overlap |\n");
+    std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
     std::fflush(stdout);
     nlohmann::json rows = nlohmann::json::array();
     for (const auto world : worlds) {
