@@ -17,7 +17,6 @@
 /// rank is gone or hung, and the error names it.
 
 #include <common/flags.hpp>
-#include <common/train_step.hpp>
 
 #include <torch/torch.h>
 #include <torch/version.h>
@@ -35,7 +34,6 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
-#include <cstdio>
 #include <cstdlib>
 #include <map>
 #include <mutex>
