@@ -11,6 +11,8 @@
 #   bash scripts/gpu_session.sh profile # where a batch-30 SCEdit step's time goes, operator by operator
 #   bash scripts/gpu_session.sh sdxl    # issue 19: SDXL at 1024 px, bf16w, batches 1, 4, 8: SCEdit vs LoRA, then
 #                                       # memory_vs_controlnet (CSC-Tuner vs ControlNet); bench/RESULTS.md's prediction
+#   bash scripts/gpu_session.sh distributed # issue 15: distributed_scaling with NCCL, 1 vs 2 processes on the
+#                                       # one GPU (the reduction's overhead; NCCL may refuse two ranks on one card)
 #
 # The sdxl stage after a build on a fresh machine, inside one 10-minute call:
 #   SCEDIT_GPU_TARGETS="memory_vs_lora memory_vs_controlnet" SCEDIT_DEADLINE=$(($(date +%s) + 560)) \
@@ -23,7 +25,8 @@
 # its limit with what it measured so far. Results go to $OUT (default ./gpu-results), at most eight
 # files as the device tool returns them: build.log, tests.log, kernels.md, bench.md, bench.json,
 # profile.md, train.log (and controlnet.md, controlnet.json from the controlnet stage, sdxl.md and
-# sdxl.json from the sdxl stage, which the default chain leaves out: name them, e.g. `build sdxl`).
+# sdxl.json from the sdxl stage, distributed.md and distributed.json from the distributed stage,
+# which the default chain leaves out: name them, e.g. `build sdxl`).
 # CLI11 and stb are not installed on the GPU machine: their headers are taken from
 # $SCEDIT_EXTRA_INCLUDE (default .deps/include, filled by `cp -r /usr/include/CLI /usr/include/stb`;
 # carry .deps). The tests' reference data travel with the repository (tests/data).
@@ -194,6 +197,14 @@ EOF
   cat "$OUT/sdxl.md"
 }
 
+stage_distributed() {
+  local flags=(--device cuda --config sd15 --precisions bf16w --batch-size 8 --processes 1,2 --warmup 2 --steps 5)
+  echo "== distributed_scaling ${flags[*]} ($(date -u +%T))" > "$OUT/distributed.md"
+  timeout 300 "$BUILD/bin/distributed_scaling" "${flags[@]}" --json "$OUT/distributed.json" >> "$OUT/distributed.md" 2>&1 ||
+    echo "exit $?" >> "$OUT/distributed.md"
+  cat "$OUT/distributed.md"
+}
+
 stage_profile() {
   local flags=(--precisions bf16w --methods scedit --batch-sizes 30 --steps 3 --op-profile 45)
   {
@@ -207,8 +218,8 @@ stage_profile() {
 status=0
 for stage in "$@"; do
   case $stage in
-    build | tests | kernels | train | bench | profile | controlnet | sdxl) "stage_$stage" || status=1 ;;
-    *) echo "unknown stage '$stage' (build, tests, kernels, train, bench, profile, controlnet, sdxl)" >&2; exit 2 ;;
+    build | tests | kernels | train | bench | profile | controlnet | sdxl | distributed) "stage_$stage" || status=1 ;;
+    *) echo "unknown stage '$stage' (build, tests, kernels, train, bench, profile, controlnet, sdxl, distributed)" >&2; exit 2 ;;
   esac
 done
 exit $status
