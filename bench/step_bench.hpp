@@ -18,6 +18,7 @@
 /// resolves them (`resolve`), and for each row attaches its method to the UNet, makes the batch
 /// (`random_batch`) and measures it (`time_steps`).
 
+#include "flop_count.hpp"
 #include "op_profile.hpp"
 
 #include <common/counting_allocator.hpp>
@@ -47,6 +48,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -136,6 +138,8 @@ struct Row {
   double step_ms = 0;             ///< median of the timed steps
   double images_per_s = 0;        ///< batch_size / step time
   std::string operators;  ///< `--op-profile`'s table of one more step (empty without)
+  double flops = 0;        ///< `--flops`: the FLOPs of one more step (0 without)
+  int64_t flops_unreadable = 0;  ///< operators of a counted kind the count could not read
 };
 
 /// How every row of a run is measured: the flags the step benchmarks share (`add_run_flags`),
@@ -156,6 +160,7 @@ struct Run {
   bool cudnn_benchmark = false;         ///< cuDNN times its algorithms in the warm-up steps
   bool cuda_graph = false;              ///< the step captured in the last warm-up step, then replayed
   size_t op_profile = 0;  ///< operators listed for one profiled step after the timed ones (0: none)
+  bool flops = false;     ///< count one more step's FLOPs and set them against the matmul peak
   std::string json_path;                ///< `--json`: the rows also go there (empty: nowhere)
 
   // ---- resolved --------------------------------------------------------------------------------
@@ -185,6 +190,7 @@ inline void add_run_flags(CLI::App& app, Run& run) {
   app.add_flag("--cudnn-benchmark", run.cudnn_benchmark, "Let cuDNN time its convolution algorithms in the first steps and keep the fastest (the warm-up steps)");
   app.add_flag("--cuda-graph", run.cuda_graph, "Capture the whole step (noise draw, forward, backward, AdamW) as a CUDA graph in the last warm-up step and replay it (on the CPU the same step runs uncaptured)");
   app.add_option("--op-profile", run.op_profile, "After each row's timed steps, time the operators of one more step and list the N slowest (0: off; the step runs slower while profiled, see bench/op_profile.hpp)");
+  app.add_flag("--flops", run.flops, "After each row's timed steps, count one more step's FLOPs (matrix products, convolutions, attention: bench/flop_count.hpp) and set the achieved rate against this device's measured matmul throughput");
   app.add_option("--json", run.json_path, "Also write the rows as JSON to this file");
 }
 
@@ -205,6 +211,8 @@ inline void resolve(Run& run) {
               "step, then the capture), got ", run.warmup);
   TORCH_CHECK(!run.cuda_graph || run.op_profile == 0, "--op-profile times eager operators, which a "
               "CUDA graph replay does not run: leave out --cuda-graph");
+  TORCH_CHECK(!run.cuda_graph || !run.flops, "--flops counts the operators of an eager step, which a CUDA "
+              "graph replay does not run: leave out --cuda-graph (the captured step does the same arithmetic)");
   for (const auto& p : run.precision_list) {
     TORCH_CHECK(p == "fp32" || p == "bf16w", "--precisions: '", p, "' is not fp32 or bf16w");
   }
@@ -387,6 +395,13 @@ inline Row time_steps(const common::Trainable& trainable, const common::TrainBat
   std::sort(times.begin(), times.end());
   Row row;
   row.peak_bytes = PeakMeter{device}.peak();
+  if (run.flops) {  // one more eager step, after the peak was read
+    FlopCount count;
+    eager_step(run.warmup + run.steps);
+    synchronize(device);
+    row.flops = count.flops();
+    row.flops_unreadable = count.unreadable_operators();
+  }
   if (run.op_profile > 0) {  // one more eager step, after the peak was read
     OpProfile profile(device);
     eager_step(run.warmup + run.steps);
@@ -424,6 +439,15 @@ inline void print_operators(const std::vector<Row>& rows) {
   }
 }
 
+/// The matrix throughput of the run's device in precision `name` (TFLOP/s, flop_count.hpp), measured
+/// once per precision.
+inline double matmul_peak(const Run& run, const std::string& name) {
+  static std::map<std::string, double> measured;
+  auto it = measured.find(name);
+  if (it == measured.end()) it = measured.emplace(name, matmul_tflops(run.device, frozen_dtype(name))).first;
+  return it->second;
+}
+
 /// A row as JSON, with the run's settings (the fields bench/results/*.json hold).
 inline nlohmann::json to_json(const Row& r, const Run& run) {
   return {{"method", r.method}, {"precision", r.precision}, {"batch_size", r.batch_size},
@@ -431,13 +455,35 @@ inline nlohmann::json to_json(const Row& r, const Run& run) {
           {"step_ms", r.step_ms}, {"images_per_s", r.images_per_s},
           {"device", run.device_name}, {"config", run.config}, {"pipeline", run.pipeline},
           {"recompute", run.recompute}, {"channels_last", run.channels_last}, {"cudnn_benchmark", run.cudnn_benchmark}, {"attention", run.attention}, {"lean", common::to_string(run.lean)},
-          {"optimizer", run.cuda_graph ? "capturable" : run.optimizer}, {"cuda_graph", run.cuda_graph && run.device.is_cuda()}};
+          {"optimizer", run.cuda_graph ? "capturable" : run.optimizer}, {"cuda_graph", run.cuda_graph && run.device.is_cuda()},
+          {"flops_per_step", r.flops}, {"matmul_tflops", run.flops ? matmul_peak(run, r.precision) : 0.0}};
 }
 
-/// Ends a run: each profiled row's operator table (`--op-profile`), then the rows as JSON with
-/// the run's settings in `--json`'s file, if one was given (written atomically).
+/// With `--flops`, each row's FLOPs per image and its achieved rate as a share of the device's
+/// matmul throughput in the row's precision (bf16w: bf16 products; fp32: with TF32 where allowed).
+inline void print_flops(const std::vector<Row>& rows, const Run& run) {
+  if (!run.flops) return;
+  std::printf("\nFLOPs (bench/flop_count.hpp: matrix products, convolutions, attention) of one step, against "
+              "this device's matmul throughput\n\n| method | precision | bs | GFLOP per image | achieved TFLOP/s | "
+              "matmul peak TFLOP/s | share of peak |\n|---|---|---|---|---|---|---|\n");
+  for (const auto& r : rows) {
+    const double peak = matmul_peak(run, r.precision), achieved = r.flops / (r.step_ms / 1000.0) / 1e12;
+    std::printf("| %s | %s | %lld | %s | %s | %s | %.0f%% |\n", r.method.c_str(), r.precision.c_str(),
+                static_cast<long long>(r.batch_size), three_digits(r.flops / r.batch_size / 1e9).c_str(),
+                three_digits(achieved).c_str(), three_digits(peak).c_str(), 100.0 * achieved / peak);
+    if (r.flops_unreadable > 0) {
+      std::printf("  (%lld operators of a counted kind could not be read: their FLOPs are missing)\n",
+                  static_cast<long long>(r.flops_unreadable));
+    }
+  }
+}
+
+/// Ends a run: each profiled row's operator table (`--op-profile`), the FLOPs (`--flops`), then
+/// the rows as JSON with the run's settings in `--json`'s file, if one was given (written
+/// atomically).
 inline void finish(const std::vector<Row>& rows, const Run& run) {
   print_operators(rows);
+  print_flops(rows, run);
   if (run.json_path.empty()) return;
   nlohmann::json out = nlohmann::json::array();
   for (const auto& r : rows) out.push_back(to_json(r, run));

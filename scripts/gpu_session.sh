@@ -11,6 +11,10 @@
 #   bash scripts/gpu_session.sh profile # where a batch-30 SCEdit step's time goes, operator by operator
 #   bash scripts/gpu_session.sh sdxl    # issue 19: SDXL at 1024 px, bf16w, batches 1, 4, 8: SCEdit vs LoRA, then
 #                                       # memory_vs_controlnet (CSC-Tuner vs ControlNet); bench/RESULTS.md's prediction
+#   bash scripts/gpu_session.sh peer    # issue 18: the Python peer's training step on this card (bf16w, SCEdit
+#                                       # batches 30 and 1, eager and torch.compile; LoRA batch 30, eager)
+#   bash scripts/gpu_session.sh generate # issue 18: generate_speed (SD 1.5, 512 px, DDIM 50 with guidance,
+#                                       # fp16 and bf16, batches 1 and 8), then the peer's, eager and compiled
 #   bash scripts/gpu_session.sh distributed # issue 15: distributed_scaling with NCCL, 1 vs 2 processes on the
 #                                       # one GPU (the reduction's overhead; NCCL may refuse two ranks on one card)
 #
@@ -26,7 +30,11 @@
 # files as the device tool returns them: build.log, tests.log, kernels.md, bench.md, bench.json,
 # profile.md, train.log (and controlnet.md, controlnet.json from the controlnet stage, sdxl.md and
 # sdxl.json from the sdxl stage, distributed.md and distributed.json from the distributed stage,
-# which the default chain leaves out: name them, e.g. `build sdxl`).
+# peer.md and its JSON rows from the peer stage, generate.md and generate*.json from the generate
+# stage, which the default chain leaves out: name them, e.g. `build sdxl`).
+# The peer stages read the Python peer from $SCEDIT_PEER_DIR (default .deps/peer, filled by
+# `cp -r ../shared/peer .deps/peer`; carry .deps): ../shared does not travel to the GPU machine.
+# Compare its rows with ours only from the same call (the same card, the same hour).
 # CLI11 and stb are not installed on the GPU machine: their headers are taken from
 # $SCEDIT_EXTRA_INCLUDE (default .deps/include, filled by `cp -r /usr/include/CLI /usr/include/stb`;
 # carry .deps). The tests' reference data travel with the repository (tests/data).
@@ -197,6 +205,50 @@ EOF
   cat "$OUT/sdxl.md"
 }
 
+PEER_DIR=${SCEDIT_PEER_DIR:-$PWD/.deps/peer}
+# Unpacks the peer's diffusers source once (the GPU machine's Python has torch, transformers and
+# peft, not diffusers).
+peer_ready() {
+  [ -f "$PEER_DIR/peer_memory.py" ] || { echo "error: no peer in $PEER_DIR (cp -r ../shared/peer .deps/peer)"; return 1; }
+  [ -d /tmp/peer/src ] || { mkdir -p /tmp/peer && tar -xzf "$PEER_DIR/diffusers-src.tar.gz" -C /tmp/peer; }
+}
+
+# Runs the peer script $1 with the environment in the rest, appending to $OUT/$2.md, unless too
+# near SCEDIT_DEADLINE (a compiled run spends minutes compiling).
+run_peer() {
+  local script=$1 log=$2
+  shift 2
+  if ! time_left 240; then
+    echo "== $script $*: skipped, too near SCEDIT_DEADLINE" >> "$OUT/$log.md"
+    return 0
+  fi
+  echo "== $script $* ($(date -u +%T))" >> "$OUT/$log.md"
+  env DIFFUSERS_SRC=/tmp/peer/src OUT="$OUT" "$@" timeout 420 python3 "$PEER_DIR/$script" >> "$OUT/$log.md" 2>&1 ||
+    echo "exit $?" >> "$OUT/$log.md"
+}
+
+stage_peer() {
+  : > "$OUT/peer.md"
+  peer_ready >> "$OUT/peer.md" 2>&1 || { cat "$OUT/peer.md"; return 1; }
+  run_peer peer_memory.py peer PEER_PRECISIONS=bf16w PEER_BS=30,1 PEER_METHODS=scedit PEER_JSON=peer_eager.json
+  run_peer peer_memory.py peer PEER_PRECISIONS=bf16w PEER_BS=30,1 PEER_METHODS=scedit PEER_COMPILE=1 PEER_JSON=peer_compiled.json
+  run_peer peer_memory.py peer PEER_PRECISIONS=bf16w PEER_BS=30 PEER_METHODS=lora PEER_JSON=peer_lora.json
+  cat "$OUT/peer.md"
+}
+
+stage_generate() {  # SCEDIT_GENERATE_CONFIG / _PRECISIONS: another size (e.g. reduced, bf16 on the CPU)
+  local flags=(--config "${SCEDIT_GENERATE_CONFIG:-sd15}" --precisions "${SCEDIT_GENERATE_PRECISIONS:-fp16,bf16}"
+               --batch-sizes 1,8 --steps 50 --repeat 3)
+  echo "== generate_speed ${flags[*]} ($(date -u +%T))" > "$OUT/generate.md"
+  timeout 300 "$BUILD/bin/generate_speed" "${flags[@]}" --json "$OUT/generate.json" >> "$OUT/generate.md" 2>&1 ||
+    echo "exit $?" >> "$OUT/generate.md"
+  if peer_ready >> "$OUT/generate.md" 2>&1; then
+    run_peer peer_generate.py generate GEN_DTYPES=fp16,bf16 GEN_BS=1,8 GEN_STEPS=50 GEN_REPEAT=3 PEER_JSON=peer_generate_eager.json
+    run_peer peer_generate.py generate GEN_DTYPES=fp16,bf16 GEN_BS=1,8 GEN_STEPS=50 GEN_REPEAT=3 PEER_COMPILE=1 PEER_JSON=peer_generate_compiled.json
+  fi
+  cat "$OUT/generate.md"
+}
+
 stage_distributed() {
   local flags=(--device cuda --config sd15 --precisions bf16w --batch-size 8 --processes 1,2 --warmup 2 --steps 5)
   echo "== distributed_scaling ${flags[*]} ($(date -u +%T))" > "$OUT/distributed.md"
@@ -218,8 +270,10 @@ stage_profile() {
 status=0
 for stage in "$@"; do
   case $stage in
-    build | tests | kernels | train | bench | profile | controlnet | sdxl | distributed) "stage_$stage" || status=1 ;;
-    *) echo "unknown stage '$stage' (build, tests, kernels, train, bench, profile, controlnet, sdxl, distributed)" >&2; exit 2 ;;
+    build | tests | kernels | train | bench | profile | controlnet | sdxl | distributed | peer | generate)
+      "stage_$stage" || status=1 ;;
+    *) echo "unknown stage '$stage' (build, tests, kernels, train, bench, profile, controlnet, sdxl, distributed, peer, generate)" >&2
+       exit 2 ;;
   esac
 done
 exit $status

@@ -1,0 +1,186 @@
+// generate_speed: how fast text-to-image runs — the work of one `generate` batch (sd::generate,
+// what the program calls): text encoding of the prompts and of the empty negative prompt, DDIM
+// (trailing timesteps) with classifier-free guidance (the UNet at batch 2·B), VAE decode and the
+// uint8 images, with random weights (speed and memory do not depend on their values).
+//
+// The same work as the Python peer's `peer_generate.py` (../shared/peer, diffusers' UNet, VAE and
+// CLIP-L): guidance 7.5 without rescaling (diffusers' default; SCEdit's recipe rescales by 0.5,
+// `--guidance-rescale`), the weights in the row's dtype. One difference: in fp16 the VAE decodes
+// in float32, as `generate` and diffusers' pipeline do for SD's VAE (`force_upcast`); the peer
+// decodes in fp16. Per row: seconds per batch (median of the timed batches), images/s, UNet
+// steps/s (denoising steps per second of one batch) and the peak memory (CUDA: the caching
+// allocator's peak allocated bytes; CPU: an exact count of tensor bytes), weights included; with
+// `--flops`, the FLOPs per image and the achieved rate as a share of the device's matmul peak.
+// Without a GPU it runs the reduced model of SD 1.5's layout (step_bench.hpp's `reduced`).
+
+#include "flop_count.hpp"
+#include "step_bench.hpp"
+
+#include <common/counting_allocator.hpp>
+#include <common/strings.hpp>
+#include <sd/precision.hpp>
+#include <sd/sampler.hpp>
+#include <sd/tiny.hpp>
+
+#include <scedit/atomic_file.hpp>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+#include <string>
+#include <vector>
+
+namespace {
+
+/// The flags.
+struct Flags {
+  std::string config = "auto";      // sd15 | sd21 | sdxl | reduced | reduced-sdxl | auto
+  std::string device = "auto";
+  std::string precisions = "auto";  // fp16 | bf16 | fp32, comma-separated
+  std::string batches = "auto";
+  int64_t steps = 50;
+  int64_t size = 0;                 // 0: the configuration's
+  double guidance_rescale = 0.0;
+  int64_t warmup = 1, repeat = 3;
+  bool flops = false;
+  std::string json_path;
+};
+
+/// The pipeline of `shapes` with random weights (seed 0) on `device` in `precision`'s dtype, as
+/// `generate` holds a model: the VAE in float32 under fp16 when it asks for it.
+sd::StableDiffusion make_pipeline(const bench::Shapes& shapes, sd::Precision precision, const torch::Device& device) {
+  const auto dtype = sd::compute_dtype(precision);
+  auto pipe = sd::random_pipeline(shapes.unet, shapes.vae, shapes.text, /*seed=*/0, dtype, shapes.text_2);
+  pipe.unet->to(device);
+  pipe.vae->to(device);
+  for (auto* encoder : pipe.text_encoders()) encoder->to(device);
+  if (precision == sd::Precision::kFP16 && pipe.vae_config.force_upcast) pipe.vae->to(torch::kFloat32);
+  return pipe;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Flags flags;
+  CLI::App app{"generate_speed: seconds per batch, images/s, UNet steps/s and peak memory of text-to-image "
+               "(text encoding, DDIM with classifier-free guidance, VAE decode), as generate runs it"};
+  app.option_defaults()->always_capture_default();
+  app.add_option("--config", flags.config, "sd15 | sd21 | sdxl | reduced | reduced-sdxl | auto (sd15 on CUDA, reduced on the CPU)");
+  app.add_option("--device", flags.device, "auto | cpu | cuda[:N]");
+  app.add_option("--precisions", flags.precisions, "Comma-separated: fp16 (CUDA only), bf16, fp32 (auto: fp16,bf16 on CUDA, fp32,bf16 on the CPU)");
+  app.add_option("--batch-sizes", flags.batches, "Comma-separated images per batch (auto: 1,8 on CUDA, 1,2 on the CPU)");
+  app.add_option("--steps", flags.steps, "DDIM steps per batch")->check(CLI::PositiveNumber);
+  app.add_option("--size", flags.size, "Image side in pixels, a multiple of 8 (0: the configuration's: 512 for sd15)")->check(CLI::NonNegativeNumber);
+  app.add_option("--guidance-rescale", flags.guidance_rescale, "diffusers' rescale_noise_cfg φ (0: plain guidance, as the peer)")->check(CLI::Range(0.0, 1.0));
+  app.add_option("--warmup", flags.warmup, "Untimed batches per row")->check(CLI::NonNegativeNumber);
+  app.add_option("--repeat", flags.repeat, "Timed batches per row (median reported)")->check(CLI::PositiveNumber);
+  app.add_flag("--flops", flags.flops, "After each row's timed batches, count one more batch's FLOPs (matrix products, convolutions, attention: bench/flop_count.hpp) and set the achieved rate against this device's measured matmul throughput");
+  app.add_option("--json", flags.json_path, "Also write the rows as JSON to this file");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  try {
+    const auto device = common::resolve_device(flags.device);
+    if (!device.is_cuda()) common::CountingCPUAllocator::install();
+    if (flags.config == "auto") flags.config = device.is_cuda() ? "sd15" : "reduced";
+    const auto shapes = bench::make_shapes(flags.config);
+    const int64_t size = flags.size > 0 ? flags.size : 8 * shapes.latent;
+    TORCH_CHECK(size % 8 == 0, "--size must be a multiple of 8, got ", size);
+    if (flags.precisions == "auto") flags.precisions = device.is_cuda() ? "fp16,bf16" : "fp32,bf16";
+    if (flags.batches == "auto") flags.batches = device.is_cuda() ? "1,8" : "1,2";
+    std::vector<sd::Precision> precisions;
+    for (const auto& name : common::split_list(flags.precisions)) {
+      precisions.push_back(sd::parse_precision(name));
+      sd::check_precision(precisions.back(), device);
+    }
+    const auto batch_sizes = bench::parse_ints(flags.batches, "--batch-sizes");
+    at::globalContext().setFloat32MatmulPrecision("high");  // TF32, as the peer allows it
+    std::string device_name = device.str();
+#if defined(SCEDIT_WITH_CUDA)
+    if (device.is_cuda()) device_name = at::cuda::getDeviceProperties(device.index() < 0 ? 0 : device.index())->name;
+#endif
+
+    std::printf("config %s, %lld px, DDIM %lld steps (trailing), guidance 7.5 (rescale %.2g), device %s, "
+                "%lld warm-up + %lld timed batches\n\n",
+                flags.config.c_str(), static_cast<long long>(size), static_cast<long long>(flags.steps),
+                flags.guidance_rescale, device_name.c_str(), static_cast<long long>(flags.warmup),
+                static_cast<long long>(flags.repeat));
+    std::printf("| precision | bs | s / batch | images/s | UNet steps/s | peak MiB |\n|---|---|---|---|---|---|\n");
+    std::fflush(stdout);
+    nlohmann::json rows = nlohmann::json::array();
+    for (const auto precision : precisions) {
+      auto pipe = make_pipeline(shapes, precision, device);
+      for (const auto batch : batch_sizes) {
+        sd::GenerateOptions options;
+        options.width = options.height = size;
+        options.steps = flags.steps;
+        options.guidance_rescale = flags.guidance_rescale;
+        options.batch_size = batch;
+        options.precision = precision;
+        options.device = device;
+        const std::vector<std::string> prompts(static_cast<size_t>(batch), "a photograph of an astronaut riding a horse");
+        bench::PeakMeter meter{device};
+        std::vector<double> seconds;
+        for (int64_t i = 0; i < flags.warmup + flags.repeat; ++i) {
+          if (i == flags.warmup) meter.reset();
+          options.seed = static_cast<uint64_t>(i * batch);
+          const auto began = std::chrono::steady_clock::now();
+          const auto images = sd::generate(pipe, prompts, options);  // uint8 on the host: the GPU is done
+          if (i >= flags.warmup) seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count());
+        }
+        std::sort(seconds.begin(), seconds.end());
+        const double s = seconds[seconds.size() / 2];
+        const double peak_mib = meter.peak() / 1048576.0;
+        double flops = 0;
+        if (flags.flops) {  // one more batch, after the peak was read
+          bench::FlopCount count;
+          sd::generate(pipe, prompts, options);
+          flops = count.flops();
+          TORCH_CHECK(count.unreadable_operators() == 0, count.unreadable_operators(), " operators of a counted "
+                      "kind could not be read (bench/flop_count.hpp)");
+        }
+        std::printf("| %s | %lld | %.3f | %.2f | %.1f | %.0f |\n", sd::to_string(precision).c_str(),
+                    static_cast<long long>(batch), s, batch / s, flags.steps / s, peak_mib);
+        std::fflush(stdout);
+        rows.push_back({{"precision", sd::to_string(precision)}, {"batch_size", batch}, {"steps", flags.steps},
+                        {"size", size}, {"s_per_batch", s}, {"images_per_s", batch / s},
+                        {"unet_steps_per_s", flags.steps / s}, {"peak_mib", peak_mib}, {"config", flags.config},
+                        {"guidance_rescale", flags.guidance_rescale}, {"device", device_name},
+                        {"flops_per_batch", flops}});
+      }
+    }
+    if (flags.flops) {
+      std::printf("\nFLOPs (bench/flop_count.hpp: matrix products, convolutions, attention) of one batch, against "
+                  "this device's matmul throughput\n\n| precision | bs | GFLOP per image | achieved TFLOP/s | "
+                  "matmul peak TFLOP/s | share of peak |\n|---|---|---|---|---|---|\n");
+      for (auto& row : rows) {
+        const auto precision = sd::parse_precision(row["precision"].get<std::string>());
+        const double peak = bench::matmul_tflops(device, sd::compute_dtype(precision));
+        const double flops = row["flops_per_batch"].get<double>(), s = row["s_per_batch"].get<double>();
+        const int64_t batch = row["batch_size"].get<int64_t>();
+        std::printf("| %s | %lld | %s | %s | %s | %.0f%% |\n", row["precision"].get<std::string>().c_str(),
+                    static_cast<long long>(batch), bench::three_digits(flops / batch / 1e9).c_str(),
+                    bench::three_digits(flops / s / 1e12).c_str(), bench::three_digits(peak).c_str(),
+                    100.0 * flops / s / 1e12 / peak);
+        row["matmul_tflops"] = peak;
+      }
+    }
+    if (!flags.json_path.empty()) {
+      scedit::write_text_file(flags.json_path, rows.dump(2) + "\n");
+      std::printf("\nrows: %s\n", flags.json_path.c_str());
+    }
+    return 0;
+  } catch (const c10::Error& e) {
+    std::cerr << "generate_speed: " << e.what_without_backtrace() << "\n";
+  } catch (const std::exception& e) {
+    std::cerr << "generate_speed: " << e.what() << "\n";
+  }
+  return 1;
+}
