@@ -17,6 +17,7 @@
 #include <common/distributed.hpp>
 #include <common/gradient_reducer.hpp>
 #include <common/launcher.hpp>
+#include <common/program.hpp>
 #include <common/tuners.hpp>
 
 #include <CLI/CLI.hpp>
@@ -27,7 +28,6 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
-#include <iostream>
 #include <memory>
 #include <string>
 #include <thread>
@@ -195,7 +195,7 @@ int main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
-  try {
+  return common::run_program("distributed_scaling", [&] {
     bench::resolve(run);
     TORCH_CHECK(run.precision_list.size() == 1, "--precisions: one precision per run, got '", run.precisions, "'");
     TORCH_CHECK(!run.cuda_graph, "--cuda-graph: a captured step cannot hold a multi-process all-reduce here");
@@ -228,10 +228,5 @@ int main(int argc, char** argv) {
       std::printf("\nrows: %s\n", run.json_path.c_str());
     }
     return 0;
-  } catch (const c10::Error& e) {
-    std::cerr << "distributed_scaling: " << e.what_without_backtrace() << "\n";
-  } catch (const std::exception& e) {
-    std::cerr << "distributed_scaling: " << e.what() << "\n";
-  }
-  return 1;
+  });
 }

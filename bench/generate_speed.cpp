@@ -17,6 +17,7 @@
 #include "step_bench.hpp"
 
 #include <common/counting_allocator.hpp>
+#include <common/program.hpp>
 #include <common/strings.hpp>
 #include <sd/precision.hpp>
 #include <sd/sampler.hpp>
@@ -31,7 +32,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <iostream>
 #include <string>
 #include <vector>
 
@@ -86,7 +86,7 @@ int main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
-  try {
+  return common::run_program("generate_speed", [&] {
     const auto device = common::resolve_device(flags.device);
     if (!device.is_cuda()) common::CountingCPUAllocator::install();
     if (flags.config == "auto") flags.config = device.is_cuda() ? "sd15" : "reduced";
@@ -177,10 +177,5 @@ int main(int argc, char** argv) {
       std::printf("\nrows: %s\n", flags.json_path.c_str());
     }
     return 0;
-  } catch (const c10::Error& e) {
-    std::cerr << "generate_speed: " << e.what_without_backtrace() << "\n";
-  } catch (const std::exception& e) {
-    std::cerr << "generate_speed: " << e.what() << "\n";
-  }
-  return 1;
+  });
 }

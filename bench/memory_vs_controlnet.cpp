@@ -12,6 +12,7 @@
 #include "step_bench.hpp"
 
 #include <common/control.hpp>
+#include <common/program.hpp>
 #include <common/tuners.hpp>
 #include <sd/controlnet.hpp>
 
@@ -20,7 +21,6 @@
 
 #include <algorithm>
 #include <cstdio>
-#include <iostream>
 #include <string>
 #include <vector>
 
@@ -230,7 +230,7 @@ int main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
-  try {
+  return common::run_program("memory_vs_controlnet", [&] {
     bench::resolve(run);
     const auto method_list = common::split_list(methods);
     for (const auto& m : method_list) {
@@ -277,10 +277,5 @@ int main(int argc, char** argv) {
     print_targets(rows, batch_sizes, run);
     bench::finish(rows, run);
     return 0;
-  } catch (const c10::Error& e) {
-    std::cerr << "memory_vs_controlnet: " << e.what_without_backtrace() << "\n";
-  } catch (const std::exception& e) {
-    std::cerr << "memory_vs_controlnet: " << e.what() << "\n";
-  }
-  return 1;
+  });
 }

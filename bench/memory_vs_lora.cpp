@@ -8,13 +8,13 @@
 
 #include "step_bench.hpp"
 
+#include <common/program.hpp>
 #include <common/tuners.hpp>
 
 #include <CLI/CLI.hpp>
 #include <torch/torch.h>
 
 #include <cstdio>
-#include <iostream>
 #include <string>
 #include <vector>
 
@@ -57,7 +57,7 @@ int main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
-  try {
+  return common::run_program("memory_vs_lora", [&] {
     bench::resolve(run);
     if (batches == "auto") {
       batches = run.config == "sd15" ? "1,10,30" : run.config == "sd21" || run.config == "sdxl" ? "1,4,8" : "1,4";
@@ -98,10 +98,5 @@ int main(int argc, char** argv) {
     }
     bench::finish(rows, run);
     return 0;
-  } catch (const c10::Error& e) {
-    std::cerr << "memory_vs_lora: " << e.what_without_backtrace() << "\n";
-  } catch (const std::exception& e) {
-    std::cerr << "memory_vs_lora: " << e.what() << "\n";
-  }
-  return 1;
+  });
 }
