@@ -156,6 +156,40 @@ TEST(Distributed, ReducerAveragesWhileTheBackwardPassRuns) {
     EXPECT_EQ(stats[rank].started_in_backward, 4);
   }
 }
+
+// A tensor whose gradient comes twice in one backward pass after its bucket's all-reduce started
+// (here: a second backward pass marked as the same last one) is refused, naming it, rather than
+// changed under the all-reduce.
+TEST(Distributed, ReducerRefusesASecondGradientAfterItsBucketStarted) {
+  common::DistributedFlags flags;
+  flags.world_size = 2;
+  flags.master_addr = "127.0.0.1";
+  flags.master_port = common::free_local_port();
+  flags.timeout = 60;
+  std::vector<std::string> errors(2);
+  auto rank_body = [&](int64_t rank) {
+    auto mine = flags;
+    mine.rank = rank;
+    common::Distributed dist(mine, torch::kCPU);
+    auto weight = torch::ones({4}).requires_grad_();
+    common::GradientReducer reducer(dist, {weight});
+    reducer.begin_backward(true);
+    (weight * 2).sum().backward();  // its only bucket starts
+    try {
+      (weight * 3).sum().backward();
+    } catch (const std::exception& e) {
+      errors[rank] = e.what();
+    }
+    reducer.finish();
+  };
+  std::thread other(rank_body, 1);
+  rank_body(0);
+  other.join();
+  for (const auto& error : errors) {
+    EXPECT_NE(error.find("trainable tensor 0 received a second gradient in one backward pass after its bucket's "
+                         "all-reduce had started"), std::string::npos) << error;
+  }
+}
 #endif
 
 }  // namespace

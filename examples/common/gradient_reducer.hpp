@@ -52,7 +52,8 @@ class GradientReducer : public GradientReduction {
   /// Reduces the gradients of `parameters` (the trainable tensors, in optimizer order) over the
   /// ranks of `dist`, which must outlive it.
   GradientReducer(Distributed& dist, std::vector<torch::Tensor> parameters, ReducerOptions options = {})
-      : dist_(dist), params_(std::move(parameters)), options_(options), written_(params_.size(), false) {
+      : dist_(dist), params_(std::move(parameters)), options_(options), written_(params_.size(), false),
+        arrived_(params_.size(), false) {
     TORCH_CHECK(options_.bucket_bytes > 0 && options_.first_bucket_bytes > 0,
                 "GradientReducer: bucket sizes must be positive");
     std::vector<size_t> order;  // the backward pass reaches the last layers first
@@ -75,6 +76,7 @@ class GradientReducer : public GradientReduction {
     last_ = last;
     if (!last) return;
     for (auto& bucket : buckets_) bucket.pending = static_cast<int64_t>(bucket.members.size());
+    arrived_.assign(params_.size(), false);
     arrivals_.clear();
   }
 
@@ -130,6 +132,11 @@ class GradientReducer : public GradientReduction {
   void on_gradient(size_t i, const torch::Tensor& grad) {
     std::lock_guard<std::mutex> lock(mutex_);
     torch::NoGradGuard no_grad;
+    const bool again = last_ && arrived_[i];  // a second gradient in one backward pass
+    // (a tensor used in two recomputed segments, say): added while its bucket waits; refused once
+    // the bucket's all-reduce has started, which it would change under way.
+    TORCH_CHECK(!again || bucket_of_[i] >= next_, "GradientReducer: trainable tensor ", i, " received a "
+                "second gradient in one backward pass after its bucket's all-reduce had started");
     auto target = slot(i);
     const auto flat = grad.reshape({-1});
     if (written_[i]) {
@@ -138,7 +145,8 @@ class GradientReducer : public GradientReduction {
       target.copy_(flat);
       written_[i] = true;
     }
-    if (!last_) return;
+    if (!last_ || again) return;
+    arrived_[i] = true;
     arrivals_.push_back(i);
     --buckets_[bucket_of_[i]].pending;
     while (options_.overlap && next_ < buckets_.size() && buckets_[next_].pending == 0) {
@@ -220,6 +228,7 @@ class GradientReducer : public GradientReduction {
   std::vector<size_t> bucket_of_;    // parameter -> bucket
   std::vector<int64_t> offset_of_;   // parameter -> offset in its bucket's flat tensor
   std::vector<bool> written_;        // parameter's slot holds this step's gradient
+  std::vector<bool> arrived_;        // parameter's gradient of the last backward pass has come
   std::vector<size_t> arrivals_;     // parameters in the order the last backward pass reached them
   size_t next_ = 0;                  // the next bucket to start
   bool last_ = true;                 // the backward pass under way is the step's last

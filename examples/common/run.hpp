@@ -24,8 +24,8 @@
 #include <common/checkpoint.hpp>
 #include <common/dataset.hpp>
 #include <common/distributed.hpp>
-#include <common/gradient_reducer.hpp>
 #include <common/flags.hpp>
+#include <common/gradient_reducer.hpp>
 #include <common/graphed_step.hpp>
 #include <common/lean.hpp>
 #include <common/memory.hpp>
