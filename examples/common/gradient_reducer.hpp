@@ -59,6 +59,7 @@ class GradientReducer : public GradientReduction {
     std::vector<size_t> order;  // the backward pass reaches the last layers first
     for (size_t i = params_.size(); i-- > 0;) order.push_back(i);
     lay_out(order);
+    expect_all();
     for (size_t i = 0; i < params_.size(); ++i) {
       TORCH_CHECK(params_[i].requires_grad(), "GradientReducer: trainable tensor ", i, " does not require grad");
       hooks_.push_back(params_[i].register_hook([this, i](const torch::Tensor& grad) { on_gradient(i, grad); }));
@@ -74,10 +75,7 @@ class GradientReducer : public GradientReduction {
   void begin_backward(bool last) override {
     std::lock_guard<std::mutex> lock(mutex_);
     last_ = last;
-    if (!last) return;
-    for (auto& bucket : buckets_) bucket.pending = static_cast<int64_t>(bucket.members.size());
-    arrived_.assign(params_.size(), false);
-    arrivals_.clear();
+    if (last) expect_all();
   }
 
   void finish() override {
@@ -107,6 +105,7 @@ class GradientReducer : public GradientReduction {
     next_ = 0;
     ++stats_.steps;
     if (!ordered_) follow_arrivals();
+    expect_all();
     stats_.finish_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();
   }
 
@@ -152,6 +151,13 @@ class GradientReducer : public GradientReduction {
     while (options_.overlap && next_ < buckets_.size() && buckets_[next_].pending == 0) {
       start(buckets_[next_++], /*in_backward=*/true);
     }
+  }
+
+  // Every bucket waits for all of its members' gradients again.
+  void expect_all() {
+    for (auto& bucket : buckets_) bucket.pending = static_cast<int64_t>(bucket.members.size());
+    arrived_.assign(params_.size(), false);
+    arrivals_.clear();
   }
 
   void start(Bucket& bucket, bool in_backward) {
