@@ -251,7 +251,8 @@ stage_generate() {  # SCEDIT_GENERATE_CONFIG / _PRECISIONS: another size (e.g. r
 
 stage_distributed() {
   local flags=(--device cuda --config sd15 --precisions bf16w --batch-size 8 --processes 1,2 --warmup 2 --steps 5)
-  echo "== distributed_scaling ${flags[*]} ($(date -u +%T))" > "$OUT/distributed.md"
+  grep -h "scedit: .*\(c10d\|NCCL\|nccl\)" "$OUT/build.log" > "$OUT/distributed.md" 2>/dev/null
+  echo "== distributed_scaling ${flags[*]} ($(date -u +%T))" >> "$OUT/distributed.md"
   timeout 300 "$BUILD/bin/distributed_scaling" "${flags[@]}" --json "$OUT/distributed.json" >> "$OUT/distributed.md" 2>&1 ||
     echo "exit $?" >> "$OUT/distributed.md"
   cat "$OUT/distributed.md"
