@@ -71,6 +71,33 @@ TEST(Distributed, BatchLayoutKeepsTheGlobalBatchAndReadsEarlierCheckpoints) {
 }
 
 #if SCEDIT_WITH_C10D
+// Runs `body(dist)` as ranks 0 and 1 of a world of two, as two threads of this process (Gloo on
+// 127.0.0.1); an exception in either fails the test, naming the rank.
+template <typename Body>
+void on_two_ranks(Body body) {
+  common::DistributedFlags flags;
+  flags.world_size = 2;
+  flags.master_addr = "127.0.0.1";
+  flags.master_port = common::free_local_port();
+  flags.timeout = 60;
+  std::vector<std::string> errors(2);
+  auto rank_body = [&](int64_t rank) {
+    try {
+      auto mine = flags;
+      mine.rank = rank;
+      common::Distributed dist(mine, torch::kCPU);
+      body(dist);
+    } catch (const std::exception& e) {
+      errors[rank] = e.what();
+    }
+  };
+  std::thread other(rank_body, 1);
+  rank_body(0);
+  other.join();
+  EXPECT_TRUE(errors[0].empty()) << "rank 0: " << errors[0];
+  EXPECT_TRUE(errors[1].empty()) << "rank 1: " << errors[1];
+}
+
 // Two ranks as two threads of this process (Gloo on 127.0.0.1), each with a chain of four
 // matrices y = x·W4·W3·W2·W1 (the parameters listed as W1, W4, W2, W3) and one parameter the loss
 // never reaches, two micro-steps a step, buckets of one matrix: the gradients are the mean of the
@@ -78,11 +105,6 @@ TEST(Distributed, BatchLayoutKeepsTheGlobalBatchAndReadsEarlierCheckpoints) {
 // in which the backward pass reaches them (W1 first, then W2, W3, W4) and the second starts its
 // buckets in that order while the backward pass runs.
 TEST(Distributed, ReducerAveragesWhileTheBackwardPassRuns) {
-  common::DistributedFlags flags;
-  flags.world_size = 2;
-  flags.master_addr = "127.0.0.1";
-  flags.master_port = common::free_local_port();
-  flags.timeout = 60;
   auto inputs_of = [](int64_t rank, int64_t micro) {
     auto generator = common::step_generator(7, 2 * rank + micro);
     return torch::randn({3, 4}, generator);
@@ -101,37 +123,27 @@ TEST(Distributed, ReducerAveragesWhileTheBackwardPassRuns) {
   std::vector<std::vector<torch::Tensor>> reduced(2);
   std::vector<std::vector<std::vector<size_t>>> buckets(2);
   std::vector<common::ReducerStats> stats(2);
-  std::vector<std::string> errors(2);
-  auto rank_body = [&](int64_t rank) {
-    try {
-      auto mine = flags;
-      mine.rank = rank;
-      common::Distributed dist(mine, torch::kCPU);
-      auto params = make_params();
-      common::ReducerOptions options;
-      options.first_bucket_bytes = options.bucket_bytes = 64;  // one matrix each
-      common::GradientReducer reducer(dist, params, options);
-      for (int step = 0; step < 2; ++step) {
-        for (int64_t micro = 0; micro < 2; ++micro) {
-          reducer.begin_backward(micro == 1);
-          loss_of(params, inputs_of(rank, micro)).backward();
-        }
-        reducer.finish();
-        if (step == 0) {
-          buckets[rank] = reducer.buckets();
-          for (auto& p : params) p.mutable_grad().zero_();
-        }
+  on_two_ranks([&](common::Distributed& dist) {
+    const auto rank = dist.rank();
+    auto params = make_params();
+    common::ReducerOptions options;
+    options.first_bucket_bytes = options.bucket_bytes = 64;  // one matrix each
+    common::GradientReducer reducer(dist, params, options);
+    for (int step = 0; step < 2; ++step) {
+      for (int64_t micro = 0; micro < 2; ++micro) {
+        reducer.begin_backward(micro == 1);
+        loss_of(params, inputs_of(rank, micro)).backward();
       }
-      for (const auto& p : params) reduced[rank].push_back(p.grad().clone());
-      stats[rank] = reducer.stats();
-    } catch (const std::exception& e) {
-      errors[rank] = e.what();
+      reducer.finish();
+      if (step == 0) {
+        buckets[rank] = reducer.buckets();
+        for (auto& p : params) p.mutable_grad().zero_();
+      }
     }
-  };
-  std::thread other(rank_body, 1);
-  rank_body(0);
-  other.join();
-  ASSERT_TRUE(errors[0].empty() && errors[1].empty()) << errors[0] << errors[1];
+    for (const auto& p : params) reduced[rank].push_back(p.grad().clone());
+    stats[rank] = reducer.stats();
+  });
+  ASSERT_FALSE(HasFailure());
   // What each rank's two micro-steps give without any reduction.
   std::vector<std::vector<torch::Tensor>> local(2);
   for (int64_t rank = 0; rank < 2; ++rank) {
@@ -161,16 +173,8 @@ TEST(Distributed, ReducerAveragesWhileTheBackwardPassRuns) {
 // (here: a second backward pass marked as the same last one) is refused, naming it, rather than
 // changed under the all-reduce.
 TEST(Distributed, ReducerRefusesASecondGradientAfterItsBucketStarted) {
-  common::DistributedFlags flags;
-  flags.world_size = 2;
-  flags.master_addr = "127.0.0.1";
-  flags.master_port = common::free_local_port();
-  flags.timeout = 60;
   std::vector<std::string> errors(2);
-  auto rank_body = [&](int64_t rank) {
-    auto mine = flags;
-    mine.rank = rank;
-    common::Distributed dist(mine, torch::kCPU);
+  on_two_ranks([&](common::Distributed& dist) {
     auto weight = torch::ones({4}).requires_grad_();
     common::GradientReducer reducer(dist, {weight});
     reducer.begin_backward(true);
@@ -178,13 +182,10 @@ TEST(Distributed, ReducerRefusesASecondGradientAfterItsBucketStarted) {
     try {
       (weight * 3).sum().backward();
     } catch (const std::exception& e) {
-      errors[rank] = e.what();
+      errors[dist.rank()] = e.what();
     }
     reducer.finish();
-  };
-  std::thread other(rank_body, 1);
-  rank_body(0);
-  other.join();
+  });
   for (const auto& error : errors) {
     EXPECT_NE(error.find("trainable tensor 0 received a second gradient in one backward pass after its bucket's "
                          "all-reduce had started"), std::string::npos) << error;
