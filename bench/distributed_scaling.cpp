@@ -198,7 +198,8 @@ int main(int argc, char** argv) {
   return common::run_program("distributed_scaling", [&] {
     bench::resolve(run);
     TORCH_CHECK(run.precision_list.size() == 1, "--precisions: one precision per run, got '", run.precisions, "'");
-    TORCH_CHECK(!run.cuda_graph, "--cuda-graph: a captured step cannot hold a multi-process all-reduce here");
+    TORCH_CHECK(run.cuda_graph != "on", "--cuda-graph on: a captured step cannot hold a multi-process all-reduce here");
+    run.graphed = false;
     if (std::getenv("RANK") != nullptr) {  // a copy started by the launcher: one world's rank
       measure_world(options, run);
       return 0;

@@ -9,7 +9,9 @@
 // in float32, as `generate` and diffusers' pipeline do for SD's VAE (`force_upcast`); the peer
 // decodes in fp16. Per row: seconds per batch (median of the timed batches), images/s, UNet
 // steps/s (denoising steps per second of one batch) and the peak memory (CUDA: the caching
-// allocator's peak allocated bytes; CPU: an exact count of tensor bytes), weights included; with
+// allocator's peak allocated bytes; CPU: an exact count of tensor bytes), weights included; on
+// CUDA each step's UNet call is replayed from a CUDA graph unless `--cuda-graph off`, and the UNet
+// runs generate's default kernel levers unless `--lean none`; with
 // `--flops`, the FLOPs per image and the achieved rate as a share of the device's matmul peak.
 // Without a GPU it runs the reduced model of SD 1.5's layout (step_bench.hpp's `reduced`).
 
@@ -17,6 +19,7 @@
 #include "step_bench.hpp"
 
 #include <common/counting_allocator.hpp>
+#include <common/lean.hpp>
 #include <common/program.hpp>
 #include <common/strings.hpp>
 #include <sd/precision.hpp>
@@ -48,6 +51,8 @@ struct Flags {
   int64_t size = 0;                 // 0: the configuration's
   double guidance_rescale = 0.0;
   int64_t warmup = 1, repeat = 3;
+  std::string cuda_graph = "auto";  // auto | off: each step's UNet call replayed from a CUDA graph
+  std::string lean = "default";     // the UNet's kernel levers (common/lean.hpp), as generate's --lean
   bool flops = false;
   std::string json_path;
 };
@@ -80,6 +85,8 @@ int main(int argc, char** argv) {
   app.add_option("--guidance-rescale", flags.guidance_rescale, "diffusers' rescale_noise_cfg φ (0: plain guidance, as the peer)")->check(CLI::Range(0.0, 1.0));
   app.add_option("--warmup", flags.warmup, "Untimed batches per row")->check(CLI::NonNegativeNumber);
   app.add_option("--repeat", flags.repeat, "Timed batches per row (median reported)")->check(CLI::PositiveNumber);
+  app.add_option("--lean", flags.lean, "The UNet's kernel levers, as generate's --lean: default (norm-dtype, plus the fused CUDA kernels where they run), none, or levers by name");
+  app.add_option("--cuda-graph", flags.cuda_graph, "auto | off: replay each denoising step's UNet call from a CUDA graph where one applies (as generate does by default), or every step eager")->check(CLI::IsMember({"auto", "off"}));
   app.add_flag("--flops", flags.flops, "After each row's timed batches, count one more batch's FLOPs (matrix products, convolutions, attention: bench/flop_count.hpp) and set the achieved rate against this device's measured matmul throughput");
   app.add_option("--json", flags.json_path, "Also write the rows as JSON to this file");
   try {
@@ -108,16 +115,20 @@ int main(int argc, char** argv) {
     if (device.is_cuda()) device_name = at::cuda::getDeviceProperties(device.index() < 0 ? 0 : device.index())->name;
 #endif
 
+    const bool graphed = flags.cuda_graph == "auto" && sd::CudaGraph::available(device);
+    const auto lean = common::parse_lean_activations(flags.lean, device);
     std::printf("config %s, %lld px, DDIM %lld steps (trailing), guidance 7.5 (rescale %.2g), device %s, "
-                "%lld warm-up + %lld timed batches\n\n",
+                "%lld warm-up + %lld timed batches, %s, lean %s\n\n",
                 flags.config.c_str(), static_cast<long long>(size), static_cast<long long>(flags.steps),
                 flags.guidance_rescale, device_name.c_str(), static_cast<long long>(flags.warmup),
-                static_cast<long long>(flags.repeat));
+                static_cast<long long>(flags.repeat), graphed ? "UNet calls replayed from a CUDA graph" : "eager steps",
+                common::to_string(lean).c_str());
     std::printf("| precision | bs | s / batch | images/s | UNet steps/s | peak MiB |\n|---|---|---|---|---|---|\n");
     std::fflush(stdout);
     nlohmann::json rows = nlohmann::json::array();
     for (const auto precision : precisions) {
       auto pipe = make_pipeline(shapes, precision, device);
+      pipe.unet->set_lean_activations(lean);
       for (const auto batch : batch_sizes) {
         sd::GenerateOptions options;
         options.width = options.height = size;
@@ -126,6 +137,7 @@ int main(int argc, char** argv) {
         options.batch_size = batch;
         options.precision = precision;
         options.device = device;
+        options.cuda_graph = graphed;
         const std::vector<std::string> prompts(static_cast<size_t>(batch), "a photograph of an astronaut riding a horse");
         bench::PeakMeter meter{device};
         std::vector<double> seconds;
@@ -140,9 +152,11 @@ int main(int argc, char** argv) {
         const double s = seconds[seconds.size() / 2];
         const double peak_mib = meter.peak() / 1048576.0;
         double flops = 0;
-        if (flags.flops) {  // one more batch, after the peak was read
+        if (flags.flops) {  // one more batch, after the peak was read, eager: a replay runs no operator
           bench::FlopCount count;
-          sd::generate(pipe, prompts, options);
+          auto counted = options;
+          counted.cuda_graph = false;
+          sd::generate(pipe, prompts, counted);
           flops = count.flops();
           TORCH_CHECK(count.unreadable_operators() == 0, count.unreadable_operators(), " operators of a counted "
                       "kind could not be read (bench/flop_count.hpp)");
@@ -154,6 +168,7 @@ int main(int argc, char** argv) {
                         {"size", size}, {"s_per_batch", s}, {"images_per_s", batch / s},
                         {"unet_steps_per_s", flags.steps / s}, {"peak_mib", peak_mib}, {"config", flags.config},
                         {"guidance_rescale", flags.guidance_rescale}, {"device", device_name},
+                        {"cuda_graph", graphed}, {"lean", common::to_string(lean)},
                         {"flops_per_batch", flops}});
       }
     }

@@ -158,7 +158,7 @@ struct Run {
   bool channels_last = false;           ///< convolution weights and inputs NHWC
   std::string attention = "auto";       ///< fused attention kernels on CUDA
   bool cudnn_benchmark = false;         ///< cuDNN times its algorithms in the warm-up steps
-  bool cuda_graph = false;              ///< the step captured in the last warm-up step, then replayed
+  std::string cuda_graph = "auto";      ///< auto | on | off: the step captured in the last warm-up step, then replayed
   size_t op_profile = 0;  ///< operators listed for one profiled step after the timed ones (0: none)
   bool flops = false;     ///< count one more step's FLOPs and set them against the matmul peak
   std::string json_path;                ///< `--json`: the rows also go there (empty: nowhere)
@@ -169,6 +169,7 @@ struct Run {
   Shapes shapes;                        ///< the configuration, with `--latent` applied
   std::vector<std::string> precision_list;  ///< `precisions`, checked
   sd::LeanActivations lean;             ///< the levers the UNet (and a ControlNet) run with
+  bool graphed = false;                 ///< steps go through common::GraphedTrainStep (`cuda_graph`)
   common::OptimOptions optim;           ///< AdamW, foreach or per-tensor
   int64_t pipeline_params = 0;  ///< VAE + text encoder parameters, for the percentages
 };
@@ -188,7 +189,7 @@ inline void add_run_flags(CLI::App& app, Run& run) {
   app.add_flag("--channels-last", run.channels_last, "Convolution weights and the input in channels-last (NHWC) memory order");
   app.add_option("--attention", run.attention, "Fused attention kernels on CUDA: auto | flash | efficient | cudnn | math (LibTorch 2.5+)");
   app.add_flag("--cudnn-benchmark", run.cudnn_benchmark, "Let cuDNN time its convolution algorithms in the first steps and keep the fastest (the warm-up steps)");
-  app.add_flag("--cuda-graph", run.cuda_graph, "Capture the whole step (noise draw, forward, backward, AdamW) as a CUDA graph in the last warm-up step and replay it (on the CPU the same step runs uncaptured)");
+  app.add_option("--cuda-graph", run.cuda_graph, "auto | on | off: capture the whole step (forward, backward, AdamW) as a CUDA graph in the last warm-up step and replay it. auto: as the programs (common::choose_cuda_graph), except with --op-profile, --flops or --warmup under 2, which time eager steps; on: on the CPU the same step runs uncaptured")->check(CLI::IsMember({"auto", "on", "off"}));
   app.add_option("--op-profile", run.op_profile, "After each row's timed steps, time the operators of one more step and list the N slowest (0: off; the step runs slower while profiled, see bench/op_profile.hpp)");
   app.add_flag("--flops", run.flops, "After each row's timed steps, count one more step's FLOPs (matrix products, convolutions, attention: bench/flop_count.hpp) and set the achieved rate against this device's measured matmul throughput");
   app.add_option("--json", run.json_path, "Also write the rows as JSON to this file");
@@ -207,12 +208,17 @@ inline void resolve(Run& run) {
   run.precision_list = common::split_list(run.precisions);
   run.lean = common::parse_lean_activations(run.lean_flag, device);
   run.optim.foreach = run.optimizer == "foreach";  // otherwise SCEdit's recipe, as train_style
-  TORCH_CHECK(!run.cuda_graph || run.warmup >= 2, "--cuda-graph needs --warmup 2 or more (one eager "
-              "step, then the capture), got ", run.warmup);
-  TORCH_CHECK(!run.cuda_graph || run.op_profile == 0, "--op-profile times eager operators, which a "
-              "CUDA graph replay does not run: leave out --cuda-graph");
-  TORCH_CHECK(!run.cuda_graph || !run.flops, "--flops counts the operators of an eager step, which a CUDA "
-              "graph replay does not run: leave out --cuda-graph (the captured step does the same arithmetic)");
+  const bool on = run.cuda_graph == "on";
+  TORCH_CHECK(!on || run.warmup >= 2, "--cuda-graph on needs --warmup 2 or more (one eager step, then "
+              "the capture), got ", run.warmup);
+  TORCH_CHECK(!on || run.op_profile == 0, "--op-profile times eager operators, which a CUDA graph replay "
+              "does not run: leave out --cuda-graph on");
+  TORCH_CHECK(!on || !run.flops, "--flops counts the operators of an eager step, which a CUDA graph replay "
+              "does not run: leave out --cuda-graph on (the captured step does the same arithmetic)");
+  // The rows' precisions (fp32, bf16w) and a single process never rule a graph out.
+  const bool eager_only = run.op_profile > 0 || run.flops || run.warmup < 2;
+  run.graphed = run.cuda_graph != "off" && (on || !eager_only) &&
+                common::choose_cuda_graph(run.cuda_graph, device, sd::Precision::kFP32, 1, 1).graphed;
   for (const auto& p : run.precision_list) {
     TORCH_CHECK(p == "fp32" || p == "bf16w", "--precisions: '", p, "' is not fp32 or bf16w");
   }
@@ -308,7 +314,7 @@ inline std::string settings_line(const Run& run) {
                 static_cast<long long>(s.unet.cross_attention_dim), added, run.device_name.c_str(),
                 static_cast<long long>(run.warmup), static_cast<long long>(run.steps), settings.c_str(),
                 common::to_string(run.lean).c_str(),
-                run.cuda_graph ? (run.device.is_cuda() ? "captured AdamW, CUDA graph replays" : "capturable AdamW, uncaptured on the CPU")
+                run.graphed ? (run.device.is_cuda() ? "captured AdamW, CUDA graph replays" : "capturable AdamW, uncaptured on the CPU")
                                : (run.optimizer + " AdamW").c_str());
   return line;
 }
@@ -371,7 +377,7 @@ inline Row time_steps(const common::Trainable& trainable, const common::TrainBat
                          parse_precision(precision), device);
   // Captured in the last warm-up step, so the timed steps are replays.
   std::optional<common::GraphedTrainStep> graphed;
-  if (run.cuda_graph) graphed.emplace(step, /*seed=*/0, /*eager_steps=*/std::max<int64_t>(1, run.warmup - 1));
+  if (run.graphed) graphed.emplace(step, /*eager_steps=*/std::max<int64_t>(1, run.warmup - 1));
 
   // Step i without a graph: its noise from the i-th generator, then AdamW.
   auto eager_step = [&](int64_t i) {
@@ -384,7 +390,8 @@ inline Row time_steps(const common::Trainable& trainable, const common::TrainBat
     synchronize(device);
     const auto begin = std::chrono::steady_clock::now();
     if (graphed) {
-      graphed->run(inputs, 1e-4);
+      auto generator = common::step_generator(0, i);
+      graphed->run(inputs, 1e-4, generator);
     } else {
       eager_step(i);
     }
@@ -455,7 +462,7 @@ inline nlohmann::json to_json(const Row& r, const Run& run) {
           {"step_ms", r.step_ms}, {"images_per_s", r.images_per_s},
           {"device", run.device_name}, {"config", run.config}, {"pipeline", run.pipeline},
           {"recompute", run.recompute}, {"channels_last", run.channels_last}, {"cudnn_benchmark", run.cudnn_benchmark}, {"attention", run.attention}, {"lean", common::to_string(run.lean)},
-          {"optimizer", run.cuda_graph ? "capturable" : run.optimizer}, {"cuda_graph", run.cuda_graph && run.device.is_cuda()},
+          {"optimizer", run.graphed ? "capturable" : run.optimizer}, {"cuda_graph", run.graphed && run.device.is_cuda()},
           {"flops_per_step", r.flops}, {"matmul_tflops", run.flops ? matmul_peak(run, r.precision) : 0.0}};
 }
 

@@ -14,7 +14,8 @@
 #   bash scripts/gpu_session.sh peer    # issue 18: the Python peer's training step on this card (bf16w, SCEdit
 #                                       # batches 30 and 1, eager and torch.compile; LoRA batch 30, eager)
 #   bash scripts/gpu_session.sh generate # issue 18: generate_speed (SD 1.5, 512 px, DDIM 50 with guidance,
-#                                       # fp16 and bf16, batches 1 and 8), then the peer's, eager and compiled
+#                                       # fp16 and bf16, batches 1 and 8; graphed, then eager), then the peer's,
+#                                       # eager and compiled
 #   bash scripts/gpu_session.sh distributed # issue 15: distributed_scaling with NCCL, 1 vs 2 processes on the
 #                                       # one GPU (the reduction's overhead; NCCL may refuse two ranks on one card)
 #
@@ -124,11 +125,12 @@ stage_bench() {
   # Most telling first: rows past the deadline are skipped, and what ran is kept. (The v0.3 to
   # v0.6 rows of bench/RESULTS.md came from this stage at commits b4576d5, 342a860, ce1b1ce and
   # 86bb28a, with the rows listed there.)
-  # The default levers as a plain run gets them (norm-dtype + the fused kernels where they run),
-  # with ff-recompute (both methods), under a CUDA graph, and LoRA's row for the memory ratio.
+  # The defaults as a plain run gets them (norm-dtype + the fused kernels where they run, the step
+  # under a CUDA graph), the same eager, with ff-recompute (both methods), and LoRA's row for the
+  # memory ratio.
   run_bench default --methods scedit --batch-sizes 30,1
+  run_bench default-eager --methods scedit --batch-sizes 30,1 --cuda-graph off
   run_bench default-ff --batch-sizes 30 --lean default,ff-recompute
-  run_bench default-graph --methods scedit --batch-sizes 1 --cuda-graph
   run_bench default-lora --methods lora --batch-sizes 30
   python3 - "$OUT/bench.json" "${rows[@]}" <<'EOF'
 import json, sys
@@ -239,9 +241,16 @@ stage_peer() {
 stage_generate() {  # SCEDIT_GENERATE_CONFIG / _PRECISIONS: another size (e.g. reduced, bf16 on the CPU)
   local flags=(--config "${SCEDIT_GENERATE_CONFIG:-sd15}" --precisions "${SCEDIT_GENERATE_PRECISIONS:-fp16,bf16}"
                --batch-sizes 1,8 --steps 50 --repeat 3)
-  echo "== generate_speed ${flags[*]} ($(date -u +%T))" > "$OUT/generate.md"
-  timeout 300 "$BUILD/bin/generate_speed" "${flags[@]}" --json "$OUT/generate.json" >> "$OUT/generate.md" 2>&1 ||
-    echo "exit $?" >> "$OUT/generate.md"
+  : > "$OUT/generate.md"
+  local levers
+  # generate's default (UNet calls replayed from a CUDA graph, norm-dtype and the fused kernels),
+  # then each step eager on the plain ATen ops.
+  for levers in "--cuda-graph auto --lean default" "--cuda-graph off --lean none"; do
+    echo "== generate_speed ${flags[*]} $levers ($(date -u +%T))" >> "$OUT/generate.md"
+    # shellcheck disable=SC2086  # $levers is two flags and their values
+    timeout 300 "$BUILD/bin/generate_speed" "${flags[@]}" $levers --json "$OUT/generate_${levers##* }.json" \
+      >> "$OUT/generate.md" 2>&1 || echo "exit $?" >> "$OUT/generate.md"
+  done
   if peer_ready >> "$OUT/generate.md" 2>&1; then
     run_peer peer_generate.py generate GEN_DTYPES=fp16,bf16 GEN_BS=1,8 GEN_STEPS=50 GEN_REPEAT=3 PEER_JSON=peer_generate_eager.json
     run_peer peer_generate.py generate GEN_DTYPES=fp16,bf16 GEN_BS=1,8 GEN_STEPS=50 GEN_REPEAT=3 PEER_COMPILE=1 PEER_JSON=peer_generate_compiled.json

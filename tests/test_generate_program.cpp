@@ -86,7 +86,8 @@ TEST(GenerateProgram, HelpListsEveryFlag) {
                            "--eta", "--seed", "--spacing", "--batch-size", "--images-per-prompt",
                            "--precision", "--device", "--tuner", "--condition", "--init-image",
                            "--strength", "--mask", "--control-scale", "--output", "--prediction",
-                           "--zero-terminal-snr", "--original-size", "--crop-top-left", "--target-size"}) {
+                           "--zero-terminal-snr", "--original-size", "--crop-top-left", "--target-size", "--lean",
+                           "--cuda-graph"}) {
     EXPECT_NE(result.out.find(flag), std::string::npos) << flag;
   }
   EXPECT_NE(result.out.find("7.5"), std::string::npos) << "defaults are shown";
@@ -130,6 +131,10 @@ TEST(GenerateProgram, BadInputsEndWithOneClearLine) {
       {"--prompt x --crop-top-left 4", "--crop-top-left takes TOP,LEFT", true},
       {"--prompt x --target-size 0,64", "--target-size must be positive, got 0", true},
       {"--prompt x --prediction sample", "--prediction", true},
+      {"--prompt x --device cpu --cuda-graph on", "--cuda-graph on: not a CUDA device (--device cpu)", true},
+      {"--prompt x --cuda-graph always", "--cuda-graph: always not in {auto,on,off}", true},
+      {"--prompt x --lean fusion", "--lean: 'fusion' is not", true},
+      {"--prompt x --device cpu --lean fused-geglu", "--lean fused-geglu:", true},
       // The built-in tiny model is SD 1.5's layout: no size conditioning.
       {"--prompt x --steps 1 --original-size 64,64 --crop-top-left 0,0", "--original-size, --crop-top-left: "
        "size conditioning is SDXL's, and this model (built-in tiny) is not an SDXL", false},

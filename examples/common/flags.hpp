@@ -35,7 +35,7 @@ struct ComputeFlags {
   std::string lean = "default";
   bool gradient_checkpointing = false;  ///< recompute the decoder in the backward pass
   bool channels_last = false;           ///< NHWC convolutions
-  bool cuda_graph = false;              ///< capture the whole step as a CUDA graph
+  std::string cuda_graph = "auto";      ///< auto | on | off: capture the step as a CUDA graph
 };
 
 /// The optimiser, the batch and the length of the run.
@@ -134,7 +134,7 @@ inline void add_run_flags(CLI::App& app, RunFlags& flags) {
   app.add_option("--lean", c.lean, "Lean activations (less memory, same result in fp32), comma-separated: norm-silu, geglu, norm-dtype, ff-recompute, all (those four), fused-norm-silu, fused-geglu, fused-layer-norm, fused (all three; the fused CUDA kernels, CUDA builds), default (norm-dtype, plus fused where they run), none")->group(compute);
   app.add_flag("--gradient-checkpointing", c.gradient_checkpointing, "Recompute the decoder in the backward pass: less memory, more compute")->group(compute);
   app.add_flag("--channels-last", c.channels_last, "UNet convolutions in channels-last (NHWC) memory order (measured 7% slower on an H200 at SD 1.5 size: bench/RESULTS.md)")->group(compute);
-  app.add_flag("--cuda-graph", c.cuda_graph, "Capture the whole step (noise, forward, backward, AdamW) as a CUDA graph after two eager steps and replay it: faster at small batches; bf16/fp32, no --grad-accum, fixed batch shape")->group(compute);
+  app.add_option("--cuda-graph", c.cuda_graph, "auto | on | off: capture the whole step (forward, backward, AdamW) as a CUDA graph after two eager steps and replay it. auto: wherever it applies (CUDA, bf16 or fp32, no --grad-accum, one process); on: refuse a run where it does not")->check(CLI::IsMember({"auto", "on", "off"}))->group(compute);
 
   auto& o = flags.optim;
   const char* optim = "Optimisation";

@@ -1,52 +1,77 @@
 #pragma once
 /// @file graphed_step.hpp
-/// @brief A whole training step (noise draw, forward, backward, clip, AdamW) recorded once as a
-/// CUDA graph and replayed: at small batch sizes a step is bound by the CPU launching thousands
-/// of small kernels, and a replay launches them all at once.
+/// @brief A whole training step (forward, backward, clip, AdamW) recorded once as a CUDA graph
+/// (sd/cuda_graph.hpp) and replayed: at small batch sizes a step is bound by the CPU launching
+/// thousands of small kernels, and a replay launches them all at once.
 ///
-/// What makes the step capturable: noise and timesteps are drawn on the device from a generator
-/// the graph advances on each replay; the batch (latents, text, SDXL's added conditioning, conditions) is copied into fixed
-/// ("static") tensors the graph reads; AdamW keeps its step count and learning rate on the device
-/// (`scedit::CapturableAdamW`); gradient clipping reads no norm on the host; the gradients are
-/// allocated by the captured backward pass itself. fp16 (whose loss scaling reads the gradients
-/// on the host) and gradient accumulation are not captured.
+/// What makes the step capturable: the batch (latents, text, SDXL's added conditioning,
+/// conditions) and the micro-step's noise and timesteps — drawn exactly as `TrainStep` draws them,
+/// outside the graph — are copied into fixed ("static") tensors the graph reads; AdamW keeps its
+/// step count and learning rate on the device (`scedit::CapturableAdamW`); gradient clipping
+/// reads no norm on the host; the gradients are allocated by the captured backward pass itself.
+/// So a graphed run trains on the eager run's draws, and resumes as exactly. fp16 (whose loss
+/// scaling reads the gradients on the host) and gradient accumulation are not captured
+/// (`choose_cuda_graph` says where a graph applies).
 ///
 /// On the CPU, and on builds of LibTorch without CUDA, the same step runs uncaptured, which is
 /// how the tests check its arithmetic against `TrainStep`.
 
 #include <common/train_step.hpp>
+#include <sd/cuda_graph.hpp>
 #include <scedit/foreach_adamw.hpp>
 
 #include <torch/torch.h>
 
 #include <memory>
-#include <mutex>
 #include <optional>
-
-/// 1 where steps can be captured: LibTorch with CUDA, unless built with -DSCEDIT_NO_CUDA_GRAPHS
-/// (then a CUDA run takes the same step uncaptured).
-#if defined(SCEDIT_WITH_CUDA) && !defined(SCEDIT_NO_CUDA_GRAPHS)
-#define SCEDIT_CUDA_GRAPHS 1
-#else
-#define SCEDIT_CUDA_GRAPHS 0
-#endif
-
-#if SCEDIT_CUDA_GRAPHS
-#include <ATen/cuda/CUDAGraph.h>
-#include <c10/cuda/CUDAFunctions.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
+#include <string>
 
 namespace common {
+
+/// Whether a run trains through `GraphedTrainStep` (`choose_cuda_graph`), and why not.
+struct CudaGraphChoice {
+  bool graphed = false;  ///< steps go through GraphedTrainStep: captured and replayed on CUDA
+  std::string why_not;   ///< when not: what rules it out, for the run's log
+};
+
+/// Where a captured step applies: a CUDA device and a build with CUDA graphs, bf16 or fp32 (fp16's
+/// loss scaling reads the gradients on the host every step), one micro-batch per step and one
+/// process (the captured step holds no all-reduce). `mode` is the `--cuda-graph` flag: `auto`
+/// captures wherever that holds (a replay launches a step's thousands of kernels at once: 2.7× the
+/// eager step's images/s at batch 1, +1% at batch 30, bench/RESULTS.md); `on` throws naming what
+/// rules it out, but on the CPU runs the same step uncaptured (which checks its arithmetic);
+/// `off` never captures.
+inline CudaGraphChoice choose_cuda_graph(const std::string& mode, const torch::Device& device,
+                                         sd::Precision precision, int64_t grad_accum, int64_t world_size) {
+  TORCH_CHECK(mode == "auto" || mode == "on" || mode == "off", "--cuda-graph must be auto, on or off, got '",
+              mode, "'");
+  if (mode == "off") return {false, "--cuda-graph off"};
+  std::string why_not;
+  if (precision == sd::Precision::kFP16) {
+    why_not = "fp16's loss scaling reads the gradients on the host every step; use bf16 or fp32";
+  } else if (grad_accum != 1) {
+    why_not = "a captured step holds one micro-batch, not --grad-accum " + std::to_string(grad_accum);
+  } else if (world_size != 1) {
+    why_not = "the captured step has no all-reduce, and this run has " + std::to_string(world_size) +
+              " processes";
+  } else if (device.is_cpu()) {
+    if (mode == "on") return {true, ""};
+    why_not = "not a CUDA device";
+  } else if (!sd::CudaGraph::available(device)) {
+    why_not = device.is_cuda() ? "this build has no CUDA graphs" : "not a CUDA device";
+  }
+  TORCH_CHECK(mode == "auto" || why_not.empty(), "--cuda-graph on: ", why_not);
+  return {why_not.empty(), why_not};
+}
 
 /// One optimizer step per call, captured as a CUDA graph after `eager_steps` uncaptured ones.
 ///
 /// Example:
 /// @code
-/// common::GraphedTrainStep graphed(step, seed);
+/// common::GraphedTrainStep graphed(step);
 /// for (int64_t i = 0; i < steps; ++i) {
-///   auto loss = graphed.run(batch, common::learning_rate(options, i, steps));
+///   auto generator = common::step_generator(seed, i);
+///   auto loss = graphed.run(batch, common::learning_rate(options, i, steps), generator);
 ///   if (i % 10 == 0) std::cout << loss.item<double>() << "\n";  // waits for the GPU
 /// }
 /// graphed.sync_optimizer_state();  // before saving step.optimizer()
@@ -54,27 +79,19 @@ namespace common {
 class GraphedTrainStep {
  public:
   /// Trains through `step` (its UNet, tuners and optimizer, whose state must already hold any
-  /// checkpoint to resume from). Noise and timesteps come from the device's default generator,
-  /// seeded here with `seed`. The first `eager_steps` calls run uncaptured: lazy initialisation
+  /// checkpoint to resume from). The first `eager_steps` calls run uncaptured: lazy initialisation
   /// (library handles, the optimizer's state, cached ᾱ on the device) must not happen during a
   /// capture. `capture` false never captures (the same step, eagerly: for comparisons).
-  GraphedTrainStep(TrainStep& step, uint64_t seed, int64_t eager_steps = 2, bool capture = true)
+  explicit GraphedTrainStep(TrainStep& step, int64_t eager_steps = 2, bool capture = true)
       : step_(step),
         adamw_(step.optimizer()),
         eager_steps_(eager_steps),
-        capture_(SCEDIT_CUDA_GRAPHS && capture && step.device().is_cuda()) {
+        capture_(capture && sd::CudaGraph::available(step.device())) {
     check_precision(step.precision());
     TORCH_CHECK(eager_steps >= 1, "GraphedTrainStep: eager_steps must be at least 1, got ", eager_steps);
 #if !defined(SCEDIT_WITH_CUDA)
     TORCH_CHECK(!step.device().is_cuda(), "GraphedTrainStep: this build of LibTorch has no CUDA");
 #endif
-    if (step.device().is_cpu()) {
-      generator_ = torch::make_generator<at::CPUGeneratorImpl>(seed);
-    } else {
-      generator_ = at::globalContext().defaultGenerator(step.device());
-      std::lock_guard<std::mutex> lock(generator_.mutex());
-      generator_.set_current_seed(seed);
-    }
   }
 
   /// Refuses fp16, whose loss scaling reads the gradients on the host every step (programs call
@@ -84,33 +101,26 @@ class GraphedTrainStep {
                 "scaling reads the gradients on the host every step); use bf16 or fp32");
   }
 
-  /// One optimizer step on this micro-batch at learning rate `lr`, every call with the shapes of
-  /// the first. Returns the loss, 0-dim float32 on the device; reading it waits for the GPU, and
-  /// the next call overwrites it.
-  torch::Tensor run(const TrainBatch& batch, double lr) {
-    set_inputs(batch);
+  /// One optimizer step on this micro-batch at learning rate `lr`, with the noise and timesteps
+  /// that `TrainStep::forward_backward` would draw from `generator`; every call with the shapes
+  /// of the first. Returns the loss, 0-dim float32 on the device; reading it waits for the GPU,
+  /// and the next call overwrites it.
+  torch::Tensor run(const TrainBatch& batch, double lr, torch::Generator& generator) {
+    set_inputs(batch, step_.draw(batch.latents.sizes(), generator));
     adamw_.set_lr(step_.learning_rates(lr));
     ++calls_;
     if (!capture_) return body();
-#if SCEDIT_CUDA_GRAPHS
-    if (!graph_) {
-      // Eager steps and the capture run on a side stream (a capture cannot use the default one).
-      c10::cuda::device_synchronize();
-      if (!side_stream_) side_stream_ = c10::cuda::getStreamFromPool(false, step_.device().index());
-      c10::cuda::CUDAStreamGuard side(*side_stream_);
-      if (calls_ <= eager_steps_) {
-        auto loss = body();
-        c10::cuda::device_synchronize();
-        return loss;
-      }
-      graph_ = std::make_unique<at::cuda::CUDAGraph>();
-      graph_->capture_begin();
-      loss_ = body();  // the replays rewrite this tensor
-      graph_->capture_end();
-      c10::cuda::device_synchronize();
+    if (!graph_) graph_.emplace(step_.device());
+    if (calls_ <= eager_steps_) {
+      torch::Tensor loss;
+      graph_->warm_up([&] { loss = body(); });
+      return loss;
     }
-    graph_->replay();  // on the current stream, after the input copies above
-#endif
+    if (!graph_->captured()) {
+      graph_->capture([&] { loss_ = body(); });  // the replays rewrite loss_
+    } else {
+      graph_->replay();  // on the current stream, after the input copies above
+    }
     return loss_;
   }
 
@@ -121,18 +131,13 @@ class GraphedTrainStep {
   bool captures() const { return capture_; }
 
  private:
-  // The step the graph records: reads only static_ (the batch) and device tensors.
+  // The step the graph records: reads only static_, the static draws and device tensors.
   // Returns the loss, 0-dim on the device.
   torch::Tensor body() {
     // No gradients when the backward pass starts: it allocates them, which during a capture puts
     // them in the graph's memory pool, where every replay rewrites them. (A handle: same parameter.)
     for (auto p : step_.parameters()) p.mutable_grad().reset();
-    const auto device = step_.device();
-    auto noise = torch::randn(static_.latents.sizes(), generator_,
-                              torch::TensorOptions().dtype(torch::kFloat32).device(device));
-    auto t = torch::randint(0, step_.num_train_timesteps(), {static_.latents.size(0)}, generator_,
-                            torch::TensorOptions().dtype(torch::kLong).device(device));
-    auto loss = step_.loss(static_, noise, t);
+    auto loss = step_.loss(static_, draws_.noise, draws_.timesteps);
     step_.backward(loss);
     step_.reduce_gradients();
     if (step_.options().max_grad_norm > 0) adamw_.clip_grad_norm(step_.options().max_grad_norm);
@@ -140,10 +145,10 @@ class GraphedTrainStep {
     return loss.detach();
   }
 
-  // Copies the batch into the tensors the graph reads (allocated on the first call).
-  void set_inputs(const TrainBatch& batch) {
-    auto all = [](const TrainBatch& b) {
-      std::vector<torch::Tensor> tensors{b.latents, b.text};
+  // Copies the batch and the draws into the tensors the graph reads (allocated on the first call).
+  void set_inputs(const TrainBatch& batch, const StepDraws& draws) {
+    auto all = [](const TrainBatch& b, const StepDraws& d) {
+      std::vector<torch::Tensor> tensors{b.latents, b.text, d.noise, d.timesteps};
       for (const auto& part : {b.added.text_embeds, b.added.time_ids}) {
         if (part.defined()) tensors.push_back(part);
       }
@@ -156,16 +161,17 @@ class GraphedTrainStep {
       static_.text = fixed(batch.text);
       static_.added = {fixed(batch.added.text_embeds), fixed(batch.added.time_ids)};
       for (const auto& c : batch.conditions) static_.conditions.push_back(fixed(c));
+      draws_ = {fixed(draws.noise), fixed(draws.timesteps)};
       return;
     }
-    const auto fixed = all(static_), given = all(batch);
+    const auto fixed = all(static_, draws_), given = all(batch, draws);
     bool same = fixed.size() == given.size();
     for (size_t i = 0; same && i < fixed.size(); ++i) same = fixed[i].sizes() == given[i].sizes();
     TORCH_CHECK(same, "--cuda-graph: every batch must have the shapes of the first (latents ",
                 static_.latents.sizes(), ", text ", static_.text.sizes(), ", ",
                 static_.conditions.size(), " conditions), got latents ", batch.latents.sizes(),
                 ", text ", batch.text.sizes(), ", ", batch.conditions.size(),
-                " conditions; drop the last partial batch or the flag");
+                " conditions; drop the last partial batch, or train with --cuda-graph off");
     for (size_t i = 0; i < fixed.size(); ++i) fixed[i].copy_(given[i]);
   }
 
@@ -174,14 +180,10 @@ class GraphedTrainStep {
   int64_t eager_steps_;
   bool capture_;
   int64_t calls_ = 0;
-  torch::Generator generator_;
   TrainBatch static_;
+  StepDraws draws_;
   torch::Tensor loss_;
-#if SCEDIT_CUDA_GRAPHS
-  // Made at the first capture: both touch CUDA, which a CPU run of a CUDA build must not need.
-  std::unique_ptr<at::cuda::CUDAGraph> graph_;
-  std::optional<c10::cuda::CUDAStream> side_stream_;
-#endif
+  std::optional<sd::CudaGraph> graph_;  // made at the first step: it touches CUDA
 };
 
 }  // namespace common

@@ -84,9 +84,6 @@ class TrainingRun {
     check_optim_options(f.optim.optim);
     TORCH_CHECK(f.optim.batch_size > 0, "--batch-size must be positive, got ", f.optim.batch_size);
     TORCH_CHECK(f.optim.grad_accum > 0, "--grad-accum must be positive, got ", f.optim.grad_accum);
-    TORCH_CHECK(!f.compute.cuda_graph || f.optim.grad_accum == 1, "--cuda-graph captures one "
-                "micro-batch per step: it cannot be combined with --grad-accum ", f.optim.grad_accum);
-    if (f.compute.cuda_graph) GraphedTrainStep::check_precision(precision_);
     TORCH_CHECK(f.optim.max_steps >= 0 && f.optim.epochs >= 0, "--max-steps and --epochs must not be negative");
     TORCH_CHECK(f.checkpoints.every >= 0 && f.checkpoints.keep_last >= 0,
                 "--checkpoint-every and --keep-last must not be negative");
@@ -316,18 +313,16 @@ class TrainingRun {
       step.set_loss_scale(load_checkpoint(*resumed_, tensors, step.optimizer()).loss_scale);
       last_checkpoint = folder;
       std::printf("resumed from %s at step %lld\n", folder.string().c_str(), static_cast<long long>(start));
-      if (f.compute.cuda_graph) {
-        std::printf("--cuda-graph: the noise after a resume is not the uninterrupted run's (the device "
-                    "generator is seeded from --seed and the step, not restored)\n");
-      }
     }
-    // With --cuda-graph the whole step is captured after two eager ones and replayed. Its noise
-    // comes from the device generator (seeded from the seed and the first step), not from the
-    // per-micro-step CPU generators; the batches still come from them.
+    // Where it applies (`choose_cuda_graph`) the whole step is captured after two eager ones and
+    // replayed, on the same draws as the eager step.
     std::optional<GraphedTrainStep> graphed;
-    if (f.compute.cuda_graph) {
-      graphed.emplace(step, step_generator(f.optim.seed, start, /*stream=*/1).current_seed());
-      if (!device_.is_cuda()) std::printf("--cuda-graph: no CUDA device, the step runs uncaptured\n");
+    if (cuda_graph_.graphed) {
+      graphed.emplace(step);
+      std::printf("step: %s\n", graphed->captures() ? "a CUDA graph, captured after two eager steps"
+                                                      : "the graphed step, uncaptured (no CUDA device)");
+    } else if (device_.is_cuda()) {
+      std::printf("step: eager, no CUDA graph (%s)\n", cuda_graph_.why_not.c_str());
     }
     // The loss history: loss.csv and loss.png, rewritten with each checkpoint so that a resumed
     // run continues them.
@@ -396,7 +391,7 @@ class TrainingRun {
         auto generator = step_generator(f.optim.seed, m * dist.world_size() + dist.rank());
         const auto batch = batches.get(order.indices(m), generator);
         if (graphed) {  // the whole step, optimizer included (--grad-accum is 1)
-          loss_sum = graphed->run(batch, lr);
+          loss_sum = graphed->run(batch, lr, generator);
         } else {
           auto micro = step.forward_backward(batch, generator, f.optim.grad_accum);
           loss_sum = a == 0 ? micro : loss_sum + micro;
@@ -498,8 +493,7 @@ class TrainingRun {
   void join_world() {
     auto& f = flags_;
     const int64_t world = Distributed::world_size_of(f.distributed);
-    TORCH_CHECK(!f.compute.cuda_graph || world == 1, "--cuda-graph with ", world, " processes: the "
-                "captured step has no all-reduce; train on one process, or without --cuda-graph");
+    cuda_graph_ = choose_cuda_graph(f.compute.cuda_graph, device_, precision_, f.optim.grad_accum, world);
     dist_ = std::make_unique<Distributed>(f.distributed, device_);
     if (!dist_->active()) return;
     if (device_.is_cuda() && f.compute.device.find(':') == std::string::npos) {
@@ -573,6 +567,7 @@ class TrainingRun {
   torch::Device device_ = torch::kCPU;
   sd::Precision precision_ = sd::Precision::kFP32;
   sd::LeanActivations lean_;
+  CudaGraphChoice cuda_graph_;  // whether steps go through GraphedTrainStep (join_world decides)
   std::unique_ptr<OutputLock> lock_;
   std::unique_ptr<Distributed> dist_;
   std::optional<VerifiedCheckpoint> resumed_;

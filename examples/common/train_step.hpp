@@ -92,6 +92,12 @@ struct Trainable {
   }
 };
 
+/// The random draws of one micro-step (`TrainStep::draw`), on the step's device.
+struct StepDraws {
+  torch::Tensor noise;      ///< ε [B, 4, h, w] float32.
+  torch::Tensor timesteps;  ///< t [B] int64 in [0, T).
+};
+
 /// The training objective: the latents noised to timestep t, the denoiser under autocast, MSE
 /// against what the model predicts (ε or v). The step trains with it; validation measures with it.
 struct DenoisingLoss {
@@ -159,12 +165,37 @@ class TrainStep {
   /// that once the step is queued, not in between.
   torch::Tensor forward_backward(const TrainBatch& batch, torch::Generator& generator,
                                  int64_t accumulation = 1) {
-    const auto size = batch.latents.size(0);
-    auto noise = draw_noise(batch.latents.sizes(), generator);
-    auto t = torch::randint(0, num_train_timesteps(), {size}, generator, torch::kLong).to(device_);
+    const auto [noise, t] = draw(batch.latents.sizes(), generator);
     auto loss = this->loss(batch, noise, t);
     backward(loss * (loss_scale_ / static_cast<double>(accumulation)), ++micro_steps_ >= accumulation);
     return loss.detach();
+  }
+
+  /// The random draws of one micro-step from its CPU `generator`, on the device: the noise ε
+  /// [B, 4, h, w] float32 for latents of `sizes` and the timesteps t [B] int64 in [0, T). Both are
+  /// a pure function of the generator's state (so a resume stays exact). On the CPU ε comes from
+  /// `generator` itself; elsewhere from a device generator seeded by one draw of it, so that no
+  /// host-side draw and copy (~7 ms at batch 30) holds up the GPU.
+  StepDraws draw(at::IntArrayRef sizes, torch::Generator& generator) const {
+    const auto options = torch::TensorOptions().dtype(torch::kFloat32).device(device_);
+    torch::Tensor noise;
+    if (device_.is_cpu()) {
+      noise = torch::randn(sizes, generator, options);
+    } else {
+      uint64_t seed;
+      {
+        std::lock_guard<std::mutex> lock(generator.mutex());
+        seed = at::check_generator<at::CPUGeneratorImpl>(generator)->random64();
+      }
+      auto on_device = at::globalContext().defaultGenerator(device_).clone();
+      {
+        std::lock_guard<std::mutex> lock(on_device.mutex());
+        on_device.set_current_seed(seed);
+      }
+      noise = torch::randn(sizes, on_device, options);
+    }
+    auto t = torch::randint(0, num_train_timesteps(), {sizes[0]}, generator, torch::kLong).to(device_);
+    return {noise, t};
   }
 
   /// The training loss (`DenoisingLoss`) of one micro-batch for the given noise ε [B, 4, h, w]
@@ -272,25 +303,6 @@ class TrainStep {
     return out;
   }
 
-  // ε ~ N(0, I) [B, 4, h, w] float32 on the device. On the CPU it comes from `generator` itself;
-  // elsewhere from a device generator seeded by one draw of `generator`, so a micro-step's noise
-  // is still a pure function of (seed, index) on a given device (resume stays exact) and no
-  // host-side draw and copy (~7 ms at batch 30) holds up the GPU.
-  torch::Tensor draw_noise(at::IntArrayRef sizes, torch::Generator& generator) const {
-    const auto options = torch::TensorOptions().dtype(torch::kFloat32).device(device_);
-    if (device_.is_cpu()) return torch::randn(sizes, generator, options);
-    uint64_t seed;
-    {
-      std::lock_guard<std::mutex> lock(generator.mutex());
-      seed = at::check_generator<at::CPUGeneratorImpl>(generator)->random64();
-    }
-    auto on_device = at::globalContext().defaultGenerator(device_).clone();
-    {
-      std::lock_guard<std::mutex> lock(on_device.mutex());
-      on_device.set_current_seed(seed);
-    }
-    return torch::randn(sizes, on_device, options);
-  }
 
   // Dynamic loss scaling (as torch.cuda.amp.GradScaler): halve on overflow, double after 2000
   // clean steps.

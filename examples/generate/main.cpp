@@ -9,6 +9,7 @@
 #include <sd/tuner_files.hpp>
 
 #include <common/image.hpp>
+#include <common/lean.hpp>
 #include <common/model.hpp>
 #include <common/png.hpp>
 #include <common/program.hpp>
@@ -60,6 +61,8 @@ struct Flags {
   int64_t images_per_prompt = 1;
   std::string precision = "fp32";
   std::string device = "auto";
+  std::string cuda_graph = "auto";  // auto | on | off
+  std::string lean = "default";     // the UNet's kernel levers, as common/lean.hpp spells them
   std::vector<std::string> tuners;    // FILE[:SCALE], repeatable
   std::vector<std::string> conditions;  // condition images, one per CSC-Tuner in --tuner order
   std::vector<std::string> controlnets;  // ControlNet PATH[:SCALE], repeatable
@@ -295,6 +298,9 @@ int run(Flags flags) {
   const auto device = common::resolve_device(flags.device);
   const auto precision = sd::parse_precision(flags.precision);
   sd::check_precision(precision, device);
+  TORCH_CHECK(flags.cuda_graph != "on" || sd::CudaGraph::available(device), "--cuda-graph on: ",
+              device.is_cuda() ? "this build has no CUDA graphs" : "not a CUDA device (--device " + flags.device + ")");
+  const auto lean = common::parse_lean_activations(flags.lean, device);
 
   // The model: weights in the compute dtype (as the training programs), autocast for what mixes
   // dtypes (tuners).
@@ -303,6 +309,7 @@ int run(Flags flags) {
     sd::set_scheduler_option(pipe.scheduler_config, "prediction_type", flags.prediction);
   }
   const auto scheduler = sd::make_scheduler(pipe, flags.spacing);  // refuses ε with zero terminal SNR
+  pipe.unet->set_lean_activations(lean);
   TORCH_CHECK(pipe.unet_config.has_text_time() || size_flags_given(flags).empty(), size_flags_given(flags),
               ": size conditioning is SDXL's, and this model (", flags.model.model.empty() ? "built-in tiny"
               : flags.model.model, ") is not an SDXL: its UNet takes no size conditioning");
@@ -344,6 +351,7 @@ int run(Flags flags) {
     controlnets.emplace_back(
         sd::load_controlnet(flag.path, sd::WeightsOptions().dtype(sd::compute_dtype(precision)).device(device)),
         flag.scale);
+    controlnets.back().first->set_lean_activations(lean);
     std::printf("controlnet: %s (scale %s)\n", flag.path.c_str(), number(flag.scale).c_str());
   }
 
@@ -359,6 +367,7 @@ int run(Flags flags) {
   options.timestep_spacing = flags.spacing;
   options.precision = precision;
   options.device = device;
+  options.cuda_graph = flags.cuda_graph != "off";
   options.strength = flags.strength;
   options.size_conditioning = size_conditioning(flags, options.height, options.width);
   for (size_t i = 0; i < csc_names.size(); ++i) {
@@ -468,6 +477,12 @@ int main(int argc, char** argv) {
   app.add_option("--precision", flags.precision, "fp32 | bf16 | fp16 (fp16: CUDA only)")
       ->check(CLI::IsMember({"fp32", "bf16", "fp16"}));
   app.add_option("--device", flags.device, "auto | cpu | cuda[:N]");
+  app.add_option("--lean", flags.lean, "The UNet's and ControlNets' kernel levers, comma-separated as "
+                 "train_style's --lean: default (norm-dtype: norms in the half-precision dtype under autocast; "
+                 "plus the fused CUDA kernels where they run), none, or levers by name");
+  app.add_option("--cuda-graph", flags.cuda_graph, "auto | on | off: replay each denoising step's UNet "
+                 "call from a CUDA graph (auto: on CUDA; on: refuse a device without)")
+      ->check(CLI::IsMember({"auto", "on", "off"}));
   app.add_option("--tuner", flags.tuners,
                  "Tuner file FILE[:SCALE] (SC-Tuners, CSC-Tuner or LoRA; repeatable; scale 1 if absent)")
       ->allow_extra_args(false);

@@ -31,6 +31,7 @@
 /// @endcode
 
 #include <sd/controlnet.hpp>
+#include <sd/noise_prediction.hpp>
 #include <sd/precision.hpp>
 #include <sd/scheduler.hpp>
 #include <sd/stable_diffusion.hpp>
@@ -117,6 +118,10 @@ struct GenerateOptions {
   std::vector<GenerateCondition> conditions;
   /// ControlNets and their condition images (with CSC-Tuners or without).
   std::vector<GenerateControlNet> controlnets;
+  /// Replays each step's noise prediction from a CUDA graph where one applies (a CUDA device, a
+  /// build with CUDA graphs: `NoisePrediction`); false: every step eager. The same kernels either
+  /// way, so the same images.
+  bool cuda_graph = true;
   /// Called after every denoising step (e.g. to print progress); may be empty.
   std::function<void(const GenerateProgress&)> progress;
 
@@ -204,67 +209,6 @@ inline NoiseSchedule noise_schedule(const StableDiffusion& sd) {
 /// without one).
 inline std::string prediction_type(const StableDiffusion& sd) {
   return scheduler_options(sd).prediction_type();
-}
-
-/// A ControlNet as one step of the sampler runs it: the model, its condition image float
-/// [1, 3, H, W] in [0, 1] in the model's dtype and device, its strength.
-struct ControlInput {
-  ControlNetModel model{nullptr};  ///< The ControlNet.
-  torch::Tensor image;             ///< Its condition, [1, 3, H, W] in [0, 1].
-  double scale = 1.0;              ///< Its conditioning scale.
-};
-
-/// The noise prediction of one step. With `uncond` defined: one UNet call over the batch
-/// [uncond; cond] ([2B, …]) and classifier-free guidance with rescale; without: the
-/// conditional prediction alone. `latents` [B, C, h, w], `cond` / `uncond` [B, 77, D]; the
-/// result is in the latents' dtype. Each ControlNet of `controls` sees the same batch and its
-/// image for every row (both halves of guidance); their residuals add up. An SDXL UNet also
-/// reads `added_cond` and, with guidance, `added_uncond` (`added_conditions`, [B, …] each), and
-/// so do its ControlNets.
-inline torch::Tensor predict_noise(UNet& unet, const torch::Tensor& latents, int64_t t,
-                                   const torch::Tensor& cond, const torch::Tensor& uncond,
-                                   double guidance_scale, double guidance_rescale,
-                                   const std::vector<ControlInput>& controls = {},
-                                   const UNetAddedConditions& added_cond = {},
-                                   const UNetAddedConditions& added_uncond = {}) {
-  const auto dtype = detail::first_parameter(*unet, "UNet").scalar_type();
-  const torch::Tensor timestep = torch::full({1}, t, torch::kInt64);
-  const bool guided = uncond.defined();
-  const auto input = (guided ? torch::cat({latents, latents}) : latents).to(dtype);  // [2B or B, C, h, w]
-  const auto context = (guided ? torch::cat({uncond, cond}) : cond).to(dtype);       // [2B or B, 77, D]
-  UNetAddedConditions added;
-  if (added_cond.defined()) {
-    TORCH_CHECK(!guided || added_uncond.defined(), "predict_noise: guidance on a UNet with added "
-                "conditioning needs the unconditional half's (added_uncond)");
-    const auto join = [&](const torch::Tensor& u, const torch::Tensor& c) {
-      return (guided ? torch::cat({u, c}) : c).to(dtype);  // [2B or B, …]
-    };
-    added = {join(added_uncond.text_embeds, added_cond.text_embeds),
-             join(added_uncond.time_ids, added_cond.time_ids)};
-  }
-  UNetResiduals residuals;
-  for (const auto& control : controls) {
-    const auto control_dtype = detail::first_parameter(*control.model, "ControlNet").scalar_type();
-    const UNetAddedConditions control_added =
-        added.defined() ? UNetAddedConditions{added.text_embeds.to(control_dtype), added.time_ids}
-                        : UNetAddedConditions{};
-    auto r = control.model.ptr()->forward(input.to(control_dtype), timestep,
-                                          context.to(control_dtype), control_added,
-                                          control.image.expand({input.size(0), -1, -1, -1}),
-                                          control.scale);
-    if (residuals.down.empty()) {
-      residuals = std::move(r);
-      continue;
-    }
-    for (size_t i = 0; i < residuals.down.size(); ++i) residuals.down[i] = residuals.down[i] + r.down[i];
-    residuals.mid = residuals.mid + r.mid;
-  }
-  for (auto& r : residuals.down) r = r.to(dtype);
-  if (residuals.mid.defined()) residuals.mid = residuals.mid.to(dtype);
-  const auto eps = unet(input, timestep, context, added, residuals).to(latents.scalar_type());
-  if (!guided) return eps;
-  const auto halves = eps.chunk(2);
-  return classifier_free_guidance(halves[0], halves[1], guidance_scale, guidance_rescale);
 }
 
 namespace detail {
@@ -410,6 +354,8 @@ inline void sample_batches(StableDiffusion& sd, const std::vector<std::string>& 
   const auto size = options.size_conditioning.value_or(
       SizeConditioning::uncropped(options.height, options.width));
   const auto negative_size = options.negative_size_conditioning.value_or(size);
+  NoisePrediction noise_prediction(sd.unet, options.guidance_scale, options.guidance_rescale, controls,
+                                   options.cuda_graph);
 
   const int64_t total = static_cast<int64_t>(prompts.size()) * options.images_per_prompt;
   const int64_t batches = (total + options.batch_size - 1) / options.batch_size;
@@ -437,6 +383,7 @@ inline void sample_batches(StableDiffusion& sd, const std::vector<std::string>& 
         added_cond = added_conditions(sd, text.pooled, {size});
         if (guided) added_uncond = added_conditions(sd, negative.pooled.expand({n, -1}), {negative_size});
       }
+      noise_prediction.set_batch(text.context, uncond, added_cond, added_uncond);
       if (!init_latents.defined()) {
         latents = initial * scheduler.init_noise_sigma();
       } else if (timesteps.empty()) {
@@ -452,8 +399,7 @@ inline void sample_batches(StableDiffusion& sd, const std::vector<std::string>& 
       for (size_t i = 0; i < timesteps.size(); ++i) {
         const int64_t t = timesteps[i];
         const auto input = scheduler.scale_model_input(latents, t);
-        const auto eps = predict_noise(sd.unet, input, t, text.context, uncond, options.guidance_scale,
-                                       options.guidance_rescale, controls, added_cond, added_uncond);
+        const auto eps = noise_prediction(input, t);
         torch::Tensor variance_noise;
         if (options.eta > 0) {
           std::vector<torch::Tensor> z;

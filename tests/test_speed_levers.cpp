@@ -1,0 +1,165 @@
+// The speed levers and what they must leave alone: where the training step is captured as a CUDA
+// graph (and why not elsewhere); the sampler's noise prediction replayed from a graph
+// (sd/noise_prediction.hpp) giving the eager images; generation's kernel levers (`--lean`)
+// changing the images by no more than the precision's rounding. The graphed training step's own
+// tests are in test_train.cpp.
+
+#include <common/graphed_step.hpp>
+#include <common/lean.hpp>
+#include <sd/noise_prediction.hpp>
+#include <sd/sampler.hpp>
+#include <sd/tiny.hpp>
+#include <sd/tuner_files.hpp>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <string>
+#include <vector>
+
+#include "generate_fixtures.hpp"
+#include "test_util.hpp"
+
+namespace {
+
+using ::testing::HasSubstr;
+using scedit_test::error_of;
+using namespace scedit_test::generate;
+
+/// Moves every model of `pipe` to `device` in `dtype` (the VAE stays float32, as `generate`
+/// holds SD's under fp16).
+void move(sd::StableDiffusion& pipe, const torch::Device& device, torch::Dtype dtype) {
+  pipe.unet->to(device, dtype);
+  pipe.vae->to(device, torch::kFloat32);
+  for (auto* encoder : pipe.text_encoders()) encoder->to(device, dtype);
+}
+
+}  // namespace
+
+TEST(SpeedLevers, TrainingStepWhereverItAppliesAndWhyNotElsewhere) {
+  const torch::Device cpu(torch::kCPU), cuda(torch::kCUDA, 0);
+  const auto bf16 = sd::Precision::kBF16;
+  // auto: captured on CUDA where the build records graphs; elsewhere eager, with the reason.
+  EXPECT_EQ(common::choose_cuda_graph("auto", cuda, bf16, 1, 1).graphed, sd::CudaGraph::available(cuda));
+  EXPECT_EQ(common::choose_cuda_graph("auto", cpu, bf16, 1, 1).why_not, "not a CUDA device");
+  const auto fp16 = common::choose_cuda_graph("auto", cuda, sd::Precision::kFP16, 1, 1);
+  EXPECT_FALSE(fp16.graphed);
+  EXPECT_THAT(fp16.why_not, HasSubstr("fp16's loss scaling"));
+  EXPECT_THAT(common::choose_cuda_graph("auto", cuda, bf16, 2, 1).why_not, HasSubstr("--grad-accum 2"));
+  EXPECT_THAT(common::choose_cuda_graph("auto", cuda, bf16, 1, 4).why_not, HasSubstr("4 processes"));
+  EXPECT_FALSE(common::choose_cuda_graph("off", cuda, bf16, 1, 1).graphed);
+  // on: refused where it cannot apply, naming why; on the CPU the same step, uncaptured.
+  EXPECT_TRUE(common::choose_cuda_graph("on", cpu, sd::Precision::kFP32, 1, 1).graphed);
+  EXPECT_THAT(error_of([&] { common::choose_cuda_graph("on", cpu, bf16, 3, 1); }),
+              HasSubstr("--cuda-graph on: a captured step holds one micro-batch, not --grad-accum 3"));
+  EXPECT_THAT(error_of([&] { common::choose_cuda_graph("always", cpu, bf16, 1, 1); }),
+              HasSubstr("--cuda-graph must be auto, on or off, got 'always'"));
+}
+
+TEST(SpeedLevers, NoisePredictionIsPredictNoiseStepByStepOffCuda) {
+  // Off CUDA every step is predict_noise itself: across batches of two shapes, with guidance and
+  // rescale, and without guidance.
+  auto pipe = sd::tiny_pipeline();
+  torch::NoGradGuard no_grad;
+  sd::NoisePrediction guided(pipe.unet, 3.0, 0.5, {}, /*cuda_graph=*/true);
+  EXPECT_FALSE(guided.captures());
+  EXPECT_THAT(error_of([&] { guided(torch::zeros({1, 4, 8, 8}), 500); }), HasSubstr("no batch set"));
+  auto generator = at::detail::createCPUGenerator(3);
+  for (const int64_t n : {2, 1}) {
+    const auto latents = torch::randn({n, 4, 8, 8}, generator);
+    const auto cond = sd::encode_prompts(pipe, std::vector<std::string>(static_cast<size_t>(n), "a cat"));
+    const auto uncond = sd::encode_prompts(pipe, std::vector<std::string>(static_cast<size_t>(n), ""));
+    guided.set_batch(cond, uncond);
+    for (const int64_t t : {901, 501}) {
+      EXPECT_TRUE(torch::equal(guided(latents, t), sd::predict_noise(pipe.unet, latents, t, cond, uncond, 3.0, 0.5)))
+          << "batch " << n << ", timestep " << t;
+    }
+    sd::NoisePrediction unguided(pipe.unet, 1.0, 0.0, {}, true);
+    unguided.set_batch(cond, {});
+    EXPECT_TRUE(torch::equal(unguided(latents, 700), pipe.unet(latents, torch::full({1}, 700, torch::kInt64), cond)));
+  }
+}
+
+TEST(SpeedLevers, ReplayedDenoisingGivesTheEagerImages_CUDA) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  const torch::Device gpu(torch::kCUDA, 0);
+  // Three prompts in batches of two (the second, of one, is another shape: recorded anew), SC-Tuners
+  // in float32 under the half-precision autocast (casts a graph records rather than caches),
+  // guidance with rescale. The graph replays the eager kernels: the same latents up to the
+  // rounding of the precision.
+  for (const auto precision : {sd::Precision::kFP32, sd::Precision::kFP16, sd::Precision::kBF16}) {
+    SCOPED_TRACE(sd::to_string(precision));
+    auto pipe = sd::tiny_pipeline();
+    move(pipe, gpu, sd::compute_dtype(precision));
+    sd::AttachedTuners tuners;
+    sd::attach_tuner_file(pipe, sc_tuner_file(), 1.0, tuners);  // float32, beside the UNet
+    auto options = small_options(4);
+    options.steps = 6;
+    options.batch_size = 2;
+    options.precision = precision;
+    options.cuda_graph = false;
+    const auto eager = sd::sample_latents(pipe, {"a cat", "a dog", "a house"}, options).cpu();
+    options.cuda_graph = true;
+    const auto replayed = sd::sample_latents(pipe, {"a cat", "a dog", "a house"}, options).cpu();
+    const double tolerance = precision == sd::Precision::kFP32 ? 1e-5 : 1e-2;
+    EXPECT_TRUE(torch::allclose(replayed, eager, tolerance, tolerance))
+        << (replayed - eager).abs().max().item<double>();
+  }
+  // The graph records: a NoisePrediction on CUDA captures, and its replays follow new inputs.
+  auto pipe = sd::tiny_pipeline();
+  move(pipe, gpu, torch::kFloat32);
+  torch::NoGradGuard no_grad;
+  sd::NoisePrediction predict(pipe.unet, 3.0, 0.5, {}, true);
+  EXPECT_TRUE(predict.captures());
+  const auto cond = sd::encode_prompts(pipe, {"a cat"}), uncond = sd::encode_prompts(pipe, {""});
+  predict.set_batch(cond, uncond);
+  auto generator = at::detail::createCPUGenerator(5);
+  for (const int64_t t : {951, 801, 651, 501}) {  // eager, recorded, replayed, replayed
+    const auto latents = torch::randn({1, 4, 8, 8}, generator).to(gpu);
+    EXPECT_TRUE(torch::allclose(predict(latents, t), sd::predict_noise(pipe.unet, latents, t, cond, uncond, 3.0, 0.5),
+                                1e-5, 1e-5))
+        << "timestep " << t;
+  }
+}
+
+namespace {
+
+/// The latents of three prompts (batches of two) on `pipe` with `lean` and `precision`.
+torch::Tensor latents_with(sd::StableDiffusion& pipe, const std::string& lean, sd::Precision precision) {
+  const auto device = sd::detail::first_parameter(*pipe.unet, "UNet").device();
+  pipe.unet->set_lean_activations(common::parse_lean_activations(lean, device));
+  auto options = small_options(8);
+  options.batch_size = 2;
+  options.precision = precision;
+  return sd::sample_latents(pipe, {"a cat", "a dog", "a house"}, options).cpu();
+}
+
+}  // namespace
+
+TEST(SpeedLevers, GenerationKernelLeversChangeTheImagesOnlyByRounding) {
+  // float32: nothing to round (norm-dtype acts under autocast only): the same latents.
+  auto fp32 = sd::tiny_pipeline();
+  EXPECT_TRUE(torch::equal(latents_with(fp32, "default", sd::Precision::kFP32),
+                           latents_with(fp32, "none", sd::Precision::kFP32)));
+  // bf16: the norms in bf16 round once more than in float32, where autocast runs them in float32
+  // (LibTorch 1.13's CPU autocast runs them in bf16 either way: the same latents there).
+  auto bf16 = sd::tiny_pipeline(0, torch::kBFloat16);
+  const auto lean = latents_with(bf16, "default", sd::Precision::kBF16);
+  const auto plain = latents_with(bf16, "none", sd::Precision::kBF16);
+  EXPECT_TRUE(torch::allclose(lean, plain, 5e-2, 5e-2)) << (lean - plain).abs().max().item<double>();
+}
+
+TEST(SpeedLevers, GenerationKernelLeversChangeTheImagesOnlyByRounding_CUDA) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  const torch::Device gpu(torch::kCUDA, 0);
+  // The fused kernels too, where this build has them; in each half precision against the plain ops.
+  for (const auto precision : {sd::Precision::kFP16, sd::Precision::kBF16}) {
+    SCOPED_TRACE(sd::to_string(precision));
+    auto pipe = sd::tiny_pipeline();
+    move(pipe, gpu, sd::compute_dtype(precision));
+    const auto lean = latents_with(pipe, "default", precision), plain = latents_with(pipe, "none", precision);
+    EXPECT_FALSE(torch::equal(lean, plain)) << "the norms ran in the half-precision dtype";
+    EXPECT_TRUE(torch::allclose(lean, plain, 5e-2, 5e-2)) << (lean - plain).abs().max().item<double>();
+  }
+}
