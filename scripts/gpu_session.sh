@@ -19,6 +19,14 @@
 #   bash scripts/gpu_session.sh distributed # issue 15: distributed_scaling with NCCL, 1 vs 2 processes on the
 #                                       # one GPU (the reduction's overhead; NCCL may refuse two ranks on one card)
 #
+# What the open issues still need from a GPU (2026-12-07), most telling first, as calls on one warm
+# machine (the build folder stays between calls; each call under 10 minutes, SCEDIT_DEADLINE set
+# to the call's start + 560 s):
+#   1. build tests generate   # issue 18: the graphed and lever *_CUDA tests, generation beside the peer
+#   2. bench peer             # issue 18: the training defaults (now under a CUDA graph) beside the peer
+#   3. controlnet             # issue 14: CSC-Tuner vs ControlNet at SD 1.5 size
+#   4. sdxl, then distributed # issues 19 and 15
+#
 # The sdxl stage after a build on a fresh machine, inside one 10-minute call:
 #   SCEDIT_GPU_TARGETS="memory_vs_lora memory_vs_controlnet" SCEDIT_DEADLINE=$(($(date +%s) + 560)) \
 #     bash scripts/gpu_session.sh build sdxl
