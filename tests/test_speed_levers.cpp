@@ -6,6 +6,7 @@
 
 #include <common/graphed_step.hpp>
 #include <common/lean.hpp>
+#include <sd/controlnet_weights.hpp>
 #include <sd/noise_prediction.hpp>
 #include <sd/sampler.hpp>
 #include <sd/tiny.hpp>
@@ -120,6 +121,48 @@ TEST(SpeedLevers, ReplayedDenoisingGivesTheEagerImages_CUDA) {
     EXPECT_TRUE(torch::allclose(predict(latents, t), sd::predict_noise(pipe.unet, latents, t, cond, uncond, 3.0, 0.5),
                                 1e-5, 1e-5))
         << "timestep " << t;
+  }
+}
+
+TEST(SpeedLevers, ReplayedDenoisingWithConditionsGivesTheEagerImages_CUDA) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  const torch::Device gpu(torch::kCUDA, 0);
+  // What else a recorded step holds: a CSC-Tuner's hint features and a ControlNet (SD 1.5), the
+  // pooled text and size ids of SDXL with its ControlNet. Recording would fail on anything that
+  // reads the device from the host.
+  auto compare = [&](sd::StableDiffusion& pipe, sd::GenerateOptions options) {
+    options.steps = 5;
+    options.cuda_graph = false;
+    const auto eager = sd::sample_latents(pipe, {"a cat", "a dog"}, options).cpu();
+    options.cuda_graph = true;
+    const auto replayed = sd::sample_latents(pipe, {"a cat", "a dog"}, options).cpu();
+    EXPECT_TRUE(torch::allclose(replayed, eager, 1e-5, 1e-5)) << (replayed - eager).abs().max().item<double>();
+  };
+  auto controlnet_for = [&](sd::StableDiffusion& pipe) {
+    auto controlnet = sd::controlnet_from_unet(pipe.unet);  // on the UNet's device
+    torch::NoGradGuard no_grad;
+    for (auto& p : controlnet->controlnet_mid_block->parameters()) p.normal_(0.0, 0.05);
+    return controlnet;
+  };
+  {
+    SCOPED_TRACE("SD 1.5 with a CSC-Tuner and a ControlNet");
+    auto pipe = sd::tiny_pipeline();
+    move(pipe, gpu, torch::kFloat32);
+    sd::AttachedTuners tuners;
+    const auto csc = sd::attach_tuner_file(pipe, csc_tuner_file(), 1.0, tuners);
+    auto options = small_options(2);
+    options.conditions = {{csc.name, scedit_test::random_image(64, 64, 3)}};
+    options.controlnets = {{controlnet_for(pipe), scedit_test::random_image(64, 64, 4), 0.8}};
+    compare(pipe, options);
+  }
+  {
+    SCOPED_TRACE("SDXL with its size conditioning and a ControlNet");
+    auto pipe = sd::tiny_sdxl_pipeline();
+    move(pipe, gpu, torch::kFloat32);
+    auto options = small_options(3);
+    options.size_conditioning = sd::SizeConditioning{256, 128, 0, 0, 64, 64};
+    options.controlnets = {{controlnet_for(pipe), scedit_test::random_image(64, 64, 5), 1.0}};
+    compare(pipe, options);
   }
 }
 
