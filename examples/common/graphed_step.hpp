@@ -37,10 +37,10 @@ struct CudaGraphChoice {
 /// Where a captured step applies: a CUDA device and a build with CUDA graphs, bf16 or fp32 (fp16's
 /// loss scaling reads the gradients on the host every step), one micro-batch per step and one
 /// process (the captured step holds no all-reduce). `mode` is the `--cuda-graph` flag: `auto`
-/// captures wherever that holds (a replay launches a step's thousands of kernels at once: 2.7× the
-/// eager step's images/s at batch 1, +1% at batch 30, bench/RESULTS.md); `on` throws naming what
-/// rules it out, but on the CPU runs the same step uncaptured (which checks its arithmetic);
-/// `off` never captures.
+/// captures wherever that holds (a replay launches a step's thousands of kernels at once:
+/// 2.2–2.8× the eager step's images/s at batch 1, +1% at batch 30, bench/RESULTS.md v0.4–v0.6);
+/// `on` throws naming what rules it out, but on the CPU runs the same step uncaptured (which checks
+/// its arithmetic); `off` never captures.
 inline CudaGraphChoice choose_cuda_graph(const std::string& mode, const torch::Device& device,
                                          sd::Precision precision, int64_t grad_accum, int64_t world_size) {
   TORCH_CHECK(mode == "auto" || mode == "on" || mode == "off", "--cuda-graph must be auto, on or off, got '",

@@ -299,7 +299,8 @@ int run(Flags flags) {
   const auto precision = sd::parse_precision(flags.precision);
   sd::check_precision(precision, device);
   TORCH_CHECK(flags.cuda_graph != "on" || sd::CudaGraph::available(device), "--cuda-graph on: ",
-              device.is_cuda() ? "this build has no CUDA graphs" : "not a CUDA device (--device " + flags.device + ")");
+              device.is_cuda() ? "this build has no CUDA graphs"
+                               : "not a CUDA device (--device " + flags.device + ")");
   const auto lean = common::parse_lean_activations(flags.lean, device);
 
   // The model: weights in the compute dtype (as the training programs), autocast for what mixes

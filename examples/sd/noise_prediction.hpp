@@ -7,7 +7,7 @@
 ///
 /// Why a graph: at batch 1 a step's UNet call launches over a thousand small kernels, and the
 /// CPU launching them is slower than the GPU running them; a replay launches them at once (the
-/// training step measured 2.7× faster so at batch 1, bench/RESULTS.md). The DDIM update after it
+/// training step ran 2.2–2.8× faster so at batch 1, bench/RESULTS.md v0.6). The DDIM update after it
 /// reads ᾱ at the step's timestep on the host, so it stays outside the graph: a few element-wise
 /// kernels a step.
 
