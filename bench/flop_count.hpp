@@ -19,9 +19,11 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace bench {
@@ -164,9 +166,13 @@ inline std::string three_digits(double value) {
 }
 
 /// The matrix throughput of `device` in `dtype` (TFLOP/s): square products of 8192 (CUDA) or 1024
-/// (CPU), the median of a few timed runs after a warm-up. fp32 runs as the benches do (TF32
-/// allowed where the device has it).
+/// (CPU), the median of a few timed runs after a warm-up, measured once per device and dtype in a
+/// process (every row of a bench sets its rate against the same figure). fp32 runs as the benches
+/// do (TF32 allowed where the device has it).
 inline double matmul_tflops(const torch::Device& device, torch::Dtype dtype) {
+  static std::map<std::pair<std::string, torch::Dtype>, double> measured;
+  const auto key = std::make_pair(device.str(), dtype);
+  if (const auto it = measured.find(key); it != measured.end()) return it->second;
   const int64_t n = device.is_cuda() ? 8192 : 1024;
   const int reps = device.is_cuda() ? 20 : 3;
   const auto options = torch::TensorOptions().dtype(dtype).device(device);
@@ -184,7 +190,7 @@ inline double matmul_tflops(const torch::Device& device, torch::Dtype dtype) {
     if (i >= 2) seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count());
   }
   std::sort(seconds.begin(), seconds.end());
-  return 2.0 * n * n * n / seconds[seconds.size() / 2] / 1e12;
+  return measured[key] = 2.0 * n * n * n / seconds[seconds.size() / 2] / 1e12;
 }
 
 }  // namespace bench

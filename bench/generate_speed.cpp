@@ -35,7 +35,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <map>
 #include <string>
 #include <vector>
 
@@ -176,11 +175,9 @@ int main(int argc, char** argv) {
       std::printf("\nFLOPs (bench/flop_count.hpp: matrix products, convolutions, attention) of one batch, against "
                   "this device's matmul throughput\n\n| precision | bs | GFLOP per image | achieved TFLOP/s | "
                   "matmul peak TFLOP/s | share of peak |\n|---|---|---|---|---|---|\n");
-      std::map<std::string, double> peaks;  // measured once per precision
       for (auto& row : rows) {
         const auto name = row["precision"].get<std::string>();
-        if (!peaks.count(name)) peaks[name] = bench::matmul_tflops(device, sd::compute_dtype(sd::parse_precision(name)));
-        const double peak = peaks[name];
+        const double peak = bench::matmul_tflops(device, sd::compute_dtype(sd::parse_precision(name)));
         const double flops = row["flops_per_batch"].get<double>(), s = row["s_per_batch"].get<double>();
         const int64_t batch = row["batch_size"].get<int64_t>();
         std::printf("| %s | %lld | %s | %s | %s | %.0f%% |\n", name.c_str(),

@@ -48,7 +48,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -446,14 +445,6 @@ inline void print_operators(const std::vector<Row>& rows) {
   }
 }
 
-/// The matrix throughput of the run's device in precision `name` (TFLOP/s, flop_count.hpp), measured
-/// once per precision.
-inline double matmul_peak(const Run& run, const std::string& name) {
-  static std::map<std::string, double> measured;
-  auto it = measured.find(name);
-  if (it == measured.end()) it = measured.emplace(name, matmul_tflops(run.device, frozen_dtype(name))).first;
-  return it->second;
-}
 
 /// A row as JSON, with the run's settings (the fields bench/results/*.json hold).
 inline nlohmann::json to_json(const Row& r, const Run& run) {
@@ -463,7 +454,7 @@ inline nlohmann::json to_json(const Row& r, const Run& run) {
           {"device", run.device_name}, {"config", run.config}, {"pipeline", run.pipeline},
           {"recompute", run.recompute}, {"channels_last", run.channels_last}, {"cudnn_benchmark", run.cudnn_benchmark}, {"attention", run.attention}, {"lean", common::to_string(run.lean)},
           {"optimizer", run.graphed ? "capturable" : run.optimizer}, {"cuda_graph", run.graphed && run.device.is_cuda()},
-          {"flops_per_step", r.flops}, {"matmul_tflops", run.flops ? matmul_peak(run, r.precision) : 0.0}};
+          {"flops_per_step", r.flops}, {"matmul_tflops", run.flops ? matmul_tflops(run.device, frozen_dtype(r.precision)) : 0.0}};
 }
 
 /// With `--flops`, each row's FLOPs per image and its achieved rate as a share of the device's
@@ -474,7 +465,7 @@ inline void print_flops(const std::vector<Row>& rows, const Run& run) {
               "this device's matmul throughput\n\n| method | precision | bs | GFLOP per image | achieved TFLOP/s | "
               "matmul peak TFLOP/s | share of peak |\n|---|---|---|---|---|---|---|\n");
   for (const auto& r : rows) {
-    const double peak = matmul_peak(run, r.precision), achieved = r.flops / (r.step_ms / 1000.0) / 1e12;
+    const double peak = matmul_tflops(run.device, frozen_dtype(r.precision)), achieved = r.flops / (r.step_ms / 1000.0) / 1e12;
     std::printf("| %s | %s | %lld | %s | %s | %s | %.0f%% |\n", r.method.c_str(), r.precision.c_str(),
                 static_cast<long long>(r.batch_size), three_digits(r.flops / r.batch_size / 1e9).c_str(),
                 three_digits(achieved).c_str(), three_digits(peak).c_str(), 100.0 * achieved / peak);
