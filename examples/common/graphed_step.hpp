@@ -34,6 +34,12 @@ struct CudaGraphChoice {
   std::string why_not;   ///< when not: what rules it out, for the run's log
 };
 
+namespace detail {
+/// Why an fp16 step is never captured.
+inline constexpr const char* kFp16NotCaptured =
+    "fp16's loss scaling reads the gradients on the host every step; use bf16 or fp32";
+}  // namespace detail
+
 /// Where a captured step applies: a CUDA device and a build with CUDA graphs, bf16 or fp32 (fp16's
 /// loss scaling reads the gradients on the host every step), one micro-batch per step and one
 /// process (the captured step holds no all-reduce). `mode` is the `--cuda-graph` flag: `auto`
@@ -48,7 +54,7 @@ inline CudaGraphChoice choose_cuda_graph(const std::string& mode, const torch::D
   if (mode == "off") return {false, "--cuda-graph off"};
   std::string why_not;
   if (precision == sd::Precision::kFP16) {
-    why_not = "fp16's loss scaling reads the gradients on the host every step; use bf16 or fp32";
+    why_not = detail::kFp16NotCaptured;
   } else if (grad_accum != 1) {
     why_not = "a captured step holds one micro-batch, not --grad-accum " + std::to_string(grad_accum);
   } else if (world_size != 1) {
@@ -87,18 +93,11 @@ class GraphedTrainStep {
         adamw_(step.optimizer()),
         eager_steps_(eager_steps),
         capture_(capture && sd::CudaGraph::available(step.device())) {
-    check_precision(step.precision());
+    TORCH_CHECK(step.precision() != sd::Precision::kFP16, "GraphedTrainStep: ", detail::kFp16NotCaptured);
     TORCH_CHECK(eager_steps >= 1, "GraphedTrainStep: eager_steps must be at least 1, got ", eager_steps);
 #if !defined(SCEDIT_WITH_CUDA)
     TORCH_CHECK(!step.device().is_cuda(), "GraphedTrainStep: this build of LibTorch has no CUDA");
 #endif
-  }
-
-  /// Refuses fp16, whose loss scaling reads the gradients on the host every step (programs call
-  /// it before loading a model, to fail early).
-  static void check_precision(sd::Precision precision) {
-    TORCH_CHECK(precision != sd::Precision::kFP16, "--cuda-graph: fp16 is not supported (its loss "
-                "scaling reads the gradients on the host every step); use bf16 or fp32");
   }
 
   /// One optimizer step on this micro-batch at learning rate `lr`, with the noise and timesteps
