@@ -5,10 +5,10 @@
 //
 // The same work as the Python peer's `peer_generate.py` (../shared/peer, diffusers' UNet, VAE and
 // CLIP-L): guidance 7.5 without rescaling (diffusers' default; SCEdit's recipe rescales by 0.5,
-// `--guidance-rescale`), the weights in the row's dtype. One difference: in fp16 the VAE decodes
-// in float32, as `generate` and diffusers' pipeline do for SD's VAE (`force_upcast`); the peer
-// decodes in fp16. Per row: seconds per batch (median of the timed batches), images/s, UNet
-// steps/s (denoising steps per second of one batch) and the peak memory (CUDA: the caching
+// `--guidance-rescale`), the weights in the row's dtype, the VAE decoding in it too (SDXL's in
+// float32 under fp16: sd::upcasts_float16_vae; a float16 decode that overflows says so on stderr
+// and runs again in float32). Per row: seconds per batch (median of the timed batches), images/s,
+// UNet steps/s (denoising steps per second of one batch) and the peak memory (CUDA: the caching
 // allocator's peak allocated bytes; CPU: an exact count of tensor bytes), weights included; on
 // CUDA each step's UNet call is replayed from a CUDA graph unless `--cuda-graph off`, and the UNet
 // runs generate's default kernel levers unless `--lean none`; with
@@ -52,19 +52,19 @@ struct Flags {
   int64_t warmup = 1, repeat = 3;
   std::string cuda_graph = "auto";  // auto | off: each step's UNet call replayed from a CUDA graph
   std::string lean = "default";     // the UNet's kernel levers (common/lean.hpp), as generate's --lean
+  std::string vae = "model";        // model: the VAE in the row's dtype, as generate holds it | float32
   bool flops = false;
   std::string json_path;
 };
 
 /// The pipeline of `shapes` with random weights (seed 0) on `device` in `precision`'s dtype, as
-/// `generate` holds a model: the VAE in float32 under fp16 when it asks for it.
-sd::StableDiffusion make_pipeline(const bench::Shapes& shapes, sd::Precision precision, const torch::Device& device) {
+/// `generate` holds a model; the VAE in float32 when `vae_float32`.
+sd::StableDiffusion make_pipeline(const bench::Shapes& shapes, sd::Precision precision, const torch::Device& device,
+                                  bool vae_float32) {
   const auto dtype = sd::compute_dtype(precision);
   auto pipe = sd::random_pipeline(shapes.unet, shapes.vae, shapes.text, /*seed=*/0, dtype, shapes.text_2);
-  pipe.unet->to(device);
-  pipe.vae->to(device);
-  for (auto* encoder : pipe.text_encoders()) encoder->to(device);
-  if (precision == sd::Precision::kFP16 && pipe.vae_config.force_upcast) pipe.vae->to(torch::kFloat32);
+  pipe.to(device, dtype);
+  if (vae_float32) pipe.vae->to(torch::kFloat32);
   return pipe;
 }
 
@@ -86,6 +86,7 @@ int main(int argc, char** argv) {
   app.add_option("--repeat", flags.repeat, "Timed batches per row (median reported)")->check(CLI::PositiveNumber);
   app.add_option("--lean", flags.lean, "The UNet's kernel levers, as generate's --lean: default (norm-dtype, plus the fused CUDA kernels where they run), none, or levers by name");
   app.add_option("--cuda-graph", flags.cuda_graph, "auto | off: replay each denoising step's UNet call from a CUDA graph where one applies (as generate does by default), or every step eager")->check(CLI::IsMember({"auto", "off"}));
+  app.add_option("--vae", flags.vae, "model: the VAE in the row's dtype, as generate holds it (a float16 decode that overflows runs again in float32; SDXL's in float32 under fp16) | float32: held in float32 (generate before v0.10), to measure the half-precision decode")->check(CLI::IsMember({"model", "float32"}));
   app.add_flag("--flops", flags.flops, "After each row's timed batches, count one more batch's FLOPs (matrix products, convolutions, attention: bench/flop_count.hpp) and set the achieved rate against this device's measured matmul throughput");
   app.add_option("--json", flags.json_path, "Also write the rows as JSON to this file");
   try {
@@ -117,16 +118,16 @@ int main(int argc, char** argv) {
     const bool graphed = flags.cuda_graph == "auto" && sd::CudaGraph::available(device);
     const auto lean = common::parse_lean_activations(flags.lean, device);
     std::printf("config %s, %lld px, DDIM %lld steps (trailing), guidance 7.5 (rescale %.2g), device %s, "
-                "%lld warm-up + %lld timed batches, %s, lean %s\n\n",
+                "%lld warm-up + %lld timed batches, %s, lean %s, VAE %s\n\n",
                 flags.config.c_str(), static_cast<long long>(size), static_cast<long long>(flags.steps),
                 flags.guidance_rescale, device_name.c_str(), static_cast<long long>(flags.warmup),
                 static_cast<long long>(flags.repeat), graphed ? "UNet calls replayed from a CUDA graph" : "eager steps",
-                common::to_string(lean).c_str());
+                common::to_string(lean).c_str(), flags.vae == "model" ? "in the row's dtype" : "in float32");
     std::printf("| precision | bs | s / batch | images/s | UNet steps/s | peak MiB |\n|---|---|---|---|---|---|\n");
     std::fflush(stdout);
     nlohmann::json rows = nlohmann::json::array();
     for (const auto precision : precisions) {
-      auto pipe = make_pipeline(shapes, precision, device);
+      auto pipe = make_pipeline(shapes, precision, device, flags.vae == "float32");
       pipe.unet->set_lean_activations(lean);
       for (const auto batch : batch_sizes) {
         sd::GenerateOptions options;
@@ -168,7 +169,7 @@ int main(int argc, char** argv) {
                         {"unet_steps_per_s", flags.steps / s}, {"peak_mib", peak_mib}, {"config", flags.config},
                         {"guidance_rescale", flags.guidance_rescale}, {"device", device_name},
                         {"cuda_graph", graphed}, {"lean", common::to_string(lean)},
-                        {"flops_per_batch", flops}});
+                        {"vae", flags.vae}, {"flops_per_batch", flops}});
       }
     }
     if (flags.flops) {

@@ -14,8 +14,8 @@
 #   bash scripts/gpu_session.sh peer    # issue 18: the Python peer's training step on this card (bf16w, SCEdit
 #                                       # batches 30 and 1, eager and torch.compile; LoRA batch 30, eager)
 #   bash scripts/gpu_session.sh generate # issue 18: generate_speed (SD 1.5, 512 px, DDIM 50 with guidance,
-#                                       # fp16 and bf16, batches 1 and 8; graphed, then eager), then the peer's,
-#                                       # eager and compiled
+#                                       # fp16 and bf16, batches 1 and 8; graphed, then eager, then graphed
+#                                       # with the VAE in float32), then the peer's, eager and compiled
 #   bash scripts/gpu_session.sh distributed # issue 15: distributed_scaling with NCCL, 1 vs 2 processes on the
 #                                       # one GPU (the reduction's overhead; NCCL may refuse two ranks on one card)
 #
@@ -251,9 +251,11 @@ stage_generate() {  # SCEDIT_GENERATE_CONFIG / _PRECISIONS: another size (e.g. r
                --batch-sizes 1,8 --steps 50 --repeat 3)
   : > "$OUT/generate.md"
   local levers
-  # generate's default (UNet calls replayed from a CUDA graph, norm-dtype and the fused kernels),
-  # then each step eager on the plain ATen ops.
-  for levers in "--cuda-graph auto --lean default" "--cuda-graph off --lean none"; do
+  # generate's default (UNet calls replayed from a CUDA graph, norm-dtype and the fused kernels,
+  # the VAE in the row's dtype), then each step eager on the plain ATen ops, then the default with
+  # the VAE in float32 (v0.10's lever: the half-precision decode).
+  for levers in "--cuda-graph auto --lean default" "--cuda-graph off --lean none" \
+                "--cuda-graph auto --lean default --vae float32"; do
     echo "== generate_speed ${flags[*]} $levers ($(date -u +%T))" >> "$OUT/generate.md"
     # shellcheck disable=SC2086  # $levers is two flags and their values
     timeout 300 "$BUILD/bin/generate_speed" "${flags[@]}" $levers --json "$OUT/generate_${levers##* }.json" \

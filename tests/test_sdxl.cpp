@@ -462,8 +462,8 @@ TEST(Sd21Sdxl, UNetThenDdimStepChainMatchesReference) {
 
 // ---- VAE ---------------------------------------------------------------------------------------
 
-TEST(Sd21Sdxl, Float16VaeWithForceUpcastDecodesInFloat32) {
-  auto pipe = sd::tiny_pipeline(/*seed=*/0);
+TEST(Sd21Sdxl, Float16SdxlVaeWithForceUpcastDecodesInFloat32) {
+  auto pipe = sd::tiny_sdxl_pipeline(/*seed=*/0);
   ASSERT_TRUE(pipe.vae_config.force_upcast);
   const auto latents = torch::randn({1, pipe.vae_config.latent_channels, 4, 4}, torch::kFloat32);
   pipe.vae->to(torch::kHalf);

@@ -1,8 +1,8 @@
 // The speed levers and what they must leave alone: where the training step is captured as a CUDA
 // graph (and why not elsewhere); the sampler's noise prediction replayed from a graph
 // (sd/noise_prediction.hpp) giving the eager images; generation's kernel levers (`--lean`)
-// changing the images by no more than the precision's rounding. The graphed training step's own
-// tests are in test_train.cpp.
+// changing the images by no more than the precision's rounding; the VAE in float16, and in float32
+// where it must or overflows. The graphed training step's own tests are in test_train.cpp.
 
 #include <common/graphed_step.hpp>
 #include <common/lean.hpp>
@@ -27,14 +27,6 @@ namespace {
 using ::testing::HasSubstr;
 using scedit_test::error_of;
 using namespace scedit_test::generate;
-
-/// Moves every model of `pipe` to `device` in `dtype` (the VAE stays float32, as `generate`
-/// holds SD's under fp16).
-void move(sd::StableDiffusion& pipe, const torch::Device& device, torch::Dtype dtype) {
-  pipe.unet->to(device, dtype);
-  pipe.vae->to(device, torch::kFloat32);
-  for (auto* encoder : pipe.text_encoders()) encoder->to(device, dtype);
-}
 
 }  // namespace
 
@@ -92,7 +84,7 @@ TEST(SpeedLevers, ReplayedDenoisingGivesTheEagerImages_CUDA) {
   for (const auto precision : {sd::Precision::kFP32, sd::Precision::kFP16, sd::Precision::kBF16}) {
     SCOPED_TRACE(sd::to_string(precision));
     auto pipe = sd::tiny_pipeline();
-    move(pipe, gpu, sd::compute_dtype(precision));
+    pipe.to(gpu, sd::compute_dtype(precision));
     sd::AttachedTuners tuners;
     sd::attach_tuner_file(pipe, sc_tuner_file(), 1.0, tuners);  // float32, beside the UNet
     auto options = small_options(4);
@@ -109,7 +101,7 @@ TEST(SpeedLevers, ReplayedDenoisingGivesTheEagerImages_CUDA) {
   }
   // The graph records: a NoisePrediction on CUDA captures, and its replays follow new inputs.
   auto pipe = sd::tiny_pipeline();
-  move(pipe, gpu, torch::kFloat32);
+  pipe.to(gpu, torch::kFloat32);
   torch::NoGradGuard no_grad;
   sd::NoisePrediction predict(pipe.unet, 3.0, 0.5, {}, true);
   EXPECT_TRUE(predict.captures());
@@ -147,7 +139,7 @@ TEST(SpeedLevers, ReplayedDenoisingWithConditionsGivesTheEagerImages_CUDA) {
   {
     SCOPED_TRACE("SD 1.5 with a CSC-Tuner and a ControlNet");
     auto pipe = sd::tiny_pipeline();
-    move(pipe, gpu, torch::kFloat32);
+    pipe.to(gpu, torch::kFloat32);
     sd::AttachedTuners tuners;
     const auto csc = sd::attach_tuner_file(pipe, csc_tuner_file(), 1.0, tuners);
     auto options = small_options(2);
@@ -158,7 +150,7 @@ TEST(SpeedLevers, ReplayedDenoisingWithConditionsGivesTheEagerImages_CUDA) {
   {
     SCOPED_TRACE("SDXL with its size conditioning and a ControlNet");
     auto pipe = sd::tiny_sdxl_pipeline();
-    move(pipe, gpu, torch::kFloat32);
+    pipe.to(gpu, torch::kFloat32);
     auto options = small_options(3);
     options.size_conditioning = sd::SizeConditioning{256, 128, 0, 0, 64, 64};
     options.controlnets = {{controlnet_for(pipe), scedit_test::random_image(64, 64, 5), 1.0}};
@@ -200,9 +192,89 @@ TEST(SpeedLevers, GenerationKernelLeversChangeTheImagesOnlyByRounding_CUDA) {
   for (const auto precision : {sd::Precision::kFP16, sd::Precision::kBF16}) {
     SCOPED_TRACE(sd::to_string(precision));
     auto pipe = sd::tiny_pipeline();
-    move(pipe, gpu, sd::compute_dtype(precision));
+    pipe.to(gpu, sd::compute_dtype(precision));
     const auto lean = latents_with(pipe, "default", precision), plain = latents_with(pipe, "none", precision);
     EXPECT_FALSE(torch::equal(lean, plain)) << "the norms ran in the half-precision dtype";
     EXPECT_TRUE(torch::allclose(lean, plain, 5e-2, 5e-2)) << (lean - plain).abs().max().item<double>();
   }
+}
+
+// ---- the VAE in float16 ------------------------------------------------------------------------
+
+TEST(SpeedLevers, Float16VaeRunsInFloat32OnlyWhereItMustOrOverflows) {
+  // Which dtype each VAE pass runs in; the pass stands in for the VAE's (LibTorch's CPU kernels
+  // lack float16 convolutions) and checks the VAE is in the dtype it is given.
+  std::vector<torch::Dtype> passes;
+  auto pass_giving = [&](sd::StableDiffusion& pipe, double half_value) {
+    return [&passes, &pipe, half_value](torch::Dtype dtype) {
+      passes.push_back(dtype);
+      EXPECT_EQ(pipe.vae->parameters().front().scalar_type(), dtype);
+      return torch::full({2}, dtype == torch::kHalf ? half_value : 1.0, dtype);
+    };
+  };
+  const std::vector<torch::Dtype> half_only{torch::kHalf}, half_then_float{torch::kHalf, torch::kFloat32},
+      float_only{torch::kFloat32};
+  auto sd15 = sd::tiny_pipeline();
+  EXPECT_FALSE(sd::upcasts_float16_vae(sd15));
+  sd15.vae->to(torch::kHalf);
+  // SD: float16, kept where finite; run again in float32 where it overflows (inf, or NaN after it).
+  EXPECT_TRUE(torch::equal(sd::detail::run_vae(sd15, pass_giving(sd15, 0.5)), torch::full({2}, 0.5, torch::kHalf)));
+  EXPECT_EQ(passes, half_only);
+  for (const double overflow : {INFINITY, NAN}) {
+    passes.clear();
+    EXPECT_TRUE(torch::equal(sd::detail::run_vae(sd15, pass_giving(sd15, overflow)), torch::full({2}, 1.0)));
+    EXPECT_EQ(passes, half_then_float);
+    EXPECT_EQ(sd15.vae->parameters().front().scalar_type(), torch::kHalf) << "put back";
+  }
+  // SDXL, whose configuration says force_upcast: float32 from the start, as diffusers' SDXL pipelines.
+  auto sdxl = sd::tiny_sdxl_pipeline();
+  ASSERT_TRUE(sdxl.vae_config.force_upcast);
+  EXPECT_TRUE(sd::upcasts_float16_vae(sdxl));
+  sdxl.vae->to(torch::kHalf);
+  passes.clear();
+  sd::detail::run_vae(sdxl, pass_giving(sdxl, 0.5));
+  EXPECT_EQ(passes, float_only);
+  EXPECT_EQ(sdxl.vae->parameters().front().scalar_type(), torch::kHalf);
+  sdxl.vae_config.force_upcast = false;  // e.g. a VAE fine-tuned to stay in float16's range
+  EXPECT_FALSE(sd::upcasts_float16_vae(sdxl));
+  // bf16 and float32 VAEs: their own dtype, whatever comes out (bf16 has float32's range).
+  for (const auto dtype : {torch::kBFloat16, torch::kFloat32}) {
+    sd15.vae->to(dtype);
+    passes.clear();
+    sd::detail::run_vae(sd15, pass_giving(sd15, INFINITY));
+    EXPECT_EQ(passes, std::vector<torch::Dtype>{dtype});
+  }
+}
+
+TEST(SpeedLevers, Float16VaeDecodesAsFloat32WithinRoundingAndOverflowsIntoFloat32_CUDA) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  const torch::Device gpu(torch::kCUDA, 0);
+  auto pipe = sd::tiny_pipeline();
+  pipe.to(gpu, torch::kHalf);
+  const auto latents = torch::randn({2, pipe.vae_config.latent_channels, 8, 8},
+                                    at::detail::createCPUGenerator(3)).to(gpu);
+  const auto in_float32 = [&] {  // the same float16-rounded weights, widened
+    pipe.vae->to(torch::kFloat32);
+    auto images = sd::decode_latents(pipe, latents);
+    pipe.vae->to(torch::kHalf);
+    return images;
+  };
+  const auto levels_apart = [](const torch::Tensor& a, const torch::Tensor& b) {
+    return (a.to(torch::kInt32) - b.to(torch::kInt32)).abs().max().item<int>();
+  };
+  // In range: a float16 decode, within float16's rounding of the float32 one (uint8 levels).
+  const auto half = sd::decode_latents(pipe, latents);
+  EXPECT_EQ(pipe.vae->parameters().front().scalar_type(), torch::kHalf);
+  EXPECT_LE(levels_apart(half, in_float32()), 3);
+  // Past float16's range: the decoder's first convolution scaled up until float16 overflows; the
+  // decode is then the float32 one.
+  {
+    torch::NoGradGuard no_grad;
+    pipe.vae->decoder->conv_in->weight.mul_(3e4);
+    ASSERT_FALSE(torch::isfinite(pipe.vae->decode(latents.to(torch::kHalf) / pipe.vae_config.scaling_factor))
+                     .all().item<bool>())
+        << "float16 did not overflow: the test would not reach the float32 pass";
+  }
+  EXPECT_LE(levels_apart(sd::decode_latents(pipe, latents), in_float32()), 1);
+  EXPECT_EQ(pipe.vae->parameters().front().scalar_type(), torch::kHalf);
 }

@@ -120,9 +120,7 @@ inline sd::StableDiffusion load_model(const ModelFlags& flags, const torch::Devi
     pipe = sd::tiny_pipeline(seed);
   }
   if (flags.random_weights()) {
-    pipe.unet->to(device, dtype);
-    pipe.vae->to(device, dtype);
-    for (auto* encoder : pipe.text_encoders()) encoder->to(device, dtype);
+    pipe.to(device, dtype);
   } else {
     const auto start = std::chrono::steady_clock::now();
     auto options = sd::WeightsOptions().dtype(dtype).device(device);

@@ -316,9 +316,6 @@ int run(Flags flags) {
               : flags.model.model, ") is not an SDXL: its UNet takes no size conditioning");
   const std::string model_name = flags.model.model.empty() ? "built-in tiny (seed 0)"
                                                            : fs::path(flags.model.model).filename().string();
-  if (precision == sd::Precision::kFP16 && pipe.vae_config.force_upcast) {
-    pipe.vae->to(torch::kFloat32);  // SD's VAE overflows in fp16 (diffusers: force_upcast)
-  }
   const auto is_cut = [&](const std::string& prompt) { return pipe.tokenizer->cuts(prompt); };
   if (const auto cut = std::count_if(prompts.begin(), prompts.end(), is_cut)) {
     const auto first = std::find_if(prompts.begin(), prompts.end(), is_cut) - prompts.begin() + 1;

@@ -22,6 +22,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <iostream>
 #include <map>
 #include <optional>
 #include <string>
@@ -62,6 +63,13 @@ struct StableDiffusion {
     if (!text_encoder.is_empty()) encoders.push_back(text_encoder.ptr().get());
     if (!text_encoder_2.is_empty()) encoders.push_back(text_encoder_2.ptr().get());
     return encoders;
+  }
+
+  /// Moves every model (UNet, VAE, text encoders) to `device` in `dtype`.
+  void to(const torch::Device& device, torch::Dtype dtype) {
+    unet->to(device, dtype);
+    vae->to(device, dtype);
+    for (auto* encoder : text_encoders()) encoder->to(device, dtype);
   }
 };
 
@@ -269,29 +277,60 @@ inline torch::Tensor posterior_latents(const StableDiffusion& sd, const LatentDi
   return (z - sd.vae_config.shift_factor) * sd.vae_config.scaling_factor;
 }
 
+/// Whether a float16 VAE of `sd` runs in float32 from the start, as diffusers' pipelines decide:
+/// SDXL's upcast a VAE whose configuration says `force_upcast` (SDXL's VAE overflows in float16
+/// on most images); SD 1.x's and 2.x's run it in float16 (`StableDiffusionPipeline` decodes in the
+/// VAE's dtype), where `detail::run_vae` redoes a pass that overflows.
+inline bool upcasts_float16_vae(const StableDiffusion& sd) {
+  return sd.is_sdxl() && sd.vae_config.force_upcast;
+}
+
+namespace detail {
+
+/// `pass(dtype)` — one VAE pass, its input cast to `dtype` — in the precision the VAE runs at: its
+/// own dtype, except that a float16 VAE runs in float32 where `upcasts_float16_vae` says so, and
+/// again in float32 when its float16 result is not finite (float16 ends at 65504, which SD's VAE
+/// can pass on some latents; the float32 pass costs a second decode only then). The VAE is back in
+/// float16 afterwards.
+template <typename Pass>
+torch::Tensor run_vae(StableDiffusion& sd, const Pass& pass) {
+  const auto dtype = first_parameter(*sd.vae, "VAE").scalar_type();
+  if (dtype != torch::kHalf) return pass(dtype);
+  if (!upcasts_float16_vae(sd)) {
+    const torch::Tensor result = pass(torch::kHalf);
+    if (torch::isfinite(result).all().item<bool>()) return result;
+    std::cerr << "note: the float16 VAE overflowed (a value past float16's 65504); this pass runs "
+                 "again in float32\n";
+  }
+  sd.vae->to(torch::kFloat32);
+  torch::Tensor result = pass(torch::kFloat32);
+  sd.vae->to(torch::kHalf);
+  return result;
+}
+
+}  // namespace detail
+
 /// The latents of images float [B, 3, H, W] in [-1, 1]: the VAE's posterior mean (diffusers'
-/// `retrieve_latents(sample_mode="argmax")`, deterministic), on the VAE's device.
+/// `retrieve_latents(sample_mode="argmax")`, deterministic), on the VAE's device
+/// (`detail::run_vae` says in which precision).
 inline torch::Tensor encode_images(StableDiffusion& sd, const torch::Tensor& images) {
   torch::NoGradGuard no_grad;
-  const auto reference = detail::first_parameter(*sd.vae, "VAE");
-  return posterior_latents(sd, sd.vae->encode(images.to(reference.device(), reference.scalar_type())));
+  const auto device = detail::first_parameter(*sd.vae, "VAE").device();
+  return detail::run_vae(sd, [&](torch::Dtype dtype) {
+    return posterior_latents(sd, sd.vae->encode(images.to(device, dtype)));
+  });
 }
 
 /// Images of latents [B, C, h, w]: `vae.decode(latents / scaling_factor + shift_factor)` as
-/// uint8 [B, H, W, 3] on the CPU (values clamped to [-1, 1] first). A float16 VAE whose
-/// configuration says `force_upcast` (SD's and SDXL's VAEs overflow in float16) decodes in
-/// float32 and is put back in float16 afterwards, as diffusers' pipelines do.
+/// uint8 [B, H, W, 3] on the CPU (values clamped to [-1, 1] first; `detail::run_vae` says in
+/// which precision the VAE decodes).
 inline torch::Tensor decode_latents(StableDiffusion& sd, const torch::Tensor& latents) {
   torch::NoGradGuard no_grad;
-  const auto reference = detail::first_parameter(*sd.vae, "VAE");
-  const bool upcast = reference.scalar_type() == torch::kHalf && sd.vae_config.force_upcast;
-  const auto z = (latents / sd.vae_config.scaling_factor + sd.vae_config.shift_factor)
-                     .to(reference.device(), upcast ? torch::kFloat32 : reference.scalar_type());
-  if (!upcast) return to_uint8(sd.vae->decode(z));  // [B, 3, H, W] -> [B, H, W, 3]
-  sd.vae->to(torch::kFloat32);
-  auto images = sd.vae->decode(z);
-  sd.vae->to(torch::kHalf);
-  return to_uint8(images);
+  const auto device = detail::first_parameter(*sd.vae, "VAE").device();
+  const auto z = latents / sd.vae_config.scaling_factor + sd.vae_config.shift_factor;
+  return to_uint8(detail::run_vae(sd, [&](torch::Dtype dtype) {
+    return sd.vae->decode(z.to(device, dtype));  // [B, 3, H, W]
+  }));  // -> [B, H, W, 3]
 }
 
 }  // namespace sd

@@ -219,18 +219,12 @@ inline StableDiffusion random_pipeline(const UNetConfig& unet_config, const VAEC
     sd.vae->quant_conv->weight.slice(0, latent).zero_();
     sd.vae->quant_conv->bias.slice(0, latent).fill_(-30.0);
   }
-  sd.unet->to(dtype);
-  sd.vae->to(dtype);
-  sd.text_encoder->to(dtype);
+  sd.to(torch::kCPU, dtype);
   sd.unet->eval();
   sd.vae->eval();
-  sd.text_encoder->eval();
+  for (auto* encoder : sd.text_encoders()) encoder->eval();
   sd.tokenizer = tiny_tokenizer();
-  if (text_config_2) {
-    sd.text_encoder_2->to(dtype);
-    sd.text_encoder_2->eval();
-    sd.tokenizer_2 = tiny_tokenizer(CLIPTokenizerOptions().pad_token("!"));
-  }
+  if (text_config_2) sd.tokenizer_2 = tiny_tokenizer(CLIPTokenizerOptions().pad_token("!"));
   return sd;
 }
 

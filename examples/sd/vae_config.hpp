@@ -33,7 +33,7 @@ struct VAEConfig {
   int64_t sample_size = 32;                 ///< image side it was trained at; SD: 512
   double scaling_factor = 0.18215;          ///< latents = scaling_factor · (z - shift_factor)
   double shift_factor = 0.0;                ///< 0 (null) for SD 1.x / 2.x
-  bool force_upcast = true;                 ///< pipelines run the VAE in float32 when true
+  bool force_upcast = true;                 ///< SDXL's pipelines run a float16 VAE in float32 (upcasts_float16_vae)
   bool use_quant_conv = true;               ///< 1×1 conv on the moments after the encoder
   bool use_post_quant_conv = true;          ///< 1×1 conv on the latent before the decoder
   bool mid_block_add_attention = true;      ///< self-attention in the mid blocks
