@@ -35,10 +35,12 @@ namespace compat {
 namespace detail {
 
 /// `softmax(q·kᵀ / √D + mask)` (the upper triangle masked when `is_causal`): [B, h, Lq, Lk].
+/// The scale multiplies q: one pass over [B, h, Lq, D] rather than over the scores, forward and
+/// backward.
 inline torch::Tensor attention_probabilities(const torch::Tensor& q, const torch::Tensor& k,
                                              const torch::Tensor& attn_mask, bool is_causal) {
   const double scale = 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
-  auto scores = torch::matmul(q, k.transpose(-2, -1)) * scale;  // [B, h, Lq, Lk]
+  auto scores = torch::matmul(q * scale, k.transpose(-2, -1));  // [B, h, Lq, Lk]
   if (is_causal) {
     auto causal = torch::ones({q.size(-2), k.size(-2)}, q.options().dtype(torch::kBool)).triu(1);
     scores = scores.masked_fill(causal, -std::numeric_limits<double>::infinity());
@@ -55,7 +57,8 @@ struct RecomputedAttention : public torch::autograd::Function<RecomputedAttentio
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& q,
                                const torch::Tensor& k, const torch::Tensor& v,
                                const c10::optional<torch::Tensor>& attn_mask, bool is_causal);
-  /// dV = Pᵀ·dO, dS = P ⊙ (dO·Vᵀ − rowsum(dO ⊙ O)), dQ = dS·K / √D, dK = dSᵀ·Q / √D.
+  /// dV = Pᵀ·dO, dS = P ⊙ (dO·Vᵀ − rowsum(dO ⊙ O)), dQ = dS·K / √D, dK = dSᵀ·Q / √D (the scale on
+  /// dQ and dK, not on dS: the smaller tensors).
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads);
 };
@@ -89,11 +92,14 @@ inline torch::Tensor scaled_dot_product_attention(const torch::Tensor& q, const 
   // keeping them); large ones are most of the training memory.
   const bool wants_grad = q.requires_grad() || k.requires_grad() || v.requires_grad();
   const int64_t probability_bytes = q.numel() / q.size(-1) * k.size(-2) * q.element_size();
+  // Heads split off a [B, L, h·D] projection are strided views; 1.13's CPU matmuls, forward and
+  // backward, run them about 20% slower than contiguous copies (bench/RESULTS.md, v0.10).
+  const auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
   if (torch::GradMode::is_enabled() && wants_grad && probability_bytes > kRecomputeAttentionAbove) {
     return detail::RecomputedAttention::apply(
-        q, k, v, attn_mask.defined() ? c10::optional<torch::Tensor>(attn_mask) : c10::nullopt, is_causal);
+        qc, kc, vc, attn_mask.defined() ? c10::optional<torch::Tensor>(attn_mask) : c10::nullopt, is_causal);
   }
-  return torch::matmul(detail::attention_probabilities(q, k, attn_mask, is_causal), v);
+  return torch::matmul(detail::attention_probabilities(qc, kc, attn_mask, is_causal), vc);
 #endif
 }
 
@@ -201,10 +207,10 @@ inline torch::autograd::variable_list detail::RecomputedAttention::backward(
   }
   if (ctx->needs_input_grad(0) || ctx->needs_input_grad(1)) {
     auto grad_scores = torch::matmul(grad_out, v.transpose(-2, -1));  // dP, [B, h, Lq, Lk]
-    grad_scores = probs * (grad_scores - (grad_out * out).sum(-1, /*keepdim=*/true)) * scale;
-    if (ctx->needs_input_grad(0)) grad_q = at::sum_to(torch::matmul(grad_scores, k), q.sizes());
+    grad_scores = probs * (grad_scores - (grad_out * out).sum(-1, /*keepdim=*/true));
+    if (ctx->needs_input_grad(0)) grad_q = at::sum_to(torch::matmul(grad_scores, k) * scale, q.sizes());
     if (ctx->needs_input_grad(1)) {
-      grad_k = at::sum_to(torch::matmul(grad_scores.transpose(-2, -1), q), k.sizes());
+      grad_k = at::sum_to(torch::matmul(grad_scores.transpose(-2, -1), q) * scale, k.sizes());
     }
   }
   return {grad_q, grad_k, grad_v, torch::Tensor(), torch::Tensor()};
