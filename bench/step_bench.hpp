@@ -445,7 +445,6 @@ inline void print_operators(const std::vector<Row>& rows) {
   }
 }
 
-
 /// A row as JSON, with the run's settings (the fields bench/results/*.json hold).
 inline nlohmann::json to_json(const Row& r, const Run& run) {
   return {{"method", r.method}, {"precision", r.precision}, {"batch_size", r.batch_size},
