@@ -259,13 +259,10 @@ TEST(SpeedLevers, Float16VaeDecodesAsFloat32WithinRoundingAndOverflowsIntoFloat3
     pipe.vae->to(torch::kHalf);
     return images;
   };
-  const auto levels_apart = [](const torch::Tensor& a, const torch::Tensor& b) {
-    return (a.to(torch::kInt32) - b.to(torch::kInt32)).abs().max().item<int>();
-  };
   // In range: a float16 decode, within float16's rounding of the float32 one (uint8 levels).
   const auto half = sd::decode_latents(pipe, latents);
   EXPECT_EQ(pipe.vae->parameters().front().scalar_type(), torch::kHalf);
-  EXPECT_LE(levels_apart(half, in_float32()), 3);
+  EXPECT_LE(max_pixel_difference(half, in_float32()), 3);
   // Past float16's range: the decoder's first convolution scaled up until float16 overflows; the
   // decode is then the float32 one.
   {
@@ -275,6 +272,6 @@ TEST(SpeedLevers, Float16VaeDecodesAsFloat32WithinRoundingAndOverflowsIntoFloat3
                      .all().item<bool>())
         << "float16 did not overflow: the test would not reach the float32 pass";
   }
-  EXPECT_LE(levels_apart(sd::decode_latents(pipe, latents), in_float32()), 1);
+  EXPECT_LE(max_pixel_difference(sd::decode_latents(pipe, latents), in_float32()), 1);
   EXPECT_EQ(pipe.vae->parameters().front().scalar_type(), torch::kHalf);
 }
