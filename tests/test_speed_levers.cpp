@@ -2,10 +2,12 @@
 // graph (and why not elsewhere); the sampler's noise prediction replayed from a graph
 // (sd/noise_prediction.hpp) giving the eager images; generation's kernel levers (`--lean`)
 // changing the images by no more than the precision's rounding; the VAE in float16, and in float32
-// where it must or overflows. The graphed training step's own tests are in test_train.cpp.
+// where it must or overflows; a run on the CPU keeping freed tensor memory for its next step. The
+// graphed training step's own tests are in test_train.cpp.
 
 #include <common/graphed_step.hpp>
 #include <common/lean.hpp>
+#include <common/model.hpp>
 #include <sd/controlnet_weights.hpp>
 #include <sd/noise_prediction.hpp>
 #include <sd/sampler.hpp>
@@ -16,8 +18,14 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <cstdlib>
+#include <stdexcept>
 #include <string>
 #include <vector>
+
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 
 #include "generate_fixtures.hpp"
 #include "test_util.hpp"
@@ -235,6 +243,10 @@ TEST(SpeedLevers, Float16VaeRunsInFloat32OnlyWhereItMustOrOverflows) {
   sd::detail::run_vae(sdxl, pass_giving(sdxl, 0.5));
   EXPECT_EQ(passes, float_only);
   EXPECT_EQ(sdxl.vae->parameters().front().scalar_type(), torch::kHalf);
+  // A float32 pass that throws (out of memory, say) leaves the VAE in float16 all the same.
+  EXPECT_THROW(sd::detail::run_vae(sdxl, [](torch::Dtype) -> torch::Tensor { throw std::runtime_error("no memory"); }),
+               std::runtime_error);
+  EXPECT_EQ(sdxl.vae->parameters().front().scalar_type(), torch::kHalf);
   sdxl.vae_config.force_upcast = false;  // e.g. a VAE fine-tuned to stay in float16's range
   EXPECT_FALSE(sd::upcasts_float16_vae(sdxl));
   // bf16 and float32 VAEs: their own dtype, whatever comes out (bf16 has float32's range).
@@ -274,4 +286,44 @@ TEST(SpeedLevers, Float16VaeDecodesAsFloat32WithinRoundingAndOverflowsIntoFloat3
   }
   EXPECT_LE(max_pixel_difference(sd::decode_latents(pipe, latents), in_float32()), 1);
   EXPECT_EQ(pipe.vae->parameters().front().scalar_type(), torch::kHalf);
+}
+
+#if defined(__GLIBC__)
+namespace {
+// Whether a 64 MiB tensor, allocated and freed twice, was mapped afresh by malloc (glibc's default
+// for blocks over 32 MiB) rather than served from, and returned to, the process's heap.
+bool large_tensor_mapped_afresh() {
+  const auto mapped_before = mallinfo2().hblkhd;
+  for (int i = 0; i < 2; ++i) {
+    auto tensor = torch::ones({64 << 20}, torch::kUInt8);
+    if (mallinfo2().hblkhd > mapped_before) return true;
+  }
+  return mallinfo2().fordblks < (64u << 20);  // freed but handed back to the kernel
+}
+}  // namespace
+#endif
+
+TEST(SpeedLevers, CpuRunsKeepFreedTensorMemoryUnlessTheUserTunedMalloc) {
+#if defined(__GLIBC__)
+  // In a fresh process each (death tests re-run the binary), as a program starts: thresholds the
+  // user set are left alone; otherwise resolving the CPU as the device keeps large tensors' memory.
+  if (common::malloc_thresholds_set_by_user()) GTEST_SKIP() << "this environment tunes malloc already";
+  ::testing::FLAGS_gtest_death_test_style = "threadsafe";
+  EXPECT_EXIT(
+      {
+        setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=131072", 1);
+        common::resolve_device("cpu");
+        std::exit(large_tensor_mapped_afresh() ? 0 : 1);
+      },
+      ::testing::ExitedWithCode(0), "");
+  EXPECT_EXIT(
+      {
+        const bool unchanged = large_tensor_mapped_afresh();
+        common::resolve_device("cpu");
+        std::exit(unchanged && !large_tensor_mapped_afresh() ? 0 : 1);
+      },
+      ::testing::ExitedWithCode(0), "");
+#else
+  GTEST_SKIP() << "malloc is not glibc's";
+#endif
 }

@@ -4,6 +4,7 @@
 /// single file), the built-in tiny model, or SD 1.5's architecture with random weights — on the
 /// device and in the precision asked, the same way in every program.
 
+#include <common/memory.hpp>
 #include <sd/precision.hpp>
 #include <sd/scheduler.hpp>
 #include <sd/stable_diffusion.hpp>
@@ -88,17 +89,22 @@ inline void check_model_flags(const ModelFlags& flags) {
               "--tokenizer: '", flags.tokenizer, "' is not a folder");
 }
 
-/// Resolves `--device auto|cpu|cuda|cuda:N`; `auto` picks CUDA when there is one.
+/// Resolves `--device auto|cpu|cuda|cuda:N`; `auto` picks CUDA when there is one. A program
+/// that computes on the CPU also keeps the memory of freed tensors (`keep_freed_cpu_memory`).
 inline torch::Device resolve_device(const std::string& flag) {
-  if (flag == "auto") return torch::cuda::is_available() ? torch::Device(torch::kCUDA) : torch::kCPU;
   torch::Device device(torch::kCPU);
-  try {
-    device = torch::Device(flag);
-  } catch (const c10::Error&) {
-    TORCH_CHECK(false, "--device must be auto, cpu or cuda[:N], got '", flag, "'");
+  if (flag == "auto") {
+    if (torch::cuda::is_available()) device = torch::Device(torch::kCUDA);
+  } else {
+    try {
+      device = torch::Device(flag);
+    } catch (const c10::Error&) {
+      TORCH_CHECK(false, "--device must be auto, cpu or cuda[:N], got '", flag, "'");
+    }
+    TORCH_CHECK(!device.is_cuda() || torch::cuda::is_available(),
+                "--device ", flag, ": this build or machine has no CUDA device");
   }
-  TORCH_CHECK(!device.is_cuda() || torch::cuda::is_available(),
-              "--device ", flag, ": this build or machine has no CUDA device");
+  if (device.is_cpu()) keep_freed_cpu_memory();
   return device;
 }
 

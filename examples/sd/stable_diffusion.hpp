@@ -291,7 +291,7 @@ namespace detail {
 /// own dtype, except that a float16 VAE runs in float32 where `upcasts_float16_vae` says so, and
 /// again in float32 when its float16 result is not finite (float16 ends at 65504, which SD's VAE
 /// can pass on some latents; the float32 pass costs a second decode only then). The VAE is back in
-/// float16 afterwards.
+/// float16 afterwards, also when the float32 pass throws.
 template <typename Pass>
 torch::Tensor run_vae(StableDiffusion& sd, const Pass& pass) {
   const auto dtype = first_parameter(*sd.vae, "VAE").scalar_type();
@@ -303,9 +303,14 @@ torch::Tensor run_vae(StableDiffusion& sd, const Pass& pass) {
                  "again in float32\n";
   }
   sd.vae->to(torch::kFloat32);
-  torch::Tensor result = pass(torch::kFloat32);
-  sd.vae->to(torch::kHalf);
-  return result;
+  try {
+    torch::Tensor result = pass(torch::kFloat32);
+    sd.vae->to(torch::kHalf);
+    return result;
+  } catch (...) {
+    sd.vae->to(torch::kHalf);  // as it was, for a caller that goes on (after running out of memory, say)
+    throw;
+  }
 }
 
 }  // namespace detail
