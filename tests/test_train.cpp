@@ -409,7 +409,7 @@ class ConditionedSamples : public common::ImageSource {
 TEST(Train, BatchesCarryConditionsAndACSCTunerTrainsOnThem) {
   auto pipe = sd::tiny_pipeline();
   ConditionedSamples data;
-  common::BatchSource uncached(pipe, data, common::BatchOptions(), torch::kCPU, torch::kFloat32);
+  common::BatchSource uncached(pipe, data, common::BatchOptions(), torch::kCPU);
   auto generator = common::step_generator(0, 0);
   const auto batch = uncached.get({2, 0, 3}, generator);
   EXPECT_EQ(batch.latents.sizes(), (std::vector<int64_t>{3, 4, 8, 8}));
@@ -420,7 +420,7 @@ TEST(Train, BatchesCarryConditionsAndACSCTunerTrainsOnThem) {
     const int64_t index = std::vector<int64_t>{2, 0, 3}[b];
     EXPECT_NEAR(batch.conditions[0][b].max().item<double>(), (1 + (index + 1) / 4.0) / 2, 1e-6) << b;
   }
-  common::BatchSource cached(pipe, data, common::BatchOptions().cache(true), torch::kCPU, torch::kFloat32);
+  common::BatchSource cached(pipe, data, common::BatchOptions().cache(true), torch::kCPU);
   auto again = common::step_generator(0, 0);
   EXPECT_EQ(cached.get({2, 0, 3}, again).conditions[0].sizes(), batch.conditions[0].sizes());
 
@@ -455,15 +455,13 @@ TEST(Train, CaptionDropoutOfOneTrainsEveryCaptionEmptyAndZeroNone) {
   ConditionedSamples data;
   const auto empty = sd::encode_prompts(pipe, {""});
   for (const double dropout : {0.0, 1.0}) {
-    common::BatchSource batches(pipe, data, common::BatchOptions().caption_dropout(dropout), torch::kCPU,
-                                torch::kFloat32);
+    common::BatchSource batches(pipe, data, common::BatchOptions().caption_dropout(dropout), torch::kCPU);
     auto generator = common::step_generator(0, 0);
     const auto text = batches.get({0, 1, 2, 3}, generator).text;
     for (int64_t b = 0; b < 4; ++b) EXPECT_EQ(torch::equal(text[b], empty[0]), dropout == 1.0) << b;
   }
   EXPECT_NE(error_of([&] {
-              common::BatchSource(pipe, data, common::BatchOptions().caption_dropout(1.5), torch::kCPU,
-                                  torch::kFloat32);
+              common::BatchSource(pipe, data, common::BatchOptions().caption_dropout(1.5), torch::kCPU);
             }).find("--caption-dropout must be in [0, 1], got 1.5"),
             std::string::npos);
 }
@@ -579,7 +577,7 @@ TEST(Train, SDXLBatchesCarryThePooledCaptionsAndEachSamplesSizeAndCrop) {
   const auto text = sd::encode_text(pipe, captions);
   const auto empty = sd::encode_text(pipe, {""});
   for (const bool cache : {false, true}) {
-    common::BatchSource batches(pipe, data, common::BatchOptions().cache(cache), torch::kCPU, torch::kFloat32);
+    common::BatchSource batches(pipe, data, common::BatchOptions().cache(cache), torch::kCPU);
     auto generator = common::step_generator(0, 0);
     const auto batch = batches.get(indices, generator);
     EXPECT_EQ(batch.text.sizes(), (std::vector<int64_t>{2, 77, 80})) << "cache " << cache;
@@ -595,7 +593,7 @@ TEST(Train, SDXLBatchesCarryThePooledCaptionsAndEachSamplesSizeAndCrop) {
     }
   }
   // A dropped caption is the empty prompt's, its pooled embedding too (diffusers encodes "").
-  common::BatchSource dropped(pipe, data, common::BatchOptions().caption_dropout(1.0), torch::kCPU, torch::kFloat32);
+  common::BatchSource dropped(pipe, data, common::BatchOptions().caption_dropout(1.0), torch::kCPU);
   auto generator = common::step_generator(0, 0);
   const auto batch = dropped.get(indices, generator);
   for (int64_t b = 0; b < 2; ++b) {
@@ -603,7 +601,7 @@ TEST(Train, SDXLBatchesCarryThePooledCaptionsAndEachSamplesSizeAndCrop) {
     EXPECT_TRUE(torch::equal(batch.added.text_embeds[b], empty.pooled[0])) << b;
   }
   // Token ids for a text encoder that trains: both tokenizers', and the time ids alone.
-  common::BatchSource tokens(pipe, data, common::BatchOptions().tokens(true), torch::kCPU, torch::kFloat32);
+  common::BatchSource tokens(pipe, data, common::BatchOptions().tokens(true), torch::kCPU);
   auto again = common::step_generator(0, 0);
   const auto ids = tokens.get(indices, again);
   EXPECT_TRUE(torch::equal(ids.text, sd::tokenize_prompts(pipe, captions)));
@@ -611,9 +609,30 @@ TEST(Train, SDXLBatchesCarryThePooledCaptionsAndEachSamplesSizeAndCrop) {
   EXPECT_TRUE(torch::equal(ids.added.time_ids, batch.added.time_ids));
   // SD 1.5 batches carry none.
   auto sd15 = sd::tiny_pipeline();
-  common::BatchSource plain(sd15, data, common::BatchOptions(), torch::kCPU, torch::kFloat32);
+  common::BatchSource plain(sd15, data, common::BatchOptions(), torch::kCPU);
   auto third = common::step_generator(0, 0);
   EXPECT_FALSE(plain.get(indices, third).added.defined());
+}
+
+TEST(Train, SDXLFloat16VaeEncodesBatchesInFloat32) {
+  // SDXL's VAE says force_upcast: in float16 it encodes training batches in float32, as diffusers'
+  // SDXL training script holds its VAE. The float32 VAE's latents, from the same float16-rounded
+  // weights (and the CPU, which has no float16 convolutions, can run it).
+  scedit_test::TempDir dir("sdxl_float16_vae");
+  auto pipe = sd::tiny_sdxl_pipeline();
+  common::CaptionedImageDataset data(write_two_sizes(dir.path() / "data"), common::DatasetOptions(64).center_crop(true));
+  auto latents_of = [&](bool cache) {
+    auto draws = common::step_generator(0, 0);
+    return common::BatchSource(pipe, data, common::BatchOptions().cache(cache), torch::kCPU).get({1, 0}, draws).latents;
+  };
+  pipe.vae->to(torch::kHalf);
+  for (const bool cache : {false, true}) {
+    pipe.vae->to(torch::kFloat32);
+    const auto rounded = latents_of(cache);
+    pipe.vae->to(torch::kHalf);
+    EXPECT_TRUE(torch::equal(latents_of(cache), rounded)) << "cache " << cache;
+    EXPECT_EQ(pipe.vae->parameters().front().scalar_type(), torch::kHalf);
+  }
 }
 
 TEST(Train, TinySDXLTrainsSCTunersEagerAndGraphedAlike) {
@@ -631,7 +650,7 @@ TEST(Train, TinySDXLTrainsSCTunersEagerAndGraphedAlike) {
     const auto trainable = common::tuner_trainable(pipe.unet, tuners, options);
     common::TrainStep step(trainable.denoiser, trainable.tensors(), sd::noise_schedule(pipe), optim,
                            sd::Precision::kFP32, torch::kCPU, "v_prediction");
-    common::BatchSource batches(pipe, data, common::BatchOptions(), torch::kCPU, torch::kFloat32);
+    common::BatchSource batches(pipe, data, common::BatchOptions(), torch::kCPU);
     auto generator = common::step_generator(0, 0);
     const auto batch = batches.get({0, 1, 0, 1}, generator);
     std::optional<common::GraphedTrainStep> graphed_step;

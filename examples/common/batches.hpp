@@ -70,11 +70,11 @@ struct BatchOptions {
 /// and each sample's `CaptionedImage::size` as time ids.
 class BatchSource {
  public:
-  /// Batches of `data` through `pipe`'s VAE and text encoder (frozen, on `device` in `dtype`).
-  /// With `options.cache` this encodes the whole dataset.
-  BatchSource(sd::StableDiffusion& pipe, const ImageSource& data, BatchOptions options,
-              torch::Device device, torch::Dtype dtype)
-      : pipe_(pipe), data_(data), options_(options), device_(device), dtype_(dtype) {
+  /// Batches of `data` through `pipe`'s VAE and text encoder (frozen, on `device`; the VAE
+  /// encodes in the precision `sd::encode_posterior` chooses). With `options.cache` this encodes
+  /// the whole dataset.
+  BatchSource(sd::StableDiffusion& pipe, const ImageSource& data, BatchOptions options, torch::Device device)
+      : pipe_(pipe), data_(data), options_(options), device_(device) {
     TORCH_CHECK(options_.caption_dropout() >= 0 && options_.caption_dropout() <= 1,
                 "--caption-dropout must be in [0, 1], got ", options_.caption_dropout());
     TORCH_CHECK(!options_.tokens() || pipe_.tokenizer.has_value(), "BatchSource: the pipeline has no tokenizer");
@@ -85,7 +85,7 @@ class BatchSource {
     for (int64_t i = 0; i < data_.size(); ++i) {
       auto generator = make_cpu_generator(0);  // one view of each sample
       auto sample = data_.get(i, generator);
-      auto posterior = pipe_.vae->encode(sample.image.unsqueeze(0).to(device_, dtype_));
+      auto posterior = sd::encode_posterior(pipe_, sample.image.unsqueeze(0));
       means_.push_back(posterior.mean);
       logvars_.push_back(posterior.logvar);
       auto it = by_caption.find(sample.caption);
@@ -129,7 +129,7 @@ class BatchSource {
         sizes.push_back(sample.size);
         conditions.push_back(sample.conditions);
       }
-      posterior = pipe_.vae->encode(torch::stack(images).to(device_, dtype_));  // [B, 3, R, R]
+      posterior = sd::encode_posterior(pipe_, torch::stack(images));  // [B, 3, R, R]
       text = encode(captions);
     }
     // z ~ N(mean, exp(logvar)), noise drawn on the CPU (diffusers train_text_to_image.py).
@@ -187,7 +187,6 @@ class BatchSource {
   const ImageSource& data_;
   BatchOptions options_;
   torch::Device device_;
-  torch::Dtype dtype_;
   sd::TextConditioning empty_text_;
   std::vector<torch::Tensor> means_, logvars_;              // the cache
   std::vector<sd::TextConditioning> texts_;                 // the cache's captions, as encode gives them

@@ -249,7 +249,7 @@ class TrainingRun {
     BatchSource batches(pipe, data,
                         BatchOptions().cache(f.data.cache).caption_dropout(f.data.caption_dropout)
                             .tokens(trainable.text_as_tokens),
-                        device_, sd::compute_dtype(precision_));
+                        device_);
     const auto objective = loss(pipe);
     TrainStep step(trainable.denoiser, trainable.tensors(), objective.schedule, f.optim.optim,
                    precision_, device_, objective.prediction_type, trainable.groups);

@@ -83,7 +83,7 @@ class ConditionProbe {
                 "shuffle their conditions, got ", held_out.size());
     TORCH_CHECK(timesteps_per_sample > 0, "ConditionProbe: timesteps_per_sample must be positive");
     torch::NoGradGuard no_grad;
-    BatchSource source(pipe, held_out, BatchOptions(), device, sd::compute_dtype(loss_.precision));
+    BatchSource source(pipe, held_out, BatchOptions(), device);
     std::vector<int64_t> indices;
     for (int64_t i = 0; i < held_out.size(); ++i) indices.insert(indices.end(), timesteps_per_sample, i);
     auto generator = step_generator(seed, 0, /*stream=*/2);

@@ -315,15 +315,26 @@ torch::Tensor run_vae(StableDiffusion& sd, const Pass& pass) {
 
 }  // namespace detail
 
-/// The latents of images float [B, 3, H, W] in [-1, 1]: the VAE's posterior mean (diffusers'
-/// `retrieve_latents(sample_mode="argmax")`, deterministic), on the VAE's device
-/// (`detail::run_vae` says in which precision).
-inline torch::Tensor encode_images(StableDiffusion& sd, const torch::Tensor& images) {
+/// The VAE's posterior of images float [B, 3, H, W] in [-1, 1], on the VAE's device, in the
+/// precision `detail::run_vae` chooses: a training batch's encode, which samples from it
+/// (`posterior_latents` with noise). SDXL's float16 VAE thus encodes in float32, as diffusers'
+/// SDXL training script holds its VAE.
+inline LatentDistribution encode_posterior(StableDiffusion& sd, const torch::Tensor& images) {
   torch::NoGradGuard no_grad;
   const auto device = detail::first_parameter(*sd.vae, "VAE").device();
-  return detail::run_vae(sd, [&](torch::Dtype dtype) {
-    return posterior_latents(sd, sd.vae->encode(images.to(device, dtype)));
+  // Mean and log-variance in one tensor, so that one finite check sees both.
+  const auto moments = detail::run_vae(sd, [&](torch::Dtype dtype) {
+    const auto posterior = sd.vae->encode(images.to(device, dtype));
+    return torch::cat({posterior.mean, posterior.logvar}, 1);
   });
+  const auto halves = moments.chunk(2, 1);
+  return {halves[0], halves[1]};
+}
+
+/// The latents of images float [B, 3, H, W] in [-1, 1]: the VAE's posterior mean (diffusers'
+/// `retrieve_latents(sample_mode="argmax")`, deterministic), float32 on the VAE's device.
+inline torch::Tensor encode_images(StableDiffusion& sd, const torch::Tensor& images) {
+  return posterior_latents(sd, encode_posterior(sd, images));
 }
 
 /// Images of latents [B, C, h, w]: `vae.decode(latents / scaling_factor + shift_factor)` as
