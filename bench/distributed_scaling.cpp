@@ -14,6 +14,7 @@
 
 #include "step_bench.hpp"
 
+#include <common/cpu_threads.hpp>
 #include <common/distributed.hpp>
 #include <common/gradient_reducer.hpp>
 #include <common/launcher.hpp>
@@ -30,7 +31,6 @@
 #include <cstdlib>
 #include <memory>
 #include <string>
-#include <thread>
 #include <vector>
 
 namespace {
@@ -41,7 +41,7 @@ struct Options {
   int64_t batch = 2;              ///< per process
   std::string method = "scedit";  ///< scedit | lora
   double bucket_mb = 25;          ///< as --bucket-mb of the programs
-  int64_t threads = 0;            ///< intra-op threads per process (0: the cores / processes)
+  int64_t threads = 0;            ///< intra-op threads per process (0: common::use_cpu_cores)
 };
 
 /// One measured row: a world, with or without overlap.
@@ -133,8 +133,11 @@ ScalingRow measure(sd::UNet& unet, common::Distributed& dist, const Options& opt
 /// One world's rows, measured on every rank and returned on rank 0 (empty elsewhere).
 std::vector<ScalingRow> measure_world(const Options& options, bench::Run& run) {
   common::Distributed dist(common::DistributedFlags{}, run.device);
-  const int64_t cores = std::max<int64_t>(1, std::thread::hardware_concurrency());
-  torch::set_num_threads(static_cast<int>(options.threads > 0 ? options.threads : std::max<int64_t>(1, cores / dist.world_size())));
+  if (options.threads > 0) {
+    torch::set_num_threads(static_cast<int>(options.threads));
+  } else {
+    common::use_cpu_cores();  // the cores shared among this world's processes (LOCAL_WORLD_SIZE)
+  }
   auto unet = bench::make_unet(run, run.precision_list.front());
   std::vector<ScalingRow> rows;
   for (const auto& reduction : dist.active() ? std::vector<std::string>{"after", "overlap"}
@@ -172,7 +175,9 @@ nlohmann::json to_json(const ScalingRow& r, const Options& options, const bench:
 
 // Leaves no trace of a launched world for the next one (launch_local starts only where RANK is unset).
 void forget_world() {
-  for (const char* name : {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}) ::unsetenv(name);
+  for (const char* name : {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}) {
+    ::unsetenv(name);
+  }
 }
 
 }  // namespace
@@ -188,7 +193,7 @@ int main(int argc, char** argv) {
   app.add_option("--batch-size", options.batch, "Batch per process (the global batch grows with the processes)")->check(CLI::PositiveNumber);
   app.add_option("--method", options.method, "scedit | lora")->check(CLI::IsMember({"scedit", "lora"}));
   app.add_option("--bucket-mb", options.bucket_mb, "MiB of gradients per all-reduce bucket (the first holds 1 MiB)")->check(CLI::PositiveNumber);
-  app.add_option("--threads", options.threads, "Intra-op threads per process (0: the cores / processes)")->check(CLI::NonNegativeNumber);
+  app.add_option("--threads", options.threads, "Intra-op threads per process (0: the physical cores / processes, or OMP_NUM_THREADS)")->check(CLI::NonNegativeNumber);
   bench::add_run_flags(app, run);
   try {
     app.parse(argc, argv);
@@ -206,9 +211,9 @@ int main(int argc, char** argv) {
     }
     const auto worlds = bench::parse_ints(options.processes, "--processes");
     std::printf("%s", bench::settings_line(run).c_str());
-    std::printf("method %s, %s, buckets of %.3g MiB (the first at most 1 MiB), %lld cores\n\n", options.method.c_str(),
-                run.precision_list.front().c_str(), options.bucket_mb,
-                static_cast<long long>(std::thread::hardware_concurrency()));
+    std::printf("method %s, %s, buckets of %.3g MiB (the first at most 1 MiB), %lld physical cores\n\n",
+                options.method.c_str(), run.precision_list.front().c_str(), options.bucket_mb,
+                static_cast<long long>(common::cpu_cores_available()));
     std::printf("| processes | all-reduce | batch / process | global batch | step ms | images/s | all-reduce alone ms | after backward ms | buckets started in backward | hidden by overlap |\n");
     std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
     std::fflush(stdout);

@@ -2,9 +2,11 @@
 // graph (and why not elsewhere); the sampler's noise prediction replayed from a graph
 // (sd/noise_prediction.hpp) giving the eager images; generation's kernel levers (`--lean`)
 // changing the images by no more than the precision's rounding; the VAE in float16, and in float32
-// where it must or overflows; a run on the CPU keeping freed tensor memory for its next step. The
+// where it must or overflows; a run on the CPU keeping freed tensor memory for its next step and
+// computing on every core it may use. The
 // graphed training step's own tests are in test_train.cpp.
 
+#include <common/cpu_threads.hpp>
 #include <common/graphed_step.hpp>
 #include <common/lean.hpp>
 #include <common/model.hpp>
@@ -18,13 +20,21 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cstdlib>
+#include <filesystem>
+#include <fstream>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #if defined(__GLIBC__)
 #include <malloc.h>
+#endif
+#if defined(__linux__)
+#include <sched.h>
+#include <unistd.h>
 #endif
 
 #include "generate_fixtures.hpp"
@@ -326,4 +336,108 @@ TEST(SpeedLevers, CpuRunsKeepFreedTensorMemoryUnlessTheUserTunedMalloc) {
 #else
   GTEST_SKIP() << "malloc is not glibc's";
 #endif
+}
+
+#if defined(__linux__)
+namespace {
+// A sysfs of its own under `root`: each CPU of this process's affinity mask a thread of core
+// cpu / 2 (two SMT threads per core), and the cgroup's `cpu.max` line.
+void write_fake_sysfs(const std::filesystem::path& root, const std::string& cpu_max) {
+  cpu_set_t mask;
+  CPU_ZERO(&mask);
+  ASSERT_EQ(sched_getaffinity(0, sizeof(mask), &mask), 0);
+  for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
+    if (!CPU_ISSET(cpu, &mask)) continue;
+    const auto topology = root / "devices/system/cpu" / ("cpu" + std::to_string(cpu)) / "topology";
+    std::filesystem::create_directories(topology);
+    std::ofstream(topology / "physical_package_id") << "0\n";
+    std::ofstream(topology / "core_id") << cpu / 2 << "\n";
+  }
+  std::filesystem::create_directories(root / "fs/cgroup");
+  std::ofstream(root / "fs/cgroup/cpu.max") << cpu_max << "\n";
+}
+
+// The physical cores `write_fake_sysfs` describes: the distinct cpu / 2 of the affinity mask.
+int64_t fake_cores() {
+  cpu_set_t mask;
+  CPU_ZERO(&mask);
+  sched_getaffinity(0, sizeof(mask), &mask);
+  std::vector<int> cores;
+  for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
+    if (CPU_ISSET(cpu, &mask) && std::find(cores.begin(), cores.end(), cpu / 2) == cores.end()) cores.push_back(cpu / 2);
+  }
+  return static_cast<int64_t>(cores.size());
+}
+}  // namespace
+#endif
+
+TEST(SpeedLevers, CpuCoresAreCountedOncePerCoreWithinTheAffinityMaskAndTheCgroupQuota) {
+#if defined(__linux__)
+  const auto root = std::filesystem::temp_directory_path() / ("scedit_sysfs_" + std::to_string(::getpid()));
+  write_fake_sysfs(root, "max 100000");
+  EXPECT_EQ(common::cpu_cores_available(root.string()), fake_cores());  // SMT threads counted once
+  write_fake_sysfs(root, "50000 100000");
+  EXPECT_EQ(common::cpu_cores_available(root.string()), 1);  // half a CPU's quota: one thread
+  if (fake_cores() >= 2) {
+    write_fake_sysfs(root, "150000 100000");
+    EXPECT_EQ(common::cpu_cores_available(root.string()), 2);  // 1.5 CPUs' quota, rounded up
+  }
+  std::filesystem::remove_all(root / "devices/system/cpu");
+  EXPECT_EQ(common::cpu_cores_available(root.string()), 0);  // no topology: unknown
+  std::filesystem::remove_all(root);
+
+  const int64_t cores = common::cpu_cores_available();
+  if (cores == 0) GTEST_SKIP() << "this machine's CPU topology cannot be read";
+  EXPECT_LE(cores, static_cast<int64_t>(std::thread::hardware_concurrency()));
+  ::testing::FLAGS_gtest_death_test_style = "threadsafe";
+  EXPECT_EXIT(  // a process allowed one CPU has one core
+      {
+        cpu_set_t mask;
+        CPU_ZERO(&mask);
+        sched_getaffinity(0, sizeof(mask), &mask);
+        int first = 0;
+        while (!CPU_ISSET(first, &mask)) ++first;
+        CPU_ZERO(&mask);
+        CPU_SET(first, &mask);
+        std::exit(sched_setaffinity(0, sizeof(mask), &mask) == 0 && common::cpu_cores_available() == 1 ? 0 : 1);
+      },
+      ::testing::ExitedWithCode(0), "");
+#else
+  GTEST_SKIP() << "the CPU topology is read from Linux's sysfs";
+#endif
+}
+
+TEST(SpeedLevers, CpuRunsComputeOnEveryCoreUnlessTheUserChoseThreads) {
+  // In a fresh process each (death tests re-run the binary), as a program starts.
+  const int64_t cores = common::cpu_cores_available();
+  if (cores == 0) GTEST_SKIP() << "this machine's CPU topology cannot be read";
+  ::testing::FLAGS_gtest_death_test_style = "threadsafe";
+  const auto forget_threads = [] {
+    for (const char* name : {"OMP_NUM_THREADS", "MKL_NUM_THREADS", "LOCAL_WORLD_SIZE"}) unsetenv(name);
+    at::set_num_threads(1);
+  };
+  EXPECT_EXIT(  // one thread per core
+      {
+        forget_threads();
+        common::resolve_device("cpu");
+        std::exit(at::get_num_threads() == cores ? 0 : 1);
+      },
+      ::testing::ExitedWithCode(0), "");
+  EXPECT_EXIT(  // two processes of one run on this machine share its cores
+      {
+        forget_threads();
+        setenv("LOCAL_WORLD_SIZE", "2", 1);
+        common::resolve_device("cpu");
+        std::exit(at::get_num_threads() == std::max<int64_t>(1, cores / 2) ? 0 : 1);
+      },
+      ::testing::ExitedWithCode(0), "");
+  EXPECT_EXIT(  // the user's OMP_NUM_THREADS is LibTorch's business
+      {
+        forget_threads();
+        setenv("OMP_NUM_THREADS", std::to_string(cores + 1).c_str(), 1);
+        at::set_num_threads(static_cast<int>(cores + 1));
+        common::resolve_device("cpu");
+        std::exit(at::get_num_threads() == cores + 1 ? 0 : 1);
+      },
+      ::testing::ExitedWithCode(0), "");
 }

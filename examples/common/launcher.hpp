@@ -43,7 +43,7 @@ inline int free_local_port() {
 
 /// The built-in launcher: with `nproc` > 1 (and no `RANK` in the environment: not launched
 /// already), starts `nproc` - 1 copies of this program with `argv` and torchrun's environment
-/// (ranks 1…, `MASTER_ADDR` 127.0.0.1, a free `MASTER_PORT`), runs `body` as rank 0, and waits for
+/// (ranks 1…, `LOCAL_WORLD_SIZE` `nproc`, `MASTER_ADDR` 127.0.0.1, a free `MASTER_PORT`), runs `body` as rank 0, and waits for
 /// them. When a copy fails, the others are stopped and this process exits non-zero, naming it.
 /// Returns `body`'s status, or 1 when a copy failed.
 inline int launch_local(int64_t nproc, char** argv, const std::function<int()>& body) {
@@ -51,6 +51,7 @@ inline int launch_local(int64_t nproc, char** argv, const std::function<int()>& 
   const auto port = std::to_string(free_local_port());
   const auto world = std::to_string(nproc);
   ::setenv("WORLD_SIZE", world.c_str(), 1);
+  ::setenv("LOCAL_WORLD_SIZE", world.c_str(), 1);  // the ranks share this machine's cores (cpu_threads.hpp)
   ::setenv("MASTER_ADDR", "127.0.0.1", 1);
   ::setenv("MASTER_PORT", port.c_str(), 1);
   std::fflush(stdout);

@@ -4,6 +4,7 @@
 /// single file), the built-in tiny model, or SD 1.5's architecture with random weights — on the
 /// device and in the precision asked, the same way in every program.
 
+#include <common/cpu_threads.hpp>
 #include <common/memory.hpp>
 #include <sd/precision.hpp>
 #include <sd/scheduler.hpp>
@@ -90,7 +91,8 @@ inline void check_model_flags(const ModelFlags& flags) {
 }
 
 /// Resolves `--device auto|cpu|cuda|cuda:N`; `auto` picks CUDA when there is one. A program
-/// that computes on the CPU also keeps the memory of freed tensors (`keep_freed_cpu_memory`).
+/// that computes on the CPU also keeps the memory of freed tensors (`keep_freed_cpu_memory`) and
+/// computes on every core it may use (`use_cpu_cores`).
 inline torch::Device resolve_device(const std::string& flag) {
   torch::Device device(torch::kCPU);
   if (flag == "auto") {
@@ -104,7 +106,10 @@ inline torch::Device resolve_device(const std::string& flag) {
     TORCH_CHECK(!device.is_cuda() || torch::cuda::is_available(),
                 "--device ", flag, ": this build or machine has no CUDA device");
   }
-  if (device.is_cpu()) keep_freed_cpu_memory();
+  if (device.is_cpu()) {
+    keep_freed_cpu_memory();
+    use_cpu_cores();
+  }
   return device;
 }
 
