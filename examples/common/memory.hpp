@@ -65,13 +65,12 @@ inline bool malloc_thresholds_set_by_user() {
 /// faults its large activations in again: fp32 training steps ran up to 1.4× slower and varied
 /// more from run to run (bench/RESULTS.md v0.10, v0.11). The cost: the largest step's memory stays
 /// with the process until it ends. Thresholds the user set (`malloc_thresholds_set_by_user`) are
-/// left alone, and so is any malloc but glibc's. Returns whether it changed them.
-inline bool keep_freed_cpu_memory() {
+/// left alone, and so is any malloc but glibc's.
+inline void keep_freed_cpu_memory() {
 #if defined(__GLIBC__)
-  if (malloc_thresholds_set_by_user()) return false;
-  return mallopt(M_MMAP_THRESHOLD, 256 << 20) == 1 && mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1;
-#else
-  return false;
+  if (malloc_thresholds_set_by_user()) return;
+  mallopt(M_MMAP_THRESHOLD, 256 << 20);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
 #endif
 }
 
