@@ -43,8 +43,9 @@ inline int free_local_port() {
 
 /// The built-in launcher: with `nproc` > 1 (and no `RANK` in the environment: not launched
 /// already), starts `nproc` - 1 copies of this program with `argv` and torchrun's environment
-/// (ranks 1…, `LOCAL_WORLD_SIZE` `nproc`, `MASTER_ADDR` 127.0.0.1, a free `MASTER_PORT`), runs `body` as rank 0, and waits for
-/// them. When a copy fails, the others are stopped and this process exits non-zero, naming it.
+/// (ranks 1…, `LOCAL_WORLD_SIZE` `nproc`, `MASTER_ADDR` 127.0.0.1, a free `MASTER_PORT`), runs
+/// `body` as rank 0, and waits for them. When a copy fails, the others are stopped and this
+/// process exits non-zero, naming it.
 /// Returns `body`'s status, or 1 when a copy failed.
 inline int launch_local(int64_t nproc, char** argv, const std::function<int()>& body) {
   if (nproc <= 1 || std::getenv("RANK") != nullptr) return body();
