@@ -24,6 +24,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -341,31 +342,23 @@ TEST(SpeedLevers, CpuRunsKeepFreedTensorMemoryUnlessTheUserTunedMalloc) {
 #if defined(__linux__)
 namespace {
 // A sysfs of its own under `root`: each CPU of this process's affinity mask a thread of core
-// cpu / 2 (two SMT threads per core), and the cgroup's `cpu.max` line.
-void write_fake_sysfs(const std::filesystem::path& root, const std::string& cpu_max) {
+// cpu / 2 (two SMT threads per core), and the cgroup's `cpu.max` line. Returns the physical cores
+// it describes.
+int64_t write_fake_sysfs(const std::filesystem::path& root, const std::string& cpu_max) {
   cpu_set_t mask;
   CPU_ZERO(&mask);
-  ASSERT_EQ(sched_getaffinity(0, sizeof(mask), &mask), 0);
+  EXPECT_EQ(sched_getaffinity(0, sizeof(mask), &mask), 0);
+  std::set<int> cores;
   for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
     if (!CPU_ISSET(cpu, &mask)) continue;
     const auto topology = root / "devices/system/cpu" / ("cpu" + std::to_string(cpu)) / "topology";
     std::filesystem::create_directories(topology);
     std::ofstream(topology / "physical_package_id") << "0\n";
     std::ofstream(topology / "core_id") << cpu / 2 << "\n";
+    cores.insert(cpu / 2);
   }
   std::filesystem::create_directories(root / "fs/cgroup");
   std::ofstream(root / "fs/cgroup/cpu.max") << cpu_max << "\n";
-}
-
-// The physical cores `write_fake_sysfs` describes: the distinct cpu / 2 of the affinity mask.
-int64_t fake_cores() {
-  cpu_set_t mask;
-  CPU_ZERO(&mask);
-  sched_getaffinity(0, sizeof(mask), &mask);
-  std::vector<int> cores;
-  for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
-    if (CPU_ISSET(cpu, &mask) && std::find(cores.begin(), cores.end(), cpu / 2) == cores.end()) cores.push_back(cpu / 2);
-  }
   return static_cast<int64_t>(cores.size());
 }
 }  // namespace
@@ -374,11 +367,11 @@ int64_t fake_cores() {
 TEST(SpeedLevers, CpuCoresAreCountedOncePerCoreWithinTheAffinityMaskAndTheCgroupQuota) {
 #if defined(__linux__)
   const auto root = std::filesystem::temp_directory_path() / ("scedit_sysfs_" + std::to_string(::getpid()));
-  write_fake_sysfs(root, "max 100000");
-  EXPECT_EQ(common::cpu_cores_available(root.string()), fake_cores());  // SMT threads counted once
+  const int64_t fake_cores = write_fake_sysfs(root, "max 100000");
+  EXPECT_EQ(common::cpu_cores_available(root.string()), fake_cores);  // SMT threads counted once
   write_fake_sysfs(root, "50000 100000");
   EXPECT_EQ(common::cpu_cores_available(root.string()), 1);  // half a CPU's quota: one thread
-  if (fake_cores() >= 2) {
+  if (fake_cores >= 2) {
     write_fake_sysfs(root, "150000 100000");
     EXPECT_EQ(common::cpu_cores_available(root.string()), 2);  // 1.5 CPUs' quota, rounded up
   }
