@@ -106,16 +106,35 @@ TEST(GenerateProgram, BadInputsEndWithOneClearLine) {
   const auto nan_key = spoiled.begin()->first;
   spoiled[nan_key] = spoiled.begin()->second.clone().fill_(std::numeric_limits<float>::quiet_NaN());
   scedit::safetensors::save(nan_tuner, spoiled, scedit::safetensors::load_metadata(sc_tuner_file()));
+  const auto not_an_image = (scratch() / "notes.png").string();
+  std::ofstream(not_an_image) << "not an image";
+  const auto utf16 = (scratch() / "utf16_prompts.txt").string();
+  std::ofstream(utf16, std::ios::binary) << std::string("\xFF\xFE" "a\0 \0c\0a\0t\0\n\0", 14);
   // {arguments, what the one line says, whether it says so before the model loads (all but the
   // tuners whose tensors are read when they are attached)}.
   const std::vector<std::tuple<std::string, std::string, bool>> cases = {
-      {"--prompt x --width 65", "--width must be a multiple of 8, got 65", true},
+      {"--prompt x --width 65", "--width must be a positive multiple of 8 up to 16384 (or 0, the model's size), got 65", true},
+      {"--prompt x --width 16392", "--width must be a positive multiple of 8 up to 16384", true},
       {"--prompt x --guidance-scale -1", "--guidance-scale must be a finite number >= 0", true},
       {"--prompt x --guidance-scale inf", "--guidance-scale must be a finite number >= 0", true},
       {"--prompt x --tuner '" + sc_tuner_file() + ":abc'", "'abc' in '" + sc_tuner_file() + ":abc' is not a scale", true},
       {"--prompt x --tuner '" + json + "'", "'" + json + "' is neither a safetensors file nor a torch.save zip", true},
       {"--prompt x --steps 1 --tuner '" + nan_tuner + "'", "tuner file '" + nan_tuner + "': tensor '" + nan_key + "'", false},
-      {"--prompt x --height 12", "--height must be a multiple of 8, got 12", true},
+      {"--prompt x --height 12", "--height must be a positive multiple of 8 up to 16384 (or 0, the model's size), got 12", true},
+      {"--prompt x --tuner '" + sc_tuner_file() + ":nan'", "'nan' in '" + sc_tuner_file() + ":nan' is not a scale", true},
+      {"--prompt x --tuner '" + sc_tuner_file() + ":0x10'", "'0x10' in '" + sc_tuner_file() + ":0x10' is not a scale", true},
+      {"--prompt x --tuner '" + sc_tuner_file() + ":1e999'", "the scale 1e999 in '" + sc_tuner_file() + ":1e999' is not a finite number", true},
+      {"--prompt x --eta 1.5", "--eta must be in [0, 1]", true},
+      {"--prompt x --steps 2 --init-image '" + image + "' --strength 0.1", "--strength 0.1 of --steps 2 runs no denoising step", true},
+      {"--prompt x --init-image '" + not_an_image + "'", "--init-image: cannot decode '" + not_an_image + "'", true},
+      {"--prompt x --init-image '" + scratch().string() + "'", "--init-image: '" + scratch().string() + "' is not a file", true},
+      {"--prompts-file '" + utf16 + "'", "--prompts-file '" + utf16 + "' line 1 holds a NUL byte", true},
+      {"--prompt x --seed -1", "--seed: a whole number from 0 to 18446744073709551615, got -1", true},
+      {"--prompt x --seed 18446744073709551616", "got 18446744073709551616", true},
+      {"--prompt x --seed 18446744073709551615 --images-per-prompt 2", "are more than there are seeds", true},
+      {"--prompt x --model tiny:sd21", "'tiny:sd21' does not exist (give a diffusers folder, a single file, or a "
+       "built-in model: tiny:sdxl, random:sd15", true},
+      {"--prompt x --steps 1000 --spacing leading", "--steps 1000 with --spacing leading: ", false},
       {"--prompt x --steps 0", "--steps must be > 0, got 0", true},
       {"--prompt x --steps -3", "--steps must be > 0, got -3", true},
       {"--prompt x --bogus", "--bogus", true},
@@ -201,6 +220,34 @@ TEST(GenerateProgram, ConditionOfAnotherSizeIsResizedSayingSo) {
                                    image + "' --output '" + (scratch() / "resized").string() + "'");
   ASSERT_EQ(result.code, 0) << result.err;
   EXPECT_NE(result.out.find("48x32, resized to the output size 64x64"), std::string::npos) << result.out;
+}
+
+// An --output where no file can be made is refused before the model loads, not after the images.
+TEST(GenerateProgram, OutputThatCannotHoldFilesIsRefusedFirst) {
+  SKIP_WITHOUT_PROGRAM();
+  const auto file = scratch() / "a_file";
+  std::ofstream(file) << "taken";
+  const auto result = run_generate("--prompt x --steps 1 --output '" + file.string() + "'");
+  EXPECT_NE(result.code, 0);
+  EXPECT_NE(result.err.find("--output '" + file.string() + "': cannot create the folder"), std::string::npos)
+      << result.err;
+  EXPECT_EQ(result.out.find("no --model given"), std::string::npos) << result.out;
+}
+
+// A prompts file as editors save it: a byte-order mark is not part of the first prompt, and lines
+// of white space are no prompts.
+TEST(GenerateProgram, PromptsFileSkipsItsByteOrderMarkAndBlankLines) {
+  SKIP_WITHOUT_PROGRAM();
+  const auto prompts = scratch() / "bom_prompts.txt";
+  std::ofstream(prompts, std::ios::binary) << "\xEF\xBB\xBF" "a cat\r\n  \n\t\n";
+  const auto output = scratch() / "bom";
+  const auto result = run_generate("--prompts-file '" + prompts.string() + "' --steps 1 --output '" +
+                                   output.string() + "'");
+  ASSERT_EQ(result.code, 0) << result.err;
+  EXPECT_NE(result.out.find("generating 1 image "), std::string::npos) << result.out;
+  const auto text = common::read_png_text((output / "00000-0.png").string());
+  ASSERT_FALSE(text.empty());
+  EXPECT_EQ(text[0].second.rfind("a cat\n", 0), 0u) << text[0].second;
 }
 
 // Latents that overflow (here through an absurd but finite guidance scale) stop the run naming the

@@ -74,6 +74,27 @@ TEST(AtomicFile, FailedWriteKeepsWhatWasThereAndLeavesNoTemporary) {
   EXPECT_EQ(dir.entries(), std::vector<std::string>{"taken"});
 }
 
+// A file that is there already (another program's, written a moment ago) is never replaced: the
+// write says so and leaves no temporary, and a free name is written as write_file_atomically does.
+TEST(AtomicFile, WriteOfANewFileNeverReplacesOne) {
+  TempDir dir("atomic_file");
+  const std::string taken = dir.file("00000-0.png"), free = dir.file("00001-0.png");
+  scedit::write_text_file(taken, "theirs");
+  const std::string ours = "ours";
+  EXPECT_FALSE(scedit::write_new_file_atomically(taken, {{ours.data(), ours.size()}}, "png: "));
+  EXPECT_EQ(scedit_test::read_file(taken), "theirs");
+  EXPECT_EQ(dir.entries(), std::vector<std::string>{"00000-0.png"});
+
+  EXPECT_TRUE(scedit::write_new_file_atomically(free, {{ours.data(), ours.size()}}, "png: "));
+  EXPECT_EQ(scedit_test::read_file(free), "ours");
+  EXPECT_EQ(fs::status(free).permissions(), fs::perms(0644));
+  EXPECT_EQ(dir.entries(), (std::vector<std::string>{"00000-0.png", "00001-0.png"}));
+
+  const std::string lost = dir.file("no_such_folder") + "/notes.txt";
+  const auto message = error_of([&] { scedit::write_new_file_atomically(lost, {}, "notes: "); });
+  EXPECT_EQ(message.rfind("notes: cannot create a temporary file beside it", 0), 0u) << message;
+}
+
 TEST_F(Safetensors, FailedSaveLeavesThePreviousFileAndNoTemporary) {
   const std::string path = dir_.file("model.safetensors");
   st::save(path, {{"w", torch::randn({3})}});

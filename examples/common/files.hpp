@@ -1,7 +1,8 @@
 #pragma once
 /// @file files.hpp
 /// @brief Whole files as bytes: reading one with an error that names it, writing one atomically,
-/// so that a reader (or a crash) never sees half of it, and their CRC-32.
+/// so that a reader (or a crash) never sees half of it, and their CRC-32; an output folder made
+/// and checked before the work that fills it.
 
 #include <scedit/atomic_file.hpp>
 #include <torch/torch.h>
@@ -71,6 +72,26 @@ inline size_t utf8_bom_size(const std::string& text) {
 inline void write_file_atomic(const std::filesystem::path& path, const std::string& bytes) {
   scedit::write_file_atomically(path.string(), {{bytes.data(), bytes.size()}},
                                 "writing '" + path.string() + "': ");
+}
+
+/// `write_file_atomic`, but only where no file is called `path` yet: false, and nothing written,
+/// where one is (another program's output, say, written at the same moment).
+inline bool write_new_file_atomic(const std::filesystem::path& path, const std::string& bytes) {
+  return scedit::write_new_file_atomically(path.string(), {{bytes.data(), bytes.size()}},
+                                           "writing '" + path.string() + "': ");
+}
+
+/// Creates `folder` (and its parents) and checks that files can be made in it, so that a program
+/// learns before its long work, not after, that it could not keep the results; throws naming
+/// `flag` and the folder.
+inline void prepare_output_folder(const std::filesystem::path& folder, const std::string& flag) {
+  std::error_code error;
+  std::filesystem::create_directories(folder, error);
+  TORCH_CHECK(!error, flag, " '", folder.string(), "': cannot create the folder: ", error.message());
+  TORCH_CHECK(std::filesystem::is_directory(folder), flag, " '", folder.string(), "' is not a folder");
+  scedit::detail::TempFile probe((folder / ".write-probe").string());  // removed again at once
+  TORCH_CHECK(probe.fd() >= 0, flag, " '", folder.string(), "': cannot create files in it: ",
+              scedit::detail::errno_str(probe.error()));
 }
 
 }  // namespace common

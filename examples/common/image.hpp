@@ -106,6 +106,7 @@ inline void for_each_png_chunk(
     std::string_view png, const std::string& what,
     const std::function<void(const std::string& type, std::string_view data)>& visit = {}) {
   size_t at = detail::png_signature().size();
+  bool ended = false;
   while (at + 12 <= png.size()) {
     const uint32_t length = detail::get_u32_be(png, at);
     TORCH_CHECK(at + 12 + uint64_t{length} <= png.size(), what, ": chunk at byte ", at,
@@ -116,8 +117,12 @@ inline void for_each_png_chunk(
                 ": CRC mismatch in the ", type, " chunk at byte ", at, " (the file is damaged)");
     if (visit) visit(type, png.substr(at + 8, length));
     at += 12 + length;
-    if (type == "IEND") break;
+    if (type == "IEND") {
+      ended = true;
+      break;
+    }
   }
+  TORCH_CHECK(ended, what, ": the file ends at byte ", png.size(), " before its IEND chunk (it is cut short)");
 }
 
 // ---- decode ------------------------------------------------------------------------------
@@ -135,8 +140,9 @@ inline torch::Tensor decode_pixels(const std::string& bytes, const std::string& 
   stbi_uc* pixels =
       stbi_load_from_memory(reinterpret_cast<const stbi_uc*>(bytes.data()),
                             static_cast<int>(bytes.size()), &width, &height, &found, components);
+  const char* reason = pixels == nullptr ? stbi_failure_reason() : nullptr;
   TORCH_CHECK(pixels != nullptr, "cannot decode ", what, " as an image (stb_image: ",
-              stbi_failure_reason(), ")");
+              reason != nullptr && *reason != '\0' ? reason : "no reason given; is the file cut short?", ")");
   auto image = torch::from_blob(pixels, {height, width, components}, torch::kUInt8).clone();
   stbi_image_free(pixels);
   if (channels != nullptr) *channels = found;

@@ -82,8 +82,12 @@ inline void add_model_flags(CLI::App& app, ModelFlags& flags) {
 
 /// Checks the model flags without loading anything: the paths exist.
 inline void check_model_flags(const ModelFlags& flags) {
-  TORCH_CHECK(flags.random_weights() || std::filesystem::exists(flags.model), "--model: '",
-              flags.model, "' does not exist");
+  if (!flags.random_weights() && !std::filesystem::exists(flags.model)) {
+    std::string names;
+    for (const auto& entry : ModelFlags::kBuiltIn) names += std::string(names.empty() ? "" : ", ") + entry.name;
+    TORCH_CHECK(false, "--model: '", flags.model, "' does not exist (give a diffusers folder, a single "
+                "file, or a built-in model: ", names, ")");
+  }
   TORCH_CHECK(flags.tokenizer.empty() || !flags.model.empty(),
               "--tokenizer needs --model (the built-in model has its own tokenizer)");
   TORCH_CHECK(flags.tokenizer.empty() || std::filesystem::is_directory(flags.tokenizer),

@@ -69,7 +69,10 @@ class StopSignals {
 /// Runs a program's `body` and returns its exit status: what `body` returns; 1 after printing an
 /// error as one line `program: message` on stderr (a message that names the program already is
 /// not prefixed twice); 128 + the signal after an `Interrupted` run, printing what it saved.
+/// Standard output is line-buffered, also into a file or a pipe: a line such as "wrote x.png"
+/// is there even when a signal ends the program.
 inline int run_program(const std::string& program, const std::function<int()>& body) {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);
   auto say = [&](const std::string& message) {
     std::fflush(stdout);
     const auto prefix = program + ": ";

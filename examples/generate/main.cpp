@@ -8,6 +8,7 @@
 #include <sd/sampler.hpp>
 #include <sd/tuner_files.hpp>
 
+#include <common/files.hpp>
 #include <common/image.hpp>
 #include <common/lean.hpp>
 #include <common/model.hpp>
@@ -25,6 +26,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <limits>
 #include <optional>
 #include <regex>
 #include <sstream>
@@ -80,19 +82,21 @@ struct TunerFlag {
   double scale = 1.0;
 };
 
-/// Splits the `FILE[:SCALE]` value of `flag`: the text after the last ':' is the scale when it is
-/// a number; when it is not, the whole text is the file (so paths containing ':' still work) if
-/// such a file exists, and otherwise that text is refused as a scale, naming it.
+/// Splits the `FILE[:SCALE]` value of `flag`. A text that names an existing file or folder is
+/// that path (so paths containing ':' work); otherwise the text after the last ':' is the scale,
+/// a finite decimal number, and anything else there is refused, naming it.
 TunerFlag parse_tuner_flag(const std::string& flag, const std::string& text) {
   const size_t colon = text.rfind(':');
-  if (colon == std::string::npos || colon == 0 || colon + 1 == text.size()) return {text, 1.0};
+  if (fs::exists(text) || colon == std::string::npos || colon == 0 || colon + 1 == text.size()) {
+    return {text, 1.0};
+  }
   const std::string number = text.substr(colon + 1);
-  char* end = nullptr;
-  const double scale = std::strtod(number.c_str(), &end);
-  if (end == number.c_str() + number.size()) return {text.substr(0, colon), scale};
-  TORCH_CHECK(fs::exists(text), flag, ": '", number, "' in '", text, "' is not a scale (give ",
-              "FILE[:SCALE], e.g. style.safetensors:0.8), and no file is called '", text, "'");
-  return {text, 1.0};
+  static const std::regex decimal(R"([-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)");
+  TORCH_CHECK(std::regex_match(number, decimal), flag, ": '", number, "' in '", text, "' is not a ",
+              "scale (give FILE[:SCALE], e.g. style.safetensors:0.8), and no file is called '", text, "'");
+  const double scale = std::strtod(number.c_str(), nullptr);
+  TORCH_CHECK(std::isfinite(scale), flag, ": the scale ", number, " in '", text, "' is not a finite number");
+  return {text.substr(0, colon), scale};
 }
 
 /// The two non-negative integers of an `A,B` flag value (`--original-size 1024,768`), naming the
@@ -150,7 +154,8 @@ void check_utf8(const std::string& prompt, const std::string& where) {
               "\" is not valid UTF-8 ", invalid);
 }
 
-/// The non-empty lines of a prompts file (trailing '\r' removed), each valid UTF-8.
+/// The lines of a prompts file that hold more than white space (a leading UTF-8 byte-order mark
+/// and trailing '\r' removed), each valid UTF-8 without NUL bytes (a PNG's text cannot hold one).
 std::vector<std::string> read_prompts_file(const std::string& path) {
   std::ifstream in(path);
   TORCH_CHECK(in.good(), "--prompts-file: cannot open '", path, "'");
@@ -158,18 +163,23 @@ std::vector<std::string> read_prompts_file(const std::string& path) {
   int64_t number = 0;
   for (std::string line; std::getline(in, line);) {
     ++number;
+    if (number == 1) line.erase(0, common::utf8_bom_size(line));
     if (!line.empty() && line.back() == '\r') line.pop_back();
-    check_utf8(line, "--prompts-file '" + path + "' line " + std::to_string(number));
-    if (!line.empty()) prompts.push_back(line);
+    const std::string where = "--prompts-file '" + path + "' line " + std::to_string(number);
+    TORCH_CHECK(line.find('\0') == std::string::npos, where, " holds a NUL byte (is the file UTF-16? "
+                "save it as UTF-8)");
+    check_utf8(line, where);
+    if (line.find_first_not_of(" \t\v\f") != std::string::npos) prompts.push_back(line);
   }
   TORCH_CHECK(!prompts.empty(), "--prompts-file '", path, "' holds no prompts");
   return prompts;
 }
 
-/// The first free file number in `dir`: one more than the largest `NNNNN-*.png` there (numbers
-/// of up to 15 digits: longer ones are not this program's, and would not fit an int64).
+/// The first file number to try in `dir`: one more than the largest `NNNNN-*.png` there (numbers
+/// of up to 18 digits: longer ones are not this program's, and would not fit an int64). Another
+/// run writing there at the same time may take it first: the writes never replace a file.
 int64_t next_file_number(const fs::path& dir) {
-  static const std::regex pattern(R"((\d{5,15})-.*\.png)");
+  static const std::regex pattern(R"((\d{5,18})-.*\.png)");
   int64_t next = 0;
   for (const auto& entry : fs::directory_iterator(dir)) {
     std::smatch match;
@@ -220,12 +230,25 @@ std::string parameters_text(const Flags& flags, const std::string& prompt, uint6
   return out.str();
 }
 
+/// Refuses `path`, given to `flag`, unless it is a file that can be read whole (`pipe_allowed`:
+/// or a pipe, as `<(...)` gives).
+void check_input_file(const std::string& flag, const std::string& path, bool pipe_allowed = false) {
+  const auto status = fs::status(path);
+  TORCH_CHECK(fs::exists(status), flag, ": '", path, "' does not exist");
+  TORCH_CHECK(fs::is_regular_file(status) || (pipe_allowed && !fs::is_directory(status)), flag, ": '",
+              path, "' is not a file");
+}
+
+/// The largest image side `--width` and `--height` take: far past any model's training size, and
+/// small enough that the latents' sizes cannot overflow.
+constexpr int64_t kMaxImageSide = 16384;
+
 /// Checks every flag that needs no model, so a mistake is reported before a long load.
 void check_flags(const Flags& flags) {
-  TORCH_CHECK(flags.width >= 0 && flags.width % 8 == 0, "--width must be a multiple of 8, got ",
-              flags.width);
-  TORCH_CHECK(flags.height >= 0 && flags.height % 8 == 0,
-              "--height must be a multiple of 8, got ", flags.height);
+  for (const auto& [flag, side] : {std::make_pair("--width", flags.width), std::make_pair("--height", flags.height)}) {
+    TORCH_CHECK(side >= 0 && side % 8 == 0 && side <= kMaxImageSide, flag, " must be a positive multiple of 8 "
+                "up to ", kMaxImageSide, " (or 0, the model's size), got ", side);
+  }
   TORCH_CHECK(flags.steps > 0, "--steps must be > 0, got ", flags.steps);
   TORCH_CHECK(flags.batch_size > 0, "--batch-size must be > 0, got ", flags.batch_size);
   TORCH_CHECK(flags.images_per_prompt > 0, "--images-per-prompt must be > 0, got ",
@@ -235,9 +258,14 @@ void check_flags(const Flags& flags) {
               "7.5), got ", flags.guidance_scale);
   TORCH_CHECK(flags.guidance_rescale >= 0 && flags.guidance_rescale <= 1,
               "--guidance-rescale must be in [0, 1], got ", flags.guidance_rescale);
-  TORCH_CHECK(flags.eta >= 0, "--eta must be >= 0, got ", flags.eta);
+  TORCH_CHECK(flags.eta >= 0 && flags.eta <= 1, "--eta must be in [0, 1] (0: deterministic DDIM), got ",
+              flags.eta);
   TORCH_CHECK(flags.strength >= 0 && flags.strength <= 1, "--strength must be in [0, 1], got ",
               flags.strength);
+  TORCH_CHECK(flags.init_image.empty() || flags.strength == 0 ||
+                  sd::image_to_image_steps(flags.steps, flags.strength) > 0,
+              "--strength ", flags.strength, " of --steps ", flags.steps, " runs no denoising step (int(",
+              flags.steps, " · ", flags.strength, ") = 0): raise --steps or --strength");
   TORCH_CHECK(!flags.prompts.empty() || !flags.prompts_file.empty(),
               "give a prompt: --prompt TEXT (repeatable) or --prompts-file FILE");
   TORCH_CHECK(flags.prompts.empty() || flags.prompts_file.empty(),
@@ -252,14 +280,7 @@ void check_flags(const Flags& flags) {
   TORCH_CHECK(std::isfinite(flags.control_scale), "--control-scale must be finite, got ",
               flags.control_scale);
   size_conditioning(flags, 8, 8);  // the flags' syntax, before the model loads
-  for (const auto& [flag, path] : {std::make_pair("--prompts-file", flags.prompts_file),
-                                   std::make_pair("--init-image", flags.init_image),
-                                   std::make_pair("--mask", flags.mask)}) {
-    TORCH_CHECK(path.empty() || fs::is_regular_file(path), flag, ": '", path, "' does not exist");
-  }
-  for (const auto& path : flags.conditions) {
-    TORCH_CHECK(fs::is_regular_file(path), "--condition: '", path, "' does not exist");
-  }
+  if (!flags.prompts_file.empty()) check_input_file("--prompts-file", flags.prompts_file, /*pipe_allowed=*/true);
   size_t csc_tuners = 0;
   for (const auto& text : flags.tuners) {
     const auto tuner = parse_tuner_flag("--tuner", text);
@@ -270,9 +291,6 @@ void check_flags(const Flags& flags) {
     const auto controlnet = parse_tuner_flag("--controlnet", text);
     TORCH_CHECK(fs::exists(controlnet.path), "--controlnet: '", controlnet.path, "' does not exist");
   }
-  for (const auto& path : flags.controlnet_images) {
-    TORCH_CHECK(fs::is_regular_file(path), "--controlnet-image: '", path, "' does not exist");
-  }
   TORCH_CHECK(flags.controlnet_images.size() == flags.controlnets.size(), "give one --controlnet-image "
               "per --controlnet, in order: ", flags.controlnets.size(), " --controlnet and ",
               flags.controlnet_images.size(), " --controlnet-image");
@@ -281,10 +299,39 @@ void check_flags(const Flags& flags) {
               flags.conditions.size(), " --condition");
 }
 
-/// An image file as uint8 [height, width, 3]; resized, saying so, when it has another size.
-torch::Tensor read_image_sized(const std::string& flag, const std::string& path, int64_t height,
-                               int64_t width) {
-  auto image = common::read_image(path);
+/// The images the flags name, decoded before the model loads, so that a bad file is said at once.
+struct InputImages {
+  std::vector<torch::Tensor> conditions;         ///< one per --condition, uint8 [H, W, 3]
+  std::vector<torch::Tensor> controlnet_images;  ///< one per --controlnet-image
+  torch::Tensor init_image;                      ///< undefined without --init-image
+  torch::Tensor mask;                            ///< undefined without --mask
+};
+
+/// The image file `path`, given to `flag`, as uint8 [H, W, 3]; errors name the flag and the file.
+torch::Tensor read_input_image(const std::string& flag, const std::string& path) {
+  check_input_file(flag, path);
+  try {
+    return common::read_image(path);
+  } catch (const c10::Error& error) {
+    TORCH_CHECK(false, flag, ": ", error.what_without_backtrace());
+  }
+}
+
+InputImages read_input_images(const Flags& flags) {
+  InputImages images;
+  for (const auto& path : flags.conditions) images.conditions.push_back(read_input_image("--condition", path));
+  for (const auto& path : flags.controlnet_images) {
+    images.controlnet_images.push_back(read_input_image("--controlnet-image", path));
+  }
+  if (!flags.init_image.empty()) images.init_image = read_input_image("--init-image", flags.init_image);
+  if (!flags.mask.empty()) images.mask = read_input_image("--mask", flags.mask);
+  return images;
+}
+
+/// `image` (the file `path`, given to `flag`) as uint8 [height, width, 3]; resized, saying so,
+/// when it has another size.
+torch::Tensor fit_to_size(const std::string& flag, const std::string& path, const torch::Tensor& image,
+                          int64_t height, int64_t width) {
   if (image.size(0) == height && image.size(1) == width) return image;
   std::printf("%s %s: %lldx%lld, resized to the output size %lldx%lld\n", flag.c_str(), path.c_str(),
               static_cast<long long>(image.size(1)), static_cast<long long>(image.size(0)),
@@ -295,6 +342,14 @@ torch::Tensor read_image_sized(const std::string& flag, const std::string& path,
 int run(Flags flags) {
   check_flags(flags);
   const auto prompts = flags.prompts_file.empty() ? flags.prompts : read_prompts_file(flags.prompts_file);
+  int64_t total = 0;  // images: each prompt's in turn, image i seeded with seed + i
+  TORCH_CHECK(!__builtin_mul_overflow(static_cast<int64_t>(prompts.size()), flags.images_per_prompt, &total) &&
+                  static_cast<uint64_t>(total - 1) <= std::numeric_limits<uint64_t>::max() - flags.seed,
+              prompts.size(), " prompt", prompts.size() == 1 ? "" : "s", " × --images-per-prompt ",
+              flags.images_per_prompt, " images from --seed ", flags.seed, " are more than there are seeds");
+  const auto images = read_input_images(flags);
+  const fs::path output(flags.output);
+  common::prepare_output_folder(output, "--output");
   const auto device = common::resolve_device(flags.device);
   const auto precision = sd::parse_precision(flags.precision);
   sd::check_precision(precision, device);
@@ -310,6 +365,12 @@ int run(Flags flags) {
     sd::set_scheduler_option(pipe.scheduler_config, "prediction_type", flags.prediction);
   }
   const auto scheduler = sd::make_scheduler(pipe, flags.spacing);  // refuses ε with zero terminal SNR
+  try {
+    auto probe = scheduler;
+    probe.set_timesteps(flags.steps);  // what generate does first: refuse its steps now, by flag
+  } catch (const c10::Error& error) {
+    TORCH_CHECK(false, "--steps ", flags.steps, " with --spacing ", flags.spacing, ": ", error.what_without_backtrace());
+  }
   pipe.unet->set_lean_activations(lean);
   TORCH_CHECK(pipe.unet_config.has_text_time() || size_flags_given(flags).empty(), size_flags_given(flags),
               ": size conditioning is SDXL's, and this model (", flags.model.model.empty() ? "built-in tiny"
@@ -349,6 +410,7 @@ int run(Flags flags) {
     controlnets.emplace_back(
         sd::load_controlnet(flag.path, sd::WeightsOptions().dtype(sd::compute_dtype(precision)).device(device)),
         flag.scale);
+    controlnets.back().first->config.check_fits(pipe.unet_config, "--controlnet '" + flag.path + "'");
     controlnets.back().first->set_lean_activations(lean);
     std::printf("controlnet: %s (scale %s)\n", flag.path.c_str(), number(flag.scale).c_str());
   }
@@ -368,31 +430,26 @@ int run(Flags flags) {
   options.cuda_graph = flags.cuda_graph != "off";
   options.strength = flags.strength;
   options.size_conditioning = size_conditioning(flags, options.height, options.width);
+  const auto fit = [&](const char* flag, const std::string& path, const torch::Tensor& image) {
+    return fit_to_size(flag, path, image, options.height, options.width);
+  };
   for (size_t i = 0; i < csc_names.size(); ++i) {
-    options.conditions.push_back(
-        {csc_names[i], read_image_sized("--condition", flags.conditions[i], options.height, options.width)});
+    options.conditions.push_back({csc_names[i], fit("--condition", flags.conditions[i], images.conditions[i])});
   }
   for (size_t i = 0; i < controlnets.size(); ++i) {
     options.controlnets.push_back({controlnets[i].first,
-                                   read_image_sized("--controlnet-image", flags.controlnet_images[i],
-                                                    options.height, options.width),
+                                   fit("--controlnet-image", flags.controlnet_images[i], images.controlnet_images[i]),
                                    controlnets[i].second});
   }
-  if (!flags.init_image.empty()) {
-    options.init_image = read_image_sized("--init-image", flags.init_image, options.height, options.width);
-  }
+  if (!flags.init_image.empty()) options.init_image = fit("--init-image", flags.init_image, images.init_image);
   if (!flags.mask.empty()) {  // white (>= 128) where the image is made anew
-    options.mask = read_image_sized("--mask", flags.mask, options.height, options.width).ge(128).to(torch::kUInt8) * 255;
+    options.mask = fit("--mask", flags.mask, images.mask).ge(128).to(torch::kUInt8) * 255;
   }
   options.validate();
 
-  // The images: jobs in prompt-major order, image i seeded with seed + i, written as they come.
-  const fs::path output(flags.output);
-  fs::create_directories(output);
+  // The images: prompt-major order, image i seeded with seed + i, written as they come, each
+  // under the next file number no other file has.
   int64_t file_number = next_file_number(output);
-  std::vector<std::string> jobs;
-  for (const auto& prompt : prompts) jobs.insert(jobs.end(), flags.images_per_prompt, prompt);
-  const int64_t total = static_cast<int64_t>(jobs.size());
   const int64_t batches = (total + flags.batch_size - 1) / flags.batch_size;
   std::printf("generating %lld image%s of %lldx%lld, %lld steps (%s), on %s (%s)\n",
               static_cast<long long>(total), total == 1 ? "" : "s",
@@ -403,7 +460,10 @@ int run(Flags flags) {
   const auto start_time = std::chrono::steady_clock::now();
   for (int64_t start = 0, batch = 0; start < total; start += flags.batch_size, ++batch) {
     const int64_t n = std::min(flags.batch_size, total - start);
-    const std::vector<std::string> batch_prompts(jobs.begin() + start, jobs.begin() + start + n);
+    std::vector<std::string> batch_prompts;
+    for (int64_t i = start; i < start + n; ++i) {
+      batch_prompts.push_back(prompts[static_cast<size_t>(i / flags.images_per_prompt)]);
+    }
     sd::GenerateOptions batch_options = options;
     batch_options.seed = flags.seed + static_cast<uint64_t>(start);  // image i: seed + i
     batch_options.batch_size = n;
@@ -413,20 +473,33 @@ int run(Flags flags) {
                   static_cast<long long>(p.steps));
       std::fflush(stdout);
     };
-    const auto images = sd::generate(pipe, batch_prompts, batch_options);
+    std::vector<torch::Tensor> made;
+    try {
+      made = sd::generate(pipe, batch_prompts, batch_options);
+    } catch (const c10::Error& error) {  // say which flags size the memory a batch needs
+      const std::string what = error.what_without_backtrace();
+      if (what.find("can't allocate memory") == std::string::npos && what.find("out of memory") == std::string::npos) throw;
+      TORCH_CHECK(false, "out of memory in batch ", batch + 1, " (", n, " image", n == 1 ? "" : "s", " of ",
+                  options.width, "x", options.height, " on ", device.str(), "): lower --batch-size, or --width "
+                  "and --height (", what, ")");
+    }
     if (interactive) std::printf("\n");
     for (int64_t k = 0; k < n; ++k) {
       const uint64_t seed = sd::image_seed(batch_options, k);
-      char name[64];
-      std::snprintf(name, sizeof(name), "%05lld-%llu.png", static_cast<long long>(file_number++),
-                    static_cast<unsigned long long>(seed));
-      const fs::path path = output / name;
       auto image_options = options;
       image_options.seed = seed;
-      common::write_png(path.string(), images[static_cast<size_t>(k)],
-                        {{"parameters", parameters_text(flags, batch_prompts[static_cast<size_t>(k)],
-                                                        seed, image_options, model_name, tuners)},
-                         {"Software", "scedit generate"}});
+      const std::string png = common::encode_png(
+          made[static_cast<size_t>(k)],
+          {{"parameters", parameters_text(flags, batch_prompts[static_cast<size_t>(k)], seed, image_options,
+                                          model_name, tuners)},
+           {"Software", "scedit generate"}});
+      fs::path path;
+      do {
+        char name[64];
+        std::snprintf(name, sizeof(name), "%05lld-%llu.png", static_cast<long long>(file_number++),
+                      static_cast<unsigned long long>(seed));
+        path = output / name;
+      } while (!common::write_new_file_atomic(path, png));
       std::printf("wrote %s\n", path.string().c_str());
     }
   }
@@ -467,7 +540,13 @@ int main(int argc, char** argv) {
   app.add_option("--guidance-scale", flags.guidance_scale, "Classifier-free guidance scale (<= 1: off)");
   app.add_option("--guidance-rescale", flags.guidance_rescale, "Guidance rescale in [0, 1]");
   app.add_option("--eta", flags.eta, "DDIM eta (0: deterministic)");
-  app.add_option("--seed", flags.seed, "Seed of the first image; image i uses seed + i");
+  app.add_option("--seed", flags.seed, "Seed of the first image; image i uses seed + i")
+      ->check([](const std::string& text) -> std::string {  // CLI11 would wrap -1 and clamp 2^64
+        static const std::regex digits(R"(\d{1,20})");
+        const bool fits = std::regex_match(text, digits) &&
+                          (text.size() < 20 || text <= std::string("18446744073709551615"));
+        return fits ? "" : "a whole number from 0 to 18446744073709551615, got " + text;
+      });
   app.add_option("--spacing", flags.spacing, "Timestep spacing: trailing | leading | linspace")
       ->check(CLI::IsMember({"trailing", "leading", "linspace"}));
   app.add_option("--batch-size", flags.batch_size, "Images per UNet batch");

@@ -54,6 +54,24 @@ struct ControlNetConfig {
     return channels;
   }
 
+  /// Throws, naming `what` (its file), unless this ControlNet fits a UNet of `target`'s
+  /// configuration: a residual for each of its skips and its middle block, of the same widths,
+  /// from the same context width, with SDXL's added conditioning exactly where `target` has it.
+  void check_fits(const UNetConfig& target, const std::string& what) const {
+    ControlNetConfig expected;
+    expected.unet = target;
+    const auto ours = residual_channels(), theirs = expected.residual_channels();
+    TORCH_CHECK(ours == theirs, what, ": a ControlNet for another model: its residuals have ",
+                torch::IntArrayRef(ours), " channels, this model's skips ", torch::IntArrayRef(theirs));
+    TORCH_CHECK(unet.cross_attention_dim == target.cross_attention_dim, what, ": a ControlNet for another "
+                "model: it reads a text context ", unet.cross_attention_dim, " wide, this model's is ",
+                target.cross_attention_dim);
+    TORCH_CHECK(unet.has_text_time() == target.has_text_time(), what, ": a ControlNet for another model: ",
+                target.has_text_time() ? "this model is an SDXL and the ControlNet lacks SDXL's added "
+                                         "conditioning (\"text_time\")"
+                                       : "the ControlNet is an SDXL's (\"text_time\") and this model is not");
+  }
+
   /// Throws on a configuration this implementation cannot build, naming the key and value.
   void validate() const {
     const char* m = "ControlNetModel config: ";

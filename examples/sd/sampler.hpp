@@ -74,6 +74,12 @@ struct GenerateControlNet {
   double scale = 1.0;              ///< diffusers' `controlnet_conditioning_scale`.
 };
 
+/// The denoising steps image-to-image runs: the last int(steps · strength) of `steps`
+/// (diffusers' `StableDiffusionImg2ImgPipeline.get_timesteps`).
+inline int64_t image_to_image_steps(int64_t steps, double strength) {
+  return std::min<int64_t>(static_cast<int64_t>(static_cast<double>(steps) * strength), steps);
+}
+
 /// Settings of one `generate` call (diffusers' pipeline arguments). The defaults are SCEdit's
 /// sampling recipe except the size, which callers set from the model (`default_image_size`).
 struct GenerateOptions {
@@ -82,7 +88,7 @@ struct GenerateOptions {
   int64_t steps = 50;              ///< DDIM steps (> 0); img2img runs the last strength·steps.
   double guidance_scale = 7.5;     ///< Classifier-free guidance; <= 1 runs the conditional pass only.
   double guidance_rescale = 0.5;   ///< diffusers' rescale_noise_cfg φ in [0, 1] (0: off).
-  double eta = 0.0;                ///< DDIM η (0: deterministic DDIM).
+  double eta = 0.0;                ///< DDIM η in [0, 1] (0: deterministic DDIM; 1: DDPM's variance).
   uint64_t seed = 0;               ///< Image i uses a CPU generator seeded with seed + i.
   /// The unconditional prompt ("" as in the recipe). SDXL with an empty one gets zeros for its
   /// context and pooled embedding instead of the empty prompt's encoding, as diffusers'
@@ -136,7 +142,9 @@ struct GenerateOptions {
                 guidance_scale);
     TORCH_CHECK(guidance_rescale >= 0 && guidance_rescale <= 1,
                 "generate: guidance_rescale must be in [0, 1], got ", guidance_rescale);
-    TORCH_CHECK(eta >= 0 && std::isfinite(eta), "generate: eta must be >= 0, got ", eta);
+    // Past 1, σ_t exceeds √(1 − ᾱ_prev) at some steps and the DDIM update takes a square root of
+    // a negative number.
+    TORCH_CHECK(eta >= 0 && eta <= 1, "generate: eta must be in [0, 1], got ", eta);
     TORCH_CHECK(timestep_spacing == "trailing" || timestep_spacing == "leading" ||
                     timestep_spacing == "linspace",
                 "generate: timestep spacing must be trailing, leading or linspace, got '",
@@ -146,6 +154,10 @@ struct GenerateOptions {
                 images_per_prompt);
     TORCH_CHECK(strength >= 0 && strength <= 1, "generate: strength must be in [0, 1], got ",
                 strength);
+    TORCH_CHECK(!init_image.defined() || strength == 0 || image_to_image_steps(steps, strength) > 0,
+                "generate: strength ", strength, " of ", steps, " steps runs none of them (int(",
+                steps, " · ", strength, ") = 0): raise the steps or the strength, or give strength 0 "
+                "for the init image's VAE round trip");
     for (const auto* size : {&size_conditioning, &negative_size_conditioning}) {
       if (size->has_value()) (*size)->time_ids();  // throws naming the sizes when one is not positive
     }
@@ -310,8 +322,7 @@ inline void sample_batches(StableDiffusion& sd, const std::vector<std::string>& 
   // int(steps · strength) timesteps and start from the init latents noised to the first.
   torch::Tensor init_latents;
   if (options.init_image.defined()) {
-    const auto keep = std::min<int64_t>(
-        static_cast<int64_t>(static_cast<double>(all_steps) * options.strength), all_steps);
+    const auto keep = image_to_image_steps(all_steps, options.strength);
     timesteps.erase(timesteps.begin(), timesteps.begin() + (all_steps - keep));
     init_latents = encode_images(sd, to_float(options.init_image).unsqueeze(0))
                        .to(device, latent_dtype);  // [1, C, h, w]

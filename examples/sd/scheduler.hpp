@@ -368,6 +368,10 @@ class DDIMScheduler {
       // (np.arange(0, n) * (T // n)).round()[::-1] + steps_offset
       const int64_t ratio = train / n;
       for (int64_t i = n - 1; i >= 0; --i) steps.push_back(i * ratio + options_.steps_offset());
+      TORCH_CHECK(steps.front() < train, "DDIMScheduler::set_timesteps: \"leading\" spacing with "
+                  "steps_offset ", options_.steps_offset(), " puts the first of ", n, " steps at timestep ",
+                  steps.front(), ", past the last trained one (", train - 1, "): take fewer steps, or "
+                  "\"trailing\" spacing");
     } else {
       // np.round(np.arange(T, 0, -T / n)) - 1
       const double start = static_cast<double>(train), step = -static_cast<double>(train) / n;

@@ -152,9 +152,20 @@ inline torch::Tensor tokenize_prompts(const StableDiffusion& sd, const std::vect
   TORCH_CHECK(!sd.text_encoder.is_empty(), "tokenize_prompts: the pipeline has no text encoder");
   TORCH_CHECK(!prompts.empty(), "tokenize_prompts: no prompts");
   const auto device = detail::first_parameter(*sd.text_encoder, "text encoder").device();
-  if (!sd.is_sdxl()) return (*sd.tokenizer)(prompts).to(device);  // [B, 77]
+  // A tokenizer of another model would index past the token embedding: said here, on the host.
+  const auto tokenize = [&](const CLIPTokenizer& tokenizer, const CLIPTextConfig& config, const char* encoder) {
+    auto ids = tokenizer(prompts);
+    const int64_t largest = ids.max().item<int64_t>();
+    TORCH_CHECK(largest < config.vocab_size, "the tokenizer gives token id ", largest, ", past the ",
+                encoder, "'s vocabulary of ", config.vocab_size, " (its vocab_size): is the tokenizer "
+                "another model's?");
+    return ids;
+  };
+  if (!sd.is_sdxl()) return tokenize(*sd.tokenizer, sd.text_config, "text encoder").to(device);  // [B, 77]
   TORCH_CHECK(sd.tokenizer_2.has_value(), "tokenize_prompts: the SDXL pipeline has no second tokenizer");
-  return torch::stack({(*sd.tokenizer)(prompts), (*sd.tokenizer_2)(prompts)}, 1).to(device);  // [B, 2, 77]
+  return torch::stack({tokenize(*sd.tokenizer, sd.text_config, "first text encoder"),
+                       tokenize(*sd.tokenizer_2, sd.text_config_2, "second text encoder")}, 1)
+      .to(device);  // [B, 2, 77]
 }
 
 /// The conditioning of token ids from `tokenize_prompts`, with the graph of whatever in the

@@ -124,6 +124,37 @@ inline void sync_folder(const std::string& folder) {
   }
 }
 
+namespace detail {
+
+/// Fills `temp` with `pieces` under `mode`, fsynced and closed; throws starting with `where` on
+/// failure (the temporary is then removed by its destructor).
+inline void fill_temporary(TempFile& temp, mode_t mode,
+                           const std::vector<std::pair<const void*, size_t>>& pieces,
+                           const std::string& where) {
+  TORCH_CHECK(temp.fd() >= 0, where, "cannot create a temporary file beside it: ", errno_str(temp.error()));
+  const int chmod_rc = ::fchmod(temp.fd(), mode);
+  const int chmod_error = errno;
+  TORCH_CHECK(chmod_rc == 0, where, "cannot set the mode of '", temp.path(), "': ", errno_str(chmod_error));
+  int error = 0;
+  for (size_t i = 0; i < pieces.size() && !error; ++i) {
+    error = write_all(temp.fd(), static_cast<const uint8_t*>(pieces[i].first), pieces[i].second);
+  }
+  TORCH_CHECK(!error, where, "cannot write '", temp.path(), "': ", errno_str(error));
+  const int sync_rc = ::fsync(temp.fd());
+  const int sync_error = errno;
+  TORCH_CHECK(sync_rc == 0, where, "cannot fsync '", temp.path(), "': ", errno_str(sync_error));
+  error = temp.close();
+  TORCH_CHECK(!error, where, "cannot close '", temp.path(), "': ", errno_str(error));
+}
+
+/// The folder of `path` ("." for a bare file name).
+inline std::string folder_of(const std::string& path) {
+  const std::filesystem::path target(path);
+  return target.has_parent_path() ? target.parent_path().string() : ".";
+}
+
+}  // namespace detail
+
 /// Writes `pieces` (pointer, size) one after the other to `path` atomically: into a temporary
 /// file in the same folder, fsync, rename over `path` (keeping an existing file's mode), then
 /// fsync the folder. On any failure the previous file is untouched and the temporary removed.
@@ -132,33 +163,44 @@ inline void write_file_atomically(const std::string& path,
                                   const std::vector<std::pair<const void*, size_t>>& pieces,
                                   const std::string& where) {
   detail::TempFile temp(path);
-  TORCH_CHECK(temp.fd() >= 0, where, "cannot create a temporary file beside it: ",
-              detail::errno_str(temp.error()));
   struct stat old {};
   const bool replaces = ::stat(path.c_str(), &old) == 0 && S_ISREG(old.st_mode);
-  const mode_t mode = replaces ? (old.st_mode & 07777) : 0644;
-  const int chmod_rc = ::fchmod(temp.fd(), mode);
-  const int chmod_error = errno;
-  TORCH_CHECK(chmod_rc == 0, where, "cannot set the mode of '", temp.path(), "': ",
-              detail::errno_str(chmod_error));
-  int error = 0;
-  for (size_t i = 0; i < pieces.size() && !error; ++i) {
-    error = detail::write_all(temp.fd(), static_cast<const uint8_t*>(pieces[i].first), pieces[i].second);
-  }
-  TORCH_CHECK(!error, where, "cannot write '", temp.path(), "': ", detail::errno_str(error));
-  const int sync_rc = ::fsync(temp.fd());
-  const int sync_error = errno;
-  TORCH_CHECK(sync_rc == 0, where, "cannot fsync '", temp.path(), "': ",
-              detail::errno_str(sync_error));
-  error = temp.close();
-  TORCH_CHECK(!error, where, "cannot close '", temp.path(), "': ", detail::errno_str(error));
+  detail::fill_temporary(temp, replaces ? (old.st_mode & 07777) : 0644, pieces, where);
   const int rename_rc = ::rename(temp.path().c_str(), path.c_str());
   const int rename_error = errno;
   TORCH_CHECK(rename_rc == 0, where, "cannot rename '", temp.path(), "' over it: ",
               detail::errno_str(rename_error));
   temp.commit();
-  const std::filesystem::path target(path);
-  sync_folder(target.has_parent_path() ? target.parent_path().string() : ".");
+  sync_folder(detail::folder_of(path));
+}
+
+/// Writes `pieces` to `path` as `write_file_atomically` does, but only if no file is called
+/// `path` yet: returns false, writing nothing, when one is (or appears while writing: the file
+/// is linked into place, which fails rather than replace, so that programs running side by
+/// side never overwrite each other's files).
+inline bool write_new_file_atomically(const std::string& path,
+                                      const std::vector<std::pair<const void*, size_t>>& pieces,
+                                      const std::string& where) {
+  detail::TempFile temp(path);
+  detail::fill_temporary(temp, 0644, pieces, where);
+  if (::link(temp.path().c_str(), path.c_str()) != 0) {
+    const int error = errno;
+    if (error == EEXIST) return false;
+    // File systems without hard links (FAT, some network ones): a check, then a rename, which
+    // only a program writing the same name in between can race.
+    const bool no_links = error == EPERM || error == EOPNOTSUPP || error == ENOTSUP || error == EMLINK ||
+                          error == ENOSYS;
+    TORCH_CHECK(no_links, where, "cannot link '", temp.path(), "' into place: ", detail::errno_str(error));
+    if (std::filesystem::exists(path)) return false;
+    const int rename_rc = ::rename(temp.path().c_str(), path.c_str());
+    const int rename_error = errno;
+    TORCH_CHECK(rename_rc == 0, where, "cannot rename '", temp.path(), "' to it: ",
+                detail::errno_str(rename_error));
+    temp.commit();
+  }
+  // Linked: the temporary's name goes with `temp` (not committed), the file stays under `path`.
+  sync_folder(detail::folder_of(path));
+  return true;
 }
 
 /// Writes `text` to `path` atomically (see `write_file_atomically`).

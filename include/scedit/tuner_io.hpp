@@ -89,7 +89,7 @@ inline SceditTensors read_scedit_tensors(const std::string& path, const std::str
   std::vector<std::string> names;
   for (const auto& item : mine) names.push_back(item.first);
   out.keys = detect_scedit_layout(names);
-  const char* wanted = kind == TunerKind::kSC ? "SC-Tuners (lsc_identity.{i}.*)" : "a CSC-Tuner (pre_hint_blocks.*, ...)";
+  const char* wanted = kind == TunerKind::kSC ? "SC-Tuners (lsc_identity.{i}.*)" : "CSC-Tuner (pre_hint_blocks.*, ...)";
   TORCH_CHECK(out.keys.kind == kind, what, ": tuner file '", file, "' holds no ", wanted,
               out.keys.kind == TunerKind::kUnknown ? "" : "; it holds the " + out.keys.name(),
               prefix.empty() ? "" : " under '" + prefix + "'");
