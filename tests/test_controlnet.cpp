@@ -110,6 +110,26 @@ TEST_F(ControlNet, ConfigRefusesWhatItCannotBuildNamingTheKey) {
             "bgr");
 }
 
+// A ControlNet fits only a UNet with its skips' widths, its context width, and SDXL's added
+// conditioning exactly where the UNet has it; otherwise the error names the file.
+TEST_F(ControlNet, FitsOnlyTheUNetWhoseEncoderItMirrors) {
+  const auto tiny = sd::ControlNetConfig::from_json(manifest().at("configs").at("controlnet_tiny"));
+  EXPECT_NO_THROW(tiny.check_fits(tiny.unet, "cn"));
+  EXPECT_NO_THROW(sd::ControlNetConfig::from_unet(scedit_test::tiny_unet_config()).check_fits(
+      scedit_test::tiny_unet_config(), "cn"));
+  auto wider = tiny.unet;
+  wider.block_out_channels.back() *= 2;
+  EXPECT_THAT(error_of([&] { tiny.check_fits(wider, "'cn.safetensors'"); }),
+              AllOf(HasSubstr("'cn.safetensors': a ControlNet for another model: its residuals have"),
+                    HasSubstr("this model's skips")));
+  auto other_text = tiny.unet;
+  other_text.cross_attention_dim += 8;
+  EXPECT_THAT(error_of([&] { tiny.check_fits(other_text, "cn"); }), HasSubstr("reads a text context"));
+  const auto xl = sd::tiny_sdxl_pipeline(0).unet_config;
+  EXPECT_THAT(error_of([&] { sd::ControlNetConfig::from_unet(xl).check_fits(tiny.unet, "cn"); }),
+              AllOf(HasSubstr("a ControlNet for another model"), HasSubstr("text_time")));
+}
+
 // ---- structure -------------------------------------------------------------------------------
 
 TEST_F(ControlNet, TinyKeysShapesAndParameterCountMatchTheManifest) {

@@ -2,6 +2,7 @@
 // (sd/tuner_files.hpp), all on the tiny model at 64×64 (one at 72×104) with few steps.
 
 #include <sd/controlnet_weights.hpp>
+#include <sd/pipeline.hpp>
 #include <sd/sampler.hpp>
 #include <sd/tiny.hpp>
 #include <sd/tuner_files.hpp>
@@ -92,6 +93,16 @@ TEST(TinyPipeline, TokenizerIsByteLevelWithClipIds) {
   EXPECT_EQ(tokenizer.decode(tokenizer.encode("Hello, world! 123")), "hello , world ! 1 2 3");
   const auto embeddings = sd::encode_prompts(pipe, {"a cat", ""});
   EXPECT_EQ(embeddings.sizes(), (std::vector<int64_t>{2, 77, 32}));
+}
+
+// Another model's tokenizer (CLIP's 49,408 tokens before a text encoder of 1,000) is refused as
+// the prompts are tokenized, naming the id and the vocabulary, not by an index error inside.
+TEST(TinyPipeline, RefusesATokenizerWhoseIdsTheTextEncoderLacks) {
+  auto pipe = sd::tiny_pipeline();
+  pipe.tokenizer = sd::load_tokenizer(scedit_test::data_dir() / "clip");
+  const auto message = error_of([&] { sd::encode_prompts(pipe, {"a cat"}); });
+  EXPECT_NE(message.find("past the text encoder's vocabulary of " + std::to_string(pipe.text_config.vocab_size)),
+            std::string::npos) << message;
 }
 
 // ---- sampling ----------------------------------------------------------------------------------
@@ -202,6 +213,15 @@ TEST(Generate, RefusesBadSizesAndSteps) {
   }
   options = small_options();
   EXPECT_NE(error_of([&] { sd::generate(pipe, {}, options); }).find("no prompts"), std::string::npos);
+  options.eta = 1.01;  // σ past √(1 − ᾱ_prev): a square root of a negative number
+  EXPECT_NE(error_of([&] { sd::generate(pipe, {"x"}, options); }).find("eta must be in [0, 1], got 1.01"),
+            std::string::npos);
+  options = small_options();
+  options.steps = 2;
+  options.init_image = torch::zeros({options.height, options.width, 3}, torch::kUInt8);
+  options.strength = 0.4;  // int(2 · 0.4) = 0 steps
+  EXPECT_NE(error_of([&] { sd::generate(pipe, {"x"}, options); }).find("strength 0.4 of 2 steps runs none of them"),
+            std::string::npos);
 }
 
 // 72×104 is 9×13 latents, which the UNet's downsamplers round up (5×7, 3×4, 2×2): its upsamplers

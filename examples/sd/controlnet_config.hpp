@@ -58,6 +58,10 @@ struct ControlNetConfig {
   /// configuration: a residual for each of its skips and its middle block, of the same widths,
   /// from the same context width, with SDXL's added conditioning exactly where `target` has it.
   void check_fits(const UNetConfig& target, const std::string& what) const {
+    TORCH_CHECK(unet.has_text_time() == target.has_text_time(), what, ": a ControlNet for another model: ",
+                target.has_text_time() ? "this model is an SDXL and the ControlNet lacks SDXL's added "
+                                         "conditioning (\"text_time\")"
+                                       : "the ControlNet is an SDXL's (\"text_time\") and this model is not");
     ControlNetConfig expected;
     expected.unet = target;
     const auto ours = residual_channels(), theirs = expected.residual_channels();
@@ -66,10 +70,6 @@ struct ControlNetConfig {
     TORCH_CHECK(unet.cross_attention_dim == target.cross_attention_dim, what, ": a ControlNet for another "
                 "model: it reads a text context ", unet.cross_attention_dim, " wide, this model's is ",
                 target.cross_attention_dim);
-    TORCH_CHECK(unet.has_text_time() == target.has_text_time(), what, ": a ControlNet for another model: ",
-                target.has_text_time() ? "this model is an SDXL and the ControlNet lacks SDXL's added "
-                                         "conditioning (\"text_time\")"
-                                       : "the ControlNet is an SDXL's (\"text_time\") and this model is not");
   }
 
   /// Throws on a configuration this implementation cannot build, naming the key and value.
