@@ -136,6 +136,29 @@ void write_bad_csv_folder(const fs::path& dir, const std::function<torch::Tensor
        "good2.png,second\n");
 }
 
+// A CSV row with more fields than its header has an unquoted comma, which would cut its caption:
+// skipped, saying so. A caption file's UTF-8 byte-order mark is no part of its caption.
+TEST_F(DataTest, CsvRowsWithExtraFieldsAreSkippedAndCaptionFilesLoseTheirByteOrderMark) {
+  const auto csv = dir_ / "csv", txt = dir_ / "txt";
+  fs::create_directories(csv);
+  fs::create_directories(txt);
+  common::write_png((csv / "a.png").string(), random_image(R, R));
+  write_file(csv / "train.csv", "file,text\na.png,a cat, flat style\na.png,\"a cat, flat style\"\n");
+  common::CaptionedImageDataset quoted(csv, common::DatasetOptions(R));
+  EXPECT_EQ(captions_of(quoted), std::vector<std::string>{"a cat, flat style"});
+  ASSERT_EQ(quoted.problems().size(), 1u);
+  EXPECT_NE(quoted.problems()[0].find("expected 2 fields, got 3 (quote a caption that holds a comma)"),
+            std::string::npos) << quoted.problems()[0];
+
+  for (const char* name : {"b", "c"}) common::write_png((txt / (std::string(name) + ".png")).string(), random_image(R, R));
+  write_file(txt / "b.txt", "\xEF\xBB\xBF" "a dog");
+  write_file(txt / "c.txt", "\xEF\xBB\xBF");
+  common::CaptionedImageDataset captioned(txt, common::DatasetOptions(R));
+  EXPECT_EQ(captions_of(captioned), std::vector<std::string>{"a dog"});
+  ASSERT_EQ(captioned.problems().size(), 1u);
+  EXPECT_NE(captioned.problems()[0].find("empty caption file"), std::string::npos) << captioned.problems()[0];
+}
+
 TEST_F(DataTest, DatasetSkipsBadItemsCountingThemByFileName) {
   write_bad_csv_folder(dir_, [&](int64_t h, int64_t w) { return random_image(h, w); });
   common::CaptionedImageDataset data(dir_, common::DatasetOptions(R));

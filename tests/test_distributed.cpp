@@ -98,6 +98,27 @@ void on_two_ranks(Body body) {
   EXPECT_TRUE(errors[1].empty()) << "rank 1: " << errors[1];
 }
 
+// --nproc starts the whole world itself: with --rank, another --world-size, or under a launcher
+// that set RANK, the ranks would wait for others that never come. Refused before anything starts;
+// the ranks --nproc starts (RANK set, and its mark) pass.
+TEST(Distributed, LaunchThatContradictsItselfIsRefusedAtOnce) {
+  ::unsetenv("RANK");
+  ::unsetenv(common::kLaunchedByNproc);
+  EXPECT_NO_THROW(common::check_launch(1, 3, 7));  // no --nproc: nothing to contradict
+  EXPECT_NO_THROW(common::check_launch(2, -1, 2));
+  EXPECT_NE(scedit_test::error_of([] { common::check_launch(2, 1, 0); }).find("give --nproc or --rank, not both"),
+            std::string::npos);
+  EXPECT_NE(scedit_test::error_of([] { common::check_launch(2, -1, 3); }).find("--nproc 2 with --world-size 3"),
+            std::string::npos);
+  ::setenv("RANK", "1", 1);
+  EXPECT_NE(scedit_test::error_of([] { common::check_launch(2, -1, 0); }).find("as RANK 1 (torchrun?)"),
+            std::string::npos);
+  ::setenv(common::kLaunchedByNproc, "1", 1);
+  EXPECT_NO_THROW(common::check_launch(2, -1, 0));
+  ::unsetenv("RANK");
+  ::unsetenv(common::kLaunchedByNproc);
+}
+
 // Two ranks as two threads of this process (Gloo on 127.0.0.1), each with a chain of four
 // matrices y = x·W4·W3·W2·W1 (the parameters listed as W1, W4, W2, W3) and one parameter the loss
 // never reaches, two micro-steps a step, buckets of one matrix: the gradients are the mean of the

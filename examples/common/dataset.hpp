@@ -368,7 +368,8 @@ class CaptionedImageDataset : public ImageSource {
       if (!fs::is_regular_file(caption_file, error)) {
         c.problem = "no caption file '" + caption_file.string() + "'";
       } else {
-        c.caption = detail::trim(read_file_bytes(caption_file));
+        auto text = read_file_bytes(caption_file);
+        c.caption = detail::trim(text.erase(0, utf8_bom_size(text)));  // editors' byte-order mark
         if (c.caption.empty()) c.problem = "empty caption file '" + caption_file.string() + "'";
       }
       candidates.push_back(std::move(c));
@@ -397,10 +398,13 @@ class CaptionedImageDataset : public ImageSource {
       detail::Candidate c;
       c.origin = name + " line " + std::to_string(row.line);
       const size_t needed = static_cast<size_t>(std::max(image_col, text_col)) + 1;
-      if (row.fields.size() < needed) {
+      if (row.fields.size() < needed || row.fields.size() > header.size()) {
+        // More fields than the header: an unquoted comma, most likely in the caption, which would
+        // be cut there.
         c.image = row.fields.empty() ? std::filesystem::path() : folder / row.fields.front();
         c.problem = "expected " + std::to_string(header.size()) + " fields, got " +
-                    std::to_string(row.fields.size());
+                    std::to_string(row.fields.size()) +
+                    (row.fields.size() > header.size() ? " (quote a caption that holds a comma)" : "");
       } else {
         c.image = folder / detail::trim(row.fields[static_cast<size_t>(image_col)]);
         c.caption = detail::trim(row.fields[static_cast<size_t>(text_col)]);

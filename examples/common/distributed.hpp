@@ -65,6 +65,12 @@ struct Work {};  ///< no collectives without c10d (a world of one never starts o
 #endif
 // ---- end of compat ----------------------------------------------------------------------------
 
+/// The message of `e` without the backtrace LibTorch's own errors carry.
+inline std::string message_of(const std::exception& e) {
+  if (const auto* error = dynamic_cast<const c10::Error*>(&e)) return error->what_without_backtrace();
+  return e.what();
+}
+
 /// FNV-1a 64 of `bytes`, continuing `hash`: the same on every machine (std::hash is not promised
 /// to be), for comparing what ranks hold.
 inline uint64_t fnv1a(const void* bytes, size_t size, uint64_t hash = 0xcbf29ce484222325ULL) {
@@ -115,25 +121,32 @@ class Distributed {
     } catch (const std::exception& e) {
       TORCH_CHECK(false, "rank ", rank_, " of ", world_, ": no rendezvous at ", addr, ":", port,
                   " within --dist-timeout ", flags.timeout, " s (is every rank started, MASTER_ADDR/PORT "
-                  "the same?): ", e.what());
+                  "the same?): ", message_of(e));
     }
-    if (device.is_cuda()) {
-#if SCEDIT_WITH_NCCL
-      auto nccl = c10d::ProcessGroupNCCL::Options::create();
-      nccl->timeout = timeout;
-      group_ = c10::make_intrusive<c10d::ProcessGroupNCCL>(store_, rank_, world_, nccl);
-#else
-      TORCH_CHECK(false, "training on CUDA with ", world_, " processes needs NCCL: this build's "
-                  "LibTorch has no ProcessGroupNCCL");
+#if !SCEDIT_WITH_NCCL
+    TORCH_CHECK(!device.is_cuda(), "training on CUDA with ", world_, " processes needs NCCL: this build's "
+                "LibTorch has no ProcessGroupNCCL");
 #endif
-    } else {
-      auto gloo = c10d::ProcessGroupGloo::Options::create(timeout);
-      const char* interface = std::getenv("GLOO_SOCKET_IFNAME");
-      gloo->devices.push_back(interface != nullptr ? c10d::ProcessGroupGloo::createDeviceForInterface(interface)
-                              : is_loopback(addr) ? c10d::ProcessGroupGloo::createDeviceForHostname(addr)
-                                                  : c10d::ProcessGroupGloo::createDefaultDevice());
-      gloo->threads = 2;
-      group_ = c10::make_intrusive<c10d::ProcessGroupGloo>(store_, rank_, world_, gloo);
+    try {  // the group's own rendezvous through the store: every rank must come
+      if (device.is_cuda()) {
+#if SCEDIT_WITH_NCCL
+        auto nccl = c10d::ProcessGroupNCCL::Options::create();
+        nccl->timeout = timeout;
+        group_ = c10::make_intrusive<c10d::ProcessGroupNCCL>(store_, rank_, world_, nccl);
+#endif
+      } else {
+        auto gloo = c10d::ProcessGroupGloo::Options::create(timeout);
+        const char* interface = std::getenv("GLOO_SOCKET_IFNAME");
+        gloo->devices.push_back(interface != nullptr ? c10d::ProcessGroupGloo::createDeviceForInterface(interface)
+                                : is_loopback(addr) ? c10d::ProcessGroupGloo::createDeviceForHostname(addr)
+                                                    : c10d::ProcessGroupGloo::createDefaultDevice());
+        gloo->threads = 2;
+        group_ = c10::make_intrusive<c10d::ProcessGroupGloo>(store_, rank_, world_, gloo);
+      }
+    } catch (const std::exception& e) {
+      TORCH_CHECK(false, "rank ", rank_, " of ", world_, ": the other ranks did not all join at ", addr, ":",
+                  port, " within --dist-timeout ", flags.timeout, " s (is every rank started, with the same "
+                  "--world-size / WORLD_SIZE, MASTER_ADDR and MASTER_PORT?): ", message_of(e));
     }
     start_heartbeat();
 #else
@@ -236,7 +249,7 @@ class Distributed {
       const auto bytes = store_->get(key);
       return std::string(bytes.begin(), bytes.end());
     } catch (const std::exception& e) {
-      TORCH_CHECK(false, "rank ", rank_, ": rank 0 did not share ", what, " within --dist-timeout: ", e.what());
+      TORCH_CHECK(false, "rank ", rank_, ": rank 0 did not share ", what, " within --dist-timeout: ", message_of(e));
     }
 #endif
     return value;
@@ -361,7 +374,7 @@ class Distributed {
       try {
         bytes = store_->get(prefix + std::to_string(r));
       } catch (const std::exception& e) {
-        TORCH_CHECK(false, "rank ", r, " did not report ", what, " within --dist-timeout: ", e.what());
+        TORCH_CHECK(false, "rank ", r, " did not report ", what, " within --dist-timeout: ", message_of(e));
       }
       const std::string theirs(bytes.begin(), bytes.end());
       if (r == 0) first = theirs;

@@ -41,6 +41,23 @@ inline int free_local_port() {
   return ntohs(address.sin_port);
 }
 
+/// Set in the environment of the ranks `launch_local` starts, which read the same `--nproc`.
+constexpr const char* kLaunchedByNproc = "SCEDIT_LAUNCHED_BY_NPROC";
+
+/// Refuses, before any process starts, a launch that contradicts itself: `--nproc` (`nproc` > 1)
+/// with `--rank` (`rank` >= 0) or another `--world-size`, or under a launcher such as torchrun
+/// that has set `RANK` already. Each would wait for ranks that never come.
+inline void check_launch(int64_t nproc, int64_t rank, int64_t world_size) {
+  if (nproc <= 1) return;
+  TORCH_CHECK(rank < 0, "--nproc ", nproc, " starts ranks 0 to ", nproc - 1, " itself: give --nproc or --rank, not both");
+  TORCH_CHECK(world_size <= 0 || world_size == nproc, "--nproc ", nproc, " with --world-size ", world_size,
+              ": --nproc starts the whole world on this machine (leave --world-size out)");
+  const char* launched = std::getenv("RANK");
+  TORCH_CHECK(launched == nullptr || std::getenv(kLaunchedByNproc) != nullptr, "--nproc ", nproc, " under a "
+              "launcher that started this process as RANK ", launched, " (torchrun?): let one of them start the "
+              "processes");
+}
+
 /// The built-in launcher: with `nproc` > 1 (and no `RANK` in the environment: not launched
 /// already), starts `nproc` - 1 copies of this program with `argv` and torchrun's environment
 /// (ranks 1…, `LOCAL_WORLD_SIZE` `nproc`, `MASTER_ADDR` 127.0.0.1, a free `MASTER_PORT`), runs
@@ -64,6 +81,7 @@ inline int launch_local(int64_t nproc, char** argv, const std::function<int()>& 
       const auto rank = std::to_string(r);
       ::setenv("RANK", rank.c_str(), 1);
       ::setenv("LOCAL_RANK", rank.c_str(), 1);
+      ::setenv(kLaunchedByNproc, "1", 1);
       ::prctl(PR_SET_PDEATHSIG, SIGTERM);  // rank 0 gone: so is the run
       ::execv("/proc/self/exe", argv);
       std::perror("--nproc: exec");

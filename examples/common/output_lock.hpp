@@ -6,6 +6,7 @@
 /// The lock is `flock` on the file, so it ends with the process however that ends (SIGKILL
 /// included) and never goes stale; the file's text only names the holder for the message.
 
+#include <common/files.hpp>
 #include <scedit/atomic_file.hpp>
 
 #include <torch/torch.h>
@@ -27,7 +28,7 @@ class OutputLock {
   /// Takes `folder`'s lock (creating the folder), or throws naming the holder; `flag` names the
   /// flag that gave the folder, for the message.
   explicit OutputLock(const std::filesystem::path& folder, const std::string& flag = "--output") {
-    std::filesystem::create_directories(folder);
+    prepare_output_folder(folder, flag);
     const auto path = (folder / ".lock").string();
     fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
     TORCH_CHECK(fd_ >= 0, flag, ": cannot create '", path, "': ", std::strerror(errno));

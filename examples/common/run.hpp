@@ -167,13 +167,24 @@ class TrainingRun {
   /// data, before the model loads, so that an impossible length is refused early.
   int64_t total_steps(int64_t images) const {
     const auto& o = flags_.optim;
-    if (o.max_steps > 0) return o.max_steps;
-    if (o.epochs == 0) return 300;  // the tiny default (the constructor refuses it elsewhere)
-    const int64_t images_per_step = o.batch_size * o.grad_accum * dist_->world_size();
-    const double planned = std::ceil(o.epochs * images / images_per_step);
-    TORCH_CHECK(planned <= 1e9, "--epochs ", o.epochs, " of ", images, " images at ", images_per_step,
-                " per step makes ", planned, " steps: at most 10^9");
-    return static_cast<int64_t>(planned);
+    const int64_t world = dist_->world_size();
+    TORCH_CHECK(o.batch_size * world <= images, "--batch-size ", o.batch_size,
+                world > 1 ? " on each of " + std::to_string(world) + " processes" : std::string(), " is more than the ",
+                images, " training images: a batch would hold a sample twice (--grad-accum gives larger "
+                "batches of distinct samples)");
+    int64_t steps = 300;  // the tiny default (the constructor refuses it elsewhere)
+    if (o.max_steps > 0) {
+      steps = o.max_steps;
+    } else if (o.epochs > 0) {
+      const int64_t images_per_step = o.batch_size * o.grad_accum * world;
+      const double planned = std::ceil(o.epochs * images / images_per_step);
+      TORCH_CHECK(planned <= 1e9, "--epochs ", o.epochs, " of ", images, " images at ", images_per_step,
+                  " per step makes ", planned, " steps: at most 10^9");
+      steps = static_cast<int64_t>(planned);
+    }
+    TORCH_CHECK(start_step() <= steps, "--resume: the checkpoint is at step ", start_step(), ", past the ", steps,
+                " steps of this run (--max-steps, --epochs)");
+    return steps;
   }
 
   /// How the dataset prepares images: resolution, crops, flips, bad-data policy.
@@ -303,8 +314,15 @@ class TrainingRun {
       TORCH_CHECK(before.images() == layout.images(), "checkpoint '", folder.string(), "' trained with a "
                   "global batch of ", before.describe(), "; this run's is ", layout.describe(),
                   ": processes × --batch-size × --grad-accum must stay the same");
-      TORCH_CHECK(earlier == settings, "checkpoint '", folder.string(), "' comes from a run with ",
-                  resumed_->state.run.dump(), ", this run has ", settings.dump());
+      if (earlier != settings) {
+        std::string differences;
+        for (const auto& [key, now] : settings.items()) {
+          const auto then = earlier.is_object() && earlier.contains(key) ? earlier[key].dump() : "nothing";
+          if (then != now.dump()) differences += (differences.empty() ? "" : ", ") + key + " " + then + " then, " + now.dump() + " now";
+        }
+        TORCH_CHECK(false, "checkpoint '", folder.string(), "' comes from another run: ",
+                    differences.empty() ? resumed_->state.run.dump() : differences);
+      }
       if (!(before == layout)) {
         std::printf("resuming a global batch of %s as %s%s\n", before.describe().c_str(), layout.describe().c_str(),
                     before.batch_size == layout.batch_size ? "" : " (another per-process batch: the noise "

@@ -167,6 +167,7 @@ int main(int argc, char** argv) {
     return app.exit(e);
   }
   return common::run_program("train_control", [&] {
+    common::check_launch(run_flags.distributed.nproc, run_flags.distributed.rank, run_flags.distributed.world_size);
     return common::launch_local(run_flags.distributed.nproc, argv, [&] { return train(run_flags, flags); });
   });
 }

@@ -91,6 +91,7 @@ int main(int argc, char** argv) {
     return app.exit(e);
   }
   return common::run_program("train_style", [&] {
+    common::check_launch(flags.distributed.nproc, flags.distributed.rank, flags.distributed.world_size);
     return common::launch_local(flags.distributed.nproc, argv, [&] { return train(flags, method); });
   });
 }
