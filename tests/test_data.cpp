@@ -2,6 +2,7 @@
 // or fatal with the file named, random crops and flips drawn from the caller's generator, and the
 // generated demo data (demo_data.hpp).
 
+#include <common/batches.hpp>
 #include <common/dataset.hpp>
 #include <common/demo_data.hpp>
 #include <common/image.hpp>
@@ -102,6 +103,37 @@ TEST_F(DataTest, DatasetReadsTheMetadataJsonlLayout) {
   EXPECT_TRUE(data.get(0, generator).image.equal(expected));  // from the cache
   common::CaptionedImageDataset uncached(dir_, common::DatasetOptions(R).center_crop(true));
   EXPECT_TRUE(uncached.get(0, generator).image.equal(expected));
+}
+
+// What identifies a sample is where it lies in its data folder, not where the folder is; an image
+// listed twice is left out of training when one of its entries is held out.
+TEST_F(DataTest, SampleKeysAreRelativeAndHeldOutImagesNeverTrain) {
+  fs::create_directories(dir_ / "one" / "img");
+  for (const char* name : {"a", "b", "c"}) common::write_png((dir_ / "one" / "img" / (std::string(name) + ".png")).string(), random_image(R, R));
+  write_file(dir_ / "one" / "metadata.jsonl",
+             "{\"file_name\": \"img/a.png\", \"text\": \"first\"}\n{\"file_name\": \"img/b.png\", \"text\": \"second\"}\n"
+             "{\"file_name\": \"img/./a.png\", \"text\": \"again\"}\n{\"file_name\": \"img/c.png\", \"text\": \"third\"}\n");
+  fs::create_directories(dir_ / "elsewhere");
+  fs::copy(dir_ / "one", dir_ / "elsewhere" / "two", fs::copy_options::recursive);
+  const common::CaptionedImageDataset one(dir_ / "one", common::DatasetOptions(R));
+  const common::CaptionedImageDataset two(dir_ / "elsewhere" / "two", common::DatasetOptions(R));
+  ASSERT_EQ(one.size(), 4);
+  EXPECT_EQ(one.sample_key(1), "img/b.png\tsecond");
+  for (int64_t i = 0; i < one.size(); ++i) EXPECT_EQ(one.sample_key(i), two.sample_key(i)) << i;
+
+  auto keys_of = [](const common::SubsetSource& subset) {
+    std::vector<std::string> keys;
+    for (int64_t i = 0; i < subset.size(); ++i) keys.push_back(subset.sample_key(i));
+    return keys;
+  };
+  const auto last = common::split_held_out(one, one.items(), 1);  // c: no other entry of it
+  EXPECT_EQ(last.left_out, 0);
+  EXPECT_EQ(keys_of(last.training), (std::vector<std::string>{"img/a.png\tfirst", "img/b.png\tsecond", "img/a.png\tagain"}));
+  EXPECT_EQ(keys_of(last.held_out), (std::vector<std::string>{"img/c.png\tthird"}));
+  const auto two_held = common::split_held_out(one, one.items(), 2);  // a (again) and c: a's first entry leaves
+  EXPECT_EQ(two_held.left_out, 1);
+  EXPECT_EQ(keys_of(two_held.training), (std::vector<std::string>{"img/b.png\tsecond"}));
+  EXPECT_ERROR_MENTIONS(common::split_held_out(one, one.items(), 3), "nothing is left to train on");
 }
 
 TEST_F(DataTest, DatasetReadsImagesWithTxtCaptions) {

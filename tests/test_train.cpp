@@ -401,6 +401,7 @@ class ConditionedSamples : public common::ImageSource {
     }
     return {image, "sample " + std::to_string(index), "", {condition}, {}};
   }
+  std::string sample_key(int64_t index) const override { return "sample " + std::to_string(index); }
 };
 
 }  // namespace

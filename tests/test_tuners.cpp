@@ -262,6 +262,31 @@ TEST_F(Tuners, CSCTunerIsIdentityAtInitAndNeedsACondition) {
   EXPECT_TRUE(torch::equal(model(x), base));
 }
 
+// A CSC-Tuner that edits some skips trains exactly the parameters those skips' edits use.
+TEST_F(Tuners, CSCTunerOfSomeSkipsFreezesWhatTheyDoNotUse) {
+  for (const std::vector<bool>& edited : {std::vector<bool>{true, false}, std::vector<bool>{false, true}}) {
+    ToyUNet model;
+    scedit::CSCTuner csc(scedit::CSCTunerOptions(model->skip_channels(), model->skip_down_flags())
+                             .hint_channels(16).edited_skips(edited));
+    randomize(*csc);
+    scedit::attach_csc_tuner(*model, csc, "csc");
+    scedit::freeze_except_tuners(*model);
+    {
+      scedit::ConditionScope conditions;
+      conditions.set(csc, torch::rand({2, 3, 64, 64}));
+      model(torch::randn({2, 4, 8, 8})).square().mean().backward();
+    }
+    const std::string pattern = edited[0] ? "decoder skip 0" : "decoder skip 1";
+    int64_t unused = 0;
+    for (const auto& p : csc->named_parameters()) unused += !p.value().grad().defined();
+    EXPECT_GT(unused, 0) << pattern;
+    csc->freeze_unedited();
+    for (const auto& p : csc->named_parameters()) {
+      EXPECT_EQ(p.value().requires_grad(), p.value().grad().defined()) << pattern << ": " << p.key();
+    }
+  }
+}
+
 // A fresh hint encoder passes its condition on: what differs between two conditions is not lost
 // among the biases in seven convolutions (csctuner.hpp, reset_parameters).
 TEST_F(Tuners, CSCHintEncoderKeepsTheConditionAtInit) {

@@ -274,6 +274,25 @@ TEST_F(Weights, SingleFilesGetTheirFamilysScheduler) {
             sd::sdxl_scheduler_config());
 }
 
+// A diffusers folder without scheduler/ gets its family's, as a single file does: SD 2.x's (OpenCLIP's
+// gelu text encoder) predicting v at a sample size of 96, SDXL's, none for SD 1.x (the sampler's).
+TEST_F(Weights, FoldersWithoutASchedulerGetTheirFamilysScheduler) {
+  auto sd21 = tiny_sd21_pipeline(7);
+  sd21.unet_config.sample_size = sd::UNetConfig::sd21().sample_size;
+  auto xl = sd::tiny_sdxl_pipeline(7);
+  auto sd15 = sd::tiny_pipeline(7);
+  const std::vector<std::pair<const sd::StableDiffusion*, nlohmann::json>> cases = {
+      {&sd21, sd::default_ldm_scheduler_config(sd::LdmFamily::kSD2, sd21.unet_config)},
+      {&xl, sd::sdxl_scheduler_config()},
+      {&sd15, nullptr}};
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const auto folder = write_pipeline_folder(*cases[i].first, scratch_.path() / ("no_scheduler_" + std::to_string(i)));
+    fs::remove_all(folder / "scheduler");
+    EXPECT_EQ(sd::load_pipeline(folder).scheduler_config, cases[i].second) << i;
+  }
+  EXPECT_EQ(cases[0].second.at("prediction_type"), "v_prediction");
+}
+
 TEST_F(Weights, RefusesIncompleteSdxlFoldersAndFiles) {
   auto xl = sd::tiny_sdxl_pipeline(7);
   const auto folder = write_pipeline_folder(xl, scratch_.path() / "sdxl");

@@ -4,7 +4,8 @@
 /// posterior), captions through the frozen text encoder(s) (or as token ids, for a text encoder
 /// that trains), SDXL's added conditioning (the pooled caption and each sample's size
 /// conditioning), condition images as they come — the
-/// frozen half of a training step's data path, done without a graph and, with `cache`, once.
+/// frozen half of a training step's data path, done without a graph and, with `cache`, once —
+/// and the subsets of a dataset that train and that are held out.
 
 #include <common/dataset.hpp>
 #include <common/train_step.hpp>
@@ -15,7 +16,9 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <filesystem>
 #include <map>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -42,11 +45,47 @@ class SubsetSource : public ImageSource {
                 " out of range for ", size(), " samples");
     return data_.get(indices_[static_cast<size_t>(index)], generator);
   }
+  /// The source's key of sample `indices[index]`.
+  std::string sample_key(int64_t index) const override {
+    return data_.sample_key(indices_.at(static_cast<size_t>(index)));
+  }
 
  private:
   const ImageSource& data_;
   std::vector<int64_t> indices_;
 };
+
+/// A dataset split into the samples to train on and those held out (`split_held_out`).
+struct HeldOutSplit {
+  SubsetSource training;  ///< the samples to train on
+  SubsetSource held_out;  ///< the last samples, held out
+  int64_t left_out = 0;   ///< entries left out of training because their image is held out
+};
+
+/// Holds out the last `held` samples of `data`, whose entries `items` are (one per sample, in
+/// order): the others train, less every entry whose image file is a held-out one's (a listing
+/// may name an image twice, with another caption). Refuses when nothing is left to train on.
+inline HeldOutSplit split_held_out(const ImageSource& data, const std::vector<CaptionedItem>& items, int64_t held) {
+  TORCH_CHECK(static_cast<int64_t>(items.size()) == data.size(), "split_held_out: ", items.size(),
+              " items for ", data.size(), " samples");
+  TORCH_CHECK(held >= 0 && held < data.size(), "the data holds ", data.size(), " samples: too few to hold out ",
+              held, " for validation");
+  const int64_t first_held = data.size() - held;
+  auto image_of = [&](int64_t i) { return std::filesystem::weakly_canonical(items[static_cast<size_t>(i)].file); };
+  std::set<std::filesystem::path> held_images;
+  std::vector<int64_t> training, held_out;
+  for (int64_t i = first_held; i < data.size(); ++i) {
+    held_out.push_back(i);
+    held_images.insert(image_of(i));
+  }
+  for (int64_t i = 0; i < first_held; ++i) {
+    if (held_images.count(image_of(i)) == 0) training.push_back(i);
+  }
+  TORCH_CHECK(!training.empty(), "every entry of the data names one of the ", held,
+              " held-out images: nothing is left to train on");
+  const int64_t left_out = first_held - static_cast<int64_t>(training.size());
+  return {SubsetSource(data, std::move(training)), SubsetSource(data, std::move(held_out)), left_out};
+}
 
 /// Options of a `BatchSource`.
 struct BatchOptions {

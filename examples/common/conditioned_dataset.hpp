@@ -111,6 +111,15 @@ class ConditionedImageDataset : public ImageSource {
                           data_.size_conditioning(index, image, view)};
   }
 
+  /// The image's key (`CaptionedImageDataset::sample_key`), then its condition's file relative
+  /// to the data folder, or the kind that computes it.
+  std::string sample_key(int64_t index) const override {
+    const auto& item = data_.items().at(static_cast<size_t>(index));
+    const auto condition = source_.kind == ConditionKind::file ? data_.relative_name(item.condition)
+                                                               : to_string(source_.kind);
+    return data_.sample_key(index) + "\t" + condition;
+  }
+
  private:
   static ConditionSource checked(ConditionSource source) {
     if (source.kind == ConditionKind::canny) require_canny();

@@ -118,6 +118,10 @@ class ImageSource {
   virtual int64_t size() const = 0;
   /// Sample `index` (0 <= index < size()); random choices from `generator` (a CPU generator).
   virtual CaptionedImage get(int64_t index, torch::Generator& generator) const = 0;
+  /// What sample `index` is, the same wherever the data lies (paths relative to the data's
+  /// folder, its caption): the processes of a run, and a run and its resume, compare these to
+  /// know that they train on the same samples in the same order.
+  virtual std::string sample_key(int64_t index) const = 0;
 };
 
 /// One usable item of a dataset: an image file and its caption.
@@ -277,6 +281,17 @@ class CaptionedImageDataset : public ImageSource {
     const auto& item = items_[static_cast<size_t>(index)];
     return CaptionedImage{sd::to_float(apply_view(image, view)), item.caption, item.file, {},
                           size_conditioning(index, image, view)};
+  }
+
+  /// Item `index`'s file relative to `base_folder` and its caption, tab-separated.
+  std::string sample_key(int64_t index) const override {
+    const auto& item = items_.at(static_cast<size_t>(index));
+    return relative_name(item.file) + "\t" + item.caption;
+  }
+
+  /// `file` relative to `base_folder` ('/'-separated): how the listing names it.
+  std::string relative_name(const std::string& file) const {
+    return std::filesystem::path(file).lexically_normal().lexically_relative(base_folder_.lexically_normal()).generic_string();
   }
 
   /// The size conditioning of item `index` cut by `view` from its resized image `resized`

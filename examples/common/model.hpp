@@ -7,6 +7,7 @@
 #include <common/cpu_threads.hpp>
 #include <common/memory.hpp>
 #include <sd/precision.hpp>
+#include <sd/sampler.hpp>
 #include <sd/scheduler.hpp>
 #include <sd/stable_diffusion.hpp>
 #include <sd/tiny.hpp>
@@ -143,6 +144,11 @@ inline sd::StableDiffusion load_model(const ModelFlags& flags, const torch::Devi
     pipe = sd::load_pipeline(flags.model, options);
     std::printf("model: %s (%.1f s)\n", flags.model.c_str(),
                 std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    const std::filesystem::path model(flags.model);
+    if (!std::filesystem::is_regular_file(model / "scheduler" / "scheduler_config.json")) {
+      std::printf("model: no scheduler/scheduler_config.json: the UNet is taken to predict %s, as its family's "
+                  "released models do (--prediction says otherwise)\n", sd::prediction_type(pipe).c_str());
+    }
   }
   auto frozen = pipe.text_encoders();
   frozen.push_back(pipe.vae.get());

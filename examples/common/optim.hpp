@@ -36,6 +36,8 @@ inline void check_optim_options(const OptimOptions& o) {
   TORCH_CHECK(o.schedule == "constant" || o.schedule == "warmup" || o.schedule == "cosine",
               "--lr-schedule must be constant, warmup or cosine, got '", o.schedule, "'");
   TORCH_CHECK(o.warmup_steps >= 0, "--warmup-steps must not be negative, got ", o.warmup_steps);
+  TORCH_CHECK(o.warmup_steps == 0 || o.schedule != "constant", "--warmup-steps ", o.warmup_steps,
+              " does nothing with --lr-schedule constant: give --lr-schedule warmup or cosine");
   TORCH_CHECK(std::isfinite(o.max_grad_norm) && o.max_grad_norm >= 0,
               "--max-grad-norm must be a number ≥ 0 (0: no clipping), got ", o.max_grad_norm);
 }

@@ -23,7 +23,8 @@ namespace common {
 /// Thrown by a training run that stopped on a signal after saving its checkpoint.
 class Interrupted : public std::runtime_error {
  public:
-  /// `signal` is the signal's number; `message` says what was saved.
+  /// `signal` is the signal's number; `message` says what was saved (empty: nothing to print,
+  /// another process of the run says it).
   Interrupted(int signal, const std::string& message) : std::runtime_error(message), signal_(signal) {}
   /// The signal that stopped the run.
   int signal() const { return signal_; }
@@ -81,7 +82,7 @@ inline int run_program(const std::string& program, const std::function<int()>& b
   try {
     return body();
   } catch (const Interrupted& e) {
-    say(e.what());
+    if (*e.what() != '\0') say(e.what());  // empty on the ranks other than 0, which says it
     return 128 + e.signal();
   } catch (const c10::Error& e) {
     say(e.what_without_backtrace());

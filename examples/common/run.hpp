@@ -39,6 +39,7 @@
 
 #include <sd/sampler.hpp>
 
+#include <c10/core/impl/VirtualGuardImpl.h>
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
@@ -184,6 +185,8 @@ class TrainingRun {
     }
     TORCH_CHECK(start_step() <= steps, "--resume: the checkpoint is at step ", start_step(), ", past the ", steps,
                 " steps of this run (--max-steps, --epochs)");
+    TORCH_CHECK(o.optim.warmup_steps <= steps, "--warmup-steps ", o.optim.warmup_steps, " is more than the ", steps,
+                " steps of this run: the learning rate would never reach --lr ", o.optim.lr);
     return steps;
   }
 
@@ -290,16 +293,24 @@ class TrainingRun {
                                                          scheduler.value("rescale_betas_zero_snr", false)}};
     const BatchLayout layout{dist.world_size(), f.optim.batch_size, f.optim.grad_accum};
     settings.update(trainable.settings);
+    // What a resume may change, said when it does (a lower learning rate to continue, more data).
+    const nlohmann::json adjustable = {
+        {"--lr", f.optim.optim.lr}, {"--lr-schedule", f.optim.optim.schedule},
+        {"--warmup-steps", f.optim.optim.warmup_steps}, {"--max-grad-norm", f.optim.optim.max_grad_norm},
+        {"--weight-decay", f.optim.optim.weight_decay}, {"--resolution", f.data.resolution},
+        {"--random-crop", f.data.random_crop}, {"--random-flip", f.data.random_flip},
+        {"--caption-dropout", f.data.caption_dropout}, {"data", describe_samples(data)}};
     const auto checkpoints = output() / "checkpoints";
     const int64_t start = start_step();
     if (dist.active()) {  // every rank trains the same tensors the same way from the same step
-      std::string description = settings.dump() + " seed " + std::to_string(f.optim.seed) + " steps " +
-                                std::to_string(start) + "-" + std::to_string(total) + " optim " +
-                                std::to_string(f.optim.optim.lr) + " " + f.optim.optim.schedule +
+      std::string description = settings.dump() + adjustable.dump() + " seed " + std::to_string(f.optim.seed) +
+                                " steps " + std::to_string(start) + "-" + std::to_string(total) +
                                 " bucket-mb " + std::to_string(f.distributed.bucket_mb);
       for (const auto& [name, tensor] : tensors) description += " " + name + c10::str(tensor.sizes());
       dist.check_same("the flags or trainable tensors", description);
     }
+    auto saved_settings = layout.put_into(settings);
+    saved_settings["adjustable"] = adjustable;
     std::filesystem::path last_checkpoint;  // the newest good one, named when the run stops early
     if (resumed_) {
       const auto& folder = resumed_->folder;
@@ -307,6 +318,11 @@ class TrainingRun {
       // scheduler, never with zero terminal SNR (it was refused).
       nlohmann::json earlier = resumed_->state.run;
       const auto before = BatchLayout::take_from(earlier);
+      nlohmann::json adjusted_then;  // none in checkpoints of earlier versions
+      if (earlier.is_object() && earlier.contains("adjustable")) {
+        adjusted_then = earlier["adjustable"];
+        earlier.erase("adjustable");
+      }
       if (earlier.is_object() && !earlier.contains("zero_terminal_snr")) earlier["zero_terminal_snr"] = false;
       if (earlier.is_object() && !earlier.contains("scheduler_prediction")) {
         earlier["scheduler_prediction"] = settings["scheduler_prediction"];
@@ -315,14 +331,12 @@ class TrainingRun {
                   "global batch of ", before.describe(), "; this run's is ", layout.describe(),
                   ": processes × --batch-size × --grad-accum must stay the same");
       if (earlier != settings) {
-        std::string differences;
-        for (const auto& [key, now] : settings.items()) {
-          const auto then = earlier.is_object() && earlier.contains(key) ? earlier[key].dump() : "nothing";
-          if (then != now.dump()) differences += (differences.empty() ? "" : ", ") + key + " " + then + " then, " + now.dump() + " now";
-        }
+        const auto changed = differences(earlier, settings);
         TORCH_CHECK(false, "checkpoint '", folder.string(), "' comes from another run: ",
-                    differences.empty() ? resumed_->state.run.dump() : differences);
+                    changed.empty() ? resumed_->state.run.dump() : changed);
       }
+      const auto adjusted = differences(adjusted_then, adjustable);
+      if (adjusted_then.is_object() && !adjusted.empty()) std::printf("resuming with other settings: %s\n", adjusted.c_str());
       if (!(before == layout)) {
         std::printf("resuming a global batch of %s as %s%s\n", before.describe().c_str(), layout.describe().c_str(),
                     before.batch_size == layout.batch_size ? "" : " (another per-process batch: the noise "
@@ -372,7 +386,7 @@ class TrainingRun {
       if (!dist.is_main()) return last_checkpoint = checkpoints / checkpoint_name(at);  // rank 0 writes it
       write_losses();
       last_checkpoint = save_checkpoint(checkpoints, tensors, step.optimizer(),
-                                        TrainState{at, f.optim.seed, step.loss_scale(), layout.put_into(settings)},
+                                        TrainState{at, f.optim.seed, step.loss_scale(), saved_settings},
                                         f.checkpoints.keep_last);
       return last_checkpoint;
     };
@@ -394,6 +408,23 @@ class TrainingRun {
     // The loop. SIGINT and SIGTERM end it after the current step, with a checkpoint.
     std::optional<StopSignals> signals;
     signals.emplace();
+    // Ends the run on `signal` with `done` steps complete, saved unless none is.
+    auto interrupt = [&](int signal, int64_t done) {
+      std::string saved = "no step was complete, nothing saved";
+      if (done > start) {
+        const bool written = last_checkpoint.filename() == checkpoint_name(done);
+        saved = "checkpoint '" + (written ? last_checkpoint : save_checkpoint_at(done)).string() +
+                "' (continue with --resume latest)";
+      } else if (!last_checkpoint.empty()) {
+        saved = "no step was complete; checkpoint '" + last_checkpoint.string() + "' is where it resumed";
+      }
+      // Every rank stops; rank 0 says so, once.
+      throw Interrupted(signal, !dist.is_main() ? std::string()
+                                                : std::string("stopped by ") + StopSignals::name(signal) + " " +
+                                                      (done > start ? "after step " + std::to_string(done)
+                                                                    : "during step " + std::to_string(done + 1)) +
+                                                      " of " + std::to_string(total) + ": " + saved);
+    };
     SampleOrder order(data.size(), f.optim.batch_size, f.optim.seed, dist.rank(), dist.world_size());
     const auto began = std::chrono::steady_clock::now();
     double smoothed = 0;
@@ -403,6 +434,9 @@ class TrainingRun {
       dist.set_step(s);
       torch::Tensor loss_sum;  // on the device: read once the whole step is queued
       for (int64_t a = 0; a < f.optim.grad_accum; ++a) {
+        // One process also stops between micro-batches: a long accumulation ends with the last
+        // whole step saved, within the grace a job scheduler gives (ranks agree once a step).
+        if (a > 0 && !dist.active() && signals->pending() != 0) interrupt(signals->pending(), s);
         const int64_t m = s * f.optim.grad_accum + a;
         // The randomness of global micro-batch m · world + rank: a world of W processes draws what
         // one process accumulating W micro-batches per step would.
@@ -445,13 +479,7 @@ class TrainingRun {
       if (f.output.validation_every > 0 && (s + 1) % f.output.validation_every == 0 && s + 1 < total) {
         validate(s + 1, output() / "samples" / ("step-" + std::to_string(s + 1) + ".png"));
       }
-      if (signal != 0 && s + 1 < total) {
-        const bool saved = last_checkpoint.filename() == checkpoint_name(s + 1);
-        const auto folder = saved ? last_checkpoint : save_checkpoint_at(s + 1);
-        throw Interrupted(signal, std::string("stopped by ") + StopSignals::name(signal) + " after step " +
-                                      std::to_string(s + 1) + " of " + std::to_string(total) + ": checkpoint '" +
-                                      folder.string() + "' (continue with --resume latest)");
-      }
+      if (signal != 0 && s + 1 < total) interrupt(signal, s + 1);
     }
 
     signals.reset();  // from here on a signal ends the program at once: nothing is left to save
@@ -473,6 +501,29 @@ class TrainingRun {
   }
 
  private:
+  // The samples of `data` as a resume and the processes compare them: how many, and a hash of
+  // their keys in order (`ImageSource::sample_key`).
+  static std::string describe_samples(const ImageSource& data) {
+    uint64_t hash = 0xcbf29ce484222325ULL;
+    for (int64_t i = 0; i < data.size(); ++i) {
+      const auto key = data.sample_key(i) + "\n";
+      hash = fnv1a(key.data(), key.size(), hash);
+    }
+    char hex[17];
+    std::snprintf(hex, sizeof(hex), "%016llx", static_cast<unsigned long long>(hash));
+    return std::to_string(data.size()) + " samples (" + hex + ")";
+  }
+
+  // "key then-value then, now-value now" for each key of `now` whose value differs in `then`.
+  static std::string differences(const nlohmann::json& then, const nlohmann::json& now) {
+    std::string said;
+    for (const auto& [key, value] : now.items()) {
+      const auto before = then.is_object() && then.contains(key) ? then[key].dump() : "nothing";
+      if (before != value.dump()) said += (said.empty() ? "" : ", ") + key + " " + before + " then, " + value.dump() + " now";
+    }
+    return said;
+  }
+
   // The records of the output's loss.csv up to `step`, the history a resumed run continues; none,
   // saying why, when the file is missing or unreadable (a log: the run goes on without it).
   std::vector<LossRecord> losses_until(int64_t step) const {
@@ -517,6 +568,14 @@ class TrainingRun {
     if (device_.is_cuda() && f.compute.device.find(':') == std::string::npos) {
       device_ = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(dist_->local_rank()));
     }
+    // The rank's GPU is its current device too: what LibTorch or NCCL allocates without naming a
+    // device goes there, not to GPU 0 of every rank.
+    if (device_.is_cuda()) c10::impl::VirtualGuardImpl(c10::DeviceType::CUDA).setDevice(device_);
+    // What decides the collectives before `train` compares the full settings: demo data, which
+    // rank 0 writes while the others wait, or --data; the model, whose size may be looked up.
+    dist_->check_same("the data and model flags", std::string(f.data.data.empty() ? "demo data" : "--data") +
+                                                      " --model " + f.model.model + " --resolution " +
+                                                      std::to_string(f.data.resolution));
     if (!dist_->is_main()) TORCH_CHECK(std::freopen("/dev/null", "w", stdout) != nullptr, "cannot silence rank ", dist_->rank());
   }
 

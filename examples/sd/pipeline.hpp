@@ -96,8 +96,9 @@ inline std::pair<std::filesystem::path, std::filesystem::path> tokenizer_folders
 
 /// Loads a whole Stable Diffusion (SD 1.x, 2.x or SDXL) from a diffusers folder or a single-file
 /// checkpoint (see the file comment). Every file is read and checked before the next model is
-/// built; an error names the file and the key at fault. A single file of SD 2.x or SDXL gets its
-/// family's scheduler configuration (`default_ldm_scheduler_config`, a guess for SD 2.x).
+/// built; an error names the file and the key at fault. A single file of SD 2.x or SDXL, or a
+/// folder without `scheduler/scheduler_config.json`, gets its family's scheduler configuration
+/// (`default_ldm_scheduler_config`, a guess for SD 2.x).
 inline StableDiffusion load_pipeline(const std::filesystem::path& path,
                                      const WeightsOptions& options = {}) {
   TORCH_CHECK(std::filesystem::exists(path), "'", path.string(), "' does not exist");
@@ -125,6 +126,9 @@ inline StableDiffusion load_pipeline(const std::filesystem::path& path,
     const auto scheduler = path / "scheduler" / "scheduler_config.json";
     if (std::filesystem::exists(scheduler)) {
       sd.scheduler_config = detail::read_json(scheduler, "scheduler config");
+    } else {  // a folder without one: as a single file, its family's (OpenCLIP's gelu: SD 2.x)
+      const auto family = sdxl ? LdmFamily::kSDXL : sd.text_config.hidden_act == "gelu" ? LdmFamily::kSD2 : LdmFamily::kSD1;
+      sd.scheduler_config = default_ldm_scheduler_config(family, sd.unet_config);
     }
   } else {
     // A single-file checkpoint: read once, split into its models.

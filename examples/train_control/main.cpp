@@ -31,7 +31,6 @@
 
 #include <cstdio>
 #include <filesystem>
-#include <numeric>
 #include <optional>
 #include <string>
 #include <vector>
@@ -74,19 +73,22 @@ int train(const common::RunFlags& run_flags, const ControlFlags& flags) {
   const auto folder = run.data_folder(make_demo, {});
   common::ConditionedImageDataset data(folder, source, run.dataset_options());
   common::TrainingRun::describe(data.images(), folder.string());
-  // The last samples are held out: the tuner never trains on them.
+  // The last samples are held out: the tuner never trains on them, nor on other entries of their
+  // images (a listing may name an image twice).
   const int64_t held = flags.validation_samples;
   TORCH_CHECK(data.size() > held, "the data holds ", data.size(), " samples: too few to hold out ",
               held, " for validation (--validation-samples)");
-  std::printf("%lld steps\n", static_cast<long long>(run.total_steps(data.size() - held)));
+  const auto split = common::split_held_out(data, data.items(), held);
+  const auto& training = split.training;
+  const auto& held_out = split.held_out;
+  if (split.left_out > 0) {
+    std::printf("validation: %lld entries name a held-out image: left out of training\n",
+                static_cast<long long>(split.left_out));
+  }
+  std::printf("%lld steps\n", static_cast<long long>(run.total_steps(training.size())));
 
   auto pipe = run.load_model();
   common::report_cut_captions(data.items(), pipe.tokenizer.value());
-
-  std::vector<int64_t> order(static_cast<size_t>(data.size()));
-  std::iota(order.begin(), order.end(), 0);
-  const common::SubsetSource training(data, {order.begin(), order.end() - held});
-  const common::SubsetSource held_out(data, {order.end() - held, order.end()});
 
   // What trains. Its initial values come from the global generator: seed it.
   torch::manual_seed(run_flags.optim.seed);

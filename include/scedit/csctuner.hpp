@@ -164,6 +164,26 @@ class CSCTunerImpl : public torch::nn::Cloneable<CSCTunerImpl>, public Tuner {
     return options.edited_skips().empty() || options.edited_skips()[static_cast<size_t>(k)];
   }
 
+  /// Clears `requires_grad` of the parameters that no edited skip uses (`edited_skips`), which
+  /// would never get a gradient: the MLPs of the other skips, and the hint convs past the deepest
+  /// edited skip (encoder skip i's hint runs through dense blocks 0 … i). Call it after
+  /// `freeze_except_tuners`, which sets `requires_grad` on every tuner parameter. A tuner that
+  /// edits every skip keeps all.
+  void freeze_unedited() {
+    const int64_t n = num_skips();
+    int64_t deepest = -1;  // encoder order
+    for (int64_t k = 0; k < n; ++k) {
+      if (edits(k)) {
+        deepest = std::max(deepest, n - 1 - k);
+      } else {
+        for (auto& p : tuner_blocks_[static_cast<size_t>(k)]->parameters()) p.set_requires_grad(false);
+      }
+    }
+    for (int64_t i = deepest + 1; i < n; ++i) {
+      for (auto& p : dense_blocks_[static_cast<size_t>(i)]->parameters()) p.set_requires_grad(false);
+    }
+  }
+
   /// Channels of decoder skip `k` (k = 0 is the deepest).
   int64_t decoder_channels(int64_t k) const {
     return options.skip_channels()[options.skip_channels().size() - 1 - k];

@@ -33,6 +33,9 @@ endif()
 if(NOT out MATCHES "resumed from .*step-0*${HALF} at step ${HALF}")
   message(FATAL_ERROR "the second run did not resume at step ${HALF}:\n${out}")
 endif()
+if(out MATCHES "resuming with other settings")
+  message(FATAL_ERROR "a resume with the same settings says they changed:\n${out}")
+endif()
 foreach(file ${FILES})
   execute_process(COMMAND ${CMAKE_COMMAND} -E compare_files ${WORK_DIR}/a/${file} ${WORK_DIR}/b/${file}
                   RESULT_VARIABLE different)
@@ -85,4 +88,12 @@ if(EXISTS ${WORK_DIR}/a/validation.json)
       message(FATAL_ERROR "validation.json of the resumed run lacks step ${step} (loss ${matched}):\n${b_json}")
     endif()
   endforeach()
+endif()
+# A resume may change the learning rate: it says so, naming the flag and both values.
+math(EXPR longer "${STEPS} + 1")
+execute_process(COMMAND ${TRAIN} --output ${WORK_DIR}/b --max-steps ${longer} ${shared_flags} ${RESUME_EXTRA}
+                        --resume latest --lr 0.000123
+                RESULT_VARIABLE r4 OUTPUT_VARIABLE out)
+if(r4 OR NOT out MATCHES "resuming with other settings: --lr [0-9.e-]+ then, 0.000123 now")
+  message(FATAL_ERROR "a resume with another --lr (${r4}) did not say so:\n${out}")
 endif()
