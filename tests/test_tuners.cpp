@@ -287,6 +287,26 @@ TEST_F(Tuners, CSCTunerOfSomeSkipsFreezesWhatTheyDoNotUse) {
   }
 }
 
+// A fresh tuner of the deepest skip alone adds nothing, yet its condition reaches that skip: the
+// dense conv of the skip it leaves alone passes the hint on, so the edited conv gets a gradient.
+TEST_F(Tuners, CSCTunerOfTheDeepestSkipAloneReceivesItsCondition) {
+  ToyUNet model;
+  const auto x = torch::randn({2, 4, 8, 8});
+  const auto base = model(x);
+  scedit::CSCTuner csc(scedit::CSCTunerOptions(model->skip_channels(), model->skip_down_flags())
+                           .hint_channels(16).edited_skips({true, false}));  // decoder skip 0: encoder skip 1
+  scedit::attach_csc_tuner(*model, csc, "csc");
+  scedit::freeze_except_tuners(*model);
+  scedit::ConditionScope conditions;
+  conditions.set(csc, torch::rand({2, 3, 64, 64}));
+  const auto out = model(x);
+  EXPECT_TRUE(torch::allclose(out, base));
+  out.square().mean().backward();
+  const auto& edited = csc->dense_hint_blocks[1]->as<torch::nn::SequentialImpl>()->ptr(1)->as<torch::nn::Conv2dImpl>()->weight;
+  ASSERT_TRUE(edited.grad().defined());
+  EXPECT_GT(edited.grad().abs().max().item<double>(), 0);
+}
+
 // A fresh hint encoder passes its condition on: what differs between two conditions is not lost
 // among the biases in seven convolutions (csctuner.hpp, reset_parameters).
 TEST_F(Tuners, CSCHintEncoderKeepsTheConditionAtInit) {

@@ -81,8 +81,8 @@ inline HeldOutSplit split_held_out(const ImageSource& data, const std::vector<Ca
   for (int64_t i = 0; i < first_held; ++i) {
     if (held_images.count(image_of(i)) == 0) training.push_back(i);
   }
-  TORCH_CHECK(!training.empty(), "every entry of the data names one of the ", held,
-              " held-out images: nothing is left to train on");
+  TORCH_CHECK(!training.empty(), "every entry of the data names an image of the ", held,
+              " held-out entries: nothing is left to train on");
   const int64_t left_out = first_held - static_cast<int64_t>(training.size());
   return {SubsetSource(data, std::move(training)), SubsetSource(data, std::move(held_out)), left_out};
 }

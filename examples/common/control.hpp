@@ -70,6 +70,10 @@ inline void check_control_options(const ControlOptions& options) {
   TORCH_CHECK(std::isfinite(options.down_ratio) && options.down_ratio > 0,
               "--csc-down-ratio must be a positive number, got ", options.down_ratio);
   check_regex_flag("--csc-skips", options.skips);
+  TORCH_CHECK(options.method != "controlnet" || (options.skips.empty() && options.hint_ratio == 0 &&
+                                                 options.hint_channels == 0 && options.down_ratio == 1.0),
+              "--csc-skips, --hint-ratio, --hint-channels and --csc-down-ratio shape a CSC-Tuner: "
+              "--method controlnet takes none of them");
 }
 
 /// `options` with the hint encoder the model's layout takes where they leave it to the model

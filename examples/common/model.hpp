@@ -146,8 +146,8 @@ inline sd::StableDiffusion load_model(const ModelFlags& flags, const torch::Devi
                 std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
     const std::filesystem::path model(flags.model);
     if (!std::filesystem::is_regular_file(model / "scheduler" / "scheduler_config.json")) {
-      std::printf("model: no scheduler/scheduler_config.json: the UNet is taken to predict %s, as its family's "
-                  "released models do (--prediction says otherwise)\n", sd::prediction_type(pipe).c_str());
+      std::printf("model: no scheduler/scheduler_config.json: its family's scheduler is assumed (prediction_type "
+                  "%s; --prediction overrides it)\n", sd::prediction_type(pipe).c_str());
     }
   }
   auto frozen = pipe.text_encoders();

@@ -302,12 +302,14 @@ class TrainingRun {
         {"--caption-dropout", f.data.caption_dropout}, {"data", describe_samples(data)}};
     const auto checkpoints = output() / "checkpoints";
     const int64_t start = start_step();
-    if (dist.active()) {  // every rank trains the same tensors the same way from the same step
-      std::string description = settings.dump() + adjustable.dump() + " seed " + std::to_string(f.optim.seed) +
-                                " steps " + std::to_string(start) + "-" + std::to_string(total) +
-                                " bucket-mb " + std::to_string(f.distributed.bucket_mb);
-      for (const auto& [name, tensor] : tensors) description += " " + name + c10::str(tensor.sizes());
-      dist.check_same("the flags or trainable tensors", description);
+    if (dist.active()) {  // every rank trains the same tensors the same way on the same samples from the same step
+      dist.check_same("the data (samples and captions)", adjustable["data"].dump());
+      dist.check_same("the flags", settings.dump() + adjustable.dump() + " seed " + std::to_string(f.optim.seed) +
+                                       " steps " + std::to_string(start) + "-" + std::to_string(total) +
+                                       " bucket-mb " + std::to_string(f.distributed.bucket_mb));
+      std::string shapes;
+      for (const auto& [name, tensor] : tensors) shapes += " " + name + c10::str(tensor.sizes());
+      dist.check_same("the trainable tensors", shapes);
     }
     auto saved_settings = layout.put_into(settings);
     saved_settings["adjustable"] = adjustable;

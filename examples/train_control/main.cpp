@@ -105,10 +105,11 @@ int train(const common::RunFlags& run_flags, const ControlFlags& flags) {
   }
   int64_t trained = 0;
   for (const auto& p : trainable.parameters) trained += p.second.numel();
+  int64_t unet_own = scedit::count_parameters(*pipe.unet).total();  // less the tuners attached to it
+  for (const auto& p : scedit::tuner_parameters(*pipe.unet)) unet_own -= p.numel();
   std::printf("method %s: %lld trainable parameters (%.3f%% of the UNet's %lld)\n",
-              flags.tuner.method.c_str(), static_cast<long long>(trained),
-              100.0 * trained / scedit::count_parameters(*pipe.unet).frozen,
-              static_cast<long long>(scedit::count_parameters(*pipe.unet).frozen));
+              flags.tuner.method.c_str(), static_cast<long long>(trained), 100.0 * trained / unet_own,
+              static_cast<long long>(unet_own));
 
   // Validation: each held-out condition beside what it makes from its caption, and the losses
   // with own and shuffled conditions.

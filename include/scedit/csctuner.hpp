@@ -142,16 +142,26 @@ class CSCTunerImpl : public torch::nn::Cloneable<CSCTunerImpl>, public Tuner {
   /// the reference keeps torch's default (uniform weights of a third of the variance, uniform
   /// biases): through its seven convs that default keeps under 1% of what differs between two
   /// conditions, and the tuner learns to use its condition only slowly (docs/ARCHITECTURE.md).
+  /// The dense convs of skips the tuner leaves alone (`edited_skips`) get the pre-hint convs'
+  /// init too: their output is added to no skip, only passed down the cascade, and a zero conv
+  /// there would pass deeper edited skips nothing, and no gradient back (the chain never starts).
   void reset_parameters() {
     torch::NoGradGuard no_grad;
+    auto he_normal = [](torch::nn::Conv2dImpl& conv) {
+      torch::nn::init::kaiming_normal_(conv.weight, 0.0, torch::kFanIn, torch::kReLU);
+      conv.bias.zero_();
+    };
     for (auto& module : pre_hint_blocks->children()) {
-      if (auto conv = std::dynamic_pointer_cast<torch::nn::Conv2dImpl>(module)) {
-        torch::nn::init::kaiming_normal_(conv->weight, 0.0, torch::kFanIn, torch::kReLU);
-        conv->bias.zero_();
-      }
+      if (auto conv = std::dynamic_pointer_cast<torch::nn::Conv2dImpl>(module)) he_normal(*conv);
     }
-    for (auto& block : dense_blocks_) {
-      for (auto& p : block->parameters()) p.zero_();
+    const int64_t n = num_skips();
+    for (int64_t i = 0; i < n; ++i) {  // encoder order: decoder skip n - 1 - i
+      auto& block = dense_blocks_[static_cast<size_t>(i)];
+      if (edits(n - 1 - i)) {
+        for (auto& p : block->parameters()) p.zero_();
+      } else {
+        he_normal(*block->ptr(1)->as<torch::nn::Conv2dImpl>());
+      }
     }
     for (auto& block : tuner_blocks_) block->tuner_op->reset_parameters();
   }

@@ -28,8 +28,7 @@ function(expect_refused name rank0 rank1 expected)
   endif()
 endfunction()
 
-expect_refused(lora_rank "--method;lora;--lora-rank;4" "--method;lora;--lora-rank;8"
-               "the flags or trainable tensors")
+expect_refused(lora_rank "--method;lora;--lora-rank;4" "--method;lora;--lora-rank;8" "the trainable tensors")
 file(MAKE_DIRECTORY ${WORK_DIR}/folder)
 expect_refused(demo_or_folder "" "--data;${WORK_DIR}/folder" "the data and model flags")
 
@@ -45,4 +44,4 @@ if(changed STREQUAL listing)
   message(FATAL_ERROR "no caption starting with \"a \" in ${WORK_DIR}/demo/demo_data/metadata.jsonl")
 endif()
 file(WRITE ${WORK_DIR}/other_data/metadata.jsonl "${changed}")
-expect_refused(data "--data;${WORK_DIR}/demo/demo_data" "--data;${WORK_DIR}/other_data" "the flags or trainable tensors")
+expect_refused(data "--data;${WORK_DIR}/demo/demo_data" "--data;${WORK_DIR}/other_data" "the data \\(samples and captions\\)")
