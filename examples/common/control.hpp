@@ -115,7 +115,7 @@ inline ControlTuners attach_control_tuners(sd::UNet& unet, const ControlOptions&
   scedit::attach_csc_tuner(*unet, tuners.csc, "csc");
   if (options.method == "csc+sc") tuners.sc = scedit::attach_sc_tuners(*unet);
   scedit::freeze_except_tuners(*unet);
-  tuners.csc->freeze_unedited();  // --csc-skips: what the other skips alone use trains not (their file keeps it, zero)
+  tuners.csc->freeze_unedited();  // --csc-skips: what only the other skips use does not train (the file keeps it)
   torch::NoGradGuard no_grad;
   for (auto& p : scedit::tuner_parameters(*unet)) p.set_data(p.data().to(device, torch::kFloat32));
   return tuners;
